@@ -1,0 +1,125 @@
+//! The application: builds every part from the configuration, binds the gRPC port, and runs
+//! until stopped. Owns shutdown: stop consuming, drain in-flight jobs within the grace period,
+//! then stop the API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, positive};
+use crate::delivery::{DeliveryService, Dispatcher};
+use crate::domain::{Clock, SystemClock};
+use crate::providers::ProviderRegistry;
+use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
+use crate::store::{Ledger, SqliteLedger};
+
+/// A built, not yet running, gateway.
+#[derive(Debug)]
+pub struct Application {
+    config: Config,
+    listener: TcpListener,
+    grpc_addr: SocketAddr,
+    service: Arc<DeliveryService>,
+    publisher: Publisher,
+    link: BrokerLink,
+    link_state: watch::Receiver<LinkState>,
+}
+
+impl Application {
+    /// Builds the gateway with the system clock and the configured providers.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let providers = ProviderRegistry::from_config(&config).await?;
+        Self::build_with(config, providers, Arc::new(SystemClock)).await
+    }
+
+    /// Builds the gateway with the given providers and clock (tests use their own).
+    pub async fn build_with(
+        config: Config,
+        providers: ProviderRegistry,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<Self> {
+        let ledger: Arc<dyn Ledger> = Arc::new(
+            SqliteLedger::connect(&config.store.url)
+                .await
+                .with_context(|| format!("opening the ledger at {}", config.store.url))?,
+        );
+        let timeout = positive(
+            "delivery.provider_timeout",
+            config.delivery.provider_timeout,
+        )?;
+        let dispatcher = Dispatcher::new(providers, config.delivery.app_name.clone(), timeout);
+        let worker = format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let service = Arc::new(DeliveryService::new(
+            ledger,
+            dispatcher,
+            clock,
+            worker.clone(),
+        ));
+        let (link, publisher, link_state) = BrokerLink::new(config.amqp.clone(), &worker);
+        let listener = TcpListener::bind(config.grpc.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the gRPC port (grpc.listen = {})",
+                    config.grpc.listen
+                )
+            })?;
+        let grpc_addr = listener.local_addr()?;
+        Ok(Application {
+            config,
+            listener,
+            grpc_addr,
+            service,
+            publisher,
+            link,
+            link_state,
+        })
+    }
+
+    /// The address the gRPC API listens on (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The broker link's state (Up while consuming).
+    pub fn link_state(&self) -> watch::Receiver<LinkState> {
+        self.link_state.clone()
+    }
+
+    /// Runs until `stop` is cancelled, then shuts down in order.
+    pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let grace = positive(
+            "delivery.shutdown_grace",
+            self.config.delivery.shutdown_grace,
+        )?;
+        let api_stop = CancellationToken::new();
+        tracing::info!(grpc = %self.grpc_addr, "otp-gateway serving");
+        let api = tokio::spawn(crate::grpc::serve(
+            self.listener,
+            Arc::clone(&self.service),
+            self.publisher.clone(),
+            self.link_state.clone(),
+            api_stop.clone(),
+        ));
+        let consumer = JobConsumer::new(
+            self.service,
+            self.publisher,
+            self.config.delivery.max_in_flight,
+        );
+        self.link.run(consumer, stop, grace).await;
+        api_stop.cancel();
+        api.await
+            .context("the gRPC server task failed")?
+            .context("the gRPC server failed")?;
+        tracing::info!("otp-gateway stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,409 @@
+//! Configuration: embedded defaults (`config/default.toml`), an optional file, then
+//! `OTP_GATEWAY_*` environment variables; validated once at start with errors that name the key.
+//! Secrets (the broker password) are redacted in `Debug` output.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use jiff::SignedDuration;
+use serde::Deserialize;
+
+use crate::domain::Channel;
+
+/// The defaults compiled into the binary.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The prefix of environment overrides; nested keys are joined with `__`.
+pub const ENV_PREFIX: &str = "OTP_GATEWAY_";
+
+/// A configuration that could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value has the wrong type.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value parsed but makes no sense.
+    #[error("configuration key `{key}`: {problem}")]
+    Invalid {
+        /// The dotted key, e.g. `amqp.prefetch`.
+        key: String,
+        /// What is wrong with the value.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The gRPC listener.
+    pub grpc: GrpcConfig,
+    /// The broker and its topology.
+    pub amqp: AmqpConfig,
+    /// The ledger.
+    pub store: StoreConfig,
+    /// Delivery behaviour.
+    pub delivery: DeliveryConfig,
+    /// Providers per channel.
+    pub routes: RoutesConfig,
+    /// Named providers.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// The gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Listen address; port 0 picks a free one.
+    pub listen: SocketAddr,
+}
+
+/// The broker connection and topology names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// The AMQP URL, password included (redacted when shown).
+    pub url: SecretUrl,
+    /// Unacknowledged deliveries the broker may push at once.
+    pub prefetch: u16,
+    /// The connection name shown by the broker.
+    pub connection_name: String,
+    /// First reconnect delay.
+    pub reconnect_initial: SignedDuration,
+    /// Longest reconnect delay.
+    pub reconnect_max: SignedDuration,
+    /// Direct exchange that send-code jobs are published to.
+    pub jobs_exchange: String,
+    /// Routing key binding the jobs queue to the jobs exchange.
+    pub jobs_routing_key: String,
+    /// The quorum queue consumed by the gateway.
+    pub jobs_queue: String,
+    /// Quorum-queue `x-delivery-limit`.
+    pub delivery_limit: u32,
+    /// Dead-letter exchange (fanout).
+    pub dead_letter_exchange: String,
+    /// Queue bound to the dead-letter exchange.
+    pub dead_letter_queue: String,
+    /// Topic exchange for `delivery.<status>` events.
+    pub events_exchange: String,
+}
+
+/// The ledger location.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH`.
+    pub url: String,
+}
+
+/// Delivery behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// App name in messages.
+    pub app_name: String,
+    /// Jobs processed at once.
+    pub max_in_flight: usize,
+    /// Per provider call.
+    pub provider_timeout: SignedDuration,
+    /// Grace period for in-flight jobs on shutdown.
+    pub shutdown_grace: SignedDuration,
+}
+
+/// Providers per channel, in the order they are tried.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// Push providers.
+    pub push: Vec<String>,
+    /// SMS providers.
+    pub sms: Vec<String>,
+    /// Voice providers.
+    pub voice: Vec<String>,
+}
+
+impl RoutesConfig {
+    /// The providers configured for `channel`.
+    pub fn for_channel(&self, channel: Channel) -> &[String] {
+        match channel {
+            Channel::Push => &self.push,
+            Channel::Sms => &self.sms,
+            Channel::Voice => &self.voice,
+        }
+    }
+}
+
+/// One named provider; `kind` selects the adapter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// Appends each message as a JSON line to a file.
+    Sandbox {
+        /// The outbox file.
+        outbox: PathBuf,
+    },
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// A tracing filter directive.
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A URL that may carry a password: shown with the password replaced by `•••`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        SecretUrl(url.into())
+    }
+
+    /// The URL with its password, for the one call that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL without its password, for logs and messages.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+            return url.clone();
+        };
+        let authority_end = url[scheme_end..]
+            .find('/')
+            .map_or(url.len(), |i| scheme_end + i);
+        match url[scheme_end..authority_end].rfind('@') {
+            Some(at) => {
+                let userinfo = &url[scheme_end..scheme_end + at];
+                let user = userinfo.split(':').next().unwrap_or_default();
+                let masked = if userinfo.contains(':') {
+                    format!("{user}:•••")
+                } else {
+                    user.into()
+                };
+                format!("{}{masked}{}", &url[..scheme_end], &url[scheme_end + at..])
+            }
+            None => url.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// A positive duration from the configuration, as a `std` duration.
+pub fn positive(key: &str, value: SignedDuration) -> Result<Duration, ConfigError> {
+    if value.is_positive() {
+        Ok(value.unsigned_abs())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be a positive duration, got {value:#}"),
+        ))
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment(file))
+    }
+
+    /// The layered sources, for callers that add their own (tests).
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// Extracts and validates a configuration from `figment`.
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let amqp = &self.amqp;
+        amqp.url
+            .expose()
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| invalid("amqp.url", format!("not an AMQP URL ({e}): {}", amqp.url)))?;
+        if amqp.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        let initial = positive("amqp.reconnect_initial", amqp.reconnect_initial)?;
+        let max = positive("amqp.reconnect_max", amqp.reconnect_max)?;
+        if max < initial {
+            return Err(invalid(
+                "amqp.reconnect_max",
+                "must not be shorter than amqp.reconnect_initial",
+            ));
+        }
+        for (key, name) in [
+            ("amqp.jobs_exchange", &amqp.jobs_exchange),
+            ("amqp.jobs_queue", &amqp.jobs_queue),
+            ("amqp.dead_letter_exchange", &amqp.dead_letter_exchange),
+            ("amqp.dead_letter_queue", &amqp.dead_letter_queue),
+            ("amqp.events_exchange", &amqp.events_exchange),
+        ] {
+            if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+                return Err(invalid(
+                    key,
+                    "must be 1 to 255 bytes and not start with `amq.`",
+                ));
+            }
+        }
+        if amqp.delivery_limit == 0 {
+            return Err(invalid("amqp.delivery_limit", "must be at least 1"));
+        }
+        if !self.store.url.starts_with("sqlite:") {
+            return Err(invalid(
+                "store.url",
+                format!(
+                    "only sqlite://PATH is supported so far, got `{}`",
+                    self.store.url
+                ),
+            ));
+        }
+        if self.delivery.max_in_flight == 0 {
+            return Err(invalid("delivery.max_in_flight", "must be at least 1"));
+        }
+        positive("delivery.provider_timeout", self.delivery.provider_timeout)?;
+        positive("delivery.shutdown_grace", self.delivery.shutdown_grace)?;
+        for channel in Channel::DEFAULT_ORDER {
+            let key = format!("routes.{channel}");
+            let route = self.routes.for_channel(channel);
+            if route.is_empty() {
+                return Err(invalid(key, "names no provider"));
+            }
+            if let Some(unknown) = route
+                .iter()
+                .find(|name| !self.providers.contains_key(*name))
+            {
+                return Err(invalid(
+                    key,
+                    format!("names `{unknown}`, which is not under [providers]"),
+                ));
+            }
+        }
+        for (name, provider) in &self.providers {
+            match provider {
+                ProviderConfig::Sandbox { outbox } if outbox.as_os_str().is_empty() => {
+                    return Err(invalid(format!("providers.{name}.outbox"), "is empty"));
+                }
+                ProviderConfig::Sandbox { .. } => {}
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    #[test]
+    fn the_embedded_defaults_are_valid() {
+        let config = Config::from_figment(Figment::from(Toml::string(DEFAULT_TOML))).unwrap();
+        assert_eq!(config.amqp.jobs_queue, "otp.send-code");
+        assert_eq!(config.routes.sms, ["sandbox"]);
+        assert_eq!(
+            config.delivery.shutdown_grace,
+            SignedDuration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("amqp.prefetch", 0));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(err.contains("amqp.prefetch"), "{err}");
+
+        let bad = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("routes.sms", ["twilio"]));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("routes.sms") && err.contains("twilio"),
+            "{err}"
+        );
+
+        let bad = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("amqp.prefetch", "many"));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(err.contains("prefetch"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn environment_overrides_nested_keys() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("OTP_GATEWAY_AMQP__PREFETCH", "7");
+            jail.set_env("OTP_GATEWAY_DELIVERY__MAX_IN_FLIGHT", "3");
+            let config = Config::load(None).unwrap();
+            assert_eq!(config.amqp.prefetch, 7);
+            assert_eq!(config.delivery.max_in_flight, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_broker_password_never_shows() {
+        let url = SecretUrl::new("amqp://guest:hunter2@broker:5672/%2f");
+        assert_eq!(url.redacted(), "amqp://guest:•••@broker:5672/%2f");
+        let config = Config::from_figment(
+            Figment::from(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default("amqp.url", "amqp://u:hunter2@h/%2f")),
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert_eq!(SecretUrl::new("amqp://h:5672").redacted(), "amqp://h:5672");
+    }
+}

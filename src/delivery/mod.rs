@@ -1,0 +1,226 @@
+//! Delivery: takes a validated job through idempotency (the ledger claim), dispatch and the
+//! final report. [`DeliveryService::handle`] is what the queue consumer calls per job;
+//! [`Dispatcher`] is the seam where the full engine (stages, retries, failover, breakers)
+//! plugs in.
+
+mod dispatch;
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tokio::sync::broadcast;
+use tracing::instrument;
+
+use crate::domain::{
+    Channel, Clock, DeliveryId, DeliveryStatus, FailureReason, Job, Report, Target, TargetStatus,
+    headline_reason, mask_phone, summarize,
+};
+use crate::store::{Claim, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome, StoreError};
+
+pub use dispatch::{Dispatcher, Verdict};
+
+/// What became of a job handed to [`DeliveryService::handle`].
+#[derive(Debug, Clone)]
+pub enum Handled {
+    /// The delivery is terminal. `fresh` is true when this call decided the outcome (false for
+    /// a job whose outcome was already in the ledger: a duplicate or a redelivery).
+    Finished {
+        /// The final report.
+        report: Report,
+        /// Whether this call decided it.
+        fresh: bool,
+    },
+    /// Another worker is delivering it right now.
+    HeldElsewhere(Report),
+}
+
+/// Runs deliveries and tells watchers when a report changed.
+pub struct DeliveryService {
+    ledger: Arc<dyn Ledger>,
+    dispatcher: Dispatcher,
+    clock: Arc<dyn Clock>,
+    worker: String,
+    changes: broadcast::Sender<String>,
+}
+
+impl std::fmt::Debug for DeliveryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryService")
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The ledger row being written by one delivery, and the channel that announces its changes.
+pub(crate) struct Progress<'a> {
+    pub(crate) key: DeliveryKey,
+    pub(crate) id: String,
+    pub(crate) ledger: &'a dyn Ledger,
+    pub(crate) clock: &'a dyn Clock,
+    changes: &'a broadcast::Sender<String>,
+}
+
+impl Progress<'_> {
+    /// Tells watchers that the report changed.
+    pub(crate) fn changed(&self) {
+        // No receiver is fine: nobody is watching.
+        let _ = self.changes.send(self.id.clone());
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+}
+
+/// The ledger's view of a job: its identity and its targets, masked.
+pub fn new_delivery(job: &Job) -> NewDelivery {
+    let channels = job.channel_order();
+    let phone_channel = channels
+        .iter()
+        .copied()
+        .find(|c| matches!(c, Channel::Sms | Channel::Voice))
+        .unwrap_or(Channel::Sms);
+    NewDelivery {
+        id: job.delivery_id(),
+        account: job.account.clone(),
+        purpose: job.purpose.clone(),
+        expires_at: job.expires_at,
+        targets: job
+            .targets
+            .iter()
+            .map(|target| match target {
+                Target::Device(device) => NewTarget {
+                    channel: Channel::Push,
+                    label: device.id.clone(),
+                    platform: Some(device.platform),
+                },
+                Target::Phone(phone) => NewTarget {
+                    channel: phone_channel,
+                    label: mask_phone(&phone.number),
+                    platform: None,
+                },
+            })
+            .collect(),
+    }
+}
+
+impl DeliveryService {
+    /// A service writing to `ledger` as `worker` (a name unique to this process).
+    pub fn new(
+        ledger: Arc<dyn Ledger>,
+        dispatcher: Dispatcher,
+        clock: Arc<dyn Clock>,
+        worker: String,
+    ) -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        DeliveryService {
+            ledger,
+            dispatcher,
+            clock,
+            worker,
+            changes,
+        }
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Arc<dyn Ledger> {
+        &self.ledger
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Delivery ids whose report changed, as they change.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    /// Records a job submitted over gRPC as ACCEPTED (or finds it); true when it is new.
+    pub async fn accept(&self, job: &Job) -> Result<(Report, bool), StoreError> {
+        let accepted = self
+            .ledger
+            .accept(&new_delivery(job), self.clock.now())
+            .await?;
+        let _ = self.changes.send(accepted.0.delivery_id.clone());
+        Ok(accepted)
+    }
+
+    /// Removes a gRPC-submitted delivery whose job could not be queued.
+    pub async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError> {
+        self.ledger.forget_accepted(id).await
+    }
+
+    /// Delivers `job` unless the ledger says it is done or held by another worker.
+    /// `redelivered` (the broker's flag) lets this worker take over an interrupted delivery.
+    #[instrument(skip_all, fields(delivery_id = %job.delivery_id()))]
+    pub async fn handle(&self, job: &Job, redelivered: bool) -> Result<Handled, StoreError> {
+        let new = new_delivery(job);
+        let claim = self
+            .ledger
+            .claim(&new, &self.worker, redelivered, self.clock.now())
+            .await?;
+        let (key, prior) = match claim {
+            Claim::Finished(report) => {
+                tracing::info!(status = %report.status, "already finished: nothing sent again");
+                return Ok(Handled::Finished {
+                    report,
+                    fresh: false,
+                });
+            }
+            Claim::HeldElsewhere(report) => {
+                tracing::info!("another worker is delivering it: nothing sent");
+                return Ok(Handled::HeldElsewhere(report));
+            }
+            Claim::Started(key, report) | Claim::Resumed(key, report) => (key, report),
+        };
+        let progress = Progress {
+            key,
+            id: new.id.to_string(),
+            ledger: self.ledger.as_ref(),
+            clock: self.clock.as_ref(),
+            changes: &self.changes,
+        };
+        progress.changed();
+        let verdict = self.dispatcher.dispatch(job, &prior, &progress).await?;
+        let report = self.ledger.report(key).await?;
+        let outcome = decide(&report, verdict);
+        let report = self.ledger.finish(key, &outcome, self.clock.now()).await?;
+        progress.changed();
+        tracing::info!(status = %report.status, reason = report.reason.map(FailureReason::as_str), "delivery finished");
+        Ok(Handled::Finished {
+            report,
+            fresh: true,
+        })
+    }
+}
+
+/// The final status, headline reason and summary from the targets' results.
+fn decide(report: &Report, verdict: Verdict) -> Outcome {
+    let (status, reason) = match verdict {
+        Verdict::Reached => (DeliveryStatus::Sent, None),
+        Verdict::Failed(Some(reason)) => (DeliveryStatus::Failed, Some(reason)),
+        Verdict::Failed(None) => {
+            let reason =
+                headline_reason(&report.targets).unwrap_or(FailureReason::NoEligibleTarget);
+            (DeliveryStatus::Failed, Some(reason))
+        }
+    };
+    let status = if status == DeliveryStatus::Sent
+        && report
+            .targets
+            .iter()
+            .any(|t| t.status == TargetStatus::Delivered)
+    {
+        DeliveryStatus::Delivered
+    } else {
+        status
+    };
+    let summary = summarize(status, reason, report.expires_at, &report.targets);
+    Outcome {
+        status,
+        reason,
+        summary,
+    }
+}

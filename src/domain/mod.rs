@@ -1,0 +1,54 @@
+//! Pure domain types: jobs, targets, channels, attempts, reports and the failure taxonomy.
+//! Nothing here does I/O; time comes in as an argument or through [`Clock`].
+
+mod clock;
+mod job;
+mod mask;
+mod message;
+mod reason;
+mod report;
+
+pub use clock::{Clock, SystemClock};
+pub use job::{
+    Channel, Code, DeliveryId, DeviceTarget, Job, JobError, PhoneTarget, Platform, Target, is_e164,
+};
+pub use mask::{mask_phone, mask_token};
+pub use message::render_message;
+pub use reason::{FailureReason, RetryClass};
+pub use report::{
+    Attempt, AttemptOutcome, DeliveryStatus, Report, TargetResult, TargetStatus, headline_reason,
+    summarize,
+};
+
+/// Generates `as_str`, `ALL` and `FromStr` for a fieldless enum whose stored and wire form is
+/// the variant name in SCREAMING_SNAKE_CASE.
+macro_rules! string_enum {
+    ($ty:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The stable text form (stored in the ledger, used in JSON).
+            pub fn as_str(self) -> &'static str {
+                match self { $($ty::$variant => $text),+ }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($ty::$variant),)+
+                    other => Err(format!("unknown {} `{other}`", stringify!($ty))),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use string_enum;

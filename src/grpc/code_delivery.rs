@@ -1,0 +1,201 @@
+//! `otpgateway.v1.CodeDelivery`: SendCode, GetDelivery, WatchDelivery, ListDeliveries.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::status::invalid_argument;
+use crate::delivery::DeliveryService;
+use crate::domain::{DeliveryId, DeliveryStatus, JobError, Report};
+use crate::proto::v1::code_delivery_server::CodeDelivery;
+use crate::proto::v1::{
+    DeliveryReport, GetDeliveryRequest, ListDeliveriesRequest, ListDeliveriesResponse,
+    SendCodeRequest, SendCodeResponse, WatchDeliveryRequest,
+};
+use crate::proto::{job_from_proto, report_to_proto, status_from_proto, status_to_proto};
+use crate::queue::{CONTENT_TYPE_PROTOBUF, Publisher};
+use crate::store::ListQuery;
+
+/// Default and largest page of `ListDeliveries`.
+const DEFAULT_PAGE: u32 = 20;
+const MAX_PAGE: u32 = 100;
+
+/// The CodeDelivery service.
+#[derive(Debug, Clone)]
+pub struct CodeDeliveryApi {
+    service: Arc<DeliveryService>,
+    publisher: Publisher,
+    watch_poll: Duration,
+}
+
+impl CodeDeliveryApi {
+    /// A service submitting through `publisher` and reading `service`'s ledger.
+    pub fn new(service: Arc<DeliveryService>, publisher: Publisher, watch_poll: Duration) -> Self {
+        CodeDeliveryApi {
+            service,
+            publisher,
+            watch_poll,
+        }
+    }
+
+    async fn load(&self, id: &DeliveryId) -> Result<Report, Status> {
+        self.service
+            .ledger()
+            .get(id)
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no delivery {id}")))
+    }
+}
+
+fn parse_id(text: &str) -> Result<DeliveryId, Status> {
+    text.parse().map_err(|e: JobError| invalid_argument(&e))
+}
+
+type ReportStream = Pin<Box<dyn Stream<Item = Result<DeliveryReport, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CodeDelivery for CodeDeliveryApi {
+    #[instrument(skip_all, fields(delivery_id))]
+    async fn send_code(
+        &self,
+        request: Request<SendCodeRequest>,
+    ) -> Result<Response<SendCodeResponse>, Status> {
+        let job = request
+            .into_inner()
+            .job
+            .ok_or_else(|| invalid_argument(&JobError::new("job", "is missing")))?;
+        let body = job.encode_to_vec();
+        let job = job_from_proto(job).map_err(|e| invalid_argument(&e))?;
+        let id = job.delivery_id();
+        tracing::Span::current().record("delivery_id", tracing::field::display(&id));
+        let (report, created) = self.service.accept(&job).await?;
+        // Known and already picked up: answer with what exists and send nothing.
+        if !created && report.status != DeliveryStatus::Accepted {
+            return Ok(Response::new(SendCodeResponse {
+                delivery_id: report.delivery_id,
+                status: status_to_proto(report.status) as i32,
+                duplicate: true,
+            }));
+        }
+        // New, or accepted earlier but possibly never queued: (re)publish. The consumer's
+        // ledger claim makes a second copy harmless.
+        if let Err(error) = self
+            .publisher
+            .publish_job(&body, CONTENT_TYPE_PROTOBUF, &report.delivery_id)
+            .await
+        {
+            if created {
+                self.service.forget_accepted(&id).await?;
+            }
+            tracing::warn!(%error, "SendCode: job not queued");
+            return Err(error.into());
+        }
+        tracing::info!(duplicate = !created, "SendCode: job queued");
+        Ok(Response::new(SendCodeResponse {
+            delivery_id: report.delivery_id,
+            status: status_to_proto(DeliveryStatus::Accepted) as i32,
+            duplicate: !created,
+        }))
+    }
+
+    async fn get_delivery(
+        &self,
+        request: Request<GetDeliveryRequest>,
+    ) -> Result<Response<DeliveryReport>, Status> {
+        let id = parse_id(&request.into_inner().delivery_id)?;
+        Ok(Response::new(report_to_proto(&self.load(&id).await?)))
+    }
+
+    type WatchDeliveryStream = ReportStream;
+
+    async fn watch_delivery(
+        &self,
+        request: Request<WatchDeliveryRequest>,
+    ) -> Result<Response<Self::WatchDeliveryStream>, Status> {
+        let id = parse_id(&request.into_inner().delivery_id)?;
+        // Subscribe before the first read so no change falls in between.
+        let mut changes = self.service.subscribe();
+        let mut last = self.load(&id).await?;
+        let (sender, receiver) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let key = id.to_string();
+            if sender.send(Ok(report_to_proto(&last))).await.is_err() {
+                return;
+            }
+            while !last.status.is_terminal() {
+                tokio::select! {
+                    _ = sender.closed() => return,
+                    _ = tokio::time::sleep(this.watch_poll) => {}
+                    change = changes.recv() => match change {
+                        Ok(changed) if changed != key => continue,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+                let report = match this.load(&id).await {
+                    Ok(report) => report,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                };
+                if report != last {
+                    if sender.send(Ok(report_to_proto(&report))).await.is_err() {
+                        return;
+                    }
+                    last = report;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn list_deliveries(
+        &self,
+        request: Request<ListDeliveriesRequest>,
+    ) -> Result<Response<ListDeliveriesResponse>, Status> {
+        let request = request.into_inner();
+        if request.tenant.is_empty() {
+            return Err(invalid_argument(&JobError::new("tenant", "is required")));
+        }
+        let status = match request.status {
+            0 => None,
+            value => Some(status_from_proto(value).ok_or_else(|| {
+                invalid_argument(&JobError::new("status", format!("unknown status {value}")))
+            })?),
+        };
+        let before = match request.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<i64>().map_err(|_| {
+                invalid_argument(&JobError::new(
+                    "page_token",
+                    "is not a token from a previous page",
+                ))
+            })?),
+        };
+        let limit = match request.page_size {
+            0 => DEFAULT_PAGE,
+            size => size.min(MAX_PAGE),
+        };
+        let query = ListQuery {
+            tenant: request.tenant,
+            account: Some(request.account).filter(|a| !a.is_empty()),
+            status,
+            limit,
+            before,
+        };
+        let page = self.service.ledger().list(&query).await?;
+        Ok(Response::new(ListDeliveriesResponse {
+            deliveries: page.reports.iter().map(report_to_proto).collect(),
+            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+}

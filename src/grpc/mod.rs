@@ -1,0 +1,75 @@
+//! The gRPC API: `otpgateway.v1.CodeDelivery`, `grpc.health.v1.Health` (NOT_SERVING while the
+//! broker is unreachable) and server reflection. Services decode, call the delivery layer or
+//! the store, and encode; errors map to statuses in one place (`status`).
+
+mod code_delivery;
+mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::delivery::DeliveryService;
+use crate::proto::v1::code_delivery_server::CodeDeliveryServer;
+use crate::queue::{LinkState, Publisher};
+
+pub use code_delivery::CodeDeliveryApi;
+
+/// The health-checked service name of `CodeDelivery`.
+pub const CODE_DELIVERY_SERVICE: &str = "otpgateway.v1.CodeDelivery";
+
+/// How often `WatchDelivery` re-reads the ledger when no change notice arrives (changes made
+/// by other replicas are only seen this way).
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// Serves the gRPC API on `listener` until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    service: Arc<DeliveryService>,
+    publisher: Publisher,
+    link_state: watch::Receiver<LinkState>,
+    stop: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(reporter, link_state, stop.clone()));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(CodeDeliveryServer::new(api))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
+        .await
+}
+
+/// Mirrors the broker link's state into gRPC health: SERVING only while jobs can be queued.
+async fn report_health(
+    reporter: HealthReporter,
+    mut link_state: watch::Receiver<LinkState>,
+    stop: CancellationToken,
+) {
+    loop {
+        let status = match *link_state.borrow_and_update() {
+            LinkState::Up => ServingStatus::Serving,
+            LinkState::Down => ServingStatus::NotServing,
+        };
+        reporter.set_service_status("", status).await;
+        reporter
+            .set_service_status(CODE_DELIVERY_SERVICE, status)
+            .await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = link_state.changed() => if changed.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The `otp-gateway` command: `serve` runs the gateway; `send` and `status` are gRPC clients
+//! for trying it out. Exits 64 on a bad configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use jiff::{SignedDuration, Timestamp};
+use otp_gateway::app::Application;
+use otp_gateway::config::{Config, LogFormat};
+use otp_gateway::proto::v1::code_delivery_client::CodeDeliveryClient;
+use otp_gateway::proto::v1::{self, DeliveryReport};
+use otp_gateway::proto::{is_terminal, reason_from_proto, status_from_proto, timestamp_to_proto};
+use tokio_util::sync::CancellationToken;
+
+/// EX_USAGE: the configuration is wrong.
+const EXIT_CONFIG: u8 = 64;
+/// EX_UNAVAILABLE: the gateway could not be reached.
+const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser)]
+#[command(
+    name = "otp-gateway",
+    version,
+    about = "Delivers one-time codes by push, SMS and voice, and explains every failure"
+)]
+struct Cli {
+    /// A TOML file layered over the embedded defaults (then OTP_GATEWAY_* variables).
+    #[arg(long, short, global = true, env = "OTP_GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: consume jobs from RabbitMQ and serve the gRPC API.
+    Serve,
+    /// Submit a job over gRPC and print its delivery id (and, with --wait, its report).
+    Send(SendArgs),
+    /// Print the report of a delivery.
+    Status {
+        /// The delivery id, "<tenant>/<job_id>".
+        id: String,
+        /// The gateway's gRPC address (default: from grpc.listen).
+        #[arg(long)]
+        server: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    /// A trusted phone number (E.164); repeat for several.
+    #[arg(long = "to")]
+    numbers: Vec<String>,
+    /// A trusted device as PLATFORM:TOKEN (apns or fcm); repeat for several.
+    #[arg(long = "device")]
+    devices: Vec<String>,
+    /// The code to send (default: six random digits).
+    #[arg(long)]
+    code: Option<String>,
+    /// How long the code stays valid.
+    #[arg(long, default_value = "5m")]
+    ttl: SignedDuration,
+    /// Escalation order, e.g. "sms,voice" (default: push, sms, voice).
+    #[arg(long, value_delimiter = ',')]
+    channels: Vec<String>,
+    #[arg(long, default_value = "demo")]
+    tenant: String,
+    #[arg(long, default_value = "demo-user")]
+    account: String,
+    /// The job id (default: a new UUID).
+    #[arg(long)]
+    job_id: Option<String>,
+    /// Follow the delivery and print the final report; exit 1 if it failed.
+    #[arg(long)]
+    wait: bool,
+    /// The gateway's gRPC address (default: from grpc.listen).
+    #[arg(long)]
+    server: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("otp-gateway: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve => {
+                let format = if cli.log_json {
+                    LogFormat::Json
+                } else {
+                    config.log.format
+                };
+                otp_gateway::telemetry::init(format, &config.log.level);
+                serve(config).await
+            }
+            Command::Send(args) => {
+                let server = server_address(args.server.as_deref(), &config);
+                send(args, server).await
+            }
+            Command::Status { id, server } => {
+                status(&id, server_address(server.as_deref(), &config)).await
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("otp-gateway: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let app = Application::build(config).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(stop_on_signal(stop.clone()));
+    app.run_until_stopped(stop).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stop_on_signal(stop: CancellationToken) {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
+    stop.cancel();
+}
+
+fn server_address(explicit: Option<&str>, config: &Config) -> String {
+    if let Some(server) = explicit {
+        return if server.contains("://") {
+            server.to_owned()
+        } else {
+            format!("http://{server}")
+        };
+    }
+    let mut addr = config.grpc.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}")
+}
+
+async fn connect(server: &str) -> anyhow::Result<CodeDeliveryClient<tonic::transport::Channel>> {
+    CodeDeliveryClient::connect(server.to_owned())
+        .await
+        .with_context(|| {
+            format!("cannot reach the gateway at {server} (is `otp-gateway serve` running?)")
+        })
+}
+
+fn random_code() -> String {
+    format!("{:06}", uuid::Uuid::new_v4().as_u128() % 1_000_000)
+}
+
+fn channel_from_name(name: &str) -> anyhow::Result<v1::Channel> {
+    v1::Channel::from_str_name(&format!("CHANNEL_{}", name.trim().to_ascii_uppercase()))
+        .filter(|c| *c != v1::Channel::Unspecified)
+        .with_context(|| format!("unknown channel `{name}` (push, sms or voice)"))
+}
+
+async fn send(args: SendArgs, server: String) -> anyhow::Result<ExitCode> {
+    let mut targets = Vec::new();
+    for (i, device) in args.devices.iter().enumerate() {
+        let (platform, token) = device
+            .split_once(':')
+            .context("--device takes PLATFORM:TOKEN, e.g. apns:a1b2c3")?;
+        let platform =
+            v1::Platform::from_str_name(&format!("PLATFORM_{}", platform.to_ascii_uppercase()))
+                .filter(|p| *p != v1::Platform::Unspecified)
+                .with_context(|| format!("unknown platform `{platform}` (apns or fcm)"))?;
+        targets.push(v1::Target {
+            kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
+                id: format!("device-{}", i + 1),
+                platform: platform as i32,
+                token: token.to_owned(),
+                ..Default::default()
+            })),
+        });
+    }
+    for number in &args.numbers {
+        targets.push(v1::Target {
+            kind: Some(v1::target::Kind::Phone(v1::PhoneTarget {
+                number: number.clone(),
+            })),
+        });
+    }
+    let channels = args
+        .channels
+        .iter()
+        .map(|c| channel_from_name(c).map(|c| c as i32))
+        .collect::<Result<_, _>>()?;
+    let job = v1::SendCodeJob {
+        job_id: args
+            .job_id
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        tenant: args.tenant,
+        account: args.account,
+        code: args.code.unwrap_or_else(random_code),
+        expires_at: Some(timestamp_to_proto(Timestamp::now() + args.ttl)),
+        purpose: "sign_in".into(),
+        locale: "en".into(),
+        user_initiated: true,
+        channels,
+        targets,
+        ..Default::default()
+    };
+    let mut client = match connect(&server).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("otp-gateway: {error:#}");
+            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+    };
+    let response = client
+        .send_code(v1::SendCodeRequest { job: Some(job) })
+        .await?
+        .into_inner();
+    println!(
+        "{}  {}{}",
+        response.delivery_id,
+        status_name(response.status),
+        if response.duplicate {
+            "  (duplicate: nothing new sent)"
+        } else {
+            ""
+        }
+    );
+    if !args.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut stream = client
+        .watch_delivery(v1::WatchDeliveryRequest {
+            delivery_id: response.delivery_id,
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(report) = stream.message().await? {
+        let terminal = is_terminal(&report);
+        last = Some(report);
+        if terminal {
+            break;
+        }
+    }
+    let report = last.context("the gateway closed the stream without a report")?;
+    print_report(&report);
+    Ok(exit_for(&report))
+}
+
+async fn status(id: &str, server: String) -> anyhow::Result<ExitCode> {
+    let mut client = match connect(&server).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("otp-gateway: {error:#}");
+            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+    };
+    let report = client
+        .get_delivery(v1::GetDeliveryRequest {
+            delivery_id: id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    print_report(&report);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exit_for(report: &DeliveryReport) -> ExitCode {
+    match status_from_proto(report.status) {
+        Some(otp_gateway::domain::DeliveryStatus::Failed) => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn status_name(value: i32) -> &'static str {
+    status_from_proto(value).map_or("UNKNOWN", |s| s.as_str())
+}
+
+fn print_report(report: &DeliveryReport) {
+    let reason = reason_from_proto(report.reason)
+        .map(|r| r.as_str())
+        .unwrap_or("");
+    println!(
+        "{}  {}  {reason}",
+        report.delivery_id,
+        status_name(report.status)
+    );
+    if !report.hint.is_empty() {
+        println!("  what to do: {}", report.hint);
+    }
+    if !report.summary.is_empty() {
+        println!("  {}", report.summary);
+    }
+    for target in &report.targets {
+        let status = v1::TargetStatus::try_from(target.status).map_or("?", |s| s.as_str_name());
+        let reason = reason_from_proto(target.reason)
+            .map(|r| format!(" {r}"))
+            .unwrap_or_default();
+        println!(
+            "  target {} {}: {}{reason}",
+            target.index,
+            target.target,
+            status.trim_start_matches("TARGET_STATUS_")
+        );
+        for attempt in &target.attempts {
+            let outcome =
+                v1::AttemptOutcome::try_from(attempt.outcome).map_or("?", |o| o.as_str_name());
+            let code = if attempt.provider_code.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", attempt.provider_code)
+            };
+            println!(
+                "    via {} ({}): {}{code} {}",
+                attempt.provider,
+                v1::Channel::try_from(attempt.channel)
+                    .map_or("?", |c| c.as_str_name())
+                    .trim_start_matches("CHANNEL_")
+                    .to_lowercase(),
+                outcome.trim_start_matches("ATTEMPT_OUTCOME_"),
+                attempt.provider_message,
+            );
+        }
+    }
+}

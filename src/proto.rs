@@ -1,0 +1,288 @@
+//! The generated `otpgateway.v1` protobuf types and services, and their conversions to and
+//! from the domain. Both transports (gRPC and protobuf queue bodies) decode through here.
+
+use jiff::Timestamp;
+
+use crate::domain::{
+    self, Attempt, AttemptOutcome, Channel, Code, DeliveryStatus, DeviceTarget, FailureReason, Job,
+    JobError, PhoneTarget, Platform, Report, Target, TargetResult, TargetStatus,
+};
+
+/// Generated from `proto/otpgateway/v1/*.proto`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod v1 {
+    tonic::include_proto!("otpgateway.v1");
+}
+
+/// The encoded descriptor set of `otpgateway.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/otpgateway_descriptor.bin"));
+
+/// Converts a domain instant to a protobuf timestamp.
+pub fn timestamp_to_proto(at: Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.as_second(),
+        nanos: at.subsec_nanosecond(),
+    }
+}
+
+/// Converts a protobuf timestamp to a domain instant.
+pub fn timestamp_from_proto(at: &prost_types::Timestamp) -> Option<Timestamp> {
+    Timestamp::new(at.seconds, at.nanos).ok()
+}
+
+fn channel_from_proto(value: i32) -> Option<Channel> {
+    match v1::Channel::try_from(value).ok()? {
+        v1::Channel::Push => Some(Channel::Push),
+        v1::Channel::Sms => Some(Channel::Sms),
+        v1::Channel::Voice => Some(Channel::Voice),
+        v1::Channel::Unspecified => None,
+    }
+}
+
+fn channel_to_proto(channel: Channel) -> v1::Channel {
+    match channel {
+        Channel::Push => v1::Channel::Push,
+        Channel::Sms => v1::Channel::Sms,
+        Channel::Voice => v1::Channel::Voice,
+    }
+}
+
+fn platform_to_proto(platform: Option<Platform>) -> v1::Platform {
+    match platform {
+        Some(Platform::Apns) => v1::Platform::Apns,
+        Some(Platform::Fcm) => v1::Platform::Fcm,
+        None => v1::Platform::Unspecified,
+    }
+}
+
+/// Converts a protobuf job to a validated domain job, naming the field that is wrong.
+pub fn job_from_proto(job: v1::SendCodeJob) -> Result<Job, JobError> {
+    let expires_at = job
+        .expires_at
+        .as_ref()
+        .ok_or_else(|| JobError::new("expires_at", "is missing"))
+        .and_then(|t| {
+            timestamp_from_proto(t).ok_or_else(|| JobError::new("expires_at", "is out of range"))
+        })?;
+    let channels = job
+        .channels
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            channel_from_proto(*value).ok_or_else(|| {
+                JobError::new(format!("channels[{i}]"), format!("unknown channel {value}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let targets = job
+        .targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, target)| match target.kind {
+            Some(v1::target::Kind::Phone(phone)) => Ok(Target::Phone(PhoneTarget {
+                number: phone.number,
+            })),
+            Some(v1::target::Kind::Device(device)) => {
+                let platform = match v1::Platform::try_from(device.platform) {
+                    Ok(v1::Platform::Apns) => Platform::Apns,
+                    Ok(v1::Platform::Fcm) => Platform::Fcm,
+                    _ => {
+                        return Err(JobError::new(
+                            format!("targets[{i}].device.platform"),
+                            "must be APNS or FCM",
+                        ));
+                    }
+                };
+                Ok(Target::Device(DeviceTarget {
+                    id: device.id,
+                    platform,
+                    token: device.token,
+                    topic: Some(device.topic).filter(|t| !t.is_empty()),
+                    can_display_code: device.can_display_code.unwrap_or(true),
+                }))
+            }
+            None => Err(JobError::new(
+                format!("targets[{i}]"),
+                "must be a device or a phone",
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let domain_job = Job {
+        job_id: job.job_id,
+        tenant: job.tenant,
+        account: job.account,
+        code: Code::new(job.code),
+        expires_at,
+        purpose: if job.purpose.is_empty() {
+            "sign_in".into()
+        } else {
+            job.purpose
+        },
+        locale: if job.locale.is_empty() {
+            "en".into()
+        } else {
+            job.locale
+        },
+        user_initiated: job.user_initiated,
+        timezone: Some(job.timezone).filter(|t| !t.is_empty()),
+        channels,
+        targets,
+    };
+    domain_job.validate()?;
+    Ok(domain_job)
+}
+
+/// The protobuf form of a delivery status.
+pub fn status_to_proto(status: DeliveryStatus) -> v1::DeliveryStatus {
+    match status {
+        DeliveryStatus::Accepted => v1::DeliveryStatus::Accepted,
+        DeliveryStatus::InProgress => v1::DeliveryStatus::InProgress,
+        DeliveryStatus::Deferred => v1::DeliveryStatus::Deferred,
+        DeliveryStatus::Sent => v1::DeliveryStatus::Sent,
+        DeliveryStatus::Delivered => v1::DeliveryStatus::Delivered,
+        DeliveryStatus::Failed => v1::DeliveryStatus::Failed,
+    }
+}
+
+/// The domain form of a protobuf delivery status (`None` for UNSPECIFIED or unknown).
+pub fn status_from_proto(value: i32) -> Option<DeliveryStatus> {
+    DeliveryStatus::ALL
+        .iter()
+        .copied()
+        .find(|s| status_to_proto(*s) as i32 == value)
+}
+
+/// The protobuf form of a failure reason; the names match one to one.
+pub fn reason_to_proto(reason: Option<FailureReason>) -> v1::FailureReason {
+    reason
+        .and_then(|r| v1::FailureReason::from_str_name(&format!("FAILURE_REASON_{}", r.as_str())))
+        .unwrap_or(v1::FailureReason::Unspecified)
+}
+
+/// The domain form of a protobuf failure reason.
+pub fn reason_from_proto(value: i32) -> Option<FailureReason> {
+    let name = v1::FailureReason::try_from(value).ok()?.as_str_name();
+    name.strip_prefix("FAILURE_REASON_")?.parse().ok()
+}
+
+fn target_status_to_proto(status: TargetStatus) -> v1::TargetStatus {
+    match status {
+        TargetStatus::Pending => v1::TargetStatus::Pending,
+        TargetStatus::Skipped => v1::TargetStatus::Skipped,
+        TargetStatus::Sent => v1::TargetStatus::Sent,
+        TargetStatus::Delivered => v1::TargetStatus::Delivered,
+        TargetStatus::Failed => v1::TargetStatus::Failed,
+    }
+}
+
+fn outcome_to_proto(outcome: AttemptOutcome) -> v1::AttemptOutcome {
+    match outcome {
+        AttemptOutcome::InFlight => v1::AttemptOutcome::InFlight,
+        AttemptOutcome::Sent => v1::AttemptOutcome::Sent,
+        AttemptOutcome::Delivered => v1::AttemptOutcome::Delivered,
+        AttemptOutcome::Failed => v1::AttemptOutcome::Failed,
+    }
+}
+
+fn attempt_to_proto(attempt: &Attempt) -> v1::AttemptRecord {
+    v1::AttemptRecord {
+        provider: attempt.provider.clone(),
+        channel: channel_to_proto(attempt.channel) as i32,
+        target: attempt.target.clone(),
+        started_at: Some(timestamp_to_proto(attempt.started_at)),
+        ended_at: attempt.ended_at.map(timestamp_to_proto),
+        outcome: outcome_to_proto(attempt.outcome) as i32,
+        reason: reason_to_proto(attempt.reason) as i32,
+        provider_code: attempt.provider_code.clone().unwrap_or_default(),
+        provider_message: attempt.provider_message.clone().unwrap_or_default(),
+        retry: attempt.retry,
+        provider_message_id: attempt.provider_message_id.clone().unwrap_or_default(),
+    }
+}
+
+fn target_to_proto(target: &TargetResult) -> v1::TargetResult {
+    v1::TargetResult {
+        index: target.index,
+        channel: channel_to_proto(target.channel) as i32,
+        target: target.target.clone(),
+        platform: platform_to_proto(target.platform) as i32,
+        status: target_status_to_proto(target.status) as i32,
+        reason: reason_to_proto(target.reason) as i32,
+        hint: target.hint.unwrap_or_default().to_owned(),
+        detail: target.detail.clone().unwrap_or_default(),
+        attempts: target.attempts.iter().map(attempt_to_proto).collect(),
+    }
+}
+
+/// The protobuf form of a report.
+pub fn report_to_proto(report: &Report) -> v1::DeliveryReport {
+    v1::DeliveryReport {
+        delivery_id: report.delivery_id.clone(),
+        tenant: report.tenant.clone(),
+        job_id: report.job_id.clone(),
+        account: report.account.clone(),
+        purpose: report.purpose.clone(),
+        status: status_to_proto(report.status) as i32,
+        reason: reason_to_proto(report.reason) as i32,
+        hint: report.hint.unwrap_or_default().to_owned(),
+        summary: report.summary.clone(),
+        created_at: Some(timestamp_to_proto(report.created_at)),
+        updated_at: Some(timestamp_to_proto(report.updated_at)),
+        expires_at: Some(timestamp_to_proto(report.expires_at)),
+        targets: report.targets.iter().map(target_to_proto).collect(),
+    }
+}
+
+/// Whether a protobuf report is terminal.
+pub fn is_terminal(report: &v1::DeliveryReport) -> bool {
+    status_from_proto(report.status).is_some_and(domain::DeliveryStatus::is_terminal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_and_status_has_a_protobuf_twin() {
+        for reason in FailureReason::ALL {
+            let proto = reason_to_proto(Some(*reason));
+            assert_ne!(proto, v1::FailureReason::Unspecified, "{reason}");
+            assert_eq!(reason_from_proto(proto as i32), Some(*reason));
+        }
+        for status in DeliveryStatus::ALL {
+            assert_eq!(
+                status_from_proto(status_to_proto(*status) as i32),
+                Some(*status)
+            );
+        }
+        assert_eq!(status_from_proto(0), None);
+    }
+
+    #[test]
+    fn protobuf_jobs_name_the_bad_field() {
+        let job = v1::SendCodeJob {
+            job_id: "j".into(),
+            tenant: "acme".into(),
+            account: "a".into(),
+            code: "123456".into(),
+            expires_at: Some(timestamp_to_proto(Timestamp::UNIX_EPOCH)),
+            targets: vec![v1::Target {
+                kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
+                    id: "d".into(),
+                    platform: 0,
+                    token: "t".into(),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            job_from_proto(job.clone()).unwrap_err().field,
+            "targets[0].device.platform"
+        );
+        let mut no_expiry = job;
+        no_expiry.expires_at = None;
+        assert_eq!(job_from_proto(no_expiry).unwrap_err().field, "expires_at");
+    }
+}

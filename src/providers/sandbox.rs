@@ -1,0 +1,144 @@
+//! The sandbox provider: stands in for the handset by appending one JSON line per message
+//! (masked recipient, channel, rendered text) to an outbox file. It is the one place the code
+//! may appear. Twilio's documented magic test numbers, and device tokens starting with
+//! `invalid` or `unregistered`, fail the way the real providers would, so failure
+//! explanations can be tried without a carrier.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use serde::Serialize;
+
+use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient};
+use crate::domain::FailureReason;
+
+/// Appends messages to an outbox file.
+#[derive(Debug)]
+pub struct SandboxProvider {
+    name: String,
+    path: PathBuf,
+    file: Arc<Mutex<std::fs::File>>,
+}
+
+#[derive(Serialize)]
+struct OutboxLine<'a> {
+    at: Timestamp,
+    provider: &'a str,
+    delivery_id: &'a str,
+    channel: &'a str,
+    to: &'a str,
+    message: &'a str,
+    message_id: &'a str,
+}
+
+impl SandboxProvider {
+    /// Opens (creating if needed) the outbox file at `path`.
+    pub async fn open(name: &str, path: &Path) -> std::io::Result<Self> {
+        let path = path.to_path_buf();
+        let opened = path.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            if let Some(parent) = opened.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&opened)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(SandboxProvider {
+            name: name.to_owned(),
+            path,
+            file: Arc::new(Mutex::new(file)),
+        })
+    }
+
+    /// The outbox file.
+    pub fn outbox(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// What the sandbox does for Twilio's magic test numbers and tagged tokens.
+fn scripted_failure(recipient: Recipient<'_>) -> Option<ProviderError> {
+    let (reason, code, message) = match recipient {
+        Recipient::Phone("+15005550001") => (
+            FailureReason::InvalidRecipient,
+            "21211",
+            "The 'To' number +15005550001 is not a valid phone number.",
+        ),
+        Recipient::Phone("+15005550003") => (
+            FailureReason::DestinationNotPermitted,
+            "21408",
+            "Permission to send an SMS has not been enabled for the region indicated by the 'To' number",
+        ),
+        Recipient::Phone("+15005550004") => (
+            FailureReason::RecipientOptedOut,
+            "21610",
+            "Attempt to send to unsubscribed recipient",
+        ),
+        Recipient::Phone("+15005550009") => (
+            FailureReason::NotMobileNumber,
+            "21614",
+            "'To' number is not a valid mobile number",
+        ),
+        Recipient::Device { token, .. } if token.starts_with("unregistered") => {
+            (FailureReason::DeviceUnregistered, "410", "Unregistered")
+        }
+        Recipient::Device { token, .. } if token.starts_with("invalid") => {
+            (FailureReason::DeviceTokenInvalid, "400", "BadDeviceToken")
+        }
+        _ => return None,
+    };
+    Some(ProviderError::new(reason, Some(code), message))
+}
+
+#[async_trait]
+impl Provider for SandboxProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
+        if let Some(failure) = scripted_failure(message.recipient) {
+            return Err(failure);
+        }
+        let message_id = format!("SB{}", uuid::Uuid::new_v4().simple());
+        let mut line = serde_json::to_vec(&OutboxLine {
+            at: Timestamp::now(),
+            provider: &self.name,
+            delivery_id: message.delivery_id,
+            channel: message.channel.as_str(),
+            to: message.masked_recipient,
+            message: message.text,
+            message_id: &message_id,
+        })
+        .map_err(|e| ProviderError::new(FailureReason::ProviderRejected, None, e.to_string()))?;
+        line.push(b'\n');
+        let file = Arc::clone(&self.file);
+        let written = tokio::task::spawn_blocking(move || {
+            let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            file.write_all(&line)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Ok(ProviderAccept {
+                message_id: Some(message_id),
+            }),
+            Ok(Err(e)) => Err(ProviderError::new(
+                FailureReason::ProviderUnavailable,
+                None,
+                format!("cannot write the outbox {}: {e}", self.path.display()),
+            )),
+            Err(e) => Err(ProviderError::new(
+                FailureReason::ProviderUnavailable,
+                None,
+                e.to_string(),
+            )),
+        }
+    }
+}

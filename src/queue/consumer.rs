@@ -1,0 +1,222 @@
+//! The job consumer: decodes each message, hands the job to the delivery service, publishes
+//! the outcome (event, and reply when asked) and only then acks. Malformed messages are copied
+//! to the dead-letter exchange with the reason and acked; a ledger failure sends the job back
+//! to the queue. Nothing is dropped silently.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::Consumer;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::decode::decode_job;
+use super::publisher::Publisher;
+use crate::delivery::{DeliveryService, Handled};
+
+/// How long to wait before handing a job back to the broker after a ledger failure, so a
+/// database outage does not spin through the queue's delivery limit.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Why consuming stopped.
+#[derive(Debug)]
+pub enum ConsumeEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The connection or channel failed, or the broker cancelled the consumer.
+    Lost(String),
+}
+
+/// Consumes send-code jobs.
+#[derive(Debug, Clone)]
+pub struct JobConsumer {
+    service: Arc<DeliveryService>,
+    publisher: Publisher,
+    slots: Arc<Semaphore>,
+    in_flight: Arc<Mutex<HashMap<String, watch::Receiver<bool>>>>,
+}
+
+/// Removes a delivery from the in-flight map and wakes whoever waits for it.
+struct InFlightGuard {
+    map: Arc<Mutex<HashMap<String, watch::Receiver<bool>>>>,
+    id: String,
+    done: watch::Sender<bool>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        let _ = self.done.send(true);
+    }
+}
+
+impl JobConsumer {
+    /// A consumer running at most `max_in_flight` jobs at once.
+    pub fn new(service: Arc<DeliveryService>, publisher: Publisher, max_in_flight: usize) -> Self {
+        JobConsumer {
+            service,
+            publisher,
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            in_flight: Arc::default(),
+        }
+    }
+
+    /// Takes deliveries from `consumer` until shutdown or until the link fails. Each job runs
+    /// as its own task in `tracker`; `abandon` stops unfinished jobs once the grace period is
+    /// over (they stay unacked, so the broker redelivers them).
+    pub async fn consume(
+        &self,
+        mut consumer: Consumer,
+        stop: &CancellationToken,
+        abandon: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> ConsumeEnd {
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return ConsumeEnd::Shutdown,
+                permit = Arc::clone(&self.slots).acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return ConsumeEnd::Shutdown,
+                next = consumer.next() => next,
+            };
+            let delivery = match next {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => return ConsumeEnd::Lost(error.to_string()),
+                None => return ConsumeEnd::Lost("the broker cancelled the consumer".into()),
+            };
+            let this = self.clone();
+            let abandon = abandon.clone();
+            let span = tracing::info_span!(
+                "job",
+                delivery_tag = delivery.delivery_tag,
+                redelivered = delivery.redelivered
+            );
+            tracker.spawn(
+                async move {
+                    tokio::select! {
+                        _ = this.handle(delivery) => {}
+                        _ = abandon.cancelled() => {
+                            tracing::warn!("shutdown grace period over: job left unacked for redelivery");
+                        }
+                    }
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn handle(&self, delivery: Delivery) {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str());
+        let job = match decode_job(content_type, &delivery.data) {
+            Ok(job) => job,
+            Err(error) => {
+                tracing::warn!(field = %error.field, problem = %error.problem, "malformed job: dead-lettered");
+                match self.publisher.dead_letter(&delivery, &error).await {
+                    Ok(()) => ack(&delivery).await,
+                    Err(publish) => {
+                        tracing::error!(error = %publish, "could not dead-letter a malformed job: requeued");
+                        requeue(&delivery).await;
+                    }
+                }
+                return;
+            }
+        };
+        let id = job.delivery_id().to_string();
+        let _guard = self.enter(&id).await;
+        let report = match self.service.handle(&job, delivery.redelivered).await {
+            Ok(Handled::Finished { report, fresh }) => {
+                // A redelivered job may have been finished without its event going out.
+                if (fresh || delivery.redelivered)
+                    && let Err(error) = self.publisher.publish_event(&report).await
+                {
+                    tracing::warn!(%error, "event not confirmed: job requeued to publish it again");
+                    requeue(&delivery).await;
+                    return;
+                }
+                report
+            }
+            Ok(Handled::HeldElsewhere(_)) => {
+                ack(&delivery).await;
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, delivery_id = %id, "ledger failure: job requeued");
+                requeue(&delivery).await;
+                return;
+            }
+        };
+        if let (Some(reply_to), Some(correlation_id)) = (
+            delivery.properties.reply_to(),
+            delivery.properties.correlation_id(),
+        ) && let Err(error) = self
+            .publisher
+            .publish_reply(reply_to, correlation_id, &report)
+            .await
+        {
+            tracing::warn!(%error, "reply not confirmed: job requeued to reply again");
+            requeue(&delivery).await;
+            return;
+        }
+        ack(&delivery).await;
+    }
+
+    /// Waits until no other task of this process works on `id`, then marks it as ours.
+    async fn enter(&self, id: &str) -> InFlightGuard {
+        loop {
+            let busy = {
+                let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get(id) {
+                    Some(done) => Some(done.clone()),
+                    None => {
+                        let (done, receiver) = watch::channel(false);
+                        map.insert(id.to_owned(), receiver);
+                        return InFlightGuard {
+                            map: Arc::clone(&self.in_flight),
+                            id: id.to_owned(),
+                            done,
+                        };
+                    }
+                }
+            };
+            if let Some(mut done) = busy {
+                let _ = done.wait_for(|finished| *finished).await;
+            }
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(%error, "ack failed (the broker will redeliver; the ledger prevents a second send)");
+    }
+}
+
+async fn requeue(delivery: &Delivery) {
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    if let Err(error) = delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await
+    {
+        tracing::warn!(%error, "nack failed (the broker will redeliver)");
+    }
+}

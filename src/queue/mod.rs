@@ -1,0 +1,15 @@
+//! RabbitMQ: the topology, the connection supervisor that keeps a link to the broker (and says
+//! plainly when it cannot), the job consumer (ack only after the outcome is committed;
+//! malformed jobs dead-lettered with a reason header) and the confirmed publisher.
+
+mod consumer;
+mod decode;
+mod link;
+mod publisher;
+mod topology;
+
+pub use consumer::JobConsumer;
+pub use decode::{CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, decode_job};
+pub use link::{BrokerLink, LinkState};
+pub use publisher::{HEADER_ERROR, HEADER_ERROR_FIELD, PublishError, Publisher};
+pub use topology::Topology;

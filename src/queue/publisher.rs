@@ -1,0 +1,199 @@
+//! The publisher: every message the gateway sends to the broker goes through one confirm-mode
+//! channel per connection (no channel per message) and waits for the broker's confirm.
+
+use std::sync::Arc;
+
+use lapin::message::Delivery;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::sync::watch;
+
+use super::decode::CONTENT_TYPE_JSON;
+use super::topology::Topology;
+use crate::domain::{JobError, Report};
+
+/// Header naming why a job was dead-lettered.
+pub const HEADER_ERROR: &str = "x-otp-error";
+/// Header naming the offending field of a dead-lettered job.
+pub const HEADER_ERROR_FIELD: &str = "x-otp-error-field";
+
+/// AMQP delivery mode 2: written to disk by the broker.
+const PERSISTENT: u8 = 2;
+
+/// A publish that the broker did not confirm.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// There is no connection to the broker right now.
+    #[error("the broker is not connected")]
+    Unavailable,
+    /// The broker refused or the connection failed mid-publish.
+    #[error("publish failed: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker negatively acknowledged the message.
+    #[error("the broker did not accept the message (nack)")]
+    Nacked,
+    /// A mandatory message matched no queue.
+    #[error("no queue is bound to exchange `{exchange}` with routing key `{routing_key}`")]
+    Unroutable {
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+}
+
+/// Publishes jobs, events, replies and dead letters with publisher confirms.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    channel: watch::Receiver<Option<Channel>>,
+    topology: Arc<Topology>,
+}
+
+impl Publisher {
+    /// A publisher using whatever channel the broker link currently provides.
+    pub fn new(channel: watch::Receiver<Option<Channel>>, topology: Arc<Topology>) -> Self {
+        Publisher { channel, topology }
+    }
+
+    fn channel(&self) -> Result<Channel, PublishError> {
+        self.channel
+            .borrow()
+            .clone()
+            .filter(|c| c.status().connected())
+            .ok_or(PublishError::Unavailable)
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        let channel = self.channel()?;
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            }),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Publishes a job to the jobs exchange (the path queue producers use too). Mandatory: a job
+    /// that would reach no queue is an error, never a silent drop.
+    pub async fn publish_job(
+        &self,
+        body: &[u8],
+        content_type: &str,
+        message_id: &str,
+    ) -> Result<(), PublishError> {
+        let properties = BasicProperties::default()
+            .with_content_type(content_type.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_message_id(short(message_id));
+        self.publish(
+            &self.topology.jobs_exchange,
+            &self.topology.jobs_routing_key,
+            body,
+            properties,
+            true,
+        )
+        .await
+    }
+
+    /// Publishes the report as `delivery.<status>` on the events exchange.
+    pub async fn publish_event(&self, report: &Report) -> Result<(), PublishError> {
+        let routing_key = format!("delivery.{}", report.status.as_str().to_ascii_lowercase());
+        let body = serde_json::to_vec(report).expect("a report always serializes");
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE_JSON.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_message_id(short(&report.delivery_id))
+            .with_type(routing_key.as_str().into());
+        self.publish(
+            &self.topology.events_exchange,
+            &routing_key,
+            &body,
+            properties,
+            false,
+        )
+        .await
+    }
+
+    /// Publishes the report to a job's `reply_to` queue with its `correlation_id`.
+    pub async fn publish_reply(
+        &self,
+        reply_to: &ShortString,
+        correlation_id: &ShortString,
+        report: &Report,
+    ) -> Result<(), PublishError> {
+        let body = serde_json::to_vec(report).expect("a report always serializes");
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE_JSON.into())
+            .with_correlation_id(correlation_id.clone())
+            .with_message_id(short(&report.delivery_id));
+        self.publish("", reply_to.as_str(), &body, properties, false)
+            .await
+    }
+
+    /// Copies a job message to the dead-letter exchange with the reason in `x-otp-error` (and
+    /// the field in `x-otp-error-field`), keeping its body, properties and headers.
+    pub async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        error: &JobError,
+    ) -> Result<(), PublishError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            HEADER_ERROR.into(),
+            AMQPValue::LongString(error.to_string().into()),
+        );
+        headers.insert(
+            HEADER_ERROR_FIELD.into(),
+            AMQPValue::LongString(error.field.clone().into()),
+        );
+        headers.insert(
+            "x-otp-original-exchange".into(),
+            AMQPValue::LongString(delivery.exchange.as_str().into()),
+        );
+        headers.insert(
+            "x-otp-original-routing-key".into(),
+            AMQPValue::LongString(delivery.routing_key.as_str().into()),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        self.publish(
+            &self.topology.dead_letter_exchange,
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            properties,
+            true,
+        )
+        .await
+    }
+}
+
+/// An AMQP short string, cut to its 255-byte limit at a character boundary.
+fn short(text: &str) -> ShortString {
+    let mut end = text.len().min(255);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].into()
+}

@@ -1,0 +1,218 @@
+//! Persistence: the delivery ledger behind the [`Ledger`] trait, with SQLite as the embedded
+//! default. Callers hold an `Arc<dyn Ledger>`, so another backend (PostgreSQL) plugs in without
+//! changing them. The code is never stored.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+
+use crate::domain::{
+    AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason, Platform, Report,
+    TargetStatus,
+};
+
+pub use sqlite::SqliteLedger;
+
+/// The ledger's internal key of a delivery.
+pub type DeliveryKey = i64;
+/// The ledger's key of one attempt.
+pub type AttemptKey = i64;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed.
+    #[error("ledger database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("ledger migration: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    /// A stored value could not be read back.
+    #[error("ledger holds an unreadable value: {0}")]
+    Corrupt(String),
+    /// The delivery is not in the ledger.
+    #[error("delivery {0} is not in the ledger")]
+    NotFound(String),
+}
+
+/// A delivery about to enter the ledger.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// `(tenant, job_id)`.
+    pub id: DeliveryId,
+    /// The account.
+    pub account: String,
+    /// The job's purpose.
+    pub purpose: String,
+    /// When the code expires.
+    pub expires_at: Timestamp,
+    /// Its targets, in job order.
+    pub targets: Vec<NewTarget>,
+}
+
+/// A target as first recorded.
+#[derive(Debug, Clone)]
+pub struct NewTarget {
+    /// The channel it is reached by first.
+    pub channel: Channel,
+    /// Device id, or masked number.
+    pub label: String,
+    /// The platform, for devices.
+    pub platform: Option<Platform>,
+}
+
+/// The result of [`Ledger::claim`].
+#[derive(Debug, Clone)]
+pub enum Claim {
+    /// This worker now owns the delivery, which had not started.
+    Started(DeliveryKey, Report),
+    /// This worker took over a delivery whose previous worker went away; attempts it left
+    /// unanswered are closed as interrupted.
+    Resumed(DeliveryKey, Report),
+    /// The delivery is finished: nothing more to do.
+    Finished(Report),
+    /// Another worker is on it (a duplicate publish arrived while it runs).
+    HeldElsewhere(Report),
+}
+
+/// A provider call that is starting.
+#[derive(Debug, Clone)]
+pub struct AttemptStart {
+    /// Index of the target in the job.
+    pub target: u32,
+    /// The provider's configured name.
+    pub provider: String,
+    /// The channel.
+    pub channel: Channel,
+    /// Masked number or token.
+    pub masked_target: String,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// Retry number for this provider and target.
+    pub retry: u32,
+}
+
+/// How a provider call ended.
+#[derive(Debug, Clone)]
+pub struct AttemptEnd {
+    /// When it ended.
+    pub ended_at: Timestamp,
+    /// How.
+    pub outcome: AttemptOutcome,
+    /// Why it failed.
+    pub reason: Option<FailureReason>,
+    /// The provider's code.
+    pub provider_code: Option<String>,
+    /// The provider's message.
+    pub provider_message: Option<String>,
+    /// The provider's message id.
+    pub provider_message_id: Option<String>,
+}
+
+/// A change to one target.
+#[derive(Debug, Clone)]
+pub struct TargetUpdate {
+    /// The channel it was last tried on.
+    pub channel: Channel,
+    /// Its new status.
+    pub status: TargetStatus,
+    /// Why it failed.
+    pub reason: Option<FailureReason>,
+    /// Why, in words.
+    pub detail: Option<String>,
+}
+
+/// The end of a delivery.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// A terminal status.
+    pub status: DeliveryStatus,
+    /// The headline reason.
+    pub reason: Option<FailureReason>,
+    /// The human summary.
+    pub summary: String,
+}
+
+/// Filters and paging for [`Ledger::list`].
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    /// Required.
+    pub tenant: String,
+    /// Only this account.
+    pub account: Option<String>,
+    /// Only this status.
+    pub status: Option<DeliveryStatus>,
+    /// Page size (1..=100).
+    pub limit: u32,
+    /// Only deliveries older than this cursor (from a previous page).
+    pub before: Option<i64>,
+}
+
+/// One page of reports, newest first.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    /// The reports.
+    pub reports: Vec<Report>,
+    /// The cursor for the next page, when there is one.
+    pub next: Option<i64>,
+}
+
+/// The delivery ledger.
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    /// Records a delivery as ACCEPTED unless `(tenant, job_id)` is known; returns the report
+    /// and whether it was new.
+    async fn accept(&self, new: &NewDelivery, now: Timestamp)
+    -> Result<(Report, bool), StoreError>;
+
+    /// Removes a delivery that is still only ACCEPTED (its job could not be queued).
+    async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError>;
+
+    /// Takes ownership of a delivery for `worker`, inserting it if new. `takeover` (the broker
+    /// redelivered the job, so its previous worker is gone) lets it claim an IN_PROGRESS one.
+    async fn claim(
+        &self,
+        new: &NewDelivery,
+        worker: &str,
+        takeover: bool,
+        now: Timestamp,
+    ) -> Result<Claim, StoreError>;
+
+    /// Records that a provider call is starting.
+    async fn start_attempt(
+        &self,
+        key: DeliveryKey,
+        start: &AttemptStart,
+    ) -> Result<AttemptKey, StoreError>;
+
+    /// Records how a provider call ended.
+    async fn finish_attempt(&self, attempt: AttemptKey, end: &AttemptEnd)
+    -> Result<(), StoreError>;
+
+    /// Updates one target.
+    async fn update_target(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+        update: &TargetUpdate,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// Marks the delivery terminal and returns its final report.
+    async fn finish(
+        &self,
+        key: DeliveryKey,
+        outcome: &Outcome,
+        now: Timestamp,
+    ) -> Result<Report, StoreError>;
+
+    /// The report of one delivery by its internal key.
+    async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError>;
+
+    /// The report of one delivery, if known.
+    async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError>;
+
+    /// Reports, newest first.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+}

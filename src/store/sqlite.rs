@@ -1,0 +1,619 @@
+//! The SQLite ledger: the embedded default. WAL journal with `synchronous = FULL`, so every
+//! committed outcome is on disk before the job message is acked.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    AttemptEnd, AttemptKey, AttemptStart, Claim, DeliveryKey, Ledger, ListPage, ListQuery,
+    NewDelivery, Outcome, StoreError, TargetUpdate,
+};
+use crate::domain::{
+    Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, TargetResult, TargetStatus,
+};
+
+/// What an attempt left unanswered by a worker that went away is recorded as.
+const INTERRUPTED: &str = "interrupted: the gateway stopped before the provider answered";
+
+/// A ledger in one SQLite file.
+#[derive(Debug, Clone)]
+pub struct SqliteLedger {
+    pool: SqlitePool,
+}
+
+fn micros(at: Timestamp) -> i64 {
+    at.as_microsecond()
+}
+
+fn timestamp(micros: i64) -> Result<Timestamp, StoreError> {
+    Timestamp::from_microsecond(micros).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T, StoreError> {
+    text.parse().map_err(StoreError::Corrupt)
+}
+
+fn parse_opt<T: FromStr<Err = String>>(text: Option<String>) -> Result<Option<T>, StoreError> {
+    text.as_deref().map(parse).transpose()
+}
+
+impl SqliteLedger {
+    /// Opens (creating if needed) the database at `url` (`sqlite://PATH`) and migrates it.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?;
+        if let Some(parent) = options
+            .get_filename()
+            .parent()
+            .filter(|p| p != &Path::new(""))
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        }
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("src/store/migrations/sqlite")
+            .run(&pool)
+            .await?;
+        Ok(SqliteLedger { pool })
+    }
+
+    async fn insert(
+        tx: &mut Transaction<'static, Sqlite>,
+        new: &NewDelivery,
+        status: DeliveryStatus,
+        worker: Option<&str>,
+        now: Timestamp,
+    ) -> Result<Option<DeliveryKey>, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO deliveries (tenant, job_id, account, purpose, status, owner, expires_at, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (tenant, job_id) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&new.id.tenant)
+        .bind(&new.id.job_id)
+        .bind(&new.account)
+        .bind(&new.purpose)
+        .bind(status.as_str())
+        .bind(worker)
+        .bind(micros(new.expires_at))
+        .bind(micros(now))
+        .bind(micros(now))
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(row) = inserted else {
+            return Ok(None);
+        };
+        let key: i64 = row.try_get("id")?;
+        for (index, target) in new.targets.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO targets (delivery, idx, channel, label, platform, status) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(key)
+            .bind(index as i64)
+            .bind(target.channel.as_str())
+            .bind(&target.label)
+            .bind(target.platform.map(|p| p.as_str()))
+            .bind(TargetStatus::Pending.as_str())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(Some(key))
+    }
+
+    async fn key_of(
+        &self,
+        id: &DeliveryId,
+    ) -> Result<Option<(DeliveryKey, DeliveryStatus, Option<String>)>, StoreError> {
+        let row =
+            sqlx::query("SELECT id, status, owner FROM deliveries WHERE tenant = ? AND job_id = ?")
+                .bind(&id.tenant)
+                .bind(&id.job_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|row| {
+            let status: String = row.try_get("status")?;
+            Ok((row.try_get("id")?, parse(&status)?, row.try_get("owner")?))
+        })
+        .transpose()
+    }
+
+    fn attempt_from_row(row: &SqliteRow) -> Result<Attempt, StoreError> {
+        Ok(Attempt {
+            provider: row.try_get("provider")?,
+            channel: parse(&row.try_get::<String, _>("channel")?)?,
+            target: row.try_get("masked_target")?,
+            started_at: timestamp(row.try_get("started_at")?)?,
+            ended_at: row
+                .try_get::<Option<i64>, _>("ended_at")?
+                .map(timestamp)
+                .transpose()?,
+            outcome: parse(&row.try_get::<String, _>("outcome")?)?,
+            reason: parse_opt(row.try_get("reason")?)?,
+            provider_code: row.try_get("provider_code")?,
+            provider_message: row.try_get("provider_message")?,
+            retry: row.try_get::<i64, _>("retry")? as u32,
+            provider_message_id: row.try_get("provider_message_id")?,
+        })
+    }
+
+    fn report_from_rows(
+        delivery: &SqliteRow,
+        targets: &[SqliteRow],
+        attempts: &[SqliteRow],
+    ) -> Result<Report, StoreError> {
+        let tenant: String = delivery.try_get("tenant")?;
+        let job_id: String = delivery.try_get("job_id")?;
+        let reason: Option<FailureReason> = parse_opt(delivery.try_get("reason")?)?;
+        let mut results = Vec::with_capacity(targets.len());
+        for row in targets {
+            let index = row.try_get::<i64, _>("idx")? as u32;
+            let reason: Option<FailureReason> = parse_opt(row.try_get("reason")?)?;
+            let mut target_attempts = Vec::new();
+            for attempt in attempts {
+                if attempt.try_get::<i64, _>("target_idx")? as u32 == index {
+                    target_attempts.push(Self::attempt_from_row(attempt)?);
+                }
+            }
+            results.push(TargetResult {
+                index,
+                channel: parse(&row.try_get::<String, _>("channel")?)?,
+                target: row.try_get("label")?,
+                platform: parse_opt(row.try_get("platform")?)?,
+                status: parse::<TargetStatus>(&row.try_get::<String, _>("status")?)?,
+                reason,
+                hint: reason.map(FailureReason::hint),
+                detail: row.try_get("detail")?,
+                attempts: target_attempts,
+            });
+        }
+        Ok(Report {
+            delivery_id: format!("{tenant}/{job_id}"),
+            tenant,
+            job_id,
+            account: delivery.try_get("account")?,
+            purpose: delivery.try_get("purpose")?,
+            status: parse(&delivery.try_get::<String, _>("status")?)?,
+            reason,
+            hint: reason.map(FailureReason::hint),
+            summary: delivery.try_get("summary")?,
+            created_at: timestamp(delivery.try_get("created_at")?)?,
+            updated_at: timestamp(delivery.try_get("updated_at")?)?,
+            expires_at: timestamp(delivery.try_get("expires_at")?)?,
+            targets: results,
+        })
+    }
+
+    async fn load(&self, key: DeliveryKey) -> Result<Option<Report>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(delivery) = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let targets = sqlx::query("SELECT * FROM targets WHERE delivery = ? ORDER BY idx")
+            .bind(key)
+            .fetch_all(&mut *conn)
+            .await?;
+        let attempts = sqlx::query("SELECT * FROM attempts WHERE delivery = ? ORDER BY id")
+            .bind(key)
+            .fetch_all(&mut *conn)
+            .await?;
+        Self::report_from_rows(&delivery, &targets, &attempts).map(Some)
+    }
+}
+
+#[async_trait]
+impl Ledger for SqliteLedger {
+    async fn accept(
+        &self,
+        new: &NewDelivery,
+        now: Timestamp,
+    ) -> Result<(Report, bool), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = Self::insert(&mut tx, new, DeliveryStatus::Accepted, None, now).await?;
+        tx.commit().await?;
+        let key = match inserted {
+            Some(key) => key,
+            None => {
+                self.key_of(&new.id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(new.id.to_string()))?
+                    .0
+            }
+        };
+        Ok((self.report(key).await?, inserted.is_some()))
+    }
+
+    async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM deliveries WHERE tenant = ? AND job_id = ? AND status = 'ACCEPTED'",
+        )
+        .bind(&id.tenant)
+        .bind(&id.job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        new: &NewDelivery,
+        worker: &str,
+        takeover: bool,
+        now: Timestamp,
+    ) -> Result<Claim, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(key) =
+            Self::insert(&mut tx, new, DeliveryStatus::InProgress, Some(worker), now).await?
+        {
+            tx.commit().await?;
+            return Ok(Claim::Started(key, self.report(key).await?));
+        }
+        tx.commit().await?;
+        let (key, status, owner) = self
+            .key_of(&new.id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(new.id.to_string()))?;
+        if status.is_terminal() {
+            return Ok(Claim::Finished(self.report(key).await?));
+        }
+        // Claim atomically: only one worker's UPDATE matches.
+        let claimed = sqlx::query(
+            "UPDATE deliveries SET status = 'IN_PROGRESS', owner = ?, updated_at = ?
+             WHERE id = ? AND (status IN ('ACCEPTED', 'DEFERRED')
+                               OR (status = 'IN_PROGRESS' AND (? OR owner = ? OR owner IS NULL)))",
+        )
+        .bind(worker)
+        .bind(micros(now))
+        .bind(key)
+        .bind(takeover)
+        .bind(worker)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        if !claimed {
+            let report = self.report(key).await?;
+            return Ok(if report.status.is_terminal() {
+                Claim::Finished(report)
+            } else {
+                Claim::HeldElsewhere(report)
+            });
+        }
+        if status == DeliveryStatus::InProgress {
+            tracing::info!(
+                previous_worker = owner.as_deref().unwrap_or("-"),
+                "taking over an interrupted delivery"
+            );
+            sqlx::query(
+                "UPDATE attempts SET ended_at = ?, outcome = 'FAILED', reason = 'PROVIDER_TIMEOUT', provider_message = ?
+                 WHERE delivery = ? AND outcome = 'IN_FLIGHT'",
+            )
+            .bind(micros(now))
+            .bind(INTERRUPTED)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+            return Ok(Claim::Resumed(key, self.report(key).await?));
+        }
+        Ok(Claim::Started(key, self.report(key).await?))
+    }
+
+    async fn start_attempt(
+        &self,
+        key: DeliveryKey,
+        start: &AttemptStart,
+    ) -> Result<AttemptKey, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry)
+             VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?) RETURNING id",
+        )
+        .bind(key)
+        .bind(start.target as i64)
+        .bind(&start.provider)
+        .bind(start.channel.as_str())
+        .bind(&start.masked_target)
+        .bind(micros(start.started_at))
+        .bind(start.retry as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("id")?)
+    }
+
+    async fn finish_attempt(
+        &self,
+        attempt: AttemptKey,
+        end: &AttemptEnd,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, provider_code = ?, provider_message = ?,
+                                 provider_message_id = ?
+             WHERE id = ?",
+        )
+        .bind(micros(end.ended_at))
+        .bind(end.outcome.as_str())
+        .bind(end.reason.map(FailureReason::as_str))
+        .bind(&end.provider_code)
+        .bind(&end.provider_message)
+        .bind(&end.provider_message_id)
+        .bind(attempt)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn update_target(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+        update: &TargetUpdate,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE targets SET channel = ?, status = ?, reason = ?, detail = ? WHERE delivery = ? AND idx = ?")
+            .bind(update.channel.as_str())
+            .bind(update.status.as_str())
+            .bind(update.reason.map(FailureReason::as_str))
+            .bind(&update.detail)
+            .bind(key)
+            .bind(index as i64)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE deliveries SET updated_at = ? WHERE id = ?")
+            .bind(micros(now))
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        key: DeliveryKey,
+        outcome: &Outcome,
+        now: Timestamp,
+    ) -> Result<Report, StoreError> {
+        sqlx::query("UPDATE deliveries SET status = ?, reason = ?, summary = ?, updated_at = ? WHERE id = ?")
+            .bind(outcome.status.as_str())
+            .bind(outcome.reason.map(FailureReason::as_str))
+            .bind(&outcome.summary)
+            .bind(micros(now))
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        self.report(key).await
+    }
+
+    async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError> {
+        self.load(key)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("#{key}")))
+    }
+
+    async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError> {
+        match self.key_of(id).await? {
+            Some((key, _, _)) => self.load(key).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let limit = query.limit.clamp(1, 100) as i64;
+        let rows = sqlx::query(
+            "SELECT id FROM deliveries
+             WHERE tenant = ? AND (? IS NULL OR account = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR id < ?)
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(&query.tenant)
+        .bind(&query.account)
+        .bind(&query.account)
+        .bind(query.status.map(DeliveryStatus::as_str))
+        .bind(query.status.map(DeliveryStatus::as_str))
+        .bind(query.before)
+        .bind(query.before)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut keys: Vec<i64> = rows
+            .iter()
+            .map(|r| r.try_get("id"))
+            .collect::<Result<_, _>>()?;
+        let next = if keys.len() as i64 > limit {
+            keys.truncate(limit as usize);
+            keys.last().copied()
+        } else {
+            None
+        };
+        let mut reports = Vec::with_capacity(keys.len());
+        for key in keys {
+            if let Some(report) = self.load(key).await? {
+                reports.push(report);
+            }
+        }
+        Ok(ListPage { reports, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{AttemptOutcome, Channel, Platform};
+    use crate::store::NewTarget;
+
+    fn new_delivery(job_id: &str) -> NewDelivery {
+        NewDelivery {
+            id: DeliveryId {
+                tenant: "acme".into(),
+                job_id: job_id.into(),
+            },
+            account: "user-42".into(),
+            purpose: "sign_in".into(),
+            expires_at: Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1),
+            targets: vec![
+                NewTarget {
+                    channel: Channel::Push,
+                    label: "ipad-1".into(),
+                    platform: Some(Platform::Apns),
+                },
+                NewTarget {
+                    channel: Channel::Sms,
+                    label: "+1415•••0101".into(),
+                    platform: None,
+                },
+            ],
+        }
+    }
+
+    async fn ledger(dir: &tempfile::TempDir) -> SqliteLedger {
+        SqliteLedger::connect(&format!("sqlite://{}/ledger.db", dir.path().display()))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn claims_are_exclusive_and_finished_deliveries_stay_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger(&dir).await;
+        let now = Timestamp::UNIX_EPOCH;
+        let new = new_delivery("j1");
+
+        let Claim::Started(key, report) = ledger.claim(&new, "w1", false, now).await.unwrap()
+        else {
+            panic!("first claim starts");
+        };
+        assert_eq!(report.status, DeliveryStatus::InProgress);
+        assert_eq!(report.targets.len(), 2);
+        assert!(matches!(
+            ledger.claim(&new, "w2", false, now).await.unwrap(),
+            Claim::HeldElsewhere(_)
+        ));
+
+        let attempt = ledger
+            .start_attempt(
+                key,
+                &AttemptStart {
+                    target: 1,
+                    provider: "sandbox".into(),
+                    channel: Channel::Sms,
+                    masked_target: "+1415•••0101".into(),
+                    started_at: now,
+                    retry: 0,
+                },
+            )
+            .await
+            .unwrap();
+        // The worker dies here; the broker redelivers to w2, which takes over.
+        let Claim::Resumed(_, report) = ledger.claim(&new, "w2", true, now).await.unwrap() else {
+            panic!("takeover resumes");
+        };
+        let interrupted = &report.targets[1].attempts[0];
+        assert_eq!(interrupted.outcome, AttemptOutcome::Failed);
+        assert_eq!(interrupted.provider_message.as_deref(), Some(INTERRUPTED));
+        ledger
+            .finish_attempt(
+                attempt,
+                &AttemptEnd {
+                    ended_at: now,
+                    outcome: AttemptOutcome::Sent,
+                    reason: None,
+                    provider_code: None,
+                    provider_message: None,
+                    provider_message_id: Some("m1".into()),
+                },
+            )
+            .await
+            .unwrap();
+        let outcome = Outcome {
+            status: DeliveryStatus::Sent,
+            reason: None,
+            summary: "done".into(),
+        };
+        ledger.finish(key, &outcome, now).await.unwrap();
+        assert!(
+            matches!(ledger.claim(&new, "w3", true, now).await.unwrap(), Claim::Finished(r) if r.summary == "done")
+        );
+    }
+
+    #[tokio::test]
+    async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger(&dir).await;
+        let now = Timestamp::UNIX_EPOCH;
+        for i in 0..5 {
+            let (_, created) = ledger
+                .accept(&new_delivery(&format!("j{i}")), now)
+                .await
+                .unwrap();
+            assert!(created);
+        }
+        let (report, created) = ledger.accept(&new_delivery("j0"), now).await.unwrap();
+        assert!(!created);
+        assert_eq!(report.status, DeliveryStatus::Accepted);
+        assert!(matches!(
+            ledger
+                .claim(&new_delivery("j0"), "w", false, now)
+                .await
+                .unwrap(),
+            Claim::Started(..)
+        ));
+
+        let mut query = ListQuery {
+            tenant: "acme".into(),
+            account: None,
+            status: None,
+            limit: 2,
+            before: None,
+        };
+        let page = ledger.list(&query).await.unwrap();
+        assert_eq!(
+            page.reports
+                .iter()
+                .map(|r| r.job_id.as_str())
+                .collect::<Vec<_>>(),
+            ["j4", "j3"]
+        );
+        query.before = page.next;
+        query.limit = 10;
+        let page = ledger.list(&query).await.unwrap();
+        assert_eq!(page.reports.len(), 3);
+        assert!(page.next.is_none());
+        query.before = None;
+        query.status = Some(DeliveryStatus::InProgress);
+        assert_eq!(ledger.list(&query).await.unwrap().reports[0].job_id, "j0");
+
+        ledger
+            .forget_accepted(&new_delivery("j1").id)
+            .await
+            .unwrap();
+        assert!(ledger.get(&new_delivery("j1").id).await.unwrap().is_none());
+        ledger
+            .forget_accepted(&new_delivery("j0").id)
+            .await
+            .unwrap();
+        assert!(
+            ledger.get(&new_delivery("j0").id).await.unwrap().is_some(),
+            "only ACCEPTED ones go"
+        );
+    }
+}
