@@ -279,21 +279,53 @@ fn check_identifier(
     Ok(())
 }
 
-/// Turns serde's message into a [`JobError`] that names the field when serde does.
+/// Turns serde's message into a [`JobError`] that names the field when serde does. Values that
+/// serde quotes are cut out: a misplaced code must not reach a log line through an error.
 fn json_error(error: serde_json::Error) -> JobError {
     let message = error.to_string();
+    let names_a_field = ["missing field", "unknown field", "duplicate field"]
+        .iter()
+        .any(|prefix| message.starts_with(prefix));
     let field = message
         .split('`')
         .nth(1)
-        .filter(|_| message.starts_with("missing field"))
+        .filter(|_| names_a_field)
         .unwrap_or("body")
         .to_owned();
+    let message = if names_a_field {
+        message
+    } else {
+        redact_quoted(&message)
+    };
     let problem = if error.is_syntax() || error.is_eof() {
         format!("not valid JSON: {message}")
     } else {
         message
     };
     JobError { field, problem }
+}
+
+/// Replaces every `quoted` or "quoted" fragment with `…`.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut open: Option<char> = None;
+    for c in message.chars() {
+        match open {
+            Some(quote) if c == quote => {
+                out.push('…');
+                out.push(c);
+                open = None;
+            }
+            Some(_) => {}
+            None => {
+                out.push(c);
+                if c == '`' || c == '"' {
+                    open = Some(c);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Whether `number` is in E.164 form: `+`, a non-zero country digit, 8 to 15 digits in all.
@@ -383,6 +415,12 @@ mod tests {
         let err = Job::from_json(b"{not json").unwrap_err();
         assert_eq!(err.field, "body");
         assert!(err.problem.starts_with("not valid JSON"), "{err}");
+
+        let mut json = body();
+        json["code"] = 482913.into();
+        let err = Job::from_json(json.to_string().as_bytes()).unwrap_err();
+        assert!(!err.to_string().contains("482913"), "{err}");
+        assert!(err.problem.contains("expected a string"), "{err}");
 
         let mut json = body();
         json["tenant"] = "ac me".into();

@@ -37,6 +37,9 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
+    // The first status is set before the port answers, so no check sees the default SERVING.
+    let initial = *link_state.borrow();
+    set_health(&reporter, initial).await;
     tokio::spawn(report_health(reporter, link_state, stop.clone()));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -72,4 +75,15 @@ async fn report_health(
             changed = link_state.changed() => if changed.is_err() { return },
         }
     }
+}
+
+async fn set_health(reporter: &HealthReporter, state: LinkState) {
+    let status = match state {
+        LinkState::Up => ServingStatus::Serving,
+        LinkState::Down => ServingStatus::NotServing,
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(CODE_DELIVERY_SERVICE, status)
+        .await;
 }

@@ -1,0 +1,457 @@
+//! Test harness: a gateway on unique broker names and a temporary ledger and outbox, a plain
+//! AMQP client to publish jobs and read events and dead letters, and wait helpers.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::providers::Serialized;
+use futures_util::StreamExt;
+use lapin::message::BasicGetMessage;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use otp_gateway::app::Application;
+use otp_gateway::config::Config;
+use otp_gateway::domain::SystemClock;
+use otp_gateway::proto::v1::code_delivery_client::CodeDeliveryClient;
+use otp_gateway::providers::ProviderRegistry;
+use otp_gateway::queue::LinkState;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Whether RabbitMQ is reachable. Skips the test (returns false) when it is not, except under
+/// CI=true, where a missing broker fails the test.
+pub async fn broker_available() -> bool {
+    let reachable = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(BROKER_URL, ConnectionProperties::default()),
+    )
+    .await
+    .is_ok_and(|c| c.is_ok());
+    if !reachable {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!(
+                "RabbitMQ is not reachable at {BROKER_URL} and CI=true: start it (rabbitmq-server -detached)"
+            );
+        }
+        eprintln!("skipping: RabbitMQ is not reachable at {BROKER_URL}");
+    }
+    reachable
+}
+
+/// Unique names for one test.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub suffix: String,
+    pub jobs_exchange: String,
+    pub jobs_queue: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub events_exchange: String,
+    pub connection_name: String,
+}
+
+impl Names {
+    pub fn new(test: &str) -> Self {
+        let suffix = format!("{test}.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        Names {
+            jobs_exchange: format!("test.otp.jobs.{suffix}"),
+            jobs_queue: format!("test.otp.send-code.{suffix}"),
+            dead_letter_exchange: format!("test.otp.dead.{suffix}"),
+            dead_letter_queue: format!("test.otp.send-code.dead.{suffix}"),
+            events_exchange: format!("test.otp.events.{suffix}"),
+            connection_name: format!("otp-gateway-test-{suffix}"),
+            suffix,
+        }
+    }
+
+    /// The configuration keys that point the gateway at these names, as env overrides.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "OTP_GATEWAY_AMQP__JOBS_EXCHANGE".into(),
+                self.jobs_exchange.clone(),
+            ),
+            (
+                "OTP_GATEWAY_AMQP__JOBS_QUEUE".into(),
+                self.jobs_queue.clone(),
+            ),
+            (
+                "OTP_GATEWAY_AMQP__DEAD_LETTER_EXCHANGE".into(),
+                self.dead_letter_exchange.clone(),
+            ),
+            (
+                "OTP_GATEWAY_AMQP__DEAD_LETTER_QUEUE".into(),
+                self.dead_letter_queue.clone(),
+            ),
+            (
+                "OTP_GATEWAY_AMQP__EVENTS_EXCHANGE".into(),
+                self.events_exchange.clone(),
+            ),
+            (
+                "OTP_GATEWAY_AMQP__CONNECTION_NAME".into(),
+                self.connection_name.clone(),
+            ),
+        ]
+    }
+}
+
+/// A gateway configuration on `names`, with its files in `dir`.
+pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config {
+    let mut figment = Config::figment(None)
+        .merge(Serialized::default("grpc.listen", "127.0.0.1:0"))
+        .merge(Serialized::default("amqp.url", BROKER_URL))
+        .merge(Serialized::default("amqp.reconnect_initial", "100ms"))
+        .merge(Serialized::default("amqp.reconnect_max", "1s"))
+        .merge(Serialized::default(
+            "amqp.jobs_exchange",
+            &names.jobs_exchange,
+        ))
+        .merge(Serialized::default("amqp.jobs_queue", &names.jobs_queue))
+        .merge(Serialized::default(
+            "amqp.dead_letter_exchange",
+            &names.dead_letter_exchange,
+        ))
+        .merge(Serialized::default(
+            "amqp.dead_letter_queue",
+            &names.dead_letter_queue,
+        ))
+        .merge(Serialized::default(
+            "amqp.events_exchange",
+            &names.events_exchange,
+        ))
+        .merge(Serialized::default(
+            "amqp.connection_name",
+            &names.connection_name,
+        ))
+        .merge(Serialized::default(
+            "store.url",
+            format!("sqlite://{}/ledger.db", dir.display()),
+        ))
+        .merge(Serialized::default(
+            "providers.sandbox.outbox",
+            dir.join("outbox.jsonl"),
+        ))
+        .merge(Serialized::default("delivery.shutdown_grace", "5s"));
+    for (key, value) in overrides {
+        figment = figment.merge(Serialized::default(key, value));
+    }
+    Config::from_figment(figment).expect("test configuration is valid")
+}
+
+/// A gateway running in this process.
+pub struct Gateway {
+    pub grpc_addr: std::net::SocketAddr,
+    pub link_state: tokio::sync::watch::Receiver<LinkState>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Gateway {
+    /// Starts a gateway with the configured providers and waits until it consumes.
+    pub async fn start(config: Config) -> Gateway {
+        let providers = ProviderRegistry::from_config(&config).await.unwrap();
+        Self::start_with(config, providers).await
+    }
+
+    /// Starts a gateway with the given providers and waits until it consumes.
+    pub async fn start_with(config: Config, providers: ProviderRegistry) -> Gateway {
+        let mut gateway = Self::spawn(config, providers).await;
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            gateway.link_state.wait_for(|s| *s == LinkState::Up),
+        )
+        .await
+        .expect("the gateway connects to RabbitMQ within 20 s")
+        .unwrap();
+        gateway
+    }
+
+    /// Starts a gateway without waiting for the broker.
+    pub async fn start_unconnected(config: Config) -> Gateway {
+        let providers = ProviderRegistry::from_config(&config).await.unwrap();
+        Self::spawn(config, providers).await
+    }
+
+    async fn spawn(config: Config, providers: ProviderRegistry) -> Gateway {
+        let app = Application::build_with(config, providers, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let grpc_addr = app.grpc_addr();
+        let link_state = app.link_state();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(app.run_until_stopped(stop.clone()));
+        Gateway {
+            grpc_addr,
+            link_state,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it the way SIGTERM does and waits until it is down.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the gateway stops within 30 s")
+            .unwrap()
+            .unwrap();
+    }
+
+    pub async fn client(&self) -> CodeDeliveryClient<tonic::transport::Channel> {
+        CodeDeliveryClient::connect(format!("http://{}", self.grpc_addr))
+            .await
+            .unwrap()
+    }
+}
+
+/// A plain AMQP client playing the upstream producer and event consumer.
+pub struct Broker {
+    pub names: Names,
+    connection: Connection,
+    pub channel: Channel,
+    events_queue: String,
+    events: Option<Consumer>,
+}
+
+impl Broker {
+    /// Connects, declares the gateway's topology names the test needs before the gateway runs
+    /// (the gateway declares the same, idempotently), and binds an events queue.
+    pub async fn connect(names: &Names) -> Broker {
+        let connection = Connection::connect(BROKER_URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let topology = otp_gateway::queue::Topology {
+            jobs_exchange: names.jobs_exchange.clone(),
+            jobs_routing_key: "send-code".into(),
+            jobs_queue: names.jobs_queue.clone(),
+            delivery_limit: 10,
+            dead_letter_exchange: names.dead_letter_exchange.clone(),
+            dead_letter_queue: names.dead_letter_queue.clone(),
+            events_exchange: names.events_exchange.clone(),
+        };
+        topology.declare(&channel).await.unwrap();
+        let events_queue = format!("test.events.{}", names.suffix);
+        channel
+            .queue_declare(
+                events_queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                events_queue.as_str().into(),
+                names.events_exchange.as_str().into(),
+                "delivery.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let events = channel
+            .basic_consume(
+                events_queue.as_str().into(),
+                format!("events-{}", names.suffix).as_str().into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Broker {
+            names: names.clone(),
+            connection,
+            channel,
+            events_queue,
+            events: Some(events),
+        }
+    }
+
+    /// Publishes a job body with a content type (and optional extra properties), confirmed.
+    pub async fn publish(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+        properties: BasicProperties,
+    ) {
+        let properties = match content_type {
+            Some(ct) => properties.with_content_type(ct.into()),
+            None => properties,
+        }
+        .with_delivery_mode(2);
+        self.channel
+            .basic_publish(
+                self.names.jobs_exchange.as_str().into(),
+                "send-code".into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish_json(&self, job: &Value) {
+        self.publish(
+            job.to_string().as_bytes(),
+            Some("application/json"),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+
+    /// The next delivery event (routing key and JSON report).
+    pub async fn next_event(&mut self, within: Duration) -> (String, Value) {
+        let events = self.events.as_mut().unwrap();
+        let delivery = tokio::time::timeout(within, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("no delivery event within {within:?}"))
+            .unwrap()
+            .unwrap();
+        (
+            delivery.routing_key.to_string(),
+            serde_json::from_slice(&delivery.data).unwrap(),
+        )
+    }
+
+    /// Events until one for each of `count` distinct deliveries has arrived.
+    pub async fn events_for(
+        &mut self,
+        count: usize,
+        within: Duration,
+    ) -> std::collections::HashMap<String, Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = std::collections::HashMap::new();
+        while seen.len() < count {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (_, report) = self.next_event(left).await;
+            seen.insert(report["delivery_id"].as_str().unwrap().to_owned(), report);
+        }
+        seen
+    }
+
+    /// Takes one message from `queue`, if any.
+    pub async fn get(&self, queue: &str) -> Option<BasicGetMessage> {
+        let message = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()?;
+        message
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .unwrap();
+        Some(message)
+    }
+
+    /// Ready messages in `queue`.
+    pub async fn ready(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Removes everything the test declared.
+    pub async fn cleanup(self) {
+        let ch = &self.channel;
+        for queue in [
+            &self.names.jobs_queue,
+            &self.names.dead_letter_queue,
+            &self.events_queue,
+        ] {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [
+            &self.names.jobs_exchange,
+            &self.names.dead_letter_exchange,
+            &self.names.events_exchange,
+        ] {
+            let _ = ch
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// A header of a message as a string.
+pub fn header(message: &BasicGetMessage, name: &str) -> Option<String> {
+    let headers = message.delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// An RFC 3339 instant `minutes` from now (negative for the past).
+pub fn in_minutes(minutes: i64) -> String {
+    (jiff::Timestamp::now() + jiff::SignedDuration::from_mins(minutes)).to_string()
+}
+
+/// A valid JSON job with a phone number and a device.
+pub fn job(job_id: &str, code: &str) -> Value {
+    json!({
+        "job_id": job_id, "tenant": "acme", "account": "user-42", "code": code,
+        "expires_at": in_minutes(5), "purpose": "sign_in", "locale": "en-US", "user_initiated": true,
+        "channels": ["sms"],
+        "targets": [{"phone": {"number": "+14155550101"}}]
+    })
+}
+
+/// The outbox's lines (what reached the "handset").
+pub fn outbox(dir: &Path) -> Vec<Value> {
+    let path: PathBuf = dir.join("outbox.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Polls `check` every 50 ms until it holds, or panics after `within`.
+pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut check: F) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

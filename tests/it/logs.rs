@@ -1,0 +1,154 @@
+//! The real binary, run as an operator would, with JSON logs at debug level: codes never show
+//! up in its logs, and phone numbers only masked. Also exercises the `send` and `status` CLI.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn logs_never_contain_a_code_and_mask_numbers() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("logs");
+    let mut broker = Broker::connect(&names).await;
+    let port = free_port();
+    let server = format!("127.0.0.1:{port}");
+    let binary = env!("CARGO_BIN_EXE_otp-gateway");
+    let mut env = names.env();
+    env.extend([
+        ("OTP_GATEWAY_GRPC__LISTEN".to_owned(), server.clone()),
+        (
+            "OTP_GATEWAY_STORE__URL".to_owned(),
+            format!("sqlite://{}/ledger.db", dir.path().display()),
+        ),
+        (
+            "OTP_GATEWAY_PROVIDERS__SANDBOX__OUTBOX".to_owned(),
+            dir.path().join("outbox.jsonl").display().to_string(),
+        ),
+        ("RUST_LOG".to_owned(), "debug".to_owned()),
+    ]);
+    let child = Command::new(binary)
+        .args(["serve", "--log-json"])
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // `send --wait` through the CLI, retried until the gateway answers and consumes.
+    let mut sent = None;
+    for _ in 0..100 {
+        let output = Command::new(binary)
+            .args([
+                "send",
+                "--server",
+                &server,
+                "--to",
+                "+14155550101",
+                "--code",
+                "482913",
+                "--channels",
+                "sms",
+                "--wait",
+            ])
+            .output()
+            .unwrap();
+        if output.status.success() {
+            sent = Some(String::from_utf8(output.stdout).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sent = sent.expect("otp-gateway send --wait succeeds once the gateway is up");
+    assert!(sent.contains("SENT"), "{sent}");
+    let delivery_id = sent.split_whitespace().next().unwrap().to_owned();
+    let status = Command::new(binary)
+        .args(["status", "--server", &server, &delivery_id])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    assert!(String::from_utf8_lossy(&status.stdout).contains("via sandbox (sms): SENT"));
+
+    // A queue job, and malformed ones whose errors would echo the code if they could.
+    broker.publish_json(&job("logged", "739164")).await;
+    let mut numeric_code = job("numeric", "0");
+    numeric_code["code"] = json!(615243);
+    broker.publish_json(&numeric_code).await;
+    broker
+        .publish(
+            br#"{"code": "928374", "#,
+            Some("application/json"),
+            BasicProperties::default(),
+        )
+        .await;
+    let events = broker.events_for(2, Duration::from_secs(20)).await;
+    assert!(events.contains_key("acme/logged"));
+    for _ in 0..100 {
+        if broker.ready(&names.dead_letter_queue).await == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(broker.ready(&names.dead_letter_queue).await, 2);
+
+    // SIGTERM, as docker or systemd would send it.
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success(), "clean exit on SIGTERM");
+    let logs = String::from_utf8(output.stderr).unwrap();
+
+    assert!(
+        logs.contains("delivery finished"),
+        "the run was logged:\n{logs}"
+    );
+    assert!(
+        logs.contains("malformed job"),
+        "the dead letters were logged:\n{logs}"
+    );
+    for line in logs.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+    }
+    for code in ["482913", "739164", "615243", "928374"] {
+        assert!(
+            !logs.contains(code),
+            "code {code} appears in the logs:\n{logs}"
+        );
+    }
+    assert!(
+        !logs.contains("+14155550101"),
+        "a full phone number appears in the logs"
+    );
+    assert!(logs.contains("+1415•••0101"), "numbers are logged masked");
+    assert!(
+        !logs.contains("guest:guest"),
+        "the broker password is redacted"
+    );
+    assert!(
+        outbox(dir.path())
+            .iter()
+            .any(|l| l["message"].as_str().unwrap().contains("482913"))
+    );
+    broker.cleanup().await;
+}

@@ -1,0 +1,11 @@
+//! Integration tests against the machine's real RabbitMQ, with the gateway started in-process
+//! on port 0 (or as the real binary). Each test declares uniquely named exchanges and queues
+//! and removes them. Without a broker the tests skip, unless CI=true: then they fail.
+
+mod helpers;
+
+mod broker_outage;
+mod grpc_api;
+mod logs;
+mod queue_jobs;
+mod restart;

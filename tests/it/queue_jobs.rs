@@ -1,0 +1,324 @@
+//! Jobs published to RabbitMQ by any producer: delivered, deduplicated, dead-lettered or
+//! reported as failed, with events, replies and acks.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use otp_gateway::proto::{timestamp_to_proto, v1};
+use prost::Message;
+use serde_json::json;
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn json_and_protobuf_jobs_are_delivered_reported_and_acked() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("deliver");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+
+    // A JSON job that asks for a reply.
+    let reply_queue = broker
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut replies = broker
+        .channel
+        .basic_consume(
+            reply_queue.name().clone(),
+            "replies".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    broker
+        .publish(
+            job("json-1", "482913").to_string().as_bytes(),
+            Some("application/json"),
+            BasicProperties::default()
+                .with_reply_to(reply_queue.name().clone())
+                .with_correlation_id("corr-7".into()),
+        )
+        .await;
+
+    // A protobuf job to a device and a number, push first.
+    let proto = v1::SendCodeJob {
+        job_id: "proto-1".into(),
+        tenant: "acme".into(),
+        account: "user-43".into(),
+        code: "771205".into(),
+        expires_at: Some(timestamp_to_proto(
+            jiff::Timestamp::now() + jiff::SignedDuration::from_mins(5),
+        )),
+        channels: vec![v1::Channel::Push as i32, v1::Channel::Sms as i32],
+        targets: vec![
+            v1::Target {
+                kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
+                    id: "ipad-1".into(),
+                    platform: v1::Platform::Apns as i32,
+                    token: "a1b2c3d4e5f6a7b8c9d0e1f2".into(),
+                    topic: "com.example.app".into(),
+                    can_display_code: None,
+                })),
+            },
+            v1::Target {
+                kind: Some(v1::target::Kind::Phone(v1::PhoneTarget {
+                    number: "+14155550199".into(),
+                })),
+            },
+        ],
+        ..Default::default()
+    };
+    broker
+        .publish(
+            &proto.encode_to_vec(),
+            Some("application/x-protobuf"),
+            BasicProperties::default(),
+        )
+        .await;
+
+    let events = broker.events_for(2, WAIT).await;
+    let json_report = &events["acme/json-1"];
+    assert_eq!(json_report["status"], "SENT");
+    assert_eq!(json_report["targets"][0]["target"], "+1415•••0101");
+    assert_eq!(
+        json_report["targets"][0]["attempts"][0]["provider"],
+        "sandbox"
+    );
+    assert!(
+        !json_report.to_string().contains("482913"),
+        "events never carry the code"
+    );
+    let proto_report = &events["acme/proto-1"];
+    assert_eq!(proto_report["status"], "SENT");
+    assert_eq!(proto_report["targets"][0]["status"], "SENT");
+    assert_eq!(
+        proto_report["targets"][1]["status"], "SKIPPED",
+        "push reached the user; SMS not needed"
+    );
+
+    // The reply carries the report and the correlation id.
+    let reply = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut replies))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        reply.properties.correlation_id().as_ref().unwrap().as_str(),
+        "corr-7"
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(reply["delivery_id"], "acme/json-1");
+    assert_eq!(reply["status"], "SENT");
+
+    // The handset got the codes.
+    let outbox = outbox(dir.path());
+    assert_eq!(outbox.len(), 2, "{outbox:?}");
+    let sms = outbox
+        .iter()
+        .find(|l| l["delivery_id"] == "acme/json-1")
+        .unwrap();
+    assert_eq!(sms["channel"], "sms");
+    assert_eq!(sms["to"], "+1415•••0101");
+    assert!(sms["message"].as_str().unwrap().contains("482913"));
+    let push = outbox
+        .iter()
+        .find(|l| l["delivery_id"] == "acme/proto-1")
+        .unwrap();
+    assert_eq!(push["channel"], "push");
+    assert!(push["message"].as_str().unwrap().contains("771205"));
+
+    // Both were acked: after the gateway's channel closes nothing returns to the queue.
+    gateway.stop().await;
+    assert_eq!(broker.ready(&names.jobs_queue).await, 0);
+    assert_eq!(broker.ready(&names.dead_letter_queue).await, 0);
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_same_job_published_twice_is_sent_once() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("dupe");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+
+    broker.publish_json(&job("twice", "123456")).await;
+    broker.publish_json(&job("twice", "123456")).await;
+    broker.publish_json(&job("after", "654321")).await;
+    let events = broker.events_for(2, WAIT).await;
+    assert_eq!(events["acme/twice"]["status"], "SENT");
+    gateway.stop().await;
+
+    let sends: Vec<_> = outbox(dir.path())
+        .into_iter()
+        .filter(|l| l["delivery_id"] == "acme/twice")
+        .collect();
+    assert_eq!(sends.len(), 1, "one send for one job: {sends:?}");
+    assert_eq!(
+        broker.ready(&names.jobs_queue).await,
+        0,
+        "the duplicate was acked too"
+    );
+
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let list = gateway
+        .client()
+        .await
+        .list_deliveries(v1::ListDeliveriesRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        list.deliveries.len(),
+        2,
+        "one delivery per job, and the ledger survived the restart"
+    );
+    gateway.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn malformed_messages_are_dead_lettered_and_undeliverable_jobs_reported() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("bad");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+
+    // Dead-lettered: nothing identifies a deliverable job.
+    broker
+        .publish(
+            b"{this is not json",
+            Some("application/json"),
+            BasicProperties::default(),
+        )
+        .await;
+    broker
+        .publish(
+            b"code=123456",
+            Some("text/plain"),
+            BasicProperties::default(),
+        )
+        .await;
+    let mut missing_code = job("no-code", "000000");
+    missing_code.as_object_mut().unwrap().remove("code");
+    broker.publish_json(&missing_code).await;
+    broker
+        .publish(
+            b"\x0a\xff\xff",
+            Some("application/x-protobuf"),
+            BasicProperties::default(),
+        )
+        .await;
+
+    // Reported as FAILED: the job is well-formed but cannot be delivered.
+    let mut expired = job("expired", "111111");
+    expired["expires_at"] = json!(in_minutes(-1));
+    broker.publish_json(&expired).await;
+    let mut bad_number = job("bad-number", "222222");
+    bad_number["targets"] = json!([{"phone": {"number": "0044 20 7946 0000"}}]);
+    broker.publish_json(&bad_number).await;
+    let mut no_targets = job("no-targets", "333333");
+    no_targets["targets"] = json!([]);
+    broker.publish_json(&no_targets).await;
+    let mut mixed = job("mixed", "444444");
+    mixed["targets"] = json!([{"phone": {"number": "12345"}}, {"phone": {"number": "+15005550009"}}, {"phone": {"number": "+14155550123"}}]);
+    broker.publish_json(&mixed).await;
+    // And a valid job after all of that still flows.
+    broker.publish_json(&job("valid-after", "555555")).await;
+
+    let events = broker.events_for(5, WAIT).await;
+    assert_eq!(events["acme/expired"]["status"], "FAILED");
+    assert_eq!(events["acme/expired"]["reason"], "CODE_EXPIRED");
+    assert_eq!(events["acme/bad-number"]["status"], "FAILED");
+    assert_eq!(events["acme/bad-number"]["reason"], "INVALID_RECIPIENT");
+    assert_eq!(
+        events["acme/bad-number"]["targets"][0]["reason"],
+        "INVALID_RECIPIENT"
+    );
+    assert!(
+        events["acme/bad-number"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("number")
+    );
+    assert_eq!(events["acme/no-targets"]["reason"], "NO_ELIGIBLE_TARGET");
+    // A bad number and a landline are passed over; the third number gets the code.
+    let mixed = &events["acme/mixed"];
+    assert_eq!(mixed["status"], "SENT");
+    assert_eq!(mixed["targets"][0]["reason"], "INVALID_RECIPIENT");
+    assert_eq!(mixed["targets"][1]["reason"], "NOT_MOBILE_NUMBER");
+    assert_eq!(mixed["targets"][1]["attempts"][0]["provider_code"], "21614");
+    assert_eq!(mixed["targets"][2]["status"], "SENT");
+    assert!(
+        mixed["summary"]
+            .as_str()
+            .unwrap()
+            .contains("NOT_MOBILE_NUMBER"),
+        "{}",
+        mixed["summary"]
+    );
+    assert_eq!(events["acme/valid-after"]["status"], "SENT");
+
+    let mut dead = Vec::new();
+    while let Some(message) = broker.get(&names.dead_letter_queue).await {
+        dead.push((
+            header(&message, "x-otp-error-field").unwrap(),
+            header(&message, "x-otp-error").unwrap(),
+        ));
+    }
+    dead.sort();
+    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert_eq!(
+        dead.iter().filter(|(field, _)| field == "body").count(),
+        2,
+        "{dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .any(|(field, why)| field == "code" && why.contains("missing field")),
+        "{dead:?}"
+    );
+    assert!(
+        dead.iter()
+            .any(|(field, why)| field == "content_type" && why.contains("text/plain")),
+        "{dead:?}"
+    );
+    assert!(
+        outbox(dir.path())
+            .iter()
+            .all(|l| l["delivery_id"] != "acme/expired"),
+        "nothing sent after expiry"
+    );
+
+    gateway.stop().await;
+    assert_eq!(broker.ready(&names.jobs_queue).await, 0);
+    broker.cleanup().await;
+}
