@@ -42,6 +42,12 @@ enum Command {
     Serve,
     /// Submit a job over gRPC and print its delivery id (and, with --wait, its report).
     Send(SendArgs),
+    /// Exit 0 if the gateway reports SERVING on gRPC health (for container health checks).
+    Health {
+        /// The gateway's gRPC address (default: from grpc.listen).
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Print the report of a delivery.
     Status {
         /// The delivery id, "<tenant>/<job_id>".
@@ -112,6 +118,7 @@ fn main() -> ExitCode {
                 let server = server_address(args.server.as_deref(), &config);
                 send(args, server).await
             }
+            Command::Health { server } => health(server_address(server.as_deref(), &config)).await,
             Command::Status { id, server } => {
                 status(&id, server_address(server.as_deref(), &config)).await
             }
@@ -282,6 +289,33 @@ async fn status(id: &str, server: String) -> anyhow::Result<ExitCode> {
         .into_inner();
     print_report(&report);
     Ok(ExitCode::SUCCESS)
+}
+
+async fn health(server: String) -> anyhow::Result<ExitCode> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = match tonic::transport::Channel::from_shared(server.clone())?
+        .connect()
+        .await
+    {
+        Ok(channel) => channel,
+        Err(error) => {
+            eprintln!("otp-gateway: cannot reach the gateway at {server}: {error}");
+            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+    };
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    let status = ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    Ok(if status == ServingStatus::Serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_UNAVAILABLE)
+    })
 }
 
 fn exit_for(report: &DeliveryReport) -> ExitCode {

@@ -158,3 +158,67 @@ async fn all_reports(
         page_token = page.next_page_token;
     }
 }
+
+#[tokio::test]
+async fn jobs_still_running_when_the_grace_period_ends_are_redelivered_and_finished() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("grace");
+    let mut broker = Broker::connect(&names).await;
+    let hanging = {
+        let sandbox = SandboxProvider::open("sandbox", &dir.path().join("outbox.jsonl"))
+            .await
+            .unwrap();
+        let slow: Arc<dyn Provider> = Arc::new(SlowSandbox {
+            inner: sandbox,
+            latency: Duration::from_secs(30),
+        });
+        ProviderRegistry::with_routes(BTreeMap::from([("sandbox".to_owned(), slow)]), |_| {
+            vec!["sandbox".into()]
+        })
+        .unwrap()
+    };
+    let overrides = [("delivery.shutdown_grace", json!("300ms"))];
+    let gateway = Gateway::start_with(config(&names, dir.path(), &overrides), hanging).await;
+    broker.publish_json(&job("stuck", "246810")).await;
+    let mut client = gateway.client().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let report = client
+            .get_delivery(v1::GetDeliveryRequest {
+                delivery_id: "acme/stuck".into(),
+            })
+            .await;
+        if report.is_ok_and(|r| r.into_inner().targets[0].attempts.len() == 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the attempt never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gateway.stop().await;
+    assert!(outbox(dir.path()).is_empty());
+
+    // The job was left unacked; the next gateway takes it over and finishes it.
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let (_, report) = broker.next_event(Duration::from_secs(20)).await;
+    assert_eq!(report["delivery_id"], "acme/stuck");
+    assert_eq!(report["status"], "SENT");
+    let attempts = report["targets"][0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["outcome"], "FAILED");
+    assert!(
+        attempts[0]["provider_message"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted")
+    );
+    assert_eq!(attempts[1]["outcome"], "SENT");
+    assert_eq!(outbox(dir.path()).len(), 1);
+    gateway.stop().await;
+    broker.cleanup().await;
+}
