@@ -5,6 +5,7 @@
 mod helpers;
 
 mod broker_outage;
+mod cli;
 mod grpc_api;
 mod logs;
 mod queue_jobs;

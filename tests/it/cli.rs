@@ -1,0 +1,84 @@
+//! The binary as an operator meets it: a bad configuration stops it with exit code 64 naming
+//! the key; an unreachable broker is explained (without the password) while it keeps retrying,
+//! and SIGTERM still stops it cleanly.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_otp-gateway");
+
+#[test]
+fn a_bad_configuration_exits_64_and_names_the_key() {
+    let output = Command::new(BINARY)
+        .arg("serve")
+        .env("OTP_GATEWAY_AMQP__PREFETCH", "0")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("amqp.prefetch"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "[routes]\nsms = [\"twilio\"]\n").unwrap();
+    let output = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("routes.sms") && stderr.contains("twilio"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreachable_broker_is_explained_and_sigterm_still_stops_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BINARY)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env(
+            "OTP_GATEWAY_AMQP__URL",
+            "amqp://guest:hunter2@127.0.0.1:1/%2f",
+        )
+        .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_AMQP__RECONNECT_INITIAL", "100ms")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(terminated.success());
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "clean exit while disconnected: {stderr}");
+    assert!(stderr.contains("cannot reach RabbitMQ"), "{stderr}");
+    assert!(
+        stderr.contains("amqp://guest:•••@127.0.0.1:1/%2f"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("rabbitmq-server -detached"), "{stderr}");
+    assert!(stderr.contains("retrying"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password never shows: {stderr}"
+    );
+    assert!(
+        dir.path().join("otp-gateway.db").exists(),
+        "the embedded SQLite ledger is the default"
+    );
+}
