@@ -126,7 +126,7 @@ impl Dispatcher {
         self.skip_open(
             &mut standing,
             job,
-            "no channel was left to try it on",
+            "a provider failure ended its stage before it was tried",
             progress,
         )
         .await?;

@@ -62,14 +62,8 @@ async fn report_health(
     stop: CancellationToken,
 ) {
     loop {
-        let status = match *link_state.borrow_and_update() {
-            LinkState::Up => ServingStatus::Serving,
-            LinkState::Down => ServingStatus::NotServing,
-        };
-        reporter.set_service_status("", status).await;
-        reporter
-            .set_service_status(CODE_DELIVERY_SERVICE, status)
-            .await;
+        let state = *link_state.borrow_and_update();
+        set_health(&reporter, state).await;
         tokio::select! {
             _ = stop.cancelled() => return,
             changed = link_state.changed() => if changed.is_err() { return },

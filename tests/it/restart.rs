@@ -33,13 +33,13 @@ impl Provider for SlowSandbox {
     }
 }
 
-async fn slow_providers(dir: &std::path::Path) -> ProviderRegistry {
+async fn slow_providers(dir: &std::path::Path, latency: Duration) -> ProviderRegistry {
     let sandbox = SandboxProvider::open("sandbox", &dir.join("outbox.jsonl"))
         .await
         .unwrap();
     let slow: Arc<dyn Provider> = Arc::new(SlowSandbox {
         inner: sandbox,
-        latency: Duration::from_millis(15),
+        latency,
     });
     ProviderRegistry::with_routes(BTreeMap::from([("sandbox".to_owned(), slow)]), |_| {
         vec!["sandbox".into()]
@@ -67,7 +67,7 @@ async fn a_restart_mid_stream_ends_every_job_with_exactly_one_report_and_one_sen
 
     let gateway = Gateway::start_with(
         config(&names, dir.path(), &overrides),
-        slow_providers(dir.path()).await,
+        slow_providers(dir.path(), Duration::from_millis(15)).await,
     )
     .await;
     eventually(Duration::from_secs(60), "a first part of the jobs", || {
@@ -83,7 +83,7 @@ async fn a_restart_mid_stream_ends_every_job_with_exactly_one_report_and_one_sen
 
     let gateway = Gateway::start_with(
         config(&names, dir.path(), &overrides),
-        slow_providers(dir.path()).await,
+        slow_providers(dir.path(), Duration::from_millis(15)).await,
     )
     .await;
 
@@ -167,19 +167,7 @@ async fn jobs_still_running_when_the_grace_period_ends_are_redelivered_and_finis
     let dir = tempfile::tempdir().unwrap();
     let names = Names::new("grace");
     let mut broker = Broker::connect(&names).await;
-    let hanging = {
-        let sandbox = SandboxProvider::open("sandbox", &dir.path().join("outbox.jsonl"))
-            .await
-            .unwrap();
-        let slow: Arc<dyn Provider> = Arc::new(SlowSandbox {
-            inner: sandbox,
-            latency: Duration::from_secs(30),
-        });
-        ProviderRegistry::with_routes(BTreeMap::from([("sandbox".to_owned(), slow)]), |_| {
-            vec!["sandbox".into()]
-        })
-        .unwrap()
-    };
+    let hanging = slow_providers(dir.path(), Duration::from_secs(30)).await;
     let overrides = [("delivery.shutdown_grace", json!("300ms"))];
     let gateway = Gateway::start_with(config(&names, dir.path(), &overrides), hanging).await;
     broker.publish_json(&job("stuck", "246810")).await;
