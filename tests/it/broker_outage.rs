@@ -26,16 +26,37 @@ async fn health(addr: std::net::SocketAddr) -> i32 {
         .status
 }
 
+/// Relays connections from `listener` to the real broker, as the broker "coming up".
+async fn relay_to_broker(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
 #[tokio::test]
-async fn an_unreachable_broker_means_not_serving_and_refused_sends() {
+async fn an_unreachable_broker_means_not_serving_and_refused_sends_until_it_comes_up() {
+    if !broker_available().await {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let names = Names::new("unreachable");
-    let config = config(
-        &names,
-        dir.path(),
-        &[("amqp.url", json!("amqp://guest:secret@127.0.0.1:1/%2f"))],
-    );
-    let gateway = Gateway::start_unconnected(config).await;
+    let mut broker = Broker::connect(&names).await;
+    // A port where no broker listens yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let config = config(&names, dir.path(), &[("amqp.url", json!(url))]);
+    let mut gateway = Gateway::start_unconnected(config).await;
     assert_eq!(
         health(gateway.grpc_addr).await,
         ServingStatus::NotServing as i32
@@ -50,10 +71,17 @@ async fn an_unreachable_broker_means_not_serving_and_refused_sends() {
         expires_at: Some(timestamp_to_proto(
             jiff::Timestamp::now() + jiff::SignedDuration::from_mins(5),
         )),
+        targets: vec![v1::Target {
+            kind: Some(v1::target::Kind::Phone(v1::PhoneTarget {
+                number: "+14155550101".into(),
+            })),
+        }],
         ..Default::default()
     };
     let status = client
-        .send_code(v1::SendCodeRequest { job: Some(job) })
+        .send_code(v1::SendCodeRequest {
+            job: Some(job.clone()),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable);
@@ -69,7 +97,38 @@ async fn an_unreachable_broker_means_not_serving_and_refused_sends() {
         })
         .await;
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
+
+    // The broker comes up: the gateway connects by itself and serves.
+    let relay = tokio::spawn(relay_to_broker(
+        tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap(),
+    ));
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        gateway
+            .link_state
+            .wait_for(|s| *s == otp_gateway::queue::LinkState::Up),
+    )
+    .await
+    .expect("the gateway connects once the broker is reachable")
+    .unwrap();
+    assert_eq!(
+        health(gateway.grpc_addr).await,
+        ServingStatus::Serving as i32
+    );
+    let accepted = client
+        .send_code(v1::SendCodeRequest { job: Some(job) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!accepted.duplicate);
+    let (_, report) = broker.next_event(Duration::from_secs(20)).await;
+    assert_eq!(report["delivery_id"], "acme/while-down");
+    assert_eq!(report["status"], "SENT");
     gateway.stop().await;
+    relay.abort();
+    broker.cleanup().await;
 }
 
 /// The broker-side id of the connection named `name`, if it is open.
