@@ -1,7 +1,7 @@
 //! The job consumer: decodes each message, hands the job to the delivery service, publishes
 //! the outcome (event, and reply when asked) and only then acks. Malformed messages are copied
-//! to the dead-letter exchange with the reason and acked; a ledger failure sends the job back
-//! to the queue. Nothing is dropped silently.
+//! to the dead-letter exchange with the reason and acked; a ledger failure is retried with
+//! back-off while the job stays unacked. Nothing is dropped silently.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,10 +19,17 @@ use tracing::Instrument;
 use super::decode::decode_job;
 use super::publisher::Publisher;
 use crate::delivery::{DeliveryService, Handled};
+use crate::domain::Job;
 
-/// How long to wait before handing a job back to the broker after a ledger failure, so a
-/// database outage does not spin through the queue's delivery limit.
+/// How long to wait before handing a job back to the broker when its outcome could not be
+/// published, so a failing broker is not hammered.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Back-off between ledger retries for one job. The job stays unacked meanwhile, so a database
+/// outage pauses consumption (through the in-flight limit) instead of spending the queue's
+/// delivery limit and dead-lettering good jobs.
+const LEDGER_RETRY_INITIAL: Duration = Duration::from_millis(200);
+const LEDGER_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Why consuming stopped.
 #[derive(Debug)]
@@ -140,8 +147,8 @@ impl JobConsumer {
         };
         let id = job.delivery_id().to_string();
         let _guard = self.enter(&id).await;
-        let report = match self.service.handle(&job, delivery.redelivered).await {
-            Ok(Handled::Finished { report, fresh }) => {
+        let report = match self.deliver(&job, delivery.redelivered).await {
+            Handled::Finished { report, fresh } => {
                 // A redelivered job may have been finished without its event going out.
                 if (fresh || delivery.redelivered)
                     && let Err(error) = self.publisher.publish_event(&report).await
@@ -152,13 +159,8 @@ impl JobConsumer {
                 }
                 report
             }
-            Ok(Handled::HeldElsewhere(_)) => {
+            Handled::HeldElsewhere(_) => {
                 ack(&delivery).await;
-                return;
-            }
-            Err(error) => {
-                tracing::error!(%error, delivery_id = %id, "ledger failure: job requeued");
-                requeue(&delivery).await;
                 return;
             }
         };
@@ -175,6 +177,22 @@ impl JobConsumer {
             return;
         }
         ack(&delivery).await;
+    }
+
+    /// Hands the job to the delivery service, retrying with back-off while the ledger fails.
+    /// (A retry claims the delivery again as its owner and resumes where the failure left it.)
+    async fn deliver(&self, job: &Job, redelivered: bool) -> Handled {
+        let mut delay = LEDGER_RETRY_INITIAL;
+        loop {
+            match self.service.handle(job, redelivered).await {
+                Ok(handled) => return handled,
+                Err(error) => {
+                    tracing::error!(%error, retry_in = ?delay, "ledger failure: the job stays unacked and is retried");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(LEDGER_RETRY_MAX);
+                }
+            }
+        }
     }
 
     /// Waits until no other task of this process works on `id`, then marks it as ours.

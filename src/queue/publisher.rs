@@ -2,6 +2,7 @@
 //! channel per connection (no channel per message) and waits for the broker's confirm.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use lapin::message::Delivery;
 use lapin::options::BasicPublishOptions;
@@ -21,6 +22,10 @@ pub const HEADER_ERROR_FIELD: &str = "x-otp-error-field";
 /// AMQP delivery mode 2: written to disk by the broker.
 const PERSISTENT: u8 = 2;
 
+/// How long a publish may wait for the broker's confirm (a broker under a resource alarm
+/// blocks publishers; callers get an error instead of a hang).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A publish that the broker did not confirm.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -33,6 +38,9 @@ pub enum PublishError {
     /// The broker negatively acknowledged the message.
     #[error("the broker did not accept the message (nack)")]
     Nacked,
+    /// The broker did not confirm in time (it may be blocking publishers).
+    #[error("the broker did not confirm within {0:?} (is it blocking publishers?)")]
+    Timeout(Duration),
     /// A mandatory message matched no queue.
     #[error("no queue is bound to exchange `{exchange}` with routing key `{routing_key}`")]
     Unroutable {
@@ -73,19 +81,24 @@ impl Publisher {
         mandatory: bool,
     ) -> Result<(), PublishError> {
         let channel = self.channel()?;
-        let confirm = channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory,
-                    ..Default::default()
-                },
-                body,
-                properties,
-            )
-            .await?
-            .await?;
+        let publish = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory,
+                        ..Default::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let confirm = tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+            .await
+            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
