@@ -106,9 +106,9 @@ impl Dispatcher {
                 break;
             }
             let reached = match channel {
-                Channel::Push => self.push_stage(job, &mut standing, progress).await?,
+                Channel::Push => self.push_stage(job, prior, &mut standing, progress).await?,
                 Channel::Sms | Channel::Voice => {
-                    self.phone_stage(job, channel, &mut standing, progress)
+                    self.phone_stage(job, prior, channel, &mut standing, progress)
                         .await?
                 }
             };
@@ -190,6 +190,7 @@ impl Dispatcher {
     async fn push_stage(
         &self,
         job: &Job,
+        prior: &Report,
         standing: &mut [Standing],
         progress: &Progress<'_>,
     ) -> Result<bool, StoreError> {
@@ -202,7 +203,7 @@ impl Dispatcher {
             .collect();
         let results = join_all(
             open.iter()
-                .map(|&index| self.attempt(job, index, Channel::Push, progress)),
+                .map(|&index| self.attempt(job, prior, index, Channel::Push, progress)),
         )
         .await;
         let mut reached = false;
@@ -224,6 +225,7 @@ impl Dispatcher {
     async fn phone_stage(
         &self,
         job: &Job,
+        prior: &Report,
         channel: Channel,
         standing: &mut [Standing],
         progress: &Progress<'_>,
@@ -232,7 +234,7 @@ impl Dispatcher {
             if standing[index] != Standing::Open || !matches!(target, Target::Phone(_)) {
                 continue;
             }
-            match self.attempt(job, index, channel, progress).await? {
+            match self.attempt(job, prior, index, channel, progress).await? {
                 Ok(()) => {
                     standing[index] = Standing::Reached;
                     return Ok(true);
@@ -250,6 +252,7 @@ impl Dispatcher {
     async fn attempt(
         &self,
         job: &Job,
+        prior: &Report,
         index: usize,
         channel: Channel,
         progress: &Progress<'_>,
@@ -294,7 +297,7 @@ impl Dispatcher {
                     channel,
                     masked_target: masked.clone(),
                     started_at,
-                    retry: 0,
+                    retry: earlier_tries(prior, index, provider.name(), channel),
                 },
             )
             .await?;
@@ -450,4 +453,16 @@ fn channel_of(target: &Target) -> Channel {
         Target::Device(_) => Channel::Push,
         Target::Phone(_) => Channel::Sms,
     }
+}
+
+/// How often `provider` was already tried on `channel` for target `index` (by a worker that
+/// was interrupted): the retry number of the next attempt.
+fn earlier_tries(prior: &Report, index: usize, provider: &str, channel: Channel) -> u32 {
+    prior.targets.get(index).map_or(0, |target| {
+        target
+            .attempts
+            .iter()
+            .filter(|a| a.provider == provider && a.channel == channel)
+            .count() as u32
+    })
 }

@@ -205,7 +205,12 @@ async fn jobs_still_running_when_the_grace_period_ends_are_redelivered_and_finis
             .unwrap()
             .starts_with("interrupted")
     );
+    assert_eq!(attempts[0]["retry"], 0);
     assert_eq!(attempts[1]["outcome"], "SENT");
+    assert_eq!(
+        attempts[1]["retry"], 1,
+        "the second try of the same provider is retry 1"
+    );
     assert_eq!(outbox(dir.path()).len(), 1);
     gateway.stop().await;
     broker.cleanup().await;
