@@ -184,9 +184,17 @@ impl DeliveryService {
         };
         progress.changed();
         let verdict = self.dispatcher.dispatch(job, &prior, &progress).await?;
-        let report = self.ledger.report(key).await?;
+        let mut report = self.ledger.report(key).await?;
         let outcome = decide(&report, verdict);
-        let report = self.ledger.finish(key, &outcome, self.clock.now()).await?;
+        // The ledger keeps microseconds: the report published must match the one stored.
+        let now = self.clock.now();
+        let now = Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now);
+        self.ledger.finish(key, &outcome, now).await?;
+        report.status = outcome.status;
+        report.reason = outcome.reason;
+        report.hint = outcome.reason.map(FailureReason::hint);
+        report.summary = outcome.summary;
+        report.updated_at = now;
         progress.changed();
         tracing::info!(status = %report.status, reason = report.reason.map(FailureReason::as_str), "delivery finished");
         Ok(Handled::Finished {

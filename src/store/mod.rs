@@ -199,13 +199,13 @@ pub trait Ledger: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<(), StoreError>;
 
-    /// Marks the delivery terminal and returns its final report.
+    /// Marks the delivery terminal.
     async fn finish(
         &self,
         key: DeliveryKey,
         outcome: &Outcome,
         now: Timestamp,
-    ) -> Result<Report, StoreError>;
+    ) -> Result<(), StoreError>;
 
     /// The report of one delivery by its internal key.
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError>;

@@ -393,7 +393,7 @@ impl Ledger for SqliteLedger {
         key: DeliveryKey,
         outcome: &Outcome,
         now: Timestamp,
-    ) -> Result<Report, StoreError> {
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE deliveries SET status = ?, reason = ?, summary = ?, updated_at = ? WHERE id = ?")
             .bind(outcome.status.as_str())
             .bind(outcome.reason.map(FailureReason::as_str))
@@ -402,7 +402,7 @@ impl Ledger for SqliteLedger {
             .bind(key)
             .execute(&self.pool)
             .await?;
-        self.report(key).await
+        Ok(())
     }
 
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError> {

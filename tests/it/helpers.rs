@@ -264,18 +264,7 @@ impl Broker {
             )
             .await
             .unwrap();
-        let events = channel
-            .basic_consume(
-                events_queue.as_str().into(),
-                format!("events-{}", names.suffix).as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let events = consume_no_ack(&channel, &events_queue).await;
         Broker {
             names: names.clone(),
             connection,
@@ -407,6 +396,22 @@ impl Broker {
         }
         let _ = self.connection.close(200, "test done".into()).await;
     }
+}
+
+/// Consumes `queue` with automatic acks (for queues the test only reads).
+pub async fn consume_no_ack(channel: &Channel, queue: &str) -> Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            format!("test-reader-{queue}").as_str().into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
 }
 
 /// A header of a message as a string.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use otp_gateway::proto::{timestamp_to_proto, v1};
 use prost::Message;
@@ -37,19 +37,7 @@ async fn json_and_protobuf_jobs_are_delivered_reported_and_acked() {
         )
         .await
         .unwrap();
-    let mut replies = broker
-        .channel
-        .basic_consume(
-            reply_queue.name().clone(),
-            "replies".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut replies = consume_no_ack(&broker.channel, reply_queue.name().as_str()).await;
     broker
         .publish(
             job("json-1", "482913").to_string().as_bytes(),
