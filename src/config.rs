@@ -268,10 +268,17 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let amqp = &self.amqp;
-        amqp.url
+        let uri = amqp
+            .url
             .expose()
             .parse::<lapin::uri::AMQPUri>()
             .map_err(|e| invalid("amqp.url", format!("not an AMQP URL ({e}): {}", amqp.url)))?;
+        if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+            return Err(invalid(
+                "amqp.url",
+                "amqps:// (TLS) is not built into this release yet: use amqp:// (or a local TLS-terminating proxy)",
+            ));
+        }
         if amqp.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1"));
         }
@@ -374,6 +381,11 @@ mod tests {
             err.contains("routes.sms") && err.contains("twilio"),
             "{err}"
         );
+
+        let bad = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("amqp.url", "amqps://u:p@broker/%2f"));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(err.contains("amqp.url") && err.contains("TLS"), "{err}");
 
         let bad = Figment::from(Toml::string(DEFAULT_TOML))
             .merge(Serialized::default("amqp.prefetch", "many"));
