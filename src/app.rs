@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, positive};
-use crate::delivery::{DeliveryService, Dispatcher};
+use crate::delivery::{DeliveryService, Dispatcher, EngineSettings};
 use crate::domain::{Clock, SystemClock};
 use crate::providers::ProviderRegistry;
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
@@ -47,11 +47,8 @@ impl Application {
                 .await
                 .with_context(|| format!("opening the ledger at {}", config.store.url))?,
         );
-        let timeout = positive(
-            "delivery.provider_timeout",
-            config.delivery.provider_timeout,
-        )?;
-        let dispatcher = Dispatcher::new(providers, config.delivery.app_name.clone(), timeout);
+        let settings = EngineSettings::from_config(&config.delivery, &config.tenants);
+        let dispatcher = Dispatcher::new(providers, settings);
         let worker = format!(
             "{}-{}",
             std::process::id(),

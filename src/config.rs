@@ -62,6 +62,23 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Logging.
     pub log: LogConfig,
+    /// Per-tenant settings, by tenant name.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Settings of one tenant.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Whether a push stage waits for the device to confirm it showed the code. When false, a
+    /// push accepted by APNs/FCM ends the chain as SENT and escalation happens only on failure.
+    #[serde(default = "default_true")]
+    pub push_acknowledgement: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// The gRPC listener.
@@ -122,6 +139,12 @@ pub struct DeliveryConfig {
     pub provider_timeout: SignedDuration,
     /// Grace period for in-flight jobs on shutdown.
     pub shutdown_grace: SignedDuration,
+    /// How long a push stage waits for a device to confirm it showed the code.
+    pub push_ack_timeout: SignedDuration,
+    /// Nothing is attempted later than this before the code expires.
+    pub expiry_margin: SignedDuration,
+    /// The longest `Retry-After` a provider may impose.
+    pub retry_after_max: SignedDuration,
 }
 
 /// Providers per channel, in the order they are tried.
@@ -134,6 +157,85 @@ pub struct RoutesConfig {
     pub sms: Vec<String>,
     /// Voice providers.
     pub voice: Vec<String>,
+    /// Routes for destination prefixes (longest prefix wins), e.g. `"+1" = ["twilio"]`.
+    #[serde(default)]
+    pub by_prefix: PrefixRoutes,
+}
+
+/// Providers per destination prefix, for SMS and voice.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixRoutes {
+    /// SMS routes by prefix.
+    #[serde(default)]
+    pub sms: BTreeMap<String, Vec<String>>,
+    /// Voice routes by prefix.
+    #[serde(default)]
+    pub voice: BTreeMap<String, Vec<String>>,
+}
+
+impl PrefixRoutes {
+    /// The prefix routes of `channel` (none for push).
+    pub fn for_channel(&self, channel: Channel) -> Option<&BTreeMap<String, Vec<String>>> {
+        match channel {
+            Channel::Push => None,
+            Channel::Sms => Some(&self.sms),
+            Channel::Voice => Some(&self.voice),
+        }
+    }
+}
+
+/// Retry settings of one provider.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delay bound before the first retry.
+    pub initial_interval: SignedDuration,
+    /// Growth of the delay bound per retry.
+    pub multiplier: f64,
+    /// Largest delay bound.
+    pub max_interval: SignedDuration,
+    /// Calls per target, the first one included.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_interval: SignedDuration::from_millis(200),
+            multiplier: 2.0,
+            max_interval: SignedDuration::from_secs(5),
+            max_attempts: 3,
+        }
+    }
+}
+
+/// Circuit-breaker settings of one provider (and of each of its prefix routes).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Open after this many failures in a row.
+    pub consecutive_failures: u32,
+    /// Open when the error rate over the window reaches this (0 < rate <= 1)...
+    pub error_rate: f64,
+    /// ...over this many most recent calls...
+    pub window: u32,
+    /// ...once at least this many calls are in the window.
+    pub min_calls: u32,
+    /// How long an open circuit rejects calls before a probe.
+    pub cool_down: SignedDuration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            consecutive_failures: 5,
+            error_rate: 0.5,
+            window: 20,
+            min_calls: 10,
+            cool_down: SignedDuration::from_secs(30),
+        }
+    }
 }
 
 impl RoutesConfig {
@@ -155,7 +257,36 @@ pub enum ProviderConfig {
     Sandbox {
         /// The outbox file.
         outbox: PathBuf,
+        /// Retries.
+        #[serde(default)]
+        retry: RetryConfig,
+        /// Circuit breaking.
+        #[serde(default)]
+        breaker: BreakerConfig,
     },
+}
+
+impl ProviderConfig {
+    /// The adapter's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderConfig::Sandbox { .. } => "sandbox",
+        }
+    }
+
+    /// Its retry settings.
+    pub fn retry(&self) -> &RetryConfig {
+        match self {
+            ProviderConfig::Sandbox { retry, .. } => retry,
+        }
+    }
+
+    /// Its circuit-breaker settings.
+    pub fn breaker(&self) -> &BreakerConfig {
+        match self {
+            ProviderConfig::Sandbox { breaker, .. } => breaker,
+        }
+    }
 }
 
 /// Logging.
@@ -229,6 +360,56 @@ impl fmt::Display for SecretUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted())
     }
+}
+
+fn validate_retry(key: &str, retry: &RetryConfig) -> Result<(), ConfigError> {
+    let initial = positive(&format!("{key}.initial_interval"), retry.initial_interval)?;
+    let max = positive(&format!("{key}.max_interval"), retry.max_interval)?;
+    if max < initial {
+        return Err(invalid(
+            format!("{key}.max_interval"),
+            "must not be shorter than initial_interval",
+        ));
+    }
+    if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+        return Err(invalid(
+            format!("{key}.multiplier"),
+            "must be a number of at least 1.0",
+        ));
+    }
+    if retry.max_attempts == 0 {
+        return Err(invalid(
+            format!("{key}.max_attempts"),
+            "must be at least 1 (the first call counts)",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_breaker(key: &str, breaker: &BreakerConfig) -> Result<(), ConfigError> {
+    if breaker.consecutive_failures == 0 {
+        return Err(invalid(
+            format!("{key}.consecutive_failures"),
+            "must be at least 1",
+        ));
+    }
+    if !(breaker.error_rate > 0.0 && breaker.error_rate <= 1.0) {
+        return Err(invalid(
+            format!("{key}.error_rate"),
+            "must be above 0 and at most 1",
+        ));
+    }
+    if breaker.window == 0 {
+        return Err(invalid(format!("{key}.window"), "must be at least 1"));
+    }
+    if breaker.min_calls == 0 || breaker.min_calls > breaker.window {
+        return Err(invalid(
+            format!("{key}.min_calls"),
+            "must be between 1 and window",
+        ));
+    }
+    positive(&format!("{key}.cool_down"), breaker.cool_down)?;
+    Ok(())
 }
 
 /// A positive duration from the configuration, as a `std` duration.
@@ -339,11 +520,51 @@ impl Config {
         }
         for (name, provider) in &self.providers {
             match provider {
-                ProviderConfig::Sandbox { outbox } if outbox.as_os_str().is_empty() => {
+                ProviderConfig::Sandbox { outbox, .. } if outbox.as_os_str().is_empty() => {
                     return Err(invalid(format!("providers.{name}.outbox"), "is empty"));
                 }
                 ProviderConfig::Sandbox { .. } => {}
             }
+            validate_retry(&format!("providers.{name}.retry"), provider.retry())?;
+            validate_breaker(&format!("providers.{name}.breaker"), provider.breaker())?;
+        }
+        for channel in [Channel::Sms, Channel::Voice] {
+            let routes = self
+                .routes
+                .by_prefix
+                .for_channel(channel)
+                .into_iter()
+                .flatten();
+            for (prefix, providers) in routes {
+                let key = format!("routes.by_prefix.{channel}.\"{prefix}\"");
+                let digits = prefix.strip_prefix('+').unwrap_or_default();
+                if digits.is_empty()
+                    || digits.len() > 7
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err(invalid(
+                        key,
+                        "a prefix is + and 1 to 7 digits, e.g. \"+1\" or \"+4915\"",
+                    ));
+                }
+                if providers.is_empty() {
+                    return Err(invalid(key, "names no provider"));
+                }
+                if let Some(unknown) = providers
+                    .iter()
+                    .find(|name| !self.providers.contains_key(*name))
+                {
+                    return Err(invalid(
+                        key,
+                        format!("names `{unknown}`, which is not under [providers]"),
+                    ));
+                }
+            }
+        }
+        positive("delivery.push_ack_timeout", self.delivery.push_ack_timeout)?;
+        positive("delivery.retry_after_max", self.delivery.retry_after_max)?;
+        if self.delivery.expiry_margin.is_negative() {
+            return Err(invalid("delivery.expiry_margin", "must not be negative"));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
@@ -386,6 +607,20 @@ mod tests {
             .merge(Serialized::default("amqp.url", "amqps://u:p@broker/%2f"));
         let err = Config::from_figment(bad).unwrap_err().to_string();
         assert!(err.contains("amqp.url") && err.contains("TLS"), "{err}");
+
+        let bad = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default(
+            "providers.sandbox.retry.multiplier",
+            0.5,
+        ));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(err.contains("providers.sandbox.retry.multiplier"), "{err}");
+
+        let bad = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default(
+            "routes.by_prefix.sms",
+            serde_json::json!({"1": ["sandbox"]}),
+        ));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(err.contains("routes.by_prefix.sms"), "{err}");
 
         let bad = Figment::from(Toml::string(DEFAULT_TOML))
             .merge(Serialized::default("amqp.prefetch", "many"));

@@ -4,8 +4,9 @@
 use jiff::Timestamp;
 
 use crate::domain::{
-    self, Attempt, AttemptOutcome, Channel, Code, DeliveryStatus, DeviceTarget, FailureReason, Job,
-    JobError, PhoneTarget, Platform, Report, Target, TargetResult, TargetStatus,
+    self, Acknowledgement, Attempt, AttemptOutcome, Channel, Code, DeliveryStatus, DeviceTarget,
+    FailureReason, Job, JobError, PhoneTarget, Platform, Report, Target, TargetResult,
+    TargetStatus,
 };
 
 /// Generated from `proto/otpgateway/v1/*.proto`.
@@ -198,6 +199,7 @@ fn attempt_to_proto(attempt: &Attempt) -> v1::AttemptRecord {
         provider_message: attempt.provider_message.clone().unwrap_or_default(),
         retry: attempt.retry,
         provider_message_id: attempt.provider_message_id.clone().unwrap_or_default(),
+        next_retry_at: attempt.next_retry_at.map(timestamp_to_proto),
     }
 }
 
@@ -212,6 +214,11 @@ fn target_to_proto(target: &TargetResult) -> v1::TargetResult {
         hint: target.hint.unwrap_or_default().to_owned(),
         detail: target.detail.clone().unwrap_or_default(),
         attempts: target.attempts.iter().map(attempt_to_proto).collect(),
+        acknowledgement: match target.acknowledgement {
+            Some(Acknowledgement::Shown) => v1::Acknowledgement::Shown,
+            Some(Acknowledgement::Denied) => v1::Acknowledgement::Denied,
+            None => v1::Acknowledgement::Unspecified,
+        } as i32,
     }
 }
 
@@ -237,6 +244,68 @@ pub fn report_to_proto(report: &Report) -> v1::DeliveryReport {
 /// Whether a protobuf report is terminal.
 pub fn is_terminal(report: &v1::DeliveryReport) -> bool {
     status_from_proto(report.status).is_some_and(domain::DeliveryStatus::is_terminal)
+}
+
+/// The domain form of a protobuf acknowledgement.
+pub fn acknowledgement_from_proto(value: i32) -> Option<Acknowledgement> {
+    match v1::Acknowledgement::try_from(value).ok()? {
+        v1::Acknowledgement::Shown => Some(Acknowledgement::Shown),
+        v1::Acknowledgement::Denied => Some(Acknowledgement::Denied),
+        v1::Acknowledgement::Unspecified => None,
+    }
+}
+
+/// A protobuf duration.
+pub fn duration_to_proto(duration: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: duration.as_secs() as i64,
+        nanos: duration.subsec_nanos() as i32,
+    }
+}
+
+fn circuit_to_proto(snapshot: &crate::delivery::BreakerSnapshot) -> v1::CircuitStatus {
+    use crate::delivery::CircuitState;
+    let state = match snapshot.state {
+        CircuitState::Closed => v1::CircuitState::Closed,
+        CircuitState::Open => v1::CircuitState::Open,
+        CircuitState::HalfOpen => v1::CircuitState::HalfOpen,
+    };
+    v1::CircuitStatus {
+        state: state as i32,
+        reopens_in: snapshot.reopens_in.map(duration_to_proto),
+        error_rate: snapshot.error_rate,
+        calls: snapshot.calls,
+        latency_p50: snapshot.latency.map(|l| duration_to_proto(l.0)),
+        latency_p90: snapshot.latency.map(|l| duration_to_proto(l.1)),
+        latency_p99: snapshot.latency.map(|l| duration_to_proto(l.2)),
+        last_error: snapshot
+            .last_error
+            .as_ref()
+            .map(|e| e.0.clone())
+            .unwrap_or_default(),
+        last_error_at: snapshot
+            .last_error
+            .as_ref()
+            .map(|e| timestamp_to_proto(e.1)),
+    }
+}
+
+/// The protobuf form of a provider's health.
+pub fn provider_health_to_proto(health: &crate::delivery::ProviderHealth) -> v1::ProviderStatus {
+    v1::ProviderStatus {
+        name: health.name.clone(),
+        kind: health.kind.to_owned(),
+        circuit: Some(circuit_to_proto(&health.circuit)),
+        routes: health
+            .routes
+            .iter()
+            .map(|(route, channel, snapshot)| v1::RouteStatus {
+                route: route.clone(),
+                channel: channel_to_proto(*channel) as i32,
+                circuit: Some(circuit_to_proto(snapshot)),
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -1,68 +1,255 @@
-//! The minimal dispatcher: push to every eligible device at once, then SMS to the first valid
-//! number (the next one after a recipient-level failure), then voice; one provider per channel
-//! (the first of its route), no retries. Every attempt is written to the ledger as it happens.
-//! The delivery-engine issue replaces this with stages, retries, failover and breakers.
+//! The delivery engine. A job's channels become stages: push to every eligible device at once
+//! (then wait for a device to confirm it showed the code), SMS to the first eligible number
+//! (the next one after a recipient-level failure), then voice. Each target goes through its
+//! route's providers in order: transient failures are retried with back-off, a provider whose
+//! retries run out, whose circuit is open or that refuses the message for its own reasons
+//! gives way to the next one, and a recipient-level failure moves on to the next target.
+//! Nothing is attempted past the deadline (the code's expiry less a margin). Every attempt is
+//! written to the ledger as it starts and ends.
 
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use jiff::{SignedDuration, Timestamp};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Progress;
+use super::breaker::{Admission, BreakerSnapshot, CallResult, CircuitBreaker};
+use super::retry::RetryPolicy;
+use crate::config::{DeliveryConfig, TenantConfig, positive};
 use crate::domain::{
-    AttemptOutcome, Channel, FailureReason, Job, Report, RetryClass, Target, TargetStatus, is_e164,
-    mask_phone, mask_token, render_message,
+    Acknowledgement, AttemptOutcome, Channel, FailureReason, Job, Report, RetryClass, Target,
+    TargetStatus, is_e164, mask_phone, mask_token, render_message,
 };
-use crate::providers::{OutboundMessage, ProviderError, ProviderRegistry, Recipient};
+use crate::providers::{
+    OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
+};
 use crate::store::{AttemptEnd, AttemptStart, StoreError, TargetUpdate};
+
+/// The route key of a channel's default route (prefix routes use their prefix).
+const DEFAULT_ROUTE: &str = "*";
+/// How often a push stage re-reads the ledger for acknowledgements that arrived at another
+/// replica (acknowledgements made here wake it at once).
+const ACK_POLL: Duration = Duration::from_millis(250);
 
 /// How dispatch ended, before the headline reason and summary are worked out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// At least one target accepted the code.
+    /// At least one target accepted the code (or a device showed it).
     Reached,
     /// Nothing reached the user; the reason, when it is the delivery's rather than a target's.
     Failed(Option<FailureReason>),
 }
 
-/// Sends a job's code to its targets through the configured providers.
+/// Timing settings of the engine.
 #[derive(Debug, Clone)]
-pub struct Dispatcher {
-    providers: ProviderRegistry,
-    app_name: String,
-    provider_timeout: Duration,
+pub struct EngineSettings {
+    /// App name in messages.
+    pub app_name: String,
+    /// Per provider call.
+    pub provider_timeout: Duration,
+    /// How long a push stage waits for a device acknowledgement.
+    pub push_ack_timeout: Duration,
+    /// Nothing is attempted later than this before expiry.
+    pub expiry_margin: SignedDuration,
+    /// Longest `Retry-After` honoured.
+    pub retry_after_max: Duration,
+    /// Tenants whose push stage does not wait for acknowledgements.
+    pub tenants_without_ack: HashSet<String>,
 }
 
-/// A target's state during one dispatch.
+impl EngineSettings {
+    /// The settings from validated configuration.
+    pub fn from_config(
+        delivery: &DeliveryConfig,
+        tenants: &BTreeMap<String, TenantConfig>,
+    ) -> Self {
+        let duration = |key: &str, value, fallback| positive(key, value).unwrap_or(fallback);
+        EngineSettings {
+            app_name: delivery.app_name.clone(),
+            provider_timeout: duration(
+                "delivery.provider_timeout",
+                delivery.provider_timeout,
+                Duration::from_secs(10),
+            ),
+            push_ack_timeout: duration(
+                "delivery.push_ack_timeout",
+                delivery.push_ack_timeout,
+                Duration::from_secs(15),
+            ),
+            expiry_margin: delivery.expiry_margin,
+            retry_after_max: duration(
+                "delivery.retry_after_max",
+                delivery.retry_after_max,
+                Duration::from_secs(30),
+            ),
+            tenants_without_ack: tenants
+                .iter()
+                .filter(|(_, tenant)| !tenant.push_acknowledgement)
+                .map(|(name, _)| name.clone())
+                .collect(),
+        }
+    }
+}
+
+/// The state of one provider as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct ProviderHealth {
+    /// Configured name.
+    pub name: String,
+    /// Adapter kind.
+    pub kind: &'static str,
+    /// The provider-wide circuit.
+    pub circuit: BreakerSnapshot,
+    /// Circuits of its routes, by route key (`*` or a prefix).
+    pub routes: Vec<(String, Channel, BreakerSnapshot)>,
+}
+
+/// Circuit breakers per provider and per provider × route.
+#[derive(Debug)]
+struct Breakers {
+    providers: BTreeMap<String, Arc<CircuitBreaker>>,
+    /// By (provider, channel, route key); created on first use. The lock is never held
+    /// across an await.
+    routes: Mutex<BTreeMap<(String, Channel, String), Arc<CircuitBreaker>>>,
+}
+
+/// Sends a job's code to its targets through the configured providers.
+#[derive(Debug)]
+pub struct Dispatcher {
+    providers: ProviderRegistry,
+    settings: EngineSettings,
+    policies: BTreeMap<String, RetryPolicy>,
+    breakers: Breakers,
+}
+
+/// A target's standing during one dispatch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Standing {
-    /// May be tried.
+    /// Not tried yet.
     Open,
-    /// Tried and a provider accepted it.
+    /// Failed for provider reasons on a channel: may be tried on the next channel.
+    Tried,
+    /// Accepted by a provider.
     Reached,
-    /// A recipient-level failure or not eligible: not tried again.
+    /// Settled: not tried again.
     Closed,
 }
 
+/// How one stage ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StageEnd {
+    Reached,
+    NotReached,
+    Denied,
+    Expired,
+}
+
+/// How one target's provider chain ended.
+#[derive(Debug)]
+enum TargetEnd {
+    Accepted,
+    /// The recipient cannot be reached this way (already settled on the target).
+    Recipient,
+    /// Every provider failed or was skipped.
+    Providers {
+        reason: FailureReason,
+        detail: String,
+    },
+    /// The deadline stopped the chain.
+    Expired {
+        detail: String,
+    },
+}
+
+/// What the push stage's wait for acknowledgements saw.
+enum AckEnd {
+    Shown(usize),
+    Denied(usize),
+    TimedOut,
+}
+
 impl Dispatcher {
-    /// A dispatcher over `providers`.
-    pub fn new(providers: ProviderRegistry, app_name: String, provider_timeout: Duration) -> Self {
+    /// An engine over `providers`; retry policies and breakers come from their settings.
+    pub fn new(providers: ProviderRegistry, settings: EngineSettings) -> Self {
+        let mut policies = BTreeMap::new();
+        let mut provider_breakers = BTreeMap::new();
+        for entry in providers.entries() {
+            policies.insert(entry.name().to_owned(), RetryPolicy::new(&entry.retry));
+            provider_breakers.insert(
+                entry.name().to_owned(),
+                Arc::new(CircuitBreaker::new(&entry.breaker)),
+            );
+        }
+        let breakers = Breakers {
+            providers: provider_breakers,
+            routes: Mutex::default(),
+        };
         Dispatcher {
             providers,
-            app_name,
-            provider_timeout,
+            settings,
+            policies,
+            breakers,
         }
     }
 
-    /// Delivers `job`. `prior` is the report as claimed (non-empty when resuming a delivery a
-    /// previous worker started: targets it already settled are not tried again).
+    fn route_breaker(
+        &self,
+        entry: &ProviderEntry,
+        channel: Channel,
+        route: &str,
+    ) -> Arc<CircuitBreaker> {
+        let mut routes = self
+            .breakers
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            routes
+                .entry((entry.name().to_owned(), channel, route.to_owned()))
+                .or_insert_with(|| Arc::new(CircuitBreaker::new(&entry.breaker))),
+        )
+    }
+
+    /// The status page: every provider's circuit and recent figures, and its routes'.
+    pub fn provider_health(&self) -> Vec<ProviderHealth> {
+        let now = Instant::now();
+        let routes = self
+            .breakers
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.providers
+            .entries()
+            .map(|entry| ProviderHealth {
+                name: entry.name().to_owned(),
+                kind: entry.kind,
+                circuit: self.breakers.providers[entry.name()].snapshot(now),
+                routes: routes
+                    .iter()
+                    .filter(|((name, _, _), _)| name == entry.name())
+                    .map(|((_, channel, route), breaker)| {
+                        (route.clone(), *channel, breaker.snapshot(now))
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Delivers `job`. `prior` is the report as claimed (when resuming a delivery a previous
+    /// worker started, targets it already settled are not tried again).
     pub(crate) async fn dispatch(
         &self,
         job: &Job,
         prior: &Report,
         progress: &Progress<'_>,
     ) -> Result<Verdict, StoreError> {
-        if progress.now() >= job.expires_at {
+        let deadline = job.expires_at - self.settings.expiry_margin;
+        if progress.now() >= deadline {
             tracing::info!(expires_at = %job.expires_at, "code expired before delivery started");
             return Ok(Verdict::Failed(Some(FailureReason::CodeExpired)));
         }
@@ -77,7 +264,7 @@ impl Dispatcher {
                 TargetStatus::Sent | TargetStatus::Delivered => Standing::Reached,
                 TargetStatus::Failed | TargetStatus::Skipped => Standing::Closed,
                 TargetStatus::Pending => {
-                    self.check_eligibility(index as u32, target, &channels, progress)
+                    self.check_eligibility(index, target, &channels, progress)
                         .await?
                 }
             });
@@ -92,41 +279,65 @@ impl Dispatcher {
             .await?;
             return Ok(Verdict::Reached);
         }
-
         for channel in channels {
-            if progress.now() >= job.expires_at {
-                self.close_open(
+            if progress.now() >= deadline {
+                self.expire_open(
                     &mut standing,
                     job,
-                    channel,
-                    FailureReason::CodeExpired,
+                    "the code expired before it was tried",
                     progress,
                 )
                 .await?;
                 break;
             }
-            let reached = match channel {
-                Channel::Push => self.push_stage(job, prior, &mut standing, progress).await?,
+            let end = match channel {
+                Channel::Push => {
+                    self.push_stage(job, prior, deadline, &mut standing, progress)
+                        .await?
+                }
                 Channel::Sms | Channel::Voice => {
-                    self.phone_stage(job, prior, channel, &mut standing, progress)
+                    self.phone_stage(job, prior, channel, deadline, &mut standing, progress)
                         .await?
                 }
             };
-            if reached {
-                self.skip_open(
-                    &mut standing,
-                    job,
-                    "the code already reached the user",
-                    progress,
-                )
-                .await?;
-                return Ok(Verdict::Reached);
+            match end {
+                StageEnd::Reached => {
+                    self.skip_open(
+                        &mut standing,
+                        job,
+                        "the code already reached the user",
+                        progress,
+                    )
+                    .await?;
+                    return Ok(Verdict::Reached);
+                }
+                StageEnd::Denied => {
+                    self.skip_open(
+                        &mut standing,
+                        job,
+                        "the user denied the request on a device",
+                        progress,
+                    )
+                    .await?;
+                    return Ok(Verdict::Failed(Some(FailureReason::UserDenied)));
+                }
+                StageEnd::Expired => {
+                    self.expire_open(
+                        &mut standing,
+                        job,
+                        "the code expired before it was tried",
+                        progress,
+                    )
+                    .await?;
+                    break;
+                }
+                StageEnd::NotReached => {}
             }
         }
         self.skip_open(
             &mut standing,
             job,
-            "a provider failure ended its stage before it was tried",
+            "every channel was tried without reaching it",
             progress,
         )
         .await?;
@@ -135,7 +346,7 @@ impl Dispatcher {
 
     async fn check_eligibility(
         &self,
-        index: u32,
+        index: usize,
         target: &Target,
         channels: &[Channel],
         progress: &Progress<'_>,
@@ -186,77 +397,395 @@ impl Dispatcher {
         }
     }
 
-    /// Push stage: every open device at once. True when any accepted.
+    /// Push stage: every open device at once, then (unless the tenant switched it off) a wait
+    /// for a device to confirm it showed the code.
     async fn push_stage(
         &self,
         job: &Job,
         prior: &Report,
+        deadline: Timestamp,
         standing: &mut [Standing],
         progress: &Progress<'_>,
-    ) -> Result<bool, StoreError> {
-        let open: Vec<usize> = job
-            .targets
-            .iter()
-            .enumerate()
-            .filter(|(i, t)| standing[*i] == Standing::Open && matches!(t, Target::Device(_)))
-            .map(|(i, _)| i)
+    ) -> Result<StageEnd, StoreError> {
+        let open: Vec<usize> = (0..job.targets.len())
+            .filter(|i| {
+                standing[*i] == Standing::Open && matches!(job.targets[*i], Target::Device(_))
+            })
             .collect();
-        let results = join_all(
-            open.iter()
-                .map(|&index| self.attempt(job, prior, index, Channel::Push, progress)),
-        )
+        if open.is_empty() {
+            return Ok(StageEnd::NotReached);
+        }
+        let ends = join_all(open.iter().map(|&index| {
+            self.deliver_to_target(job, prior, index, Channel::Push, deadline, progress)
+        }))
         .await;
-        let mut reached = false;
-        for (index, result) in open.into_iter().zip(results) {
-            match result? {
-                Ok(()) => {
-                    standing[index] = Standing::Reached;
-                    reached = true;
+        let mut accepted = Vec::new();
+        let mut expired = false;
+        for (index, end) in open.into_iter().zip(ends) {
+            standing[index] = Standing::Closed;
+            match end? {
+                TargetEnd::Accepted => accepted.push(index),
+                TargetEnd::Recipient => {}
+                TargetEnd::Providers { reason, detail } => {
+                    self.settle(
+                        index,
+                        Channel::Push,
+                        TargetStatus::Failed,
+                        Some(reason),
+                        Some(detail),
+                        progress,
+                    )
+                    .await?;
                 }
-                // A device that failed is not tried again in this delivery.
-                Err(_) => standing[index] = Standing::Closed,
+                TargetEnd::Expired { detail } => {
+                    expired = true;
+                    self.settle(
+                        index,
+                        Channel::Push,
+                        TargetStatus::Failed,
+                        Some(FailureReason::CodeExpired),
+                        Some(detail),
+                        progress,
+                    )
+                    .await?;
+                }
             }
         }
-        Ok(reached)
+        if accepted.is_empty() {
+            return Ok(if expired {
+                StageEnd::Expired
+            } else {
+                StageEnd::NotReached
+            });
+        }
+        if self.settings.tenants_without_ack.contains(&job.tenant) {
+            for index in accepted {
+                standing[index] = Standing::Reached;
+            }
+            return Ok(StageEnd::Reached);
+        }
+        match self.await_acknowledgement(job, deadline, progress).await? {
+            AckEnd::Shown(index) => {
+                let detail = "the device confirmed it showed the code".to_owned();
+                self.settle(
+                    index,
+                    Channel::Push,
+                    TargetStatus::Delivered,
+                    None,
+                    Some(detail),
+                    progress,
+                )
+                .await?;
+                standing[index] = Standing::Reached;
+                Ok(StageEnd::Reached)
+            }
+            AckEnd::Denied(index) => {
+                let detail = "the user tapped \"Don't Allow\" on this device".to_owned();
+                self.settle(
+                    index,
+                    Channel::Push,
+                    TargetStatus::Failed,
+                    Some(FailureReason::UserDenied),
+                    Some(detail),
+                    progress,
+                )
+                .await?;
+                Ok(StageEnd::Denied)
+            }
+            AckEnd::TimedOut => {
+                let waited = self.settings.push_ack_timeout;
+                for index in accepted {
+                    let detail = format!(
+                        "accepted by the push service, but the device did not confirm within {waited:?}"
+                    );
+                    self.settle(
+                        index,
+                        Channel::Push,
+                        TargetStatus::Failed,
+                        Some(FailureReason::PushNotAcknowledged),
+                        Some(detail),
+                        progress,
+                    )
+                    .await?;
+                }
+                Ok(StageEnd::NotReached)
+            }
+        }
     }
 
-    /// SMS or voice stage: open numbers in order until one accepts. A recipient-level failure
-    /// moves to the next number; a provider-level one ends the stage (no failover yet).
+    /// Waits for `AcknowledgeDelivery` from any device of the job, up to the push
+    /// acknowledgement timeout and never past the deadline.
+    async fn await_acknowledgement(
+        &self,
+        job: &Job,
+        deadline: Timestamp,
+        progress: &Progress<'_>,
+    ) -> Result<AckEnd, StoreError> {
+        let left = deadline
+            .duration_since(progress.now())
+            .max(SignedDuration::ZERO)
+            .unsigned_abs();
+        let until = Instant::now() + self.settings.push_ack_timeout.min(left);
+        let mut changes = progress.subscribe();
+        loop {
+            let report = progress.ledger.report(progress.key).await?;
+            let acknowledged = |wanted: Acknowledgement| {
+                report.targets.iter().position(|t| {
+                    t.acknowledgement == Some(wanted)
+                        && matches!(job.targets.get(t.index as usize), Some(Target::Device(_)))
+                })
+            };
+            if let Some(index) = acknowledged(Acknowledgement::Denied) {
+                return Ok(AckEnd::Denied(index));
+            }
+            if let Some(index) = acknowledged(Acknowledgement::Shown) {
+                return Ok(AckEnd::Shown(index));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Ok(AckEnd::TimedOut),
+                _ = tokio::time::sleep(ACK_POLL) => {}
+                _ = progress.changed_elsewhere(&mut changes) => {}
+            }
+        }
+    }
+
+    /// SMS or voice stage: eligible numbers in order until one accepts.
     async fn phone_stage(
         &self,
         job: &Job,
         prior: &Report,
         channel: Channel,
+        deadline: Timestamp,
         standing: &mut [Standing],
         progress: &Progress<'_>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<StageEnd, StoreError> {
         for (index, target) in job.targets.iter().enumerate() {
-            if standing[index] != Standing::Open || !matches!(target, Target::Phone(_)) {
+            if !matches!(standing[index], Standing::Open | Standing::Tried)
+                || !matches!(target, Target::Phone(_))
+            {
                 continue;
             }
-            match self.attempt(job, prior, index, channel, progress).await? {
-                Ok(()) => {
+            match self
+                .deliver_to_target(job, prior, index, channel, deadline, progress)
+                .await?
+            {
+                TargetEnd::Accepted => {
                     standing[index] = Standing::Reached;
-                    return Ok(true);
+                    return Ok(StageEnd::Reached);
                 }
-                Err(error) if error.class == RetryClass::PermanentForTarget => {
+                TargetEnd::Recipient => standing[index] = Standing::Closed,
+                TargetEnd::Providers { reason, detail } => {
+                    // The next number may route elsewhere; this one may work on the next channel.
+                    standing[index] = Standing::Tried;
+                    self.settle(
+                        index,
+                        channel,
+                        TargetStatus::Failed,
+                        Some(reason),
+                        Some(detail),
+                        progress,
+                    )
+                    .await?;
+                }
+                TargetEnd::Expired { detail } => {
                     standing[index] = Standing::Closed;
+                    self.settle(
+                        index,
+                        channel,
+                        TargetStatus::Failed,
+                        Some(FailureReason::CodeExpired),
+                        Some(detail),
+                        progress,
+                    )
+                    .await?;
+                    return Ok(StageEnd::Expired);
                 }
-                Err(_) => return Ok(false),
             }
         }
-        Ok(false)
+        Ok(StageEnd::NotReached)
     }
 
-    /// One provider call for one target, recorded before and after.
-    async fn attempt(
+    /// Admits a call through both the provider's and the route's breaker.
+    fn admit(provider: &CircuitBreaker, route: &CircuitBreaker, now: Instant) -> bool {
+        match provider.admit(now) {
+            Admission::Rejected => false,
+            granted => match route.admit(now) {
+                Admission::Rejected => {
+                    if granted == Admission::Probe {
+                        provider.release_probe();
+                    }
+                    false
+                }
+                _ => true,
+            },
+        }
+    }
+
+    /// One target through its route's providers: retries, failover, breakers, deadline.
+    async fn deliver_to_target(
         &self,
         job: &Job,
         prior: &Report,
         index: usize,
         channel: Channel,
+        deadline: Timestamp,
         progress: &Progress<'_>,
-    ) -> Result<Result<(), ProviderError>, StoreError> {
+    ) -> Result<TargetEnd, StoreError> {
+        let number = match &job.targets[index] {
+            Target::Phone(phone) => Some(phone.number.as_str()),
+            Target::Device(_) => None,
+        };
+        let route = self.providers.route(channel, number);
+        let route_key = route.prefix.unwrap_or(DEFAULT_ROUTE);
+        let mut last_error: Option<(String, ProviderError)> = None;
+        let mut skipped_open = Vec::new();
+        let mut stopped_by_deadline = false;
+        'providers: for entry in &route.providers {
+            let name = entry.name();
+            let policy = &self.policies[name];
+            let provider_breaker = &self.breakers.providers[name];
+            let route_breaker = self.route_breaker(entry, channel, route_key);
+            let mut retry = earlier_tries(prior, index, name, channel);
+            let mut calls = 0;
+            loop {
+                if progress.now() >= deadline {
+                    stopped_by_deadline = true;
+                    break 'providers;
+                }
+                if !Self::admit(provider_breaker, &route_breaker, Instant::now()) {
+                    tracing::info!(
+                        provider = name,
+                        route = route_key,
+                        "circuit open: provider skipped"
+                    );
+                    skipped_open.push(name.to_owned());
+                    continue 'providers;
+                }
+                let started = Instant::now();
+                let (attempt, result) = self
+                    .call(job, index, channel, entry, retry, progress)
+                    .await?;
+                let latency = started.elapsed();
+                calls += 1;
+                let verdict = match &result {
+                    Err(error) if error.class != RetryClass::PermanentForTarget => {
+                        CallResult::Failure
+                    }
+                    _ => CallResult::Success,
+                };
+                let message = result.as_ref().err().map(ToString::to_string);
+                for (breaker, scope) in [
+                    (provider_breaker.as_ref(), "*"),
+                    (route_breaker.as_ref(), route_key),
+                ] {
+                    if breaker.record(Instant::now(), verdict, latency, message.as_deref()) {
+                        tracing::warn!(
+                            provider = name,
+                            route = scope,
+                            error = message.as_deref(),
+                            "circuit opened"
+                        );
+                    }
+                }
+                let error = match result {
+                    Ok(accept) => {
+                        let end = AttemptEnd::sent(progress.now(), accept.message_id);
+                        progress.ledger.finish_attempt(attempt, &end).await?;
+                        self.settle(index, channel, TargetStatus::Sent, None, None, progress)
+                            .await?;
+                        return Ok(TargetEnd::Accepted);
+                    }
+                    Err(error) => error,
+                };
+                let delay = (error.class == RetryClass::Transient && calls < policy.max_attempts())
+                    .then(|| policy.delay(calls, error.retry_after, self.settings.retry_after_max))
+                    .flatten();
+                let now = progress.now();
+                let next_retry_at =
+                    delay.map(|d| now + SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX));
+                let retry_in_time = next_retry_at.filter(|at| *at < deadline);
+                if next_retry_at.is_some() && retry_in_time.is_none() {
+                    stopped_by_deadline = true;
+                }
+                let end = AttemptEnd::failed(now, &error, retry_in_time);
+                progress.ledger.finish_attempt(attempt, &end).await?;
+                self.settle(
+                    index,
+                    channel,
+                    TargetStatus::Failed,
+                    Some(error.reason),
+                    None,
+                    progress,
+                )
+                .await?;
+                match (error.class, retry_in_time, delay) {
+                    (RetryClass::PermanentForTarget, _, _) => return Ok(TargetEnd::Recipient),
+                    (RetryClass::Transient, Some(_), Some(delay)) => {
+                        last_error = Some((name.to_owned(), error));
+                        tokio::time::sleep(delay).await;
+                        retry += 1;
+                    }
+                    _ => {
+                        last_error = Some((name.to_owned(), error));
+                        continue 'providers;
+                    }
+                }
+            }
+        }
+        let last = last_error.as_ref().map(|(name, e)| {
+            format!(
+                "{name} said {} ({}: {})",
+                e.reason,
+                e.raw_code.as_deref().unwrap_or("-"),
+                e.raw_message
+            )
+        });
+        if stopped_by_deadline {
+            let detail = match &last {
+                Some(last) => {
+                    format!("no provider accepted the code before it expired; last, {last}")
+                }
+                None => "no provider accepted the code before it expired".to_owned(),
+            };
+            return Ok(TargetEnd::Expired { detail });
+        }
+        let open = if skipped_open.is_empty() {
+            String::new()
+        } else {
+            format!(" (circuit open, not tried: {})", skipped_open.join(", "))
+        };
+        Ok(match (last_error, last) {
+            (Some((_, error)), Some(last)) => TargetEnd::Providers {
+                reason: error.reason,
+                detail: format!("every provider failed; last, {last}{open}"),
+            },
+            _ if !skipped_open.is_empty() => TargetEnd::Providers {
+                reason: FailureReason::ProviderUnavailable,
+                detail: format!("every provider's circuit is open{open}"),
+            },
+            _ => TargetEnd::Providers {
+                reason: FailureReason::ProviderMisconfigured,
+                detail: format!("no provider is routed for {channel}"),
+            },
+        })
+    }
+
+    /// One provider call, its start recorded; the caller records its end.
+    async fn call(
+        &self,
+        job: &Job,
+        index: usize,
+        channel: Channel,
+        entry: &ProviderEntry,
+        retry: u32,
+        progress: &Progress<'_>,
+    ) -> Result<
+        (
+            crate::store::AttemptKey,
+            Result<crate::providers::ProviderAccept, ProviderError>,
+        ),
+        StoreError,
+    > {
         let target = &job.targets[index];
         let (recipient, masked) = match target {
             Target::Phone(phone) => (Recipient::Phone(&phone.number), mask_phone(&phone.number)),
@@ -269,23 +798,7 @@ impl Dispatcher {
                 mask_token(&device.token),
             ),
         };
-        let Some(provider) = self.providers.route(channel).first() else {
-            let error = ProviderError::new(
-                FailureReason::ProviderMisconfigured,
-                None,
-                format!("no provider is routed for {channel}"),
-            );
-            self.settle(
-                index as u32,
-                channel,
-                TargetStatus::Failed,
-                Some(error.reason),
-                Some(error.raw_message.clone()),
-                progress,
-            )
-            .await?;
-            return Ok(Err(error));
-        };
+        let provider = &entry.provider;
         let started_at = progress.now();
         let attempt = progress
             .ledger
@@ -297,14 +810,14 @@ impl Dispatcher {
                     channel,
                     masked_target: masked.clone(),
                     started_at,
-                    retry: earlier_tries(prior, index, provider.name(), channel),
+                    retry,
                 },
             )
             .await?;
         progress.changed();
         let text = render_message(
             channel,
-            &self.app_name,
+            &self.settings.app_name,
             &job.code,
             job.expires_at,
             started_at,
@@ -318,9 +831,9 @@ impl Dispatcher {
             code: &job.code,
             expires_at: job.expires_at,
         };
-        let span =
-            tracing::info_span!("provider", provider = provider.name(), %channel, to = %masked);
-        let result = match tokio::time::timeout(self.provider_timeout, provider.send(&message))
+        let span = tracing::info_span!("provider", provider = provider.name(), %channel, to = %masked, retry);
+        let timeout = self.settings.provider_timeout;
+        let result = match tokio::time::timeout(timeout, provider.send(&message))
             .instrument(span)
             .await
         {
@@ -328,49 +841,22 @@ impl Dispatcher {
             Err(_) => Err(ProviderError::new(
                 FailureReason::ProviderTimeout,
                 None,
-                format!("no answer within {:?}", self.provider_timeout),
+                format!("no answer within {timeout:?}"),
             )),
         };
-        let ended_at = progress.now();
-        let (end, update) = match &result {
-            Ok(accept) => {
-                tracing::info!(provider = provider.name(), %channel, to = %masked, "accepted by provider");
-                (
-                    AttemptEnd {
-                        ended_at,
-                        outcome: AttemptOutcome::Sent,
-                        reason: None,
-                        provider_code: None,
-                        provider_message: None,
-                        provider_message_id: accept.message_id.clone(),
-                    },
-                    (TargetStatus::Sent, None),
-                )
+        match &result {
+            Ok(_) => {
+                tracing::info!(provider = provider.name(), %channel, to = %masked, retry, "accepted by provider")
             }
-            Err(error) => {
-                tracing::info!(provider = provider.name(), %channel, to = %masked, reason = %error.reason, provider_code = error.raw_code.as_deref(), "provider refused");
-                (
-                    AttemptEnd {
-                        ended_at,
-                        outcome: AttemptOutcome::Failed,
-                        reason: Some(error.reason),
-                        provider_code: error.raw_code.clone(),
-                        provider_message: Some(error.raw_message.clone()),
-                        provider_message_id: None,
-                    },
-                    (TargetStatus::Failed, Some(error.reason)),
-                )
-            }
-        };
-        progress.ledger.finish_attempt(attempt, &end).await?;
-        self.settle(index as u32, channel, update.0, update.1, None, progress)
-            .await?;
-        Ok(result.map(|_| ()))
+            Err(error) => tracing::info!(provider = provider.name(), %channel, to = %masked, retry,
+                reason = %error.reason, provider_code = error.raw_code.as_deref(), "provider refused"),
+        }
+        Ok((attempt, result))
     }
 
     async fn settle(
         &self,
-        index: u32,
+        index: usize,
         channel: Channel,
         status: TargetStatus,
         reason: Option<FailureReason>,
@@ -385,13 +871,13 @@ impl Dispatcher {
         };
         progress
             .ledger
-            .update_target(progress.key, index, &update, progress.now())
+            .update_target(progress.key, index as u32, &update, progress.now())
             .await?;
         progress.changed();
         Ok(())
     }
 
-    /// Marks every still-open target as not tried, saying why.
+    /// Marks every target never tried as skipped, saying why.
     async fn skip_open(
         &self,
         standing: &mut [Standing],
@@ -403,7 +889,7 @@ impl Dispatcher {
             if standing[index] == Standing::Open {
                 standing[index] = Standing::Closed;
                 self.settle(
-                    index as u32,
+                    index,
                     channel_of(target),
                     TargetStatus::Skipped,
                     None,
@@ -416,29 +902,24 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Fails every still-open target with `reason`.
-    async fn close_open(
+    /// Fails every target never tried with CODE_EXPIRED.
+    async fn expire_open(
         &self,
         standing: &mut [Standing],
         job: &Job,
-        channel: Channel,
-        reason: FailureReason,
+        why: &str,
         progress: &Progress<'_>,
     ) -> Result<(), StoreError> {
         for (index, target) in job.targets.iter().enumerate() {
             if standing[index] == Standing::Open {
                 standing[index] = Standing::Closed;
-                let channel = if target.reachable_by(channel) {
-                    channel
-                } else {
-                    channel_of(target)
-                };
+                let reason = Some(FailureReason::CodeExpired);
                 self.settle(
-                    index as u32,
-                    channel,
+                    index,
+                    channel_of(target),
                     TargetStatus::Failed,
-                    Some(reason),
-                    None,
+                    reason,
+                    Some(why.into()),
                     progress,
                 )
                 .await?;
@@ -465,4 +946,34 @@ fn earlier_tries(prior: &Report, index: usize, provider: &str, channel: Channel)
             .filter(|a| a.provider == provider && a.channel == channel)
             .count() as u32
     })
+}
+
+impl AttemptEnd {
+    fn sent(ended_at: Timestamp, message_id: Option<String>) -> Self {
+        AttemptEnd {
+            ended_at,
+            outcome: AttemptOutcome::Sent,
+            reason: None,
+            provider_code: None,
+            provider_message: None,
+            provider_message_id: message_id,
+            next_retry_at: None,
+        }
+    }
+
+    fn failed(
+        ended_at: Timestamp,
+        error: &ProviderError,
+        next_retry_at: Option<Timestamp>,
+    ) -> Self {
+        AttemptEnd {
+            ended_at,
+            outcome: AttemptOutcome::Failed,
+            reason: Some(error.reason),
+            provider_code: error.raw_code.clone(),
+            provider_message: Some(error.raw_message.clone()),
+            provider_message_id: None,
+            next_retry_at,
+        }
+    }
 }

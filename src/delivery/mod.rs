@@ -1,9 +1,11 @@
-//! Delivery: takes a validated job through idempotency (the ledger claim), dispatch and the
-//! final report. [`DeliveryService::handle`] is what the queue consumer calls per job;
-//! [`Dispatcher`] is the seam where the full engine (stages, retries, failover, breakers)
-//! plugs in.
+//! Delivery: takes a validated job through idempotency (the ledger claim), the engine
+//! ([`Dispatcher`]: stages, retries, failover, breakers, acknowledgements) and the final report.
+//! [`DeliveryService::handle`] is what the queue consumer calls per job;
+//! [`DeliveryService::acknowledge`] records what a device said.
 
+mod breaker;
 mod dispatch;
+mod retry;
 
 use std::sync::Arc;
 
@@ -12,12 +14,16 @@ use tokio::sync::broadcast;
 use tracing::instrument;
 
 use crate::domain::{
-    Channel, Clock, DeliveryId, DeliveryStatus, FailureReason, Job, Report, Target, TargetStatus,
-    headline_reason, mask_phone, summarize,
+    Acknowledgement, Channel, Clock, DeliveryId, DeliveryStatus, FailureReason, Job, Report,
+    Target, TargetStatus, headline_reason, mask_phone, summarize,
 };
-use crate::store::{Claim, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome, StoreError};
+use crate::store::{
+    Claim, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome, StoreError, TargetUpdate,
+};
 
-pub use dispatch::{Dispatcher, Verdict};
+pub use breaker::{BreakerSnapshot, CircuitState};
+pub use dispatch::{Dispatcher, EngineSettings, ProviderHealth, Verdict};
+pub use retry::RetryPolicy;
 
 /// What became of a job handed to [`DeliveryService::handle`].
 #[derive(Debug, Clone)]
@@ -70,6 +76,61 @@ impl Progress<'_> {
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
     }
+
+    /// Change notices, for waiting on something another task writes (acknowledgements).
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    /// Returns when a change notice for this delivery arrives on `changes` (or some were
+    /// missed); never when the channel is closed.
+    pub(crate) async fn changed_elsewhere(&self, changes: &mut broadcast::Receiver<String>) {
+        loop {
+            match changes.recv().await {
+                Ok(id) if id != self.id => continue,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// Why an acknowledgement was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AckError {
+    /// The ledger failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No such delivery.
+    #[error("no delivery {0}")]
+    UnknownDelivery(String),
+    /// The device is not one of the delivery's targets.
+    #[error("device `{device}` is not a target of delivery {delivery}")]
+    UnknownDevice {
+        /// The delivery.
+        delivery: String,
+        /// The device id given.
+        device: String,
+    },
+    /// The delivery cannot take an acknowledgement now.
+    #[error("delivery {delivery} is {status}: {why}")]
+    NotAwaiting {
+        /// The delivery.
+        delivery: String,
+        /// Its status.
+        status: DeliveryStatus,
+        /// Why that rules out an acknowledgement.
+        why: &'static str,
+    },
+}
+
+/// What an acknowledgement did.
+#[derive(Debug, Clone)]
+pub enum AckOutcome {
+    /// Recorded on a running delivery; its engine acts on it.
+    Recorded(Report),
+    /// It changed a SENT delivery to its final state (DELIVERED, or FAILED / USER_DENIED).
+    Finished(Report),
 }
 
 /// The ledger's view of a job: its identity and its targets, masked.
@@ -184,8 +245,26 @@ impl DeliveryService {
         };
         progress.changed();
         let verdict = self.dispatcher.dispatch(job, &prior, &progress).await?;
-        let mut report = self.ledger.report(key).await?;
+        let report = self.ledger.report(key).await?;
         let outcome = decide(&report, verdict);
+        let report = self.close(key, report, outcome).await?;
+        tracing::info!(status = %report.status, reason = report.reason.map(FailureReason::as_str), "delivery finished");
+        Ok(Handled::Finished {
+            report,
+            fresh: true,
+        })
+    }
+}
+
+impl DeliveryService {
+    /// Writes the final outcome and returns the final report (derived from `report`, the one
+    /// just loaded, rather than read again).
+    async fn close(
+        &self,
+        key: DeliveryKey,
+        mut report: Report,
+        outcome: Outcome,
+    ) -> Result<Report, StoreError> {
         // The ledger keeps microseconds: the report published must match the one stored.
         let now = self.clock.now();
         let now = Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now);
@@ -195,12 +274,97 @@ impl DeliveryService {
         report.hint = outcome.reason.map(FailureReason::hint);
         report.summary = outcome.summary;
         report.updated_at = now;
-        progress.changed();
-        tracing::info!(status = %report.status, reason = report.reason.map(FailureReason::as_str), "delivery finished");
-        Ok(Handled::Finished {
-            report,
-            fresh: true,
-        })
+        let _ = self.changes.send(report.delivery_id.clone());
+        Ok(report)
+    }
+
+    /// Records that device `device_id` showed the code or that its user denied the request.
+    /// A running delivery's engine acts on it (DELIVERED, or USER_DENIED with no further
+    /// stage); a SENT delivery becomes DELIVERED or FAILED / USER_DENIED here.
+    pub async fn acknowledge(
+        &self,
+        id: &DeliveryId,
+        device_id: &str,
+        ack: Acknowledgement,
+    ) -> Result<AckOutcome, AckError> {
+        let key = self
+            .ledger
+            .key(id)
+            .await?
+            .ok_or_else(|| AckError::UnknownDelivery(id.to_string()))?;
+        let report = self.ledger.report(key).await?;
+        let index = report
+            .targets
+            .iter()
+            .position(|t| t.platform.is_some() && t.target == device_id)
+            .ok_or_else(|| AckError::UnknownDevice {
+                delivery: id.to_string(),
+                device: device_id.to_owned(),
+            })?;
+        let refuse = |why| AckError::NotAwaiting {
+            delivery: id.to_string(),
+            status: report.status,
+            why,
+        };
+        match report.status {
+            DeliveryStatus::Accepted => return Err(refuse("its delivery has not started")),
+            DeliveryStatus::Delivered | DeliveryStatus::Failed => {
+                return Err(refuse("its outcome is final"));
+            }
+            DeliveryStatus::InProgress | DeliveryStatus::Deferred | DeliveryStatus::Sent => {}
+        }
+        let now = self.clock.now();
+        self.ledger.record_ack(key, index as u32, ack, now).await?;
+        tracing::info!(delivery_id = %id, device = device_id, acknowledgement = %ack, "device acknowledgement");
+        if report.status != DeliveryStatus::Sent {
+            let _ = self.changes.send(id.to_string());
+            return Ok(AckOutcome::Recorded(self.ledger.report(key).await?));
+        }
+        let (target_status, reason, detail) = match ack {
+            Acknowledgement::Shown => (
+                TargetStatus::Delivered,
+                None,
+                "the device confirmed it showed the code",
+            ),
+            Acknowledgement::Denied => (
+                TargetStatus::Failed,
+                Some(FailureReason::UserDenied),
+                "the user tapped \"Don't Allow\" on this device",
+            ),
+        };
+        let update = TargetUpdate {
+            channel: Channel::Push,
+            status: target_status,
+            reason,
+            detail: Some(detail.into()),
+        };
+        self.ledger
+            .update_target(key, index as u32, &update, now)
+            .await?;
+        let report = self.ledger.report(key).await?;
+        let status = if ack == Acknowledgement::Shown {
+            DeliveryStatus::Delivered
+        } else {
+            DeliveryStatus::Failed
+        };
+        let summary = summarize(status, reason, report.expires_at, &report.targets);
+        let report = self
+            .close(
+                key,
+                report,
+                Outcome {
+                    status,
+                    reason,
+                    summary,
+                },
+            )
+            .await?;
+        Ok(AckOutcome::Finished(report))
+    }
+
+    /// Every provider's circuit state and recent figures.
+    pub fn provider_health(&self) -> Vec<ProviderHealth> {
+        self.dispatcher.provider_health()
     }
 }
 

@@ -16,8 +16,8 @@ pub use mask::{mask_phone, mask_token};
 pub use message::render_message;
 pub use reason::{FailureReason, RetryClass};
 pub use report::{
-    Attempt, AttemptOutcome, DeliveryStatus, Report, TargetResult, TargetStatus, headline_reason,
-    summarize,
+    Acknowledgement, Attempt, AttemptOutcome, DeliveryStatus, Report, TargetResult, TargetStatus,
+    headline_reason, summarize,
 };
 
 /// Generates `as_str`, `ALL` and `FromStr` for a fieldless enum whose stored and wire form is

@@ -88,6 +88,18 @@ string_enum!(AttemptOutcome {
     Failed => "FAILED",
 });
 
+/// What a device said about a pushed code (`AcknowledgeDelivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Acknowledgement {
+    /// The device showed the code.
+    Shown,
+    /// The user tapped "Don't Allow".
+    Denied,
+}
+
+string_enum!(Acknowledgement { Shown => "SHOWN", Denied => "DENIED" });
+
 /// One provider call for one target.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Attempt {
@@ -113,6 +125,8 @@ pub struct Attempt {
     pub retry: u32,
     /// The provider's id for the message.
     pub provider_message_id: Option<String>,
+    /// When the same provider will be called again, if it will.
+    pub next_retry_at: Option<Timestamp>,
 }
 
 /// The fate of one target of the job.
@@ -134,6 +148,8 @@ pub struct TargetResult {
     pub hint: Option<&'static str>,
     /// Why, in words, when it was not eligible.
     pub detail: Option<String>,
+    /// What the device said, for a pushed code.
+    pub acknowledgement: Option<Acknowledgement>,
     /// Provider calls, oldest first.
     pub attempts: Vec<Attempt>,
 }
@@ -269,6 +285,7 @@ mod tests {
             reason,
             hint: reason.map(|r| r.hint()),
             detail: None,
+            acknowledgement: None,
             attempts: vec![],
         }
     }

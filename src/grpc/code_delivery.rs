@@ -12,14 +12,16 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::status::invalid_argument;
-use crate::delivery::DeliveryService;
+use crate::delivery::{AckOutcome, DeliveryService};
 use crate::domain::{DeliveryId, DeliveryStatus, JobError, Report};
 use crate::proto::v1::code_delivery_server::CodeDelivery;
 use crate::proto::v1::{
-    DeliveryReport, GetDeliveryRequest, ListDeliveriesRequest, ListDeliveriesResponse,
-    SendCodeRequest, SendCodeResponse, WatchDeliveryRequest,
+    AcknowledgeDeliveryRequest, DeliveryReport, GetDeliveryRequest, ListDeliveriesRequest,
+    ListDeliveriesResponse, SendCodeRequest, SendCodeResponse, WatchDeliveryRequest,
 };
-use crate::proto::{job_from_proto, report_to_proto, status_from_proto, status_to_proto};
+use crate::proto::{
+    acknowledgement_from_proto, job_from_proto, report_to_proto, status_from_proto, status_to_proto,
+};
 use crate::queue::{CONTENT_TYPE_PROTOBUF, Publisher};
 use crate::store::ListQuery;
 
@@ -156,6 +158,37 @@ impl CodeDelivery for CodeDeliveryApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    #[instrument(skip_all, fields(delivery_id))]
+    async fn acknowledge_delivery(
+        &self,
+        request: Request<AcknowledgeDeliveryRequest>,
+    ) -> Result<Response<DeliveryReport>, Status> {
+        let request = request.into_inner();
+        let id = parse_id(&request.delivery_id)?;
+        tracing::Span::current().record("delivery_id", tracing::field::display(&id));
+        if request.device_id.is_empty() {
+            return Err(invalid_argument(&JobError::new("device_id", "is required")));
+        }
+        let ack = acknowledgement_from_proto(request.acknowledgement).ok_or_else(|| {
+            invalid_argument(&JobError::new("acknowledgement", "must be SHOWN or DENIED"))
+        })?;
+        let report = match self
+            .service
+            .acknowledge(&id, &request.device_id, ack)
+            .await?
+        {
+            AckOutcome::Recorded(report) => report,
+            AckOutcome::Finished(report) => {
+                // The delivery changed after its final event: tell upstream again.
+                if let Err(error) = self.publisher.publish_event(&report).await {
+                    tracing::warn!(%error, "acknowledgement recorded, but its event was not confirmed");
+                }
+                report
+            }
+        };
+        Ok(Response::new(report_to_proto(&report)))
     }
 
     async fn list_deliveries(

@@ -1,8 +1,9 @@
-//! The gRPC API: `otpgateway.v1.CodeDelivery`, `grpc.health.v1.Health` (NOT_SERVING while the
+//! The gRPC API: `otpgateway.v1.CodeDelivery`, `otpgateway.v1.Providers`, `grpc.health.v1.Health` (NOT_SERVING while the
 //! broker is unreachable) and server reflection. Services decode, call the delivery layer or
 //! the store, and encode; errors map to statuses in one place (`status`).
 
 mod code_delivery;
+mod providers;
 mod status;
 
 use std::sync::Arc;
@@ -17,9 +18,11 @@ use tonic_health::server::HealthReporter;
 
 use crate::delivery::DeliveryService;
 use crate::proto::v1::code_delivery_server::CodeDeliveryServer;
+use crate::proto::v1::providers_server::ProvidersServer;
 use crate::queue::{LinkState, Publisher};
 
 pub use code_delivery::CodeDeliveryApi;
+pub use providers::ProvidersApi;
 
 /// The health-checked service name of `CodeDelivery`.
 pub const CODE_DELIVERY_SERVICE: &str = "otpgateway.v1.CodeDelivery";
@@ -46,11 +49,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid");
+    let providers = ProvidersApi::new(Arc::clone(&service));
     let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(CodeDeliveryServer::new(api))
+        .add_service(ProvidersServer::new(providers))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
         .await
 }

@@ -2,6 +2,7 @@
 
 use tonic::Status;
 
+use crate::delivery::AckError;
 use crate::domain::JobError;
 use crate::queue::PublishError;
 use crate::store::StoreError;
@@ -31,5 +32,22 @@ impl From<PublishError> for Status {
         Status::unavailable(format!(
             "the job could not be queued, nothing was sent; retry later ({error})"
         ))
+    }
+}
+
+impl From<AckError> for Status {
+    fn from(error: AckError) -> Self {
+        match error {
+            AckError::Store(error) => error.into(),
+            AckError::UnknownDelivery(_) => Status::not_found(error.to_string()),
+            AckError::UnknownDevice { .. } => {
+                let mut status = Status::invalid_argument(error.to_string());
+                status
+                    .metadata_mut()
+                    .insert("x-otp-field", "device_id".parse().expect("ascii"));
+                status
+            }
+            AckError::NotAwaiting { .. } => Status::failed_precondition(error.to_string()),
+        }
     }
 }

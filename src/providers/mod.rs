@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jiff::Timestamp;
 
-use crate::config::{Config, ProviderConfig};
+use crate::config::{BreakerConfig, Config, ProviderConfig, RetryConfig, RoutesConfig};
 use crate::domain::{Channel, Code, FailureReason, Platform, RetryClass};
 
 pub use sandbox::SandboxProvider;
@@ -111,11 +111,39 @@ pub struct ProviderBuildError {
     pub problem: String,
 }
 
-/// The configured providers by name, and the route for each channel.
+/// One configured provider with its settings.
+#[derive(Clone)]
+pub struct ProviderEntry {
+    /// The adapter.
+    pub provider: Arc<dyn Provider>,
+    /// The adapter's kind (`sandbox`, `twilio`, ...).
+    pub kind: &'static str,
+    /// Retry settings.
+    pub retry: RetryConfig,
+    /// Circuit-breaker settings.
+    pub breaker: BreakerConfig,
+}
+
+impl ProviderEntry {
+    /// The provider's configured name.
+    pub fn name(&self) -> &str {
+        self.provider.name()
+    }
+}
+
+/// A route: the matched destination prefix (if any) and its providers in failover order.
+pub struct Route<'a> {
+    /// The destination prefix whose route was chosen; `None` for the channel's default route.
+    pub prefix: Option<&'a str>,
+    /// Providers, in the order to try them.
+    pub providers: Vec<&'a ProviderEntry>,
+}
+
+/// The configured providers by name, and the routes per channel and destination prefix.
 #[derive(Clone)]
 pub struct ProviderRegistry {
-    by_name: BTreeMap<String, Arc<dyn Provider>>,
-    routes: BTreeMap<Channel, Vec<Arc<dyn Provider>>>,
+    by_name: BTreeMap<String, ProviderEntry>,
+    routes: RoutesConfig,
 }
 
 impl std::fmt::Debug for ProviderRegistry {
@@ -127,12 +155,22 @@ impl std::fmt::Debug for ProviderRegistry {
 }
 
 impl ProviderRegistry {
-    /// Builds every configured provider and resolves the routes (validated by `Config`).
+    /// Builds every configured provider and takes the routes (validated by `Config`).
     pub async fn from_config(config: &Config) -> Result<Self, ProviderBuildError> {
-        let mut by_name: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
-        for (name, provider) in &config.providers {
-            let built: Arc<dyn Provider> = match provider {
-                ProviderConfig::Sandbox { outbox } => {
+        Self::from_config_with(config, BTreeMap::new()).await
+    }
+
+    /// Like [`ProviderRegistry::from_config`], but the providers named in `replacements` use the
+    /// given implementations (with the configured settings and routes): tests plug in here.
+    pub async fn from_config_with(
+        config: &Config,
+        mut replacements: BTreeMap<String, Arc<dyn Provider>>,
+    ) -> Result<Self, ProviderBuildError> {
+        let mut by_name = BTreeMap::new();
+        for (name, settings) in &config.providers {
+            let provider: Arc<dyn Provider> = match (replacements.remove(name), settings) {
+                (Some(replacement), _) => replacement,
+                (None, ProviderConfig::Sandbox { outbox, .. }) => {
                     Arc::new(SandboxProvider::open(name, outbox).await.map_err(|e| {
                         ProviderBuildError {
                             name: name.clone(),
@@ -141,46 +179,56 @@ impl ProviderRegistry {
                     })?)
                 }
             };
-            by_name.insert(name.clone(), built);
+            let entry = ProviderEntry {
+                provider,
+                kind: settings.kind(),
+                retry: settings.retry().clone(),
+                breaker: settings.breaker().clone(),
+            };
+            by_name.insert(name.clone(), entry);
         }
-        Self::with_routes(by_name, |channel| {
-            config.routes.for_channel(channel).to_vec()
+        if let Some(name) = replacements.keys().next() {
+            return Err(ProviderBuildError {
+                name: name.clone(),
+                problem: "replaces no configured provider".into(),
+            });
+        }
+        Ok(ProviderRegistry {
+            by_name,
+            routes: config.routes.clone(),
         })
     }
 
-    /// A registry from ready-made providers (tests plug in their own here).
-    pub fn with_routes(
-        by_name: BTreeMap<String, Arc<dyn Provider>>,
-        route: impl Fn(Channel) -> Vec<String>,
-    ) -> Result<Self, ProviderBuildError> {
-        let mut routes = BTreeMap::new();
-        for channel in Channel::DEFAULT_ORDER {
-            let mut providers = Vec::new();
-            for name in route(channel) {
-                let provider = by_name
-                    .get(&name)
-                    .cloned()
-                    .ok_or_else(|| ProviderBuildError {
-                        name: name.clone(),
-                        problem: format!("named in routes.{channel} but not configured"),
-                    })?;
-                providers.push(provider);
-            }
-            routes.insert(channel, providers);
+    /// The route for `channel` to `number` (the longest matching prefix route, else the
+    /// channel's default route).
+    pub fn route(&self, channel: Channel, number: Option<&str>) -> Route<'_> {
+        let by_prefix = self.routes.by_prefix.for_channel(channel);
+        let matched = number.zip(by_prefix).and_then(|(number, routes)| {
+            routes
+                .iter()
+                .filter(|(prefix, _)| number.starts_with(prefix.as_str()))
+                .max_by_key(|(prefix, _)| prefix.len())
+        });
+        let (prefix, names) = match matched {
+            Some((prefix, names)) => (Some(prefix.as_str()), names.as_slice()),
+            None => (None, self.routes.for_channel(channel)),
+        };
+        Route {
+            prefix,
+            providers: names
+                .iter()
+                .filter_map(|name| self.by_name.get(name))
+                .collect(),
         }
-        Ok(ProviderRegistry { by_name, routes })
     }
 
-    /// The providers for `channel`, in the order to try them.
-    pub fn route(&self, channel: Channel) -> &[Arc<dyn Provider>] {
-        self.routes
-            .get(&channel)
-            .map(Vec::as_slice)
-            .unwrap_or_default()
+    /// Every provider, by name.
+    pub fn entries(&self) -> impl Iterator<Item = &ProviderEntry> {
+        self.by_name.values()
     }
 
     /// A provider by its configured name.
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+    pub fn get(&self, name: &str) -> Option<&ProviderEntry> {
         self.by_name.get(name)
     }
 }

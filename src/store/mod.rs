@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 use crate::domain::{
-    AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason, Platform, Report,
-    TargetStatus,
+    Acknowledgement, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason, Platform,
+    Report, TargetStatus,
 };
 
 pub use sqlite::SqliteLedger;
@@ -108,6 +108,8 @@ pub struct AttemptEnd {
     pub provider_message: Option<String>,
     /// The provider's message id.
     pub provider_message_id: Option<String>,
+    /// When the same provider will be called again for this target, if it will.
+    pub next_retry_at: Option<Timestamp>,
 }
 
 /// A change to one target.
@@ -198,6 +200,18 @@ pub trait Ledger: Send + Sync + 'static {
         update: &TargetUpdate,
         now: Timestamp,
     ) -> Result<(), StoreError>;
+
+    /// Records a device's acknowledgement on target `index`.
+    async fn record_ack(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+        ack: Acknowledgement,
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
+    /// The internal key of a delivery, if known.
+    async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError>;
 
     /// Marks the delivery terminal.
     async fn finish(

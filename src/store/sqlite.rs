@@ -18,7 +18,8 @@ use super::{
     NewDelivery, Outcome, StoreError, TargetUpdate,
 };
 use crate::domain::{
-    Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, TargetResult, TargetStatus,
+    Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, TargetResult,
+    TargetStatus,
 };
 
 /// What an attempt left unanswered by a worker that went away is recorded as.
@@ -151,6 +152,10 @@ impl SqliteLedger {
             provider_message: row.try_get("provider_message")?,
             retry: row.try_get::<i64, _>("retry")? as u32,
             provider_message_id: row.try_get("provider_message_id")?,
+            next_retry_at: row
+                .try_get::<Option<i64>, _>("next_retry_at")?
+                .map(timestamp)
+                .transpose()?,
         })
     }
 
@@ -181,6 +186,7 @@ impl SqliteLedger {
                 reason,
                 hint: reason.map(FailureReason::hint),
                 detail: row.try_get("detail")?,
+                acknowledgement: parse_opt(row.try_get("ack")?)?,
                 attempts: target_attempts,
             });
         }
@@ -347,7 +353,7 @@ impl Ledger for SqliteLedger {
     ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, provider_code = ?, provider_message = ?,
-                                 provider_message_id = ?
+                                 provider_message_id = ?, next_retry_at = ?
              WHERE id = ?",
         )
         .bind(micros(end.ended_at))
@@ -356,6 +362,7 @@ impl Ledger for SqliteLedger {
         .bind(&end.provider_code)
         .bind(&end.provider_message)
         .bind(&end.provider_message_id)
+        .bind(end.next_retry_at.map(micros))
         .bind(attempt)
         .execute(&self.pool)
         .await?;
@@ -386,6 +393,34 @@ impl Ledger for SqliteLedger {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn record_ack(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+        ack: Acknowledgement,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE targets SET ack = ?, ack_at = ? WHERE delivery = ? AND idx = ?")
+            .bind(ack.as_str())
+            .bind(micros(now))
+            .bind(key)
+            .bind(index as i64)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE deliveries SET updated_at = ? WHERE id = ?")
+            .bind(micros(now))
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
+        Ok(self.key_of(id).await?.map(|(key, _, _)| key))
     }
 
     async fn finish(
@@ -540,6 +575,7 @@ mod tests {
                     provider_code: None,
                     provider_message: None,
                     provider_message_id: Some("m1".into()),
+                    next_retry_at: None,
                 },
             )
             .await

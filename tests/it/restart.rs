@@ -11,6 +11,8 @@ use otp_gateway::providers::{
 };
 use serde_json::json;
 
+use otp_gateway::config::Config;
+
 use crate::helpers::*;
 
 const JOBS: usize = 500;
@@ -33,7 +35,12 @@ impl Provider for SlowSandbox {
     }
 }
 
-async fn slow_providers(dir: &std::path::Path, latency: Duration) -> ProviderRegistry {
+/// The configured providers, with the sandbox behind `latency`.
+async fn slow_providers(
+    config: &Config,
+    dir: &std::path::Path,
+    latency: Duration,
+) -> ProviderRegistry {
     let sandbox = SandboxProvider::open("sandbox", &dir.join("outbox.jsonl"))
         .await
         .unwrap();
@@ -41,10 +48,9 @@ async fn slow_providers(dir: &std::path::Path, latency: Duration) -> ProviderReg
         inner: sandbox,
         latency,
     });
-    ProviderRegistry::with_routes(BTreeMap::from([("sandbox".to_owned(), slow)]), |_| {
-        vec!["sandbox".into()]
-    })
-    .unwrap()
+    ProviderRegistry::from_config_with(config, BTreeMap::from([("sandbox".to_owned(), slow)]))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -65,11 +71,9 @@ async fn a_restart_mid_stream_ends_every_job_with_exactly_one_report_and_one_sen
         ("delivery.max_in_flight", json!(16)),
     ];
 
-    let gateway = Gateway::start_with(
-        config(&names, dir.path(), &overrides),
-        slow_providers(dir.path(), Duration::from_millis(15)).await,
-    )
-    .await;
+    let settings = config(&names, dir.path(), &overrides);
+    let providers = slow_providers(&settings, dir.path(), Duration::from_millis(15)).await;
+    let gateway = Gateway::start_with(settings, providers).await;
     eventually(Duration::from_secs(60), "a first part of the jobs", || {
         outbox(dir.path()).len() >= 100
     })
@@ -81,11 +85,9 @@ async fn a_restart_mid_stream_ends_every_job_with_exactly_one_report_and_one_sen
         "the stop must land mid-stream (sent {first_run})"
     );
 
-    let gateway = Gateway::start_with(
-        config(&names, dir.path(), &overrides),
-        slow_providers(dir.path(), Duration::from_millis(15)).await,
-    )
-    .await;
+    let settings = config(&names, dir.path(), &overrides);
+    let providers = slow_providers(&settings, dir.path(), Duration::from_millis(15)).await;
+    let gateway = Gateway::start_with(settings, providers).await;
 
     // Exactly one terminal report per job, in the ledger that survived the restart.
     let mut client = gateway.client().await;
@@ -167,9 +169,10 @@ async fn jobs_still_running_when_the_grace_period_ends_are_redelivered_and_finis
     let dir = tempfile::tempdir().unwrap();
     let names = Names::new("grace");
     let mut broker = Broker::connect(&names).await;
-    let hanging = slow_providers(dir.path(), Duration::from_secs(30)).await;
     let overrides = [("delivery.shutdown_grace", json!("300ms"))];
-    let gateway = Gateway::start_with(config(&names, dir.path(), &overrides), hanging).await;
+    let settings = config(&names, dir.path(), &overrides);
+    let hanging = slow_providers(&settings, dir.path(), Duration::from_secs(30)).await;
+    let gateway = Gateway::start_with(settings, hanging).await;
     broker.publish_json(&job("stuck", "246810")).await;
     let mut client = gateway.client().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
