@@ -6,6 +6,7 @@ mod helpers;
 
 mod broker_outage;
 mod cli;
+mod engine;
 mod grpc_api;
 mod logs;
 mod queue_jobs;

@@ -1,0 +1,732 @@
+//! The delivery engine with scripted providers (per-call outcomes and latencies, answers by
+//! recipient) and the real SQLite ledger: retries and their delays, Retry-After, the deadline,
+//! breakers and the status page, failover, push acknowledgements and escalation.
+//! (Real short intervals rather than tokio's paused clock: with paused time tokio jumps its
+//! timers whenever the runtime waits on SQLite's worker threads, which would fire timeouts
+//! spuriously. The breaker and back-off state machines have paused-clock unit tests.)
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use figment::providers::Serialized;
+use otp_gateway::config::Config;
+use otp_gateway::delivery::{
+    AckOutcome, CircuitState, DeliveryService, Dispatcher, EngineSettings, Handled,
+};
+use otp_gateway::domain::{
+    Acknowledgement, AttemptOutcome, DeliveryStatus, FailureReason, Job, Report, SystemClock,
+    TargetStatus,
+};
+use otp_gateway::providers::{
+    OutboundMessage, Provider, ProviderAccept, ProviderError, ProviderRegistry, Recipient,
+};
+use otp_gateway::store::SqliteLedger;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+/// One scripted answer.
+#[derive(Clone)]
+pub enum Step {
+    Accept(Duration),
+    Fail(Duration, ProviderError),
+}
+
+/// A provider that answers from a script, then with its default; some recipients always get
+/// their own answer. Records when each call came.
+pub struct Scripted {
+    name: String,
+    script: Mutex<VecDeque<Step>>,
+    default: Mutex<Step>,
+    by_recipient: HashMap<String, ProviderError>,
+    pub calls: Mutex<Vec<(Instant, String)>>,
+}
+
+impl Scripted {
+    pub fn new(name: &str, script: Vec<Step>, default: Step) -> Arc<Self> {
+        Self::with_recipients(name, script, default, HashMap::new())
+    }
+
+    pub fn with_recipients(
+        name: &str,
+        script: Vec<Step>,
+        default: Step,
+        by_recipient: HashMap<String, ProviderError>,
+    ) -> Arc<Self> {
+        Arc::new(Scripted {
+            name: name.to_owned(),
+            script: Mutex::new(script.into()),
+            default: Mutex::new(default),
+            by_recipient,
+            calls: Mutex::default(),
+        })
+    }
+
+    pub fn set_default(&self, step: Step) {
+        *self.default.lock().unwrap() = step;
+    }
+
+    pub fn call_times(&self) -> Vec<Instant> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| *at)
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Provider for Scripted {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
+        let recipient = match message.recipient {
+            Recipient::Phone(number) => number.to_owned(),
+            Recipient::Device { token, .. } => token.to_owned(),
+        };
+        self.calls
+            .lock()
+            .unwrap()
+            .push((Instant::now(), recipient.clone()));
+        if let Some(error) = self.by_recipient.get(&recipient) {
+            return Err(error.clone());
+        }
+        let step = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| self.default.lock().unwrap().clone());
+        match step {
+            Step::Accept(latency) => {
+                tokio::time::sleep(latency).await;
+                Ok(ProviderAccept {
+                    message_id: Some(format!("{}-{}", self.name, uuid::Uuid::new_v4().simple())),
+                })
+            }
+            Step::Fail(latency, error) => {
+                tokio::time::sleep(latency).await;
+                Err(error)
+            }
+        }
+    }
+}
+
+pub fn unavailable() -> ProviderError {
+    ProviderError::new(
+        FailureReason::ProviderUnavailable,
+        Some("503"),
+        "Service Unavailable",
+    )
+}
+
+pub fn ok() -> Step {
+    Step::Accept(Duration::ZERO)
+}
+
+pub fn fail(error: ProviderError) -> Step {
+    Step::Fail(Duration::ZERO, error)
+}
+
+/// A provider section with quick retries and a quick breaker.
+pub fn provider_settings(dir: &std::path::Path, name: &str, retry: Value, breaker: Value) -> Value {
+    json!({"kind": "sandbox", "outbox": dir.join(format!("{name}.jsonl")), "retry": retry, "breaker": breaker})
+}
+
+/// A configuration with `providers`, the given routes and overrides.
+pub fn engine_config(
+    dir: &std::path::Path,
+    providers: Value,
+    overrides: &[(&str, Value)],
+) -> Config {
+    let mut figment = Config::figment(None)
+        .merge(Serialized::default(
+            "store.url",
+            format!("sqlite://{}/ledger.db", dir.display()),
+        ))
+        .merge(Serialized::default("providers", providers));
+    for (key, value) in overrides {
+        figment = figment.merge(Serialized::default(key, value));
+    }
+    Config::from_figment(figment).expect("valid test configuration")
+}
+
+/// A delivery service over the real SQLite ledger and the given provider implementations.
+pub async fn engine(
+    config: &Config,
+    replacements: Vec<(&str, Arc<dyn Provider>)>,
+) -> Arc<DeliveryService> {
+    let replacements = replacements
+        .into_iter()
+        .map(|(n, p)| (n.to_owned(), p))
+        .collect::<BTreeMap<_, _>>();
+    let registry = ProviderRegistry::from_config_with(config, replacements)
+        .await
+        .unwrap();
+    let ledger = Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap());
+    let dispatcher = Dispatcher::new(
+        registry,
+        EngineSettings::from_config(&config.delivery, &config.tenants),
+    );
+    Arc::new(DeliveryService::new(
+        ledger,
+        dispatcher,
+        Arc::new(SystemClock),
+        "test-worker".into(),
+    ))
+}
+
+pub fn in_secs(seconds: f64) -> String {
+    (jiff::Timestamp::now() + jiff::SignedDuration::from_secs_f64(seconds)).to_string()
+}
+
+pub fn job(job_id: &str, expires_in_secs: f64, channels: &[&str], targets: Value) -> Job {
+    let body = json!({
+        "job_id": job_id, "tenant": "acme", "account": "user-42", "code": "482913",
+        "expires_at": in_secs(expires_in_secs), "channels": channels, "targets": targets,
+    });
+    Job::from_json(body.to_string().as_bytes()).unwrap()
+}
+
+pub async fn deliver(service: &DeliveryService, job: &Job) -> Report {
+    match service.handle(job, false).await.unwrap() {
+        Handled::Finished { report, .. } => report,
+        Handled::HeldElsewhere(_) => panic!("nobody else holds it"),
+    }
+}
+
+fn phone(number: &str) -> Value {
+    json!({"phone": {"number": number}})
+}
+
+fn device(id: &str, token: &str) -> Value {
+    json!({"device": {"id": id, "platform": "apns", "token": token}})
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_with_delays_within_the_configured_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let retry = json!({"initial_interval": "100ms", "multiplier": 2.0, "max_interval": "1s", "max_attempts": 3});
+    let config = engine_config(
+        dir.path(),
+        json!({"primary": provider_settings(dir.path(), "primary", retry, json!({}))}),
+        &[(
+            "routes",
+            json!({"push": ["primary"], "sms": ["primary"], "voice": ["primary"]}),
+        )],
+    );
+    let primary = Scripted::new(
+        "primary",
+        vec![fail(unavailable()), fail(unavailable())],
+        ok(),
+    );
+    let service = engine(&config, vec![("primary", primary.clone())]).await;
+
+    let report = deliver(
+        &service,
+        &job("retry", 60.0, &["sms"], json!([phone("+14155550101")])),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let attempts = &report.targets[0].attempts;
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(
+        attempts.iter().map(|a| a.retry).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    assert_eq!(attempts[0].outcome, AttemptOutcome::Failed);
+    assert_eq!(attempts[0].provider_code.as_deref(), Some("503"));
+    assert!(attempts[0].next_retry_at.is_some() && attempts[1].next_retry_at.is_some());
+    assert_eq!(attempts[2].outcome, AttemptOutcome::Sent);
+
+    // Full jitter: each delay lies between 0 and its bound (100 ms, then 200 ms), plus the
+    // time it takes to record an attempt.
+    let times = primary.call_times();
+    let slack = Duration::from_millis(150);
+    assert!(
+        times[1] - times[0] <= Duration::from_millis(100) + slack,
+        "{:?}",
+        times[1] - times[0]
+    );
+    assert!(
+        times[2] - times[1] <= Duration::from_millis(200) + slack,
+        "{:?}",
+        times[2] - times[1]
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_and_the_deadline_stops_retries_before_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let retry = json!({"initial_interval": "50ms", "multiplier": 1.0, "max_interval": "50ms", "max_attempts": 1000});
+    let config = engine_config(
+        dir.path(),
+        json!({"primary": provider_settings(dir.path(), "primary", retry, json!({"consecutive_failures": 1000, "window": 1000, "min_calls": 1000, "error_rate": 1.0}))}),
+        &[
+            (
+                "routes",
+                json!({"push": ["primary"], "sms": ["primary"], "voice": ["primary"]}),
+            ),
+            ("delivery.expiry_margin", json!("300ms")),
+        ],
+    );
+    let mut throttled = ProviderError::new(
+        FailureReason::ProviderThrottled,
+        Some("429"),
+        "Too Many Requests",
+    );
+    throttled.retry_after = Some(Duration::from_millis(400));
+    let primary = Scripted::new("primary", vec![fail(throttled)], ok());
+    let service = engine(&config, vec![("primary", primary.clone())]).await;
+    let report = deliver(
+        &service,
+        &job(
+            "retry-after",
+            60.0,
+            &["sms"],
+            json!([phone("+14155550101")]),
+        ),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let times = primary.call_times();
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(400),
+        "waited {:?}",
+        times[1] - times[0]
+    );
+
+    // Always unavailable: retries stop before the code expires, and the report says so.
+    primary.set_default(fail(unavailable()));
+    let job = job("deadline", 1.5, &["sms"], json!([phone("+14155550101")]));
+    let report = deliver(&service, &job).await;
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert_eq!(report.reason, Some(FailureReason::CodeExpired));
+    let target = &report.targets[0];
+    assert_eq!(target.reason, Some(FailureReason::CodeExpired));
+    assert!(
+        target
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("no provider accepted the code before it expired"),
+        "{target:?}"
+    );
+    assert!(
+        target.attempts.len() > 3,
+        "it kept retrying until the deadline"
+    );
+    let deadline = job.expires_at - jiff::SignedDuration::from_millis(300);
+    assert!(
+        target.attempts.iter().all(|a| a.started_at < deadline),
+        "no attempt after the deadline"
+    );
+    assert!(
+        target.attempts.last().unwrap().next_retry_at.is_none(),
+        "the last one plans no retry"
+    );
+    assert!(
+        report
+            .summary
+            .contains("no provider accepted the code before it expired"),
+        "{}",
+        report.summary
+    );
+}
+
+#[tokio::test]
+async fn a_failing_primary_opens_its_circuit_is_skipped_then_probed_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = json!({"max_attempts": 1});
+    let breaker = json!({"consecutive_failures": 3, "cool_down": "500ms"});
+    let config = engine_config(
+        dir.path(),
+        json!({
+            "primary": provider_settings(dir.path(), "primary", once.clone(), breaker.clone()),
+            "secondary": provider_settings(dir.path(), "secondary", once, breaker),
+        }),
+        &[(
+            "routes",
+            json!({"push": ["primary"], "sms": ["primary", "secondary"], "voice": ["primary"]}),
+        )],
+    );
+    let primary = Scripted::new("primary", vec![], fail(unavailable()));
+    let secondary = Scripted::new("secondary", vec![], ok());
+    let service = engine(
+        &config,
+        vec![
+            ("primary", primary.clone()),
+            ("secondary", secondary.clone()),
+        ],
+    )
+    .await;
+    let circuit = |name: &str| {
+        let health = service.provider_health();
+        let provider = health.iter().find(|p| p.name == name).unwrap().clone();
+        provider.circuit
+    };
+
+    for i in 0..3 {
+        let report = deliver(
+            &service,
+            &job(
+                &format!("open-{i}"),
+                60.0,
+                &["sms"],
+                json!([phone("+14155550101")]),
+            ),
+        )
+        .await;
+        assert_eq!(
+            report.status,
+            DeliveryStatus::Sent,
+            "failover to the secondary"
+        );
+        let providers: Vec<_> = report.targets[0]
+            .attempts
+            .iter()
+            .map(|a| a.provider.as_str())
+            .collect();
+        assert_eq!(providers, ["primary", "secondary"]);
+    }
+    let status = circuit("primary");
+    assert_eq!(status.state, CircuitState::Open);
+    assert_eq!(status.error_rate, 1.0);
+    assert!(status.last_error.unwrap().0.contains("Service Unavailable"));
+    assert_eq!(circuit("secondary").state, CircuitState::Closed);
+
+    // Open: later jobs skip the primary without an attempt.
+    let report = deliver(
+        &service,
+        &job("skipped", 60.0, &["sms"], json!([phone("+14155550101")])),
+    )
+    .await;
+    let providers: Vec<_> = report.targets[0]
+        .attempts
+        .iter()
+        .map(|a| a.provider.as_str())
+        .collect();
+    assert_eq!(providers, ["secondary"]);
+    assert_eq!(primary.call_times().len(), 3);
+
+    // After the cool-down one probe goes through; its success closes the circuit.
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert_eq!(circuit("primary").state, CircuitState::HalfOpen);
+    primary.set_default(ok());
+    let report = deliver(
+        &service,
+        &job("probe", 60.0, &["sms"], json!([phone("+14155550101")])),
+    )
+    .await;
+    let providers: Vec<_> = report.targets[0]
+        .attempts
+        .iter()
+        .map(|a| a.provider.as_str())
+        .collect();
+    assert_eq!(providers, ["primary"]);
+    assert_eq!(circuit("primary").state, CircuitState::Closed);
+    let health = service.provider_health();
+    let primary_routes = &health.iter().find(|p| p.name == "primary").unwrap().routes;
+    assert!(
+        primary_routes
+            .iter()
+            .any(|(route, _, snapshot)| route == "*" && snapshot.state == CircuitState::Closed)
+    );
+}
+
+#[tokio::test]
+async fn a_recipient_level_failure_moves_to_the_next_number_and_prefix_routes_are_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({
+            "us": provider_settings(dir.path(), "us", json!({}), json!({})),
+            "world": provider_settings(dir.path(), "world", json!({}), json!({})),
+        }),
+        &[(
+            "routes",
+            json!({"push": ["world"], "sms": ["world"], "voice": ["world"], "by_prefix": {"sms": {"+1": ["us"]}}}),
+        )],
+    );
+    let unknown = ProviderError::new(
+        FailureReason::RecipientUnknown,
+        Some("30005"),
+        "Unknown destination handset",
+    );
+    let us = Scripted::with_recipients(
+        "us",
+        vec![],
+        ok(),
+        HashMap::from([("+14155550101".to_owned(), unknown)]),
+    );
+    let world = Scripted::new("world", vec![], ok());
+    let service = engine(&config, vec![("us", us.clone()), ("world", world.clone())]).await;
+
+    let targets = json!([phone("+14155550101"), phone("+4930123456789")]);
+    let report = deliver(&service, &job("next-number", 60.0, &["sms"], targets)).await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let first = &report.targets[0];
+    assert_eq!(first.status, TargetStatus::Failed);
+    assert_eq!(first.reason, Some(FailureReason::RecipientUnknown));
+    assert_eq!(
+        first.attempts.len(),
+        1,
+        "a permanent recipient error is not retried"
+    );
+    assert_eq!(
+        first.attempts[0].provider, "us",
+        "+1 goes through its prefix route"
+    );
+    assert_eq!(report.targets[1].status, TargetStatus::Sent);
+    assert_eq!(report.targets[1].attempts[0].provider, "world");
+    assert!(
+        report.summary.contains("RECIPIENT_UNKNOWN"),
+        "{}",
+        report.summary
+    );
+}
+
+/// Engine with the sandbox for push (tokens `unregistered…` fail like APNs 410) and a scripted
+/// SMS provider, and a short acknowledgement timeout.
+async fn push_then_sms(
+    dir: &std::path::Path,
+    ack_timeout: &str,
+) -> (Arc<DeliveryService>, Arc<Scripted>) {
+    let config = engine_config(
+        dir,
+        json!({
+            "push": provider_settings(dir, "push", json!({}), json!({})),
+            "sms": provider_settings(dir, "sms", json!({}), json!({})),
+        }),
+        &[
+            (
+                "routes",
+                json!({"push": ["push"], "sms": ["sms"], "voice": ["sms"]}),
+            ),
+            ("delivery.push_ack_timeout", json!(ack_timeout)),
+            ("tenants.quiet.push_acknowledgement", json!(false)),
+        ],
+    );
+    let sms = Scripted::new("sms", vec![], ok());
+    (engine(&config, vec![("sms", sms.clone())]).await, sms)
+}
+
+/// Waits until every device target of `job_id` has a SENT push attempt.
+async fn pushes_sent(service: &DeliveryService, job_id: &str, devices: usize) {
+    let id = format!("acme/{job_id}").parse().unwrap();
+    for _ in 0..200 {
+        if let Some(report) = service.ledger().get(&id).await.unwrap() {
+            let sent = report
+                .targets
+                .iter()
+                .filter(|t| t.attempts.iter().any(|a| a.outcome == AttemptOutcome::Sent))
+                .count();
+            if sent >= devices {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the pushes were never sent");
+}
+
+#[tokio::test]
+async fn an_unregistered_device_and_no_acknowledgement_escalate_to_sms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, sms) = push_then_sms(dir.path(), "300ms").await;
+    let targets = json!([
+        device("old-phone", "unregistered-a1b2c3d4e5f6"),
+        device("ipad-1", "a1b2c3d4e5f6a7b8"),
+        phone("+14155550101")
+    ]);
+    let report = deliver(&service, &job("escalate", 60.0, &["push", "sms"], targets)).await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    assert_eq!(
+        report.targets[0].reason,
+        Some(FailureReason::DeviceUnregistered)
+    );
+    assert!(
+        report.targets[0]
+            .hint
+            .unwrap()
+            .contains("remove this device")
+    );
+    assert_eq!(
+        report.targets[1].reason,
+        Some(FailureReason::PushNotAcknowledged)
+    );
+    assert_eq!(report.targets[2].status, TargetStatus::Sent);
+    assert_eq!(sms.call_times().len(), 1);
+    assert!(
+        report.summary.contains("PUSH_NOT_ACKNOWLEDGED"),
+        "{}",
+        report.summary
+    );
+}
+
+#[tokio::test]
+async fn denied_on_a_device_stops_the_chain_and_shown_makes_it_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, sms) = push_then_sms(dir.path(), "10s").await;
+
+    // DENIED: FAILED / USER_DENIED at once, and no SMS.
+    let job_denied = job(
+        "denied",
+        60.0,
+        &["push", "sms"],
+        json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
+    );
+    let running = tokio::spawn({
+        let service = Arc::clone(&service);
+        async move { deliver(&service, &job_denied).await }
+    });
+    pushes_sent(&service, "denied", 1).await;
+    let id = "acme/denied".parse().unwrap();
+    let unknown = service
+        .acknowledge(&id, "not-a-device", Acknowledgement::Denied)
+        .await;
+    assert!(unknown.unwrap_err().to_string().contains("not a target"));
+    assert!(matches!(
+        service
+            .acknowledge(&id, "ipad-1", Acknowledgement::Denied)
+            .await
+            .unwrap(),
+        AckOutcome::Recorded(_)
+    ));
+    let started = Instant::now();
+    let report = running.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the denial ends the wait at once"
+    );
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert_eq!(report.reason, Some(FailureReason::UserDenied));
+    assert_eq!(
+        report.targets[0].acknowledgement,
+        Some(Acknowledgement::Denied)
+    );
+    assert_eq!(report.targets[1].status, TargetStatus::Skipped);
+    assert!(report.targets[1].attempts.is_empty());
+    assert!(sms.call_times().is_empty(), "no SMS after a denial");
+
+    // Two devices, one SHOWN: DELIVERED, and no SMS.
+    let two = json!([
+        device("ipad-1", "a1b2c3d4e5f6a7b8"),
+        device("phone-2", "b2c3d4e5f6a7b8c9"),
+        phone("+14155550101")
+    ]);
+    let job_shown = job("shown", 60.0, &["push", "sms"], two);
+    let running = tokio::spawn({
+        let service = Arc::clone(&service);
+        async move { deliver(&service, &job_shown).await }
+    });
+    pushes_sent(&service, "shown", 2).await;
+    service
+        .acknowledge(
+            &"acme/shown".parse().unwrap(),
+            "phone-2",
+            Acknowledgement::Shown,
+        )
+        .await
+        .unwrap();
+    let report = running.await.unwrap();
+    assert_eq!(report.status, DeliveryStatus::Delivered);
+    assert_eq!(report.reason, None);
+    assert_eq!(report.targets[1].status, TargetStatus::Delivered);
+    assert_eq!(report.targets[0].status, TargetStatus::Sent);
+    assert_eq!(report.targets[2].status, TargetStatus::Skipped);
+    assert!(sms.call_times().is_empty());
+
+    // Finished deliveries refuse acknowledgements.
+    let late = service
+        .acknowledge(
+            &"acme/shown".parse().unwrap(),
+            "ipad-1",
+            Acknowledgement::Shown,
+        )
+        .await;
+    assert!(late.unwrap_err().to_string().contains("final"));
+}
+
+#[tokio::test]
+async fn without_acknowledgements_an_accepted_push_is_sent_and_a_later_shown_delivers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, sms) = push_then_sms(dir.path(), "10s").await;
+    let body = json!({
+        "job_id": "no-ack", "tenant": "quiet", "account": "a", "code": "482913", "expires_at": in_secs(60.0),
+        "targets": [device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")],
+    });
+    let job = Job::from_json(body.to_string().as_bytes()).unwrap();
+    let report = deliver(&service, &job).await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    assert!(sms.call_times().is_empty());
+    let outcome = service
+        .acknowledge(
+            &"quiet/no-ack".parse().unwrap(),
+            "ipad-1",
+            Acknowledgement::Shown,
+        )
+        .await
+        .unwrap();
+    let AckOutcome::Finished(report) = outcome else {
+        panic!("a SENT delivery is finished by the acknowledgement")
+    };
+    assert_eq!(report.status, DeliveryStatus::Delivered);
+    assert_eq!(report.targets[0].status, TargetStatus::Delivered);
+}
+
+#[tokio::test]
+async fn a_thousand_jobs_through_a_slow_provider_run_concurrently() {
+    use crate::helpers::{Broker, Gateway, Names, broker_available, config};
+    if !broker_available().await {
+        return;
+    }
+    const JOBS: usize = 1000;
+    const MAX_IN_FLIGHT: usize = 100;
+    const LATENCY: Duration = Duration::from_millis(200);
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("concurrency");
+    let mut broker = Broker::connect(&names).await;
+    for i in 0..JOBS {
+        let mut job = crate::helpers::job(&format!("c-{i}"), "482913");
+        job["targets"] = json!([phone(&format!("+1415555{i:04}"))]);
+        broker.publish_json(&job).await;
+    }
+    let overrides = [
+        ("amqp.prefetch", json!(MAX_IN_FLIGHT)),
+        ("delivery.max_in_flight", json!(MAX_IN_FLIGHT)),
+    ];
+    let settings = config(&names, dir.path(), &overrides);
+    let slow = Scripted::new("sandbox", vec![], Step::Accept(LATENCY));
+    let replacements = BTreeMap::from([("sandbox".to_owned(), slow.clone() as Arc<dyn Provider>)]);
+    let providers = ProviderRegistry::from_config_with(&settings, replacements)
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let gateway = Gateway::start_with(settings, providers).await;
+    let events = broker.events_for(JOBS, Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    assert!(events.values().all(|r| r["status"] == "SENT"));
+    assert_eq!(slow.call_times().len(), JOBS);
+
+    let ideal = LATENCY * (JOBS / MAX_IN_FLIGHT) as u32; // 2 s
+    let serial = LATENCY * JOBS as u32; // 200 s
+    eprintln!(
+        "{JOBS} jobs, {MAX_IN_FLIGHT} in flight, {LATENCY:?} per call: {elapsed:?} (ideal {ideal:?}, serial {serial:?})"
+    );
+    assert!(
+        elapsed >= ideal,
+        "faster than physically possible: {elapsed:?}"
+    );
+    assert!(
+        elapsed < serial / 10,
+        "{elapsed:?} is not far from serial ({serial:?})"
+    );
+    gateway.stop().await;
+    broker.cleanup().await;
+}
