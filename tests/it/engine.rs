@@ -730,3 +730,56 @@ async fn a_thousand_jobs_through_a_slow_provider_run_concurrently() {
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_hanging_provider_times_out_without_stalling_jobs_routed_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = json!({"max_attempts": 1});
+    let config = engine_config(
+        dir.path(),
+        json!({
+            "hanging": provider_settings(dir.path(), "hanging", once.clone(), json!({})),
+            "fast": provider_settings(dir.path(), "fast", once, json!({})),
+        }),
+        &[
+            (
+                "routes",
+                json!({"push": ["fast"], "sms": ["fast"], "voice": ["fast"], "by_prefix": {"sms": {"+44": ["hanging"]}}}),
+            ),
+            ("delivery.provider_timeout", json!("500ms")),
+        ],
+    );
+    let hanging = Scripted::new("hanging", vec![], Step::Accept(Duration::from_secs(60)));
+    let fast = Scripted::new("fast", vec![], ok());
+    let service = engine(&config, vec![("hanging", hanging), ("fast", fast)]).await;
+
+    let slow_job = job("to-uk", 60.0, &["sms"], json!([phone("+447700900123")]));
+    let started = Instant::now();
+    let slow = tokio::spawn({
+        let service = Arc::clone(&service);
+        async move { (deliver(&service, &slow_job).await, started.elapsed()) }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let report = deliver(
+        &service,
+        &job("to-us", 60.0, &["sms"], json!([phone("+14155550101")])),
+    )
+    .await;
+    let fast_done = started.elapsed();
+    assert_eq!(report.status, DeliveryStatus::Sent);
+
+    let (report, slow_done) = slow.await.unwrap();
+    assert!(
+        fast_done < slow_done,
+        "the fast route finished ({fast_done:?}) while the other hung ({slow_done:?})"
+    );
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert_eq!(
+        report.targets[0].attempts[0].reason,
+        Some(FailureReason::ProviderTimeout)
+    );
+    assert!(
+        slow_done < Duration::from_secs(5),
+        "the per-call timeout ended the hang: {slow_done:?}"
+    );
+}

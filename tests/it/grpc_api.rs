@@ -258,3 +258,144 @@ async fn bad_requests_and_unknown_ids_get_clear_statuses() {
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn acknowledge_delivery_denied_stops_escalation_and_the_event_says_so() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("grpc-ack");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(
+        &names,
+        dir.path(),
+        &[("delivery.push_ack_timeout", serde_json::json!("20s"))],
+    ))
+    .await;
+    let mut client = gateway.client().await;
+
+    let mut job = grpc_job("ack-1", "+14155550101");
+    job.targets.insert(
+        0,
+        v1::Target {
+            kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
+                id: "ipad-1".into(),
+                platform: v1::Platform::Apns as i32,
+                token: "a1b2c3d4e5f6a7b8c9d0".into(),
+                ..Default::default()
+            })),
+        },
+    );
+    client
+        .send_code(v1::SendCodeRequest { job: Some(job) })
+        .await
+        .unwrap();
+
+    // WatchDelivery shows the delivery under way: the push accepted, waiting for the device.
+    let mut stream = client
+        .watch_delivery(v1::WatchDeliveryRequest {
+            delivery_id: "acme/ack-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let report = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            !otp_gateway::proto::is_terminal(&report),
+            "not terminal before the acknowledgement"
+        );
+        let push = &report.targets[0];
+        if push
+            .attempts
+            .first()
+            .is_some_and(|a| a.outcome == v1::AttemptOutcome::Sent as i32)
+        {
+            break;
+        }
+    }
+
+    let wrong_device = client
+        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
+            delivery_id: "acme/ack-1".into(),
+            device_id: "someone-elses".into(),
+            acknowledgement: v1::Acknowledgement::Denied as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_device.code(), Code::InvalidArgument);
+    assert_eq!(
+        wrong_device.metadata().get("x-otp-field").unwrap(),
+        "device_id"
+    );
+    let no_action = client
+        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
+            delivery_id: "acme/ack-1".into(),
+            device_id: "ipad-1".into(),
+            acknowledgement: 0,
+        })
+        .await
+        .unwrap_err();
+    assert!(no_action.message().contains("acknowledgement"));
+
+    client
+        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
+            delivery_id: "acme/ack-1".into(),
+            device_id: "ipad-1".into(),
+            acknowledgement: v1::Acknowledgement::Denied as i32,
+        })
+        .await
+        .unwrap();
+    let (routing_key, report) = broker.next_event(Duration::from_secs(10)).await;
+    assert_eq!(routing_key, "delivery.failed");
+    assert_eq!(report["reason"], "USER_DENIED");
+    assert_eq!(report["targets"][0]["acknowledgement"], "DENIED");
+    assert_eq!(report["targets"][1]["status"], "SKIPPED");
+    let sent: Vec<_> = outbox(dir.path())
+        .into_iter()
+        .map(|l| l["channel"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent, ["push"], "no SMS after the user denied");
+
+    let finished = client
+        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
+            delivery_id: "acme/ack-1".into(),
+            device_id: "ipad-1".into(),
+            acknowledgement: v1::Acknowledgement::Shown as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(finished.code(), Code::FailedPrecondition);
+
+    // The status page over gRPC.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gateway.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let providers = otp_gateway::proto::v1::providers_client::ProvidersClient::new(channel)
+        .list_providers(v1::ListProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .providers;
+    let sandbox = providers.iter().find(|p| p.name == "sandbox").unwrap();
+    assert_eq!(sandbox.kind, "sandbox");
+    let circuit = sandbox.circuit.as_ref().unwrap();
+    assert_eq!(circuit.state, v1::CircuitState::Closed as i32);
+    assert_eq!(circuit.calls, 1);
+    assert!(circuit.latency_p50.is_some());
+    assert!(
+        sandbox
+            .routes
+            .iter()
+            .any(|r| r.route == "*" && r.channel == v1::Channel::Push as i32)
+    );
+    gateway.stop().await;
+    broker.cleanup().await;
+}
