@@ -41,6 +41,7 @@ pub struct Scripted {
     default: Mutex<Step>,
     by_recipient: HashMap<String, ProviderError>,
     pub calls: Mutex<Vec<(Instant, String)>>,
+    pub texts: Mutex<Vec<String>>,
 }
 
 impl Scripted {
@@ -60,6 +61,7 @@ impl Scripted {
             default: Mutex::new(default),
             by_recipient,
             calls: Mutex::default(),
+            texts: Mutex::default(),
         })
     }
 
@@ -781,5 +783,65 @@ async fn a_hanging_provider_times_out_without_stalling_jobs_routed_elsewhere() {
     assert!(
         slow_done < Duration::from_secs(5),
         "the per-call timeout ended the hang: {slow_done:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_provider_level_refusal_fails_over_at_once_with_the_same_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let three = json!({"max_attempts": 3, "initial_interval": "10ms"});
+    let config = engine_config(
+        dir.path(),
+        json!({
+            "broken": provider_settings(dir.path(), "broken", three.clone(), json!({})),
+            "good": provider_settings(dir.path(), "good", three, json!({})),
+        }),
+        &[(
+            "routes",
+            json!({"push": ["good"], "sms": ["broken", "good"], "voice": ["good"]}),
+        )],
+    );
+    let misconfigured = ProviderError::new(
+        FailureReason::ProviderMisconfigured,
+        Some("20003"),
+        "Authenticate",
+    );
+    let broken = Scripted::new("broken", vec![], fail(misconfigured));
+    let good = Scripted::new("good", vec![], ok());
+    let service = engine(
+        &config,
+        vec![("broken", broken.clone()), ("good", good.clone())],
+    )
+    .await;
+    let report = deliver(
+        &service,
+        &job("failover", 60.0, &["sms"], json!([phone("+14155550101")])),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let attempts = &report.targets[0].attempts;
+    assert_eq!(
+        attempts.len(),
+        2,
+        "a provider-level refusal is not retried on the same provider"
+    );
+    assert_eq!(
+        (attempts[0].provider.as_str(), attempts[0].reason),
+        ("broken", Some(FailureReason::ProviderMisconfigured))
+    );
+    assert_eq!(attempts[0].provider_code.as_deref(), Some("20003"));
+    assert!(attempts[0].next_retry_at.is_none());
+    assert_eq!(attempts[1].provider, "good");
+    let texts: Vec<String> = broken
+        .texts
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(good.texts.lock().unwrap().iter())
+        .cloned()
+        .collect();
+    assert!(
+        texts.iter().all(|t| t.contains("482913")),
+        "the same code throughout: {texts:?}"
     );
 }
