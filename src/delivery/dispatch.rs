@@ -35,6 +35,11 @@ const DEFAULT_ROUTE: &str = "*";
 /// replica (acknowledgements made here wake it at once).
 const ACK_POLL: Duration = Duration::from_millis(250);
 
+/// Why a target was not tried: the code reached the user another way.
+const ALREADY_REACHED: &str = "the code already reached the user";
+/// Why a target was not tried: the deadline came first.
+const EXPIRED_UNTRIED: &str = "the code expired before it was tried";
+
 /// How dispatch ended, before the headline reason and summary are worked out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -270,21 +275,17 @@ impl Dispatcher {
             });
         }
         if standing.contains(&Standing::Reached) {
-            self.skip_open(
-                &mut standing,
-                job,
-                "the code already reached the user",
-                progress,
-            )
-            .await?;
+            self.close_untried(&mut standing, job, None, ALREADY_REACHED, progress)
+                .await?;
             return Ok(Verdict::Reached);
         }
         for channel in channels {
             if progress.now() >= deadline {
-                self.expire_open(
+                self.close_untried(
                     &mut standing,
                     job,
-                    "the code expired before it was tried",
+                    Some(FailureReason::CodeExpired),
+                    EXPIRED_UNTRIED,
                     progress,
                 )
                 .await?;
@@ -302,19 +303,15 @@ impl Dispatcher {
             };
             match end {
                 StageEnd::Reached => {
-                    self.skip_open(
-                        &mut standing,
-                        job,
-                        "the code already reached the user",
-                        progress,
-                    )
-                    .await?;
+                    self.close_untried(&mut standing, job, None, ALREADY_REACHED, progress)
+                        .await?;
                     return Ok(Verdict::Reached);
                 }
                 StageEnd::Denied => {
-                    self.skip_open(
+                    self.close_untried(
                         &mut standing,
                         job,
+                        None,
                         "the user denied the request on a device",
                         progress,
                     )
@@ -322,10 +319,11 @@ impl Dispatcher {
                     return Ok(Verdict::Failed(Some(FailureReason::UserDenied)));
                 }
                 StageEnd::Expired => {
-                    self.expire_open(
+                    self.close_untried(
                         &mut standing,
                         job,
-                        "the code expired before it was tried",
+                        Some(FailureReason::CodeExpired),
+                        EXPIRED_UNTRIED,
                         progress,
                     )
                     .await?;
@@ -334,9 +332,10 @@ impl Dispatcher {
                 StageEnd::NotReached => {}
             }
         }
-        self.skip_open(
+        self.close_untried(
             &mut standing,
             job,
+            None,
             "every channel was tried without reaching it",
             progress,
         )
@@ -877,47 +876,27 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Marks every target never tried as skipped, saying why.
-    async fn skip_open(
+    /// Settles every target never tried: SKIPPED (no reason) or FAILED with `reason`, saying why.
+    async fn close_untried(
         &self,
         standing: &mut [Standing],
         job: &Job,
+        reason: Option<FailureReason>,
         why: &str,
         progress: &Progress<'_>,
     ) -> Result<(), StoreError> {
+        let status = if reason.is_some() {
+            TargetStatus::Failed
+        } else {
+            TargetStatus::Skipped
+        };
         for (index, target) in job.targets.iter().enumerate() {
             if standing[index] == Standing::Open {
                 standing[index] = Standing::Closed;
                 self.settle(
                     index,
                     channel_of(target),
-                    TargetStatus::Skipped,
-                    None,
-                    Some(why.into()),
-                    progress,
-                )
-                .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Fails every target never tried with CODE_EXPIRED.
-    async fn expire_open(
-        &self,
-        standing: &mut [Standing],
-        job: &Job,
-        why: &str,
-        progress: &Progress<'_>,
-    ) -> Result<(), StoreError> {
-        for (index, target) in job.targets.iter().enumerate() {
-            if standing[index] == Standing::Open {
-                standing[index] = Standing::Closed;
-                let reason = Some(FailureReason::CodeExpired);
-                self.settle(
-                    index,
-                    channel_of(target),
-                    TargetStatus::Failed,
+                    status,
                     reason,
                     Some(why.into()),
                     progress,

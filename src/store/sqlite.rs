@@ -119,6 +119,20 @@ impl SqliteLedger {
         Ok(Some(key))
     }
 
+    /// Marks the delivery as changed at `now` (watchers and lists order by it).
+    async fn touch(
+        tx: &mut Transaction<'static, Sqlite>,
+        key: DeliveryKey,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE deliveries SET updated_at = ? WHERE id = ?")
+            .bind(micros(now))
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
     async fn key_of(
         &self,
         id: &DeliveryId,
@@ -386,11 +400,7 @@ impl Ledger for SqliteLedger {
             .bind(index as i64)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE deliveries SET updated_at = ? WHERE id = ?")
-            .bind(micros(now))
-            .bind(key)
-            .execute(&mut *tx)
-            .await?;
+        Self::touch(&mut tx, key, now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -410,11 +420,7 @@ impl Ledger for SqliteLedger {
             .bind(index as i64)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE deliveries SET updated_at = ? WHERE id = ?")
-            .bind(micros(now))
-            .bind(key)
-            .execute(&mut *tx)
-            .await?;
+        Self::touch(&mut tx, key, now).await?;
         tx.commit().await?;
         Ok(())
     }

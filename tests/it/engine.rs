@@ -201,6 +201,15 @@ pub async fn deliver(service: &DeliveryService, job: &Job) -> Report {
     }
 }
 
+/// The providers called for the first target, in order.
+fn providers_tried(report: &Report) -> Vec<&str> {
+    report.targets[0]
+        .attempts
+        .iter()
+        .map(|a| a.provider.as_str())
+        .collect()
+}
+
 fn phone(number: &str) -> Value {
     json!({"phone": {"number": number}})
 }
@@ -388,12 +397,7 @@ async fn a_failing_primary_opens_its_circuit_is_skipped_then_probed_and_closed()
             DeliveryStatus::Sent,
             "failover to the secondary"
         );
-        let providers: Vec<_> = report.targets[0]
-            .attempts
-            .iter()
-            .map(|a| a.provider.as_str())
-            .collect();
-        assert_eq!(providers, ["primary", "secondary"]);
+        assert_eq!(providers_tried(&report), ["primary", "secondary"]);
     }
     let status = circuit("primary");
     assert_eq!(status.state, CircuitState::Open);
@@ -407,12 +411,7 @@ async fn a_failing_primary_opens_its_circuit_is_skipped_then_probed_and_closed()
         &job("skipped", 60.0, &["sms"], json!([phone("+14155550101")])),
     )
     .await;
-    let providers: Vec<_> = report.targets[0]
-        .attempts
-        .iter()
-        .map(|a| a.provider.as_str())
-        .collect();
-    assert_eq!(providers, ["secondary"]);
+    assert_eq!(providers_tried(&report), ["secondary"]);
     assert_eq!(primary.call_times().len(), 3);
 
     // After the cool-down one probe goes through; its success closes the circuit.
@@ -424,12 +423,7 @@ async fn a_failing_primary_opens_its_circuit_is_skipped_then_probed_and_closed()
         &job("probe", 60.0, &["sms"], json!([phone("+14155550101")])),
     )
     .await;
-    let providers: Vec<_> = report.targets[0]
-        .attempts
-        .iter()
-        .map(|a| a.provider.as_str())
-        .collect();
-    assert_eq!(providers, ["primary"]);
+    assert_eq!(providers_tried(&report), ["primary"]);
     assert_eq!(circuit("primary").state, CircuitState::Closed);
     let health = service.provider_health();
     let primary_routes = &health.iter().find(|p| p.name == "primary").unwrap().routes;
