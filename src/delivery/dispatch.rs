@@ -37,6 +37,8 @@ const ACK_POLL: Duration = Duration::from_millis(250);
 
 /// Why a target was not tried: the code reached the user another way.
 const ALREADY_REACHED: &str = "the code already reached the user";
+/// Why a target was not tried: the user denied the request on a device.
+const DENIED_UNTRIED: &str = "the user denied the request on a device";
 /// Why a target was not tried: the deadline came first.
 const EXPIRED_UNTRIED: &str = "the code expired before it was tried";
 
@@ -260,11 +262,21 @@ impl Dispatcher {
         }
         let channels = job.channel_order();
         let mut standing = Vec::with_capacity(job.targets.len());
+        // Pushes accepted by a worker that was interrupted while it waited for an acknowledgement.
+        let mut resumed_pushes = Vec::new();
         for (index, target) in job.targets.iter().enumerate() {
             let previous = prior
                 .targets
                 .get(index)
                 .map_or(TargetStatus::Pending, |t| t.status);
+            let awaiting_ack = previous == TargetStatus::Sent
+                && matches!(target, Target::Device(_))
+                && !self.settings.tenants_without_ack.contains(&job.tenant);
+            if awaiting_ack {
+                resumed_pushes.push(index);
+                standing.push(Standing::Closed);
+                continue;
+            }
             standing.push(match previous {
                 TargetStatus::Sent | TargetStatus::Delivered => Standing::Reached,
                 TargetStatus::Failed | TargetStatus::Skipped => Standing::Closed,
@@ -273,6 +285,17 @@ impl Dispatcher {
                         .await?
                 }
             });
+        }
+        if !resumed_pushes.is_empty() && !standing.contains(&Standing::Reached) {
+            let end = self
+                .conclude_push(job, resumed_pushes, deadline, &mut standing, progress)
+                .await?;
+            if end == StageEnd::Denied {
+                self.close_untried(&mut standing, job, None, DENIED_UNTRIED, progress)
+                    .await?;
+                return Ok(Verdict::Failed(Some(FailureReason::UserDenied)));
+            }
+            // Shown: the device is now Reached (below); silent or expired: on to the channels.
         }
         if standing.contains(&Standing::Reached) {
             self.close_untried(&mut standing, job, None, ALREADY_REACHED, progress)
@@ -308,14 +331,8 @@ impl Dispatcher {
                     return Ok(Verdict::Reached);
                 }
                 StageEnd::Denied => {
-                    self.close_untried(
-                        &mut standing,
-                        job,
-                        None,
-                        "the user denied the request on a device",
-                        progress,
-                    )
-                    .await?;
+                    self.close_untried(&mut standing, job, None, DENIED_UNTRIED, progress)
+                        .await?;
                     return Ok(Verdict::Failed(Some(FailureReason::UserDenied)));
                 }
                 StageEnd::Expired => {
@@ -457,6 +474,20 @@ impl Dispatcher {
                 StageEnd::NotReached
             });
         }
+        self.conclude_push(job, accepted, deadline, standing, progress)
+            .await
+    }
+
+    /// After pushes were accepted: done for tenants without acknowledgements, otherwise wait
+    /// for a device to confirm (DELIVERED), deny (USER_DENIED) or stay silent (escalate).
+    async fn conclude_push(
+        &self,
+        job: &Job,
+        accepted: Vec<usize>,
+        deadline: Timestamp,
+        standing: &mut [Standing],
+        progress: &Progress<'_>,
+    ) -> Result<StageEnd, StoreError> {
         if self.settings.tenants_without_ack.contains(&job.tenant) {
             for index in accepted {
                 standing[index] = Standing::Reached;

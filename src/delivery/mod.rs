@@ -370,6 +370,17 @@ impl DeliveryService {
 
 /// The final status, headline reason and summary from the targets' results.
 fn decide(report: &Report, verdict: Verdict) -> Outcome {
+    // A "Don't Allow" is a security signal: it decides the outcome even when it came in while
+    // the engine was already escalating.
+    let denied = report
+        .targets
+        .iter()
+        .any(|t| t.acknowledgement == Some(Acknowledgement::Denied));
+    let verdict = if denied {
+        Verdict::Failed(Some(FailureReason::UserDenied))
+    } else {
+        verdict
+    };
     let (status, reason) = match verdict {
         Verdict::Reached => (DeliveryStatus::Sent, None),
         Verdict::Failed(Some(reason)) => (DeliveryStatus::Failed, Some(reason)),

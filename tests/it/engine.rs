@@ -839,3 +839,83 @@ async fn a_provider_level_refusal_fails_over_at_once_with_the_same_code() {
         "the same code throughout: {texts:?}"
     );
 }
+
+#[tokio::test]
+async fn a_delivery_taken_over_while_waiting_for_an_acknowledgement_waits_again_then_escalates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, sms) = push_then_sms(dir.path(), "300ms").await;
+    let job = job(
+        "takeover",
+        60.0,
+        &["push", "sms"],
+        json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
+    );
+    let first = tokio::spawn({
+        let (service, job) = (Arc::clone(&service), job.clone());
+        async move { deliver(&service, &job).await }
+    });
+    pushes_sent(&service, "takeover", 1).await;
+    // The worker dies while it waits; the broker redelivers the job.
+    first.abort();
+    let _ = first.await;
+    let report = match service.handle(&job, true).await.unwrap() {
+        Handled::Finished { report, .. } => report,
+        Handled::HeldElsewhere(_) => panic!("the takeover claims it"),
+    };
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    assert_eq!(
+        report.targets[0].attempts.len(),
+        1,
+        "the push is not sent again"
+    );
+    assert_eq!(
+        report.targets[0].reason,
+        Some(FailureReason::PushNotAcknowledged)
+    );
+    assert_eq!(
+        report.targets[1].status,
+        TargetStatus::Sent,
+        "it escalated to SMS"
+    );
+    assert_eq!(sms.call_times().len(), 1);
+}
+
+#[tokio::test]
+async fn a_denial_that_arrives_during_escalation_still_decides_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, sms) = push_then_sms(dir.path(), "200ms").await;
+    sms.set_default(Step::Accept(Duration::from_millis(800)));
+    let job = job(
+        "late-deny",
+        60.0,
+        &["push", "sms"],
+        json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
+    );
+    let running = tokio::spawn({
+        let (service, job) = (Arc::clone(&service), job.clone());
+        async move { deliver(&service, &job).await }
+    });
+    // Wait until the SMS call is under way, then the user taps "Don't Allow".
+    for _ in 0..200 {
+        if !sms.call_times().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sms.call_times().len(), 1, "escalated to SMS");
+    service
+        .acknowledge(
+            &"acme/late-deny".parse().unwrap(),
+            "ipad-1",
+            Acknowledgement::Denied,
+        )
+        .await
+        .unwrap();
+    let report = running.await.unwrap();
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert_eq!(report.reason, Some(FailureReason::UserDenied));
+    assert_eq!(
+        report.targets[0].acknowledgement,
+        Some(Acknowledgement::Denied)
+    );
+}
