@@ -221,7 +221,7 @@ fn device(id: &str, token: &str) -> Value {
 #[tokio::test]
 async fn transient_failures_are_retried_with_delays_within_the_configured_bounds() {
     let dir = tempfile::tempdir().unwrap();
-    let retry = json!({"initial_interval": "100ms", "multiplier": 2.0, "max_interval": "1s", "max_attempts": 3});
+    let retry = json!({"initial_interval": "200ms", "multiplier": 2.0, "max_interval": "1s", "max_attempts": 3});
     let config = engine_config(
         dir.path(),
         json!({"primary": provider_settings(dir.path(), "primary", retry, json!({}))}),
@@ -254,17 +254,17 @@ async fn transient_failures_are_retried_with_delays_within_the_configured_bounds
     assert!(attempts[0].next_retry_at.is_some() && attempts[1].next_retry_at.is_some());
     assert_eq!(attempts[2].outcome, AttemptOutcome::Sent);
 
-    // Full jitter: each delay lies between 0 and its bound (100 ms, then 200 ms), plus the
+    // Full jitter: each delay lies between 0 and its bound (200 ms, then 400 ms), plus the
     // time it takes to record an attempt.
     let times = primary.call_times();
-    let slack = Duration::from_millis(150);
+    let slack = Duration::from_millis(300);
     assert!(
-        times[1] - times[0] <= Duration::from_millis(100) + slack,
+        times[1] - times[0] <= Duration::from_millis(200) + slack,
         "{:?}",
         times[1] - times[0]
     );
     assert!(
-        times[2] - times[1] <= Duration::from_millis(200) + slack,
+        times[2] - times[1] <= Duration::from_millis(400) + slack,
         "{:?}",
         times[2] - times[1]
     );
@@ -742,7 +742,7 @@ async fn a_hanging_provider_times_out_without_stalling_jobs_routed_elsewhere() {
                 "routes",
                 json!({"push": ["fast"], "sms": ["fast"], "voice": ["fast"], "by_prefix": {"sms": {"+44": ["hanging"]}}}),
             ),
-            ("delivery.provider_timeout", json!("500ms")),
+            ("delivery.provider_timeout", json!("1500ms")),
         ],
     );
     let hanging = Scripted::new("hanging", vec![], Step::Accept(Duration::from_secs(60)));
@@ -775,7 +775,7 @@ async fn a_hanging_provider_times_out_without_stalling_jobs_routed_elsewhere() {
         Some(FailureReason::ProviderTimeout)
     );
     assert!(
-        slow_done < Duration::from_secs(5),
+        slow_done < Duration::from_secs(8),
         "the per-call timeout ended the hang: {slow_done:?}"
     );
 }
