@@ -558,12 +558,14 @@ impl Dispatcher {
         let until = Instant::now() + self.settings.push_ack_timeout.min(left);
         let mut changes = progress.subscribe();
         loop {
-            let report = progress.ledger.report(progress.key).await?;
+            let acks = progress.ledger.acknowledgements(progress.key).await?;
             let acknowledged = |wanted: Acknowledgement| {
-                report.targets.iter().position(|t| {
-                    t.acknowledgement == Some(wanted)
-                        && matches!(job.targets.get(t.index as usize), Some(Target::Device(_)))
-                })
+                acks.iter()
+                    .find(|(index, ack)| {
+                        *ack == wanted
+                            && matches!(job.targets.get(*index as usize), Some(Target::Device(_)))
+                    })
+                    .map(|(index, _)| *index as usize)
             };
             if let Some(index) = acknowledged(Acknowledgement::Denied) {
                 return Ok(AckEnd::Denied(index));
@@ -677,12 +679,18 @@ impl Dispatcher {
             let route_breaker = self.route_breaker(entry, channel, route_key);
             let mut retry = earlier_tries(prior, index, name, channel);
             let mut calls = 0;
+            // The last failed call, while its planned retry has not happened yet.
+            let mut planned_retry: Option<(crate::store::AttemptKey, AttemptEnd)> = None;
             loop {
                 if progress.now() >= deadline {
+                    self.cancel_retry(planned_retry.take(), index, channel, progress)
+                        .await?;
                     stopped_by_deadline = true;
                     break 'providers;
                 }
                 if !Self::admit(provider_breaker, &route_breaker, Instant::now()) {
+                    self.cancel_retry(planned_retry.take(), index, channel, progress)
+                        .await?;
                     tracing::info!(
                         provider = name,
                         route = route_key,
@@ -720,8 +728,7 @@ impl Dispatcher {
                 let error = match result {
                     Ok(accept) => {
                         let end = AttemptEnd::sent(progress.now(), accept.message_id);
-                        progress.ledger.finish_attempt(attempt, &end).await?;
-                        self.settle(index, channel, TargetStatus::Sent, None, None, progress)
+                        self.finish_call(attempt, &end, index, channel, progress)
                             .await?;
                         return Ok(TargetEnd::Accepted);
                     }
@@ -738,20 +745,13 @@ impl Dispatcher {
                     stopped_by_deadline = true;
                 }
                 let end = AttemptEnd::failed(now, &error, retry_in_time);
-                progress.ledger.finish_attempt(attempt, &end).await?;
-                self.settle(
-                    index,
-                    channel,
-                    TargetStatus::Failed,
-                    Some(error.reason),
-                    None,
-                    progress,
-                )
-                .await?;
+                self.finish_call(attempt, &end, index, channel, progress)
+                    .await?;
                 match (error.class, retry_in_time, delay) {
                     (RetryClass::PermanentForTarget, _, _) => return Ok(TargetEnd::Recipient),
                     (RetryClass::Transient, Some(_), Some(delay)) => {
                         last_error = Some((name.to_owned(), error));
+                        planned_retry = Some((attempt, end));
                         tokio::time::sleep(delay).await;
                         retry += 1;
                     }
@@ -882,6 +882,52 @@ impl Dispatcher {
                 reason = %error.reason, provider_code = error.raw_code.as_deref(), "provider refused"),
         }
         Ok((attempt, result))
+    }
+
+    /// Records how a call ended together with its target's new state (SENT, or FAILED with the
+    /// call's reason), in one ledger transaction.
+    async fn finish_call(
+        &self,
+        attempt: crate::store::AttemptKey,
+        end: &AttemptEnd,
+        index: usize,
+        channel: Channel,
+        progress: &Progress<'_>,
+    ) -> Result<(), StoreError> {
+        let status = if end.outcome == AttemptOutcome::Sent {
+            TargetStatus::Sent
+        } else {
+            TargetStatus::Failed
+        };
+        let update = TargetUpdate {
+            channel,
+            status,
+            reason: end.reason,
+            detail: None,
+        };
+        progress
+            .ledger
+            .finish_attempt(progress.key, attempt, end, index as u32, &update)
+            .await?;
+        progress.changed();
+        Ok(())
+    }
+
+    /// A planned retry that will not happen after all (the deadline passed while waiting, or
+    /// the circuit opened): its attempt record stops announcing it.
+    async fn cancel_retry(
+        &self,
+        planned: Option<(crate::store::AttemptKey, AttemptEnd)>,
+        index: usize,
+        channel: Channel,
+        progress: &Progress<'_>,
+    ) -> Result<(), StoreError> {
+        if let Some((attempt, mut end)) = planned {
+            end.next_retry_at = None;
+            self.finish_call(attempt, &end, index, channel, progress)
+                .await?;
+        }
+        Ok(())
     }
 
     async fn settle(

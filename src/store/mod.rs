@@ -188,9 +188,16 @@ pub trait Ledger: Send + Sync + 'static {
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError>;
 
-    /// Records how a provider call ended.
-    async fn finish_attempt(&self, attempt: AttemptKey, end: &AttemptEnd)
-    -> Result<(), StoreError>;
+    /// Records how a provider call ended and, in the same transaction, its target's new
+    /// state: a crash can never leave an accepted attempt on a target still marked pending.
+    async fn finish_attempt(
+        &self,
+        key: DeliveryKey,
+        attempt: AttemptKey,
+        end: &AttemptEnd,
+        target: u32,
+        update: &TargetUpdate,
+    ) -> Result<(), StoreError>;
 
     /// Updates one target.
     async fn update_target(
@@ -209,6 +216,12 @@ pub trait Ledger: Send + Sync + 'static {
         ack: Acknowledgement,
         now: Timestamp,
     ) -> Result<(), StoreError>;
+
+    /// The acknowledgements recorded on a delivery's targets, by target index.
+    async fn acknowledgements(
+        &self,
+        key: DeliveryKey,
+    ) -> Result<Vec<(u32, Acknowledgement)>, StoreError>;
 
     /// The internal key of a delivery, if known.
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError>;

@@ -119,6 +119,26 @@ impl SqliteLedger {
         Ok(Some(key))
     }
 
+    /// Updates one target and marks the delivery as changed.
+    async fn set_target(
+        tx: &mut Transaction<'static, Sqlite>,
+        key: DeliveryKey,
+        index: u32,
+        update: &TargetUpdate,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE targets SET channel = ?, status = ?, reason = ?, detail = ? WHERE delivery = ? AND idx = ?")
+            .bind(update.channel.as_str())
+            .bind(update.status.as_str())
+            .bind(update.reason.map(FailureReason::as_str))
+            .bind(&update.detail)
+            .bind(key)
+            .bind(index as i64)
+            .execute(&mut **tx)
+            .await?;
+        Self::touch(tx, key, now).await
+    }
+
     /// Marks the delivery as changed at `now` (watchers and lists order by it).
     async fn touch(
         tx: &mut Transaction<'static, Sqlite>,
@@ -362,9 +382,13 @@ impl Ledger for SqliteLedger {
 
     async fn finish_attempt(
         &self,
+        key: DeliveryKey,
         attempt: AttemptKey,
         end: &AttemptEnd,
+        target: u32,
+        update: &TargetUpdate,
     ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, provider_code = ?, provider_message = ?,
                                  provider_message_id = ?, next_retry_at = ?
@@ -378,8 +402,10 @@ impl Ledger for SqliteLedger {
         .bind(&end.provider_message_id)
         .bind(end.next_retry_at.map(micros))
         .bind(attempt)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        Self::set_target(&mut tx, key, target, update, end.ended_at).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -391,16 +417,7 @@ impl Ledger for SqliteLedger {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE targets SET channel = ?, status = ?, reason = ?, detail = ? WHERE delivery = ? AND idx = ?")
-            .bind(update.channel.as_str())
-            .bind(update.status.as_str())
-            .bind(update.reason.map(FailureReason::as_str))
-            .bind(&update.detail)
-            .bind(key)
-            .bind(index as i64)
-            .execute(&mut *tx)
-            .await?;
-        Self::touch(&mut tx, key, now).await?;
+        Self::set_target(&mut tx, key, index, update, now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -423,6 +440,26 @@ impl Ledger for SqliteLedger {
         Self::touch(&mut tx, key, now).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn acknowledgements(
+        &self,
+        key: DeliveryKey,
+    ) -> Result<Vec<(u32, Acknowledgement)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT idx, ack FROM targets WHERE delivery = ? AND ack IS NOT NULL ORDER BY idx",
+        )
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("idx")? as u32,
+                    parse(&row.try_get::<String, _>("ack")?)?,
+                ))
+            })
+            .collect()
     }
 
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
@@ -500,7 +537,7 @@ impl Ledger for SqliteLedger {
 mod tests {
     use super::*;
     use crate::domain::{AttemptOutcome, Channel, Platform};
-    use crate::store::NewTarget;
+    use crate::store::{NewTarget, TargetUpdate};
 
     fn new_delivery(job_id: &str) -> NewDelivery {
         NewDelivery {
@@ -573,6 +610,7 @@ mod tests {
         assert_eq!(interrupted.provider_message.as_deref(), Some(INTERRUPTED));
         ledger
             .finish_attempt(
+                key,
                 attempt,
                 &AttemptEnd {
                     ended_at: now,
@@ -582,6 +620,13 @@ mod tests {
                     provider_message: None,
                     provider_message_id: Some("m1".into()),
                     next_retry_at: None,
+                },
+                1,
+                &TargetUpdate {
+                    channel: Channel::Sms,
+                    status: TargetStatus::Sent,
+                    reason: None,
+                    detail: None,
                 },
             )
             .await
