@@ -303,18 +303,8 @@ impl Dispatcher {
             return Ok(Verdict::Reached);
         }
         for channel in channels {
-            if progress.now() >= deadline {
-                self.close_untried(
-                    &mut standing,
-                    job,
-                    Some(FailureReason::CodeExpired),
-                    EXPIRED_UNTRIED,
-                    progress,
-                )
-                .await?;
-                break;
-            }
             let end = match channel {
+                _ if progress.now() >= deadline => StageEnd::Expired,
                 Channel::Push => {
                     self.push_stage(job, prior, deadline, &mut standing, progress)
                         .await?
