@@ -15,7 +15,7 @@ use crate::delivery::{DeliveryService, Dispatcher, EngineSettings};
 use crate::domain::{Clock, SystemClock};
 use crate::providers::ProviderRegistry;
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
-use crate::store::{Ledger, SqliteLedger};
+use crate::store::{Ledger, PolicyStore, SqliteLedger};
 
 /// A built, not yet running, gateway.
 #[derive(Debug)]
@@ -24,6 +24,7 @@ pub struct Application {
     listener: TcpListener,
     grpc_addr: SocketAddr,
     service: Arc<DeliveryService>,
+    policy: Arc<dyn PolicyStore>,
     publisher: Publisher,
     link: BrokerLink,
     link_state: watch::Receiver<LinkState>,
@@ -42,13 +43,15 @@ impl Application {
         providers: ProviderRegistry,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
-        let ledger: Arc<dyn Ledger> = Arc::new(
+        let store = Arc::new(
             SqliteLedger::connect(&config.store.url)
                 .await
                 .with_context(|| format!("opening the ledger at {}", config.store.url))?,
         );
+        let ledger: Arc<dyn Ledger> = store.clone();
+        let policy: Arc<dyn PolicyStore> = store;
         let settings = EngineSettings::from_config(&config.delivery, &config.tenants);
-        let dispatcher = Dispatcher::new(providers, settings);
+        let dispatcher = Dispatcher::new(providers, Arc::clone(&policy), settings);
         let worker = format!(
             "{}-{}",
             std::process::id(),
@@ -75,6 +78,7 @@ impl Application {
             listener,
             grpc_addr,
             service,
+            policy,
             publisher,
             link,
             link_state,
@@ -102,6 +106,7 @@ impl Application {
         let api = tokio::spawn(crate::grpc::serve(
             self.listener,
             Arc::clone(&self.service),
+            Arc::clone(&self.policy),
             self.publisher.clone(),
             self.link_state.clone(),
             api_stop.clone(),

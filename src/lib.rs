@@ -6,7 +6,8 @@
 //! - [`domain`]: pure types — jobs, targets, reports, the failure taxonomy and its hints.
 //! - [`queue`]: RabbitMQ topology, consumer (ack after commit, dead-lettering), publisher.
 //! - [`grpc`]: the `otpgateway.v1.CodeDelivery` API, health and reflection.
-//! - [`delivery`]: idempotent claim, dispatch to providers, final report.
+//! - [`delivery`]: idempotent claim, the delivery engine, final report.
+//! - [`policy`]: pure policy decisions (block lists) over rules from the store.
 //! - [`providers`]: the `Provider` trait and adapters (the sandbox so far).
 //! - [`store`]: the delivery ledger (`Ledger` trait, SQLite).
 //! - [`proto`]: generated protobuf types and their conversions.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod grpc;
+pub mod policy;
 pub mod proto;
 pub mod providers;
 pub mod queue;

@@ -42,6 +42,14 @@ enum Command {
     Serve,
     /// Submit a job over gRPC and print its delivery id (and, with --wait, its report).
     Send(SendArgs),
+    /// Manage block-list entries.
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+        /// The gateway's gRPC address (default: from grpc.listen).
+        #[arg(long, global = true)]
+        server: Option<String>,
+    },
     /// Exit 0 if the gateway reports SERVING on gRPC health (for container health checks).
     Health {
         /// The gateway's gRPC address (default: from grpc.listen).
@@ -56,6 +64,51 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum BlockCommand {
+    /// Block a number, a prefix, a device token or an account.
+    Add {
+        #[command(flatten)]
+        what: BlockTarget,
+        /// Only for this tenant (default: every tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Why.
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Lift the block after this long, e.g. 30d or 12h (default: never).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<SignedDuration>,
+    },
+    /// Remove an entry by id.
+    Rm {
+        /// The entry id (from `block ls`).
+        id: i64,
+    },
+    /// List entries (with --tenant: its own and the global ones).
+    Ls {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct BlockTarget {
+    /// An E.164 number.
+    #[arg(long)]
+    number: Option<String>,
+    /// A number prefix, e.g. +882.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// A push token.
+    #[arg(long)]
+    token: Option<String>,
+    /// An account.
+    #[arg(long)]
+    account: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -117,6 +170,9 @@ fn main() -> ExitCode {
             Command::Send(args) => {
                 let server = server_address(args.server.as_deref(), &config);
                 send(args, server).await
+            }
+            Command::Block { command, server } => {
+                block(command, server_address(server.as_deref(), &config)).await
             }
             Command::Health { server } => health(server_address(server.as_deref(), &config)).await,
             Command::Status { id, server } => {
@@ -289,6 +345,127 @@ async fn status(id: &str, server: String) -> anyhow::Result<ExitCode> {
         .into_inner();
     print_report(&report);
     Ok(ExitCode::SUCCESS)
+}
+
+async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode> {
+    use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
+    let channel = match tonic::transport::Channel::from_shared(server.clone())?
+        .connect()
+        .await
+    {
+        Ok(channel) => channel,
+        Err(error) => {
+            eprintln!("otp-gateway: cannot reach the gateway at {server}: {error}");
+            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+    };
+    let mut client = PolicyAdminClient::new(channel);
+    match command {
+        BlockCommand::Add {
+            what,
+            tenant,
+            note,
+            ttl,
+        } => {
+            let (kind, pattern) = match what {
+                BlockTarget {
+                    number: Some(p), ..
+                } => (v1::BlockKind::Number, p),
+                BlockTarget {
+                    prefix: Some(p), ..
+                } => (v1::BlockKind::Prefix, p),
+                BlockTarget { token: Some(p), .. } => (v1::BlockKind::DeviceToken, p),
+                BlockTarget {
+                    account: Some(p), ..
+                } => (v1::BlockKind::Account, p),
+                _ => anyhow::bail!("give one of --number, --prefix, --token, --account"),
+            };
+            let request = v1::AddBlockEntryRequest {
+                tenant: tenant.unwrap_or_default(),
+                kind: kind as i32,
+                pattern,
+                note,
+                expires_at: ttl.map(|ttl| timestamp_to_proto(Timestamp::now() + ttl)),
+                source: v1::BlockSource::Admin as i32,
+            };
+            let response = match client.add_block_entry(request).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => {
+                    eprintln!("otp-gateway: {}", status.message());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            let entry = response.entry.context("the gateway returned no entry")?;
+            println!(
+                "{}{}",
+                block_line(&entry),
+                if response.created {
+                    ""
+                } else {
+                    "  (already there)"
+                }
+            );
+        }
+        BlockCommand::Rm { id } => match client
+            .remove_block_entry(v1::RemoveBlockEntryRequest { id })
+            .await
+        {
+            Ok(_) => println!("removed #{id}"),
+            Err(status) => {
+                eprintln!("otp-gateway: {}", status.message());
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        BlockCommand::Ls { tenant } => {
+            let request = v1::ListBlockEntriesRequest {
+                tenant: tenant.unwrap_or_default(),
+            };
+            for entry in client
+                .list_block_entries(request)
+                .await?
+                .into_inner()
+                .entries
+            {
+                println!("{}", block_line(&entry));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A duration that may be given in days ("30d" is 30 × 24 hours).
+fn parse_ttl(text: &str) -> Result<SignedDuration, String> {
+    let span: jiff::Span = text.parse().map_err(|e| format!("{e}"))?;
+    span.to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(|e| format!("{e}"))
+}
+
+fn block_line(entry: &v1::BlockEntry) -> String {
+    let name = |text: &str, prefix: &str| text.trim_start_matches(prefix).to_ascii_lowercase();
+    let kind = v1::BlockKind::try_from(entry.kind)
+        .map_or("?".into(), |k| name(k.as_str_name(), "BLOCK_KIND_"));
+    let source = v1::BlockSource::try_from(entry.source)
+        .map_or("?".into(), |s| name(s.as_str_name(), "BLOCK_SOURCE_"));
+    let tenant = if entry.tenant.is_empty() {
+        "*"
+    } else {
+        &entry.tenant
+    };
+    let until = entry
+        .expires_at
+        .as_ref()
+        .and_then(otp_gateway::proto::timestamp_from_proto)
+        .map(|t| format!("  until {t}"))
+        .unwrap_or_default();
+    let note = if entry.note.is_empty() {
+        String::new()
+    } else {
+        format!("  {}", entry.note)
+    };
+    format!(
+        "#{}  {tenant}  {kind} {}  {source}{until}{note}",
+        entry.id, entry.pattern
+    )
 }
 
 async fn health(server: String) -> anyhow::Result<ExitCode> {

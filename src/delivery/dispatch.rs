@@ -24,10 +24,11 @@ use crate::domain::{
     Acknowledgement, AttemptOutcome, Channel, FailureReason, Job, Report, RetryClass, Target,
     TargetStatus, is_e164, mask_phone, mask_token, render_message,
 };
+use crate::policy::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};
 use crate::providers::{
     OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
 };
-use crate::store::{AttemptEnd, AttemptStart, StoreError, TargetUpdate};
+use crate::store::{AttemptEnd, AttemptStart, PolicyStore, StoreError, TargetUpdate};
 
 /// The route key of a channel's default route (prefix routes use their prefix).
 const DEFAULT_ROUTE: &str = "*";
@@ -128,6 +129,7 @@ struct Breakers {
 #[derive(Debug)]
 pub struct Dispatcher {
     providers: ProviderRegistry,
+    policy: Arc<dyn PolicyStore>,
     settings: EngineSettings,
     policies: BTreeMap<String, RetryPolicy>,
     breakers: Breakers,
@@ -180,8 +182,13 @@ enum AckEnd {
 }
 
 impl Dispatcher {
-    /// An engine over `providers`; retry policies and breakers come from their settings.
-    pub fn new(providers: ProviderRegistry, settings: EngineSettings) -> Self {
+    /// An engine over `providers` and the policy rules in `policy`; retry policies and breakers
+    /// come from the providers' settings.
+    pub fn new(
+        providers: ProviderRegistry,
+        policy: Arc<dyn PolicyStore>,
+        settings: EngineSettings,
+    ) -> Self {
         let mut policies = BTreeMap::new();
         let mut provider_breakers = BTreeMap::new();
         for entry in providers.entries() {
@@ -197,6 +204,7 @@ impl Dispatcher {
         };
         Dispatcher {
             providers,
+            policy,
             settings,
             policies,
             breakers,
@@ -261,6 +269,7 @@ impl Dispatcher {
             return Ok(Verdict::Failed(Some(FailureReason::CodeExpired)));
         }
         let channels = job.channel_order();
+        let blocks = self.block_candidates(job, progress).await?;
         let mut standing = Vec::with_capacity(job.targets.len());
         // Pushes accepted by a worker that was interrupted while it waited for an acknowledgement.
         let mut resumed_pushes = Vec::new();
@@ -281,7 +290,7 @@ impl Dispatcher {
                 TargetStatus::Sent | TargetStatus::Delivered => Standing::Reached,
                 TargetStatus::Failed | TargetStatus::Skipped => Standing::Closed,
                 TargetStatus::Pending => {
-                    self.check_eligibility(index, target, &channels, progress)
+                    self.check_eligibility(index, job, target, &channels, &blocks, progress)
                         .await?
                 }
             });
@@ -350,11 +359,31 @@ impl Dispatcher {
         Ok(Verdict::Failed(None))
     }
 
+    /// The block entries in force that could apply to this job.
+    async fn block_candidates(
+        &self,
+        job: &Job,
+        progress: &Progress<'_>,
+    ) -> Result<Vec<BlockEntry>, StoreError> {
+        let mut patterns = vec![job.account.as_str()];
+        for target in &job.targets {
+            patterns.push(match target {
+                Target::Phone(phone) => &phone.number,
+                Target::Device(device) => &device.token,
+            });
+        }
+        self.policy
+            .block_candidates(&job.tenant, &patterns, progress.now())
+            .await
+    }
+
     async fn check_eligibility(
         &self,
         index: usize,
+        job: &Job,
         target: &Target,
         channels: &[Channel],
+        blocks: &[BlockEntry],
         progress: &Progress<'_>,
     ) -> Result<Standing, StoreError> {
         let Some(channel) = channels.iter().copied().find(|c| target.reachable_by(*c)) else {
@@ -386,6 +415,12 @@ impl Dispatcher {
             )),
             _ => None,
         };
+        let refusal = refusal
+            .map(|(reason, detail)| (reason, detail.to_owned()))
+            .or_else(|| {
+                blocking_entry(blocks, job, target, progress.now())
+                    .map(|entry| (entry.reason(), format!("blocked by {}", entry.describe())))
+            });
         match refusal {
             Some((reason, detail)) => {
                 self.settle(
@@ -393,7 +428,7 @@ impl Dispatcher {
                     channel,
                     TargetStatus::Failed,
                     Some(reason),
-                    Some(detail.into()),
+                    Some(detail),
                     progress,
                 )
                 .await?;
@@ -738,7 +773,10 @@ impl Dispatcher {
                 self.finish_call(attempt, &end, index, channel, progress)
                     .await?;
                 match (error.class, retry_in_time, delay) {
-                    (RetryClass::PermanentForTarget, _, _) => return Ok(TargetEnd::Recipient),
+                    (RetryClass::PermanentForTarget, _, _) => {
+                        self.learn_from(job, index, name, &error, progress).await?;
+                        return Ok(TargetEnd::Recipient);
+                    }
                     (RetryClass::Transient, Some(_), Some(delay)) => {
                         last_error = Some((name.to_owned(), error));
                         planned_retry = Some((attempt, end));
@@ -900,6 +938,51 @@ impl Dispatcher {
             .finish_attempt(progress.key, attempt, end, index as u32, &update)
             .await?;
         progress.changed();
+        Ok(())
+    }
+
+    /// Turns what a provider said about a recipient into a block entry, so that later jobs do
+    /// not try again: an opt-out (e.g. Twilio 21610) blocks the number for the tenant, a dead
+    /// push token (unregistered, invalid) blocks the token.
+    async fn learn_from(
+        &self,
+        job: &Job,
+        index: usize,
+        provider: &str,
+        error: &ProviderError,
+        progress: &Progress<'_>,
+    ) -> Result<(), StoreError> {
+        let (kind, pattern, source) = match (&job.targets[index], error.reason) {
+            (Target::Phone(phone), FailureReason::RecipientOptedOut) => {
+                (BlockKind::Number, phone.number.clone(), BlockSource::OptOut)
+            }
+            (
+                Target::Device(device),
+                FailureReason::DeviceUnregistered | FailureReason::DeviceTokenInvalid,
+            ) => (
+                BlockKind::DeviceToken,
+                device.token.clone(),
+                BlockSource::ProviderFeedback,
+            ),
+            _ => return Ok(()),
+        };
+        let entry = NewBlockEntry {
+            tenant: Some(job.tenant.clone()),
+            kind,
+            pattern,
+            source,
+            note: format!(
+                "{provider} said {} ({}: {})",
+                error.reason,
+                error.raw_code.as_deref().unwrap_or("-"),
+                error.raw_message
+            ),
+            expires_at: None,
+        };
+        let (added, new) = self.policy.add_block(&entry, progress.now()).await?;
+        if new {
+            tracing::info!(entry = added.id, kind = %added.kind, source = %added.source, "block-list entry added from provider feedback");
+        }
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 use jiff::Timestamp;
 
 /// Tells the current time.
-pub trait Clock: Send + Sync + 'static {
+pub trait Clock: std::fmt::Debug + Send + Sync + 'static {
     /// The current instant.
     fn now(&self) -> Timestamp;
 }

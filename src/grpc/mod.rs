@@ -1,8 +1,9 @@
-//! The gRPC API: `otpgateway.v1.CodeDelivery`, `otpgateway.v1.Providers`, `grpc.health.v1.Health` (NOT_SERVING while the
+//! The gRPC API: `otpgateway.v1.CodeDelivery`, `otpgateway.v1.Providers`, `otpgateway.v1.PolicyAdmin`, `grpc.health.v1.Health` (NOT_SERVING while the
 //! broker is unreachable) and server reflection. Services decode, call the delivery layer or
 //! the store, and encode; errors map to statuses in one place (`status`).
 
 mod code_delivery;
+mod policy_admin;
 mod providers;
 mod status;
 
@@ -18,10 +19,13 @@ use tonic_health::server::HealthReporter;
 
 use crate::delivery::DeliveryService;
 use crate::proto::v1::code_delivery_server::CodeDeliveryServer;
+use crate::proto::v1::policy_admin_server::PolicyAdminServer;
 use crate::proto::v1::providers_server::ProvidersServer;
 use crate::queue::{LinkState, Publisher};
+use crate::store::PolicyStore;
 
 pub use code_delivery::CodeDeliveryApi;
+pub use policy_admin::PolicyAdminApi;
 pub use providers::ProvidersApi;
 
 /// The health-checked service name of `CodeDelivery`.
@@ -35,6 +39,7 @@ const WATCH_POLL: Duration = Duration::from_millis(500);
 pub async fn serve(
     listener: TcpListener,
     service: Arc<DeliveryService>,
+    policy: Arc<dyn PolicyStore>,
     publisher: Publisher,
     link_state: watch::Receiver<LinkState>,
     stop: CancellationToken,
@@ -50,12 +55,14 @@ pub async fn serve(
         .build_v1()
         .expect("the embedded descriptor sets are valid");
     let providers = ProvidersApi::new(Arc::clone(&service));
+    let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()));
     let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
         .add_service(CodeDeliveryServer::new(api))
         .add_service(ProvidersServer::new(providers))
+        .add_service(PolicyAdminServer::new(policy_admin))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
         .await
 }

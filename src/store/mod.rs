@@ -4,6 +4,8 @@
 
 mod sqlite;
 
+use crate::policy::{BlockEntry, NewBlockEntry};
+
 use async_trait::async_trait;
 use jiff::Timestamp;
 
@@ -242,4 +244,31 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Reports, newest first.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+}
+
+/// Policy rules (block lists so far).
+#[async_trait]
+pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
+    /// Adds a block entry; an entry with the same tenant, kind and pattern is returned as it is
+    /// (`false`: nothing new was added).
+    async fn add_block(
+        &self,
+        entry: &NewBlockEntry,
+        now: Timestamp,
+    ) -> Result<(BlockEntry, bool), StoreError>;
+
+    /// Removes a block entry; false when there was none with that id.
+    async fn remove_block(&self, id: i64) -> Result<bool, StoreError>;
+
+    /// Block entries, optionally of one tenant (global ones included), newest first.
+    async fn list_blocks(&self, tenant: Option<&str>) -> Result<Vec<BlockEntry>, StoreError>;
+
+    /// The entries in force at `now` that could block a job of `tenant`: those naming its
+    /// account, one of its numbers or tokens, and every prefix entry.
+    async fn block_candidates(
+        &self,
+        tenant: &str,
+        patterns: &[&str],
+        now: Timestamp,
+    ) -> Result<Vec<BlockEntry>, StoreError>;
 }

@@ -15,12 +15,13 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DeliveryKey, Ledger, ListPage, ListQuery,
-    NewDelivery, Outcome, StoreError, TargetUpdate,
+    NewDelivery, Outcome, PolicyStore, StoreError, TargetUpdate,
 };
 use crate::domain::{
     Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, TargetResult,
     TargetStatus,
 };
+use crate::policy::{BlockEntry, NewBlockEntry};
 
 /// What an attempt left unanswered by a worker that went away is recorded as.
 const INTERRUPTED: &str = "interrupted: the gateway stopped before the provider answered";
@@ -530,6 +531,107 @@ impl Ledger for SqliteLedger {
             }
         }
         Ok(ListPage { reports, next })
+    }
+}
+
+/// The stored form of "every tenant".
+const ALL_TENANTS: &str = "*";
+
+fn block_from_row(row: &SqliteRow) -> Result<BlockEntry, StoreError> {
+    let tenant: String = row.try_get("tenant")?;
+    Ok(BlockEntry {
+        id: row.try_get("id")?,
+        tenant: (tenant != ALL_TENANTS).then_some(tenant),
+        kind: parse(&row.try_get::<String, _>("kind")?)?,
+        pattern: row.try_get("pattern")?,
+        source: parse(&row.try_get::<String, _>("source")?)?,
+        note: row.try_get("note")?,
+        created_at: timestamp(row.try_get("created_at")?)?,
+        expires_at: row
+            .try_get::<Option<i64>, _>("expires_at")?
+            .map(timestamp)
+            .transpose()?,
+    })
+}
+
+#[async_trait]
+impl PolicyStore for SqliteLedger {
+    async fn add_block(
+        &self,
+        entry: &NewBlockEntry,
+        now: Timestamp,
+    ) -> Result<(BlockEntry, bool), StoreError> {
+        let tenant = entry.tenant.as_deref().unwrap_or(ALL_TENANTS);
+        let inserted = sqlx::query(
+            "INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (tenant, kind, pattern) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(entry.kind.as_str())
+        .bind(&entry.pattern)
+        .bind(entry.source.as_str())
+        .bind(&entry.note)
+        .bind(micros(now))
+        .bind(entry.expires_at.map(micros))
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        let row = sqlx::query(
+            "SELECT * FROM block_entries WHERE tenant = ? AND kind = ? AND pattern = ?",
+        )
+        .bind(tenant)
+        .bind(entry.kind.as_str())
+        .bind(&entry.pattern)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((block_from_row(&row)?, inserted))
+    }
+
+    async fn remove_block(&self, id: i64) -> Result<bool, StoreError> {
+        let removed = sqlx::query("DELETE FROM block_entries WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(removed.rows_affected() == 1)
+    }
+
+    async fn list_blocks(&self, tenant: Option<&str>) -> Result<Vec<BlockEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM block_entries WHERE (? IS NULL OR tenant = ? OR tenant = '*') ORDER BY id DESC",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(block_from_row).collect()
+    }
+
+    async fn block_candidates(
+        &self,
+        tenant: &str,
+        patterns: &[&str],
+        now: Timestamp,
+    ) -> Result<Vec<BlockEntry>, StoreError> {
+        let placeholders = vec!["?"; patterns.len().max(1)].join(", ");
+        let sql = format!(
+            "SELECT * FROM block_entries
+             WHERE tenant IN (?, '*') AND (expires_at IS NULL OR expires_at > ?)
+               AND (kind = 'PREFIX' OR pattern IN ({placeholders}))"
+        );
+        // Only placeholders are interpolated: the values are bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(tenant)
+            .bind(micros(now));
+        if patterns.is_empty() {
+            query = query.bind("");
+        }
+        for pattern in patterns {
+            query = query.bind(*pattern);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(block_from_row).collect()
     }
 }
 

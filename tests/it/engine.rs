@@ -172,6 +172,7 @@ pub async fn engine(
     let ledger = Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap());
     let dispatcher = Dispatcher::new(
         registry,
+        ledger.clone(),
         EngineSettings::from_config(&config.delivery, &config.tenants),
     );
     Arc::new(DeliveryService::new(

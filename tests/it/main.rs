@@ -9,5 +9,6 @@ mod cli;
 mod engine;
 mod grpc_api;
 mod logs;
+mod policy;
 mod queue_jobs;
 mod restart;

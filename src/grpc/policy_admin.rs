@@ -1,0 +1,147 @@
+//! `otpgateway.v1.PolicyAdmin`: block-list entries (add, remove, list).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::status::invalid_argument;
+use crate::domain::{Clock, JobError};
+use crate::policy::{BlockEntry, BlockKind, BlockSource, NewBlockEntry};
+use crate::proto::v1::policy_admin_server::PolicyAdmin;
+use crate::proto::v1::{
+    self, AddBlockEntryRequest, AddBlockEntryResponse, ListBlockEntriesRequest,
+};
+use crate::proto::v1::{
+    ListBlockEntriesResponse, RemoveBlockEntryRequest, RemoveBlockEntryResponse,
+};
+use crate::proto::{timestamp_from_proto, timestamp_to_proto};
+use crate::store::PolicyStore;
+
+/// The PolicyAdmin service.
+#[derive(Debug, Clone)]
+pub struct PolicyAdminApi {
+    policy: Arc<dyn PolicyStore>,
+    clock: Arc<dyn Clock>,
+}
+
+impl PolicyAdminApi {
+    /// The admin API over `policy`.
+    pub fn new(policy: Arc<dyn PolicyStore>, clock: Arc<dyn Clock>) -> Self {
+        PolicyAdminApi { policy, clock }
+    }
+}
+
+fn kind_from_proto(value: i32) -> Option<BlockKind> {
+    match v1::BlockKind::try_from(value).ok()? {
+        v1::BlockKind::Number => Some(BlockKind::Number),
+        v1::BlockKind::Prefix => Some(BlockKind::Prefix),
+        v1::BlockKind::DeviceToken => Some(BlockKind::DeviceToken),
+        v1::BlockKind::Account => Some(BlockKind::Account),
+        v1::BlockKind::Unspecified => None,
+    }
+}
+
+fn kind_to_proto(kind: BlockKind) -> v1::BlockKind {
+    match kind {
+        BlockKind::Number => v1::BlockKind::Number,
+        BlockKind::Prefix => v1::BlockKind::Prefix,
+        BlockKind::DeviceToken => v1::BlockKind::DeviceToken,
+        BlockKind::Account => v1::BlockKind::Account,
+    }
+}
+
+fn source_to_proto(source: BlockSource) -> v1::BlockSource {
+    match source {
+        BlockSource::Admin => v1::BlockSource::Admin,
+        BlockSource::OptOut => v1::BlockSource::OptOut,
+        BlockSource::ProviderFeedback => v1::BlockSource::ProviderFeedback,
+    }
+}
+
+fn entry_to_proto(entry: &BlockEntry) -> v1::BlockEntry {
+    v1::BlockEntry {
+        id: entry.id,
+        tenant: entry.tenant.clone().unwrap_or_default(),
+        kind: kind_to_proto(entry.kind) as i32,
+        pattern: entry.pattern.clone(),
+        source: source_to_proto(entry.source) as i32,
+        note: entry.note.clone(),
+        created_at: Some(timestamp_to_proto(entry.created_at)),
+        expires_at: entry.expires_at.map(timestamp_to_proto),
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyAdmin for PolicyAdminApi {
+    async fn add_block_entry(
+        &self,
+        request: Request<AddBlockEntryRequest>,
+    ) -> Result<Response<AddBlockEntryResponse>, Status> {
+        let request = request.into_inner();
+        let kind = kind_from_proto(request.kind).ok_or_else(|| {
+            invalid_argument(&JobError::new(
+                "kind",
+                "must be NUMBER, PREFIX, DEVICE_TOKEN or ACCOUNT",
+            ))
+        })?;
+        let source = match v1::BlockSource::try_from(request.source) {
+            Ok(v1::BlockSource::Unspecified | v1::BlockSource::Admin) => BlockSource::Admin,
+            Ok(v1::BlockSource::OptOut) => BlockSource::OptOut,
+            Ok(v1::BlockSource::ProviderFeedback) => BlockSource::ProviderFeedback,
+            Err(_) => {
+                return Err(invalid_argument(&JobError::new(
+                    "source",
+                    "is not a known source",
+                )));
+            }
+        };
+        let expires_at = match request.expires_at.as_ref() {
+            Some(at) => Some(timestamp_from_proto(at).ok_or_else(|| {
+                invalid_argument(&JobError::new("expires_at", "is out of range"))
+            })?),
+            None => None,
+        };
+        let entry = NewBlockEntry {
+            tenant: Some(request.tenant).filter(|t| !t.is_empty()),
+            kind,
+            pattern: request.pattern.trim().to_owned(),
+            source,
+            note: request.note,
+            expires_at,
+        };
+        let now = self.clock.now();
+        entry.validate(now).map_err(|e| invalid_argument(&e))?;
+        let (stored, created) = self.policy.add_block(&entry, now).await?;
+        tracing::info!(entry = stored.id, kind = %stored.kind, created, "block-list entry added by an operator");
+        Ok(Response::new(AddBlockEntryResponse {
+            entry: Some(entry_to_proto(&stored)),
+            created,
+        }))
+    }
+
+    async fn remove_block_entry(
+        &self,
+        request: Request<RemoveBlockEntryRequest>,
+    ) -> Result<Response<RemoveBlockEntryResponse>, Status> {
+        let id = request.into_inner().id;
+        if !self.policy.remove_block(id).await? {
+            return Err(Status::not_found(format!("no block-list entry #{id}")));
+        }
+        tracing::info!(entry = id, "block-list entry removed");
+        Ok(Response::new(RemoveBlockEntryResponse {}))
+    }
+
+    async fn list_block_entries(
+        &self,
+        request: Request<ListBlockEntriesRequest>,
+    ) -> Result<Response<ListBlockEntriesResponse>, Status> {
+        let tenant = request.into_inner().tenant;
+        let entries = self
+            .policy
+            .list_blocks(Some(tenant.as_str()).filter(|t| !t.is_empty()))
+            .await?;
+        Ok(Response::new(ListBlockEntriesResponse {
+            entries: entries.iter().map(entry_to_proto).collect(),
+        }))
+    }
+}

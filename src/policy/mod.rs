@@ -1,0 +1,6 @@
+//! Policy: pure decisions about a job's targets, taken from (job, rules, now) with no I/O.
+//! The rules themselves live in the store; the delivery engine loads them and asks here.
+
+pub mod block;
+
+pub use block::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};

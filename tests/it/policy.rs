@@ -1,0 +1,274 @@
+//! Block lists through the real queue, the PolicyAdmin API and the CLI: a blocked number is
+//! passed over with the entry named in the report; opt-outs and dead tokens reported by a
+//! provider block the next job; bad entries are refused with the reason.
+
+use std::process::Command;
+use std::time::Duration;
+
+use otp_gateway::proto::v1;
+use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
+use serde_json::json;
+use tonic::Code;
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn admin(gateway: &Gateway) -> PolicyAdminClient<tonic::transport::Channel> {
+    PolicyAdminClient::connect(format!("http://{}", gateway.grpc_addr))
+        .await
+        .unwrap()
+}
+
+async fn add(
+    client: &mut PolicyAdminClient<tonic::transport::Channel>,
+    tenant: &str,
+    kind: v1::BlockKind,
+    pattern: &str,
+) -> Result<v1::AddBlockEntryResponse, tonic::Status> {
+    client
+        .add_block_entry(v1::AddBlockEntryRequest {
+            tenant: tenant.into(),
+            kind: kind as i32,
+            pattern: pattern.into(),
+            note: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn a_blocked_number_is_passed_over_and_named_in_the_report() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("block");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let mut client = admin(&gateway).await;
+
+    let entry = add(&mut client, "acme", v1::BlockKind::Number, "+14155550101")
+        .await
+        .unwrap()
+        .entry
+        .unwrap();
+    let again = add(&mut client, "acme", v1::BlockKind::Number, "+14155550101")
+        .await
+        .unwrap();
+    assert!(!again.created, "the same entry twice is one entry");
+    assert_eq!(again.entry.unwrap().id, entry.id);
+    add(&mut client, "", v1::BlockKind::Prefix, "+882")
+        .await
+        .unwrap();
+
+    let mut job = job("blocked-first", "135790");
+    job["targets"] = json!([{"phone": {"number": "+14155550101"}}, {"phone": {"number": "+88212345678"}}, {"phone": {"number": "+14155550102"}}]);
+    broker.publish_json(&job).await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["status"], "SENT");
+    let first = &report["targets"][0];
+    assert_eq!(first["reason"], "RECIPIENT_BLOCKED");
+    let detail = first["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("block-list entry #{}", entry.id)),
+        "{detail}"
+    );
+    assert!(
+        detail.contains("number +1415•••0101") && detail.contains("admin"),
+        "{detail}"
+    );
+    assert!(
+        first["attempts"].as_array().unwrap().is_empty(),
+        "nothing was sent to it"
+    );
+    assert!(
+        report["targets"][1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("prefix +882"),
+        "a global prefix entry"
+    );
+    assert_eq!(report["targets"][2]["status"], "SENT");
+    let sent: Vec<_> = outbox(dir.path())
+        .into_iter()
+        .map(|l| l["to"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(sent, ["+1415•••0102"]);
+
+    // Removed: the number gets codes again.
+    client
+        .remove_block_entry(v1::RemoveBlockEntryRequest { id: entry.id })
+        .await
+        .unwrap();
+    let missing = client
+        .remove_block_entry(v1::RemoveBlockEntryRequest { id: entry.id })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    broker
+        .publish_json(&crate::helpers::job("unblocked", "246802"))
+        .await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["targets"][0]["status"], "SENT");
+
+    // Bad entries are refused with the reason.
+    let bad = add(&mut client, "acme", v1::BlockKind::Prefix, "882")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("prefix"), "{}", bad.message());
+    let bad = add(&mut client, "acme", v1::BlockKind::Unspecified, "+1")
+        .await
+        .unwrap_err();
+    assert!(bad.message().contains("kind"), "{}", bad.message());
+    gateway.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn opt_outs_and_dead_tokens_reported_by_a_provider_block_the_next_job() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("learn");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+
+    // The sandbox answers +15005550004 like Twilio 21610 and `unregistered…` tokens like APNs 410.
+    let targets = json!([
+        {"device": {"id": "old-phone", "platform": "apns", "token": "unregistered-a1b2c3d4e5f6"}},
+        {"phone": {"number": "+15005550004"}}
+    ]);
+    let mut first = job("learn-1", "111333");
+    first["channels"] = json!(["push", "sms"]);
+    first["targets"] = targets.clone();
+    broker.publish_json(&first).await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["targets"][0]["reason"], "DEVICE_UNREGISTERED");
+    assert_eq!(report["targets"][1]["reason"], "RECIPIENT_OPTED_OUT");
+    assert_eq!(
+        report["targets"][1]["attempts"][0]["provider_code"],
+        "21610"
+    );
+
+    let mut client = admin(&gateway).await;
+    let entries = client
+        .list_block_entries(v1::ListBlockEntriesRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let sources: Vec<_> = entries
+        .iter()
+        .map(|e| (e.kind, e.source, e.pattern.as_str()))
+        .collect();
+    assert!(
+        sources.contains(&(
+            v1::BlockKind::Number as i32,
+            v1::BlockSource::OptOut as i32,
+            "+15005550004"
+        )),
+        "{sources:?}"
+    );
+    assert!(
+        sources.contains(&(
+            v1::BlockKind::DeviceToken as i32,
+            v1::BlockSource::ProviderFeedback as i32,
+            "unregistered-a1b2c3d4e5f6"
+        )),
+        "{sources:?}"
+    );
+
+    let mut second = first.clone();
+    second["job_id"] = json!("learn-2");
+    broker.publish_json(&second).await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["status"], "FAILED");
+    assert_eq!(report["targets"][1]["reason"], "RECIPIENT_OPTED_OUT");
+    assert!(
+        report["targets"][1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("opt out")
+    );
+    assert!(
+        report["targets"][1]["attempts"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "no second attempt to an opted-out number"
+    );
+    assert_eq!(report["targets"][0]["reason"], "RECIPIENT_BLOCKED");
+    assert!(
+        report["targets"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("provider feedback")
+    );
+    assert!(report["hint"].as_str().is_some());
+    gateway.stop().await;
+    broker.cleanup().await;
+}
+
+// Multi-threaded: the CLI runs as a blocking child process while this process serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_block_command_adds_lists_and_removes_entries() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("block-cli");
+    let broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let server = gateway.grpc_addr.to_string();
+    let cli = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_otp-gateway"))
+            .args(args)
+            .args(["--server", &server])
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = cli(&[
+        "block",
+        "add",
+        "--prefix",
+        "+882",
+        "--note",
+        "premium range",
+        "--ttl",
+        "30d",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("*  prefix +882  admin  until") && out.contains("premium range"),
+        "{out}"
+    );
+    let id = out
+        .trim_start_matches('#')
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let (code, out, _) = cli(&["block", "ls", "--tenant", "acme"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&format!("#{id}")), "{out}");
+    let (code, _, err) = cli(&["block", "add", "--number", "4155550101", "--tenant", "acme"]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("E.164"), "{err}");
+    let (code, out, _) = cli(&["block", "rm", &id]);
+    assert_eq!(code, Some(0), "{out}");
+    let (_, out, _) = cli(&["block", "ls"]);
+    assert!(!out.contains(&format!("#{id} ")), "{out}");
+    gateway.stop().await;
+    broker.cleanup().await;
+}
