@@ -50,6 +50,14 @@ enum Command {
         #[arg(long, global = true)]
         server: Option<String>,
     },
+    /// Manage rate limits.
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
+        /// The gateway's gRPC address (default: from grpc.listen).
+        #[arg(long, global = true)]
+        server: Option<String>,
+    },
     /// Exit 0 if the gateway reports SERVING on gRPC health (for container health checks).
     Health {
         /// The gateway's gRPC address (default: from grpc.listen).
@@ -88,6 +96,38 @@ enum BlockCommand {
         id: i64,
     },
     /// List entries (with --tenant: its own and the global ones).
+    Ls {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LimitsCommand {
+    /// Allow at most LIMIT sends per WINDOW per recipient, account, tenant or prefix.
+    Set {
+        /// recipient, account, tenant or prefix.
+        #[arg(long)]
+        per: String,
+        /// For `--per prefix`: the prefix, e.g. +882.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Sends allowed per window.
+        #[arg(long)]
+        limit: u32,
+        /// The window, e.g. 10m or 1h.
+        #[arg(long, value_parser = parse_ttl)]
+        window: SignedDuration,
+        /// Only for this tenant (default: every tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Remove a rate limit by id.
+    Rm {
+        /// The rule id (from `limits ls`).
+        id: i64,
+    },
+    /// List rate limits (with --tenant: its own and the global ones).
     Ls {
         #[arg(long)]
         tenant: Option<String>,
@@ -173,6 +213,9 @@ fn main() -> ExitCode {
             }
             Command::Block { command, server } => {
                 block(command, server_address(server.as_deref(), &config)).await
+            }
+            Command::Limits { command, server } => {
+                limits(command, server_address(server.as_deref(), &config)).await
             }
             Command::Health { server } => health(server_address(server.as_deref(), &config)).await,
             Command::Status { id, server } => {
@@ -427,6 +470,93 @@ async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode
                 .entries
             {
                 println!("{}", block_line(&entry));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn limits(command: LimitsCommand, server: String) -> anyhow::Result<ExitCode> {
+    use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
+    let channel = match tonic::transport::Channel::from_shared(server.clone())?
+        .connect()
+        .await
+    {
+        Ok(channel) => channel,
+        Err(error) => {
+            eprintln!("otp-gateway: cannot reach the gateway at {server}: {error}");
+            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
+        }
+    };
+    let mut client = PolicyAdminClient::new(channel);
+    let line = |rule: &v1::RateLimit| {
+        let scope = v1::RateScope::try_from(rule.scope).map_or("?".into(), |s| {
+            s.as_str_name()
+                .trim_start_matches("RATE_SCOPE_")
+                .to_ascii_lowercase()
+        });
+        let tenant = if rule.tenant.is_empty() {
+            "*"
+        } else {
+            &rule.tenant
+        };
+        let window = rule.window.as_ref().map_or(0, |w| w.seconds);
+        let window = SignedDuration::from_secs(window);
+        let target = if rule.prefix.is_empty() {
+            format!("per {scope}")
+        } else {
+            format!("to {}", rule.prefix)
+        };
+        format!(
+            "#{}  {tenant}  {} per {window:#} {target}",
+            rule.id, rule.limit
+        )
+    };
+    match command {
+        LimitsCommand::Set {
+            per,
+            prefix,
+            limit,
+            window,
+            tenant,
+        } => {
+            let scope =
+                v1::RateScope::from_str_name(&format!("RATE_SCOPE_{}", per.to_ascii_uppercase()))
+                    .filter(|s| *s != v1::RateScope::Unspecified)
+                    .with_context(|| {
+                        format!("--per takes recipient, account, tenant or prefix, not `{per}`")
+                    })?;
+            let request = v1::SetRateLimitRequest {
+                tenant: tenant.unwrap_or_default(),
+                scope: scope as i32,
+                prefix,
+                limit,
+                window: Some(otp_gateway::proto::duration_to_proto(window.unsigned_abs())),
+            };
+            match client.set_rate_limit(request).await {
+                Ok(rule) => println!("{}", line(&rule.into_inner())),
+                Err(status) => {
+                    eprintln!("otp-gateway: {}", status.message());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            }
+        }
+        LimitsCommand::Rm { id } => {
+            if let Err(status) = client
+                .remove_rate_limit(v1::RemoveRateLimitRequest { id })
+                .await
+            {
+                eprintln!("otp-gateway: {}", status.message());
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("removed #{id}");
+        }
+        LimitsCommand::Ls { tenant } => {
+            let request = v1::ListRateLimitsRequest {
+                tenant: tenant.unwrap_or_default(),
+            };
+            for rule in client.list_rate_limits(request).await?.into_inner().limits {
+                println!("{}", line(&rule));
             }
         }
     }

@@ -24,7 +24,10 @@ use crate::domain::{
     Acknowledgement, AttemptOutcome, Channel, FailureReason, Job, Report, RetryClass, Target,
     TargetStatus, is_e164, mask_phone, mask_token, render_message,
 };
-use crate::policy::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};
+use crate::policy::{
+    BlockEntry, BlockKind, BlockSource, NewBlockEntry, RateLimitRule, blocking_entry, job_keys,
+    target_keys,
+};
 use crate::providers::{
     OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
 };
@@ -146,6 +149,15 @@ enum Standing {
     Reached,
     /// Settled: not tried again.
     Closed,
+}
+
+/// What every stage of one dispatch works from.
+#[derive(Clone, Copy)]
+struct Run<'a> {
+    job: &'a Job,
+    prior: &'a Report,
+    deadline: Timestamp,
+    rules: &'a [RateLimitRule],
 }
 
 /// How one stage ended.
@@ -270,6 +282,13 @@ impl Dispatcher {
         }
         let channels = job.channel_order();
         let blocks = self.block_candidates(job, progress).await?;
+        let rules = self.policy.list_rate_limits(Some(&job.tenant)).await?;
+        let run = Run {
+            job,
+            prior,
+            deadline,
+            rules: &rules,
+        };
         let mut standing = Vec::with_capacity(job.targets.len());
         // Pushes accepted by a worker that was interrupted while it waited for an acknowledgement.
         let mut resumed_pushes = Vec::new();
@@ -306,6 +325,20 @@ impl Dispatcher {
             }
             // Shown: the device is now Reached (below); silent or expired: on to the channels.
         }
+        let fresh = prior.targets.iter().all(|t| t.attempts.is_empty());
+        if fresh
+            && standing.contains(&Standing::Open)
+            && let Some(limited) = self
+                .policy
+                .consume(&job_keys(&rules, job), progress.now())
+                .await?
+        {
+            tracing::info!(rule = limited.rule.id, allowed_at = %limited.allowed_at, "rate limited");
+            let reason = Some(FailureReason::RateLimited);
+            self.close_untried(&mut standing, job, reason, &limited.describe(), progress)
+                .await?;
+            return Ok(Verdict::Failed(reason));
+        }
         if standing.contains(&Standing::Reached) {
             self.close_untried(&mut standing, job, None, ALREADY_REACHED, progress)
                 .await?;
@@ -314,12 +347,9 @@ impl Dispatcher {
         for channel in channels {
             let end = match channel {
                 _ if progress.now() >= deadline => StageEnd::Expired,
-                Channel::Push => {
-                    self.push_stage(job, prior, deadline, &mut standing, progress)
-                        .await?
-                }
+                Channel::Push => self.push_stage(run, &mut standing, progress).await?,
                 Channel::Sms | Channel::Voice => {
-                    self.phone_stage(job, prior, channel, deadline, &mut standing, progress)
+                    self.phone_stage(run, channel, &mut standing, progress)
                         .await?
                 }
             };
@@ -442,17 +472,29 @@ impl Dispatcher {
     /// for a device to confirm it showed the code.
     async fn push_stage(
         &self,
-        job: &Job,
-        prior: &Report,
-        deadline: Timestamp,
+        run: Run<'_>,
         standing: &mut [Standing],
         progress: &Progress<'_>,
     ) -> Result<StageEnd, StoreError> {
-        let open: Vec<usize> = (0..job.targets.len())
-            .filter(|i| {
-                standing[*i] == Standing::Open && matches!(job.targets[*i], Target::Device(_))
-            })
-            .collect();
+        let Run {
+            job,
+            prior,
+            deadline,
+            rules,
+        } = run;
+        let mut open = Vec::new();
+        for (index, target) in job.targets.iter().enumerate() {
+            if standing[index] == Standing::Open && matches!(target, Target::Device(_)) {
+                if self
+                    .within_limits(job, index, Channel::Push, rules, progress)
+                    .await?
+                {
+                    open.push(index);
+                } else {
+                    standing[index] = Standing::Closed;
+                }
+            }
+        }
         if open.is_empty() {
             return Ok(StageEnd::NotReached);
         }
@@ -609,17 +651,28 @@ impl Dispatcher {
     /// SMS or voice stage: eligible numbers in order until one accepts.
     async fn phone_stage(
         &self,
-        job: &Job,
-        prior: &Report,
+        run: Run<'_>,
         channel: Channel,
-        deadline: Timestamp,
         standing: &mut [Standing],
         progress: &Progress<'_>,
     ) -> Result<StageEnd, StoreError> {
+        let Run {
+            job,
+            prior,
+            deadline,
+            rules,
+        } = run;
         for (index, target) in job.targets.iter().enumerate() {
             if !matches!(standing[index], Standing::Open | Standing::Tried)
                 || !matches!(target, Target::Phone(_))
             {
+                continue;
+            }
+            if !self
+                .within_limits(job, index, channel, rules, progress)
+                .await?
+            {
+                standing[index] = Standing::Closed;
                 continue;
             }
             match self
@@ -939,6 +992,34 @@ impl Dispatcher {
             .await?;
         progress.changed();
         Ok(())
+    }
+
+    /// Counts a send to target `index` against the recipient and prefix limits; when one is
+    /// reached the target fails with RATE_LIMITED (saying when it frees up) and false is returned.
+    async fn within_limits(
+        &self,
+        job: &Job,
+        index: usize,
+        channel: Channel,
+        rules: &[RateLimitRule],
+        progress: &Progress<'_>,
+    ) -> Result<bool, StoreError> {
+        let keys = target_keys(rules, job, &job.targets[index]);
+        let Some(limited) = self.policy.consume(&keys, progress.now()).await? else {
+            return Ok(true);
+        };
+        tracing::info!(rule = limited.rule.id, allowed_at = %limited.allowed_at, "target rate limited");
+        let reason = Some(FailureReason::RateLimited);
+        self.settle(
+            index,
+            channel,
+            TargetStatus::Failed,
+            reason,
+            Some(limited.describe()),
+            progress,
+        )
+        .await?;
+        Ok(false)
     }
 
     /// Turns what a provider said about a recipient into a block entry, so that later jobs do

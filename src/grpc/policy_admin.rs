@@ -1,4 +1,4 @@
-//! `otpgateway.v1.PolicyAdmin`: block-list entries (add, remove, list).
+//! `otpgateway.v1.PolicyAdmin`: block-list entries and rate limits (add or set, remove, list).
 
 use std::sync::Arc;
 
@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::status::invalid_argument;
 use crate::domain::{Clock, JobError};
-use crate::policy::{BlockEntry, BlockKind, BlockSource, NewBlockEntry};
+use crate::policy::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, RateLimitRule, RateScope};
 use crate::proto::v1::policy_admin_server::PolicyAdmin;
 use crate::proto::v1::{
     self, AddBlockEntryRequest, AddBlockEntryResponse, ListBlockEntriesRequest,
@@ -14,7 +14,9 @@ use crate::proto::v1::{
 use crate::proto::v1::{
     ListBlockEntriesResponse, RemoveBlockEntryRequest, RemoveBlockEntryResponse,
 };
-use crate::proto::{timestamp_from_proto, timestamp_to_proto};
+use crate::proto::v1::{ListRateLimitsRequest, ListRateLimitsResponse, RemoveRateLimitRequest};
+use crate::proto::v1::{RemoveRateLimitResponse, SetRateLimitRequest};
+use crate::proto::{duration_to_proto, timestamp_from_proto, timestamp_to_proto};
 use crate::store::PolicyStore;
 
 /// The PolicyAdmin service.
@@ -71,8 +73,91 @@ fn entry_to_proto(entry: &BlockEntry) -> v1::BlockEntry {
     }
 }
 
+fn scope_from_proto(value: i32) -> Option<RateScope> {
+    match v1::RateScope::try_from(value).ok()? {
+        v1::RateScope::Recipient => Some(RateScope::Recipient),
+        v1::RateScope::Account => Some(RateScope::Account),
+        v1::RateScope::Tenant => Some(RateScope::Tenant),
+        v1::RateScope::Prefix => Some(RateScope::Prefix),
+        v1::RateScope::Unspecified => None,
+    }
+}
+
+fn rule_to_proto(rule: &RateLimitRule) -> v1::RateLimit {
+    let scope = match rule.scope {
+        RateScope::Recipient => v1::RateScope::Recipient,
+        RateScope::Account => v1::RateScope::Account,
+        RateScope::Tenant => v1::RateScope::Tenant,
+        RateScope::Prefix => v1::RateScope::Prefix,
+    };
+    v1::RateLimit {
+        id: rule.id,
+        tenant: rule.tenant.clone().unwrap_or_default(),
+        scope: scope as i32,
+        prefix: rule.prefix.clone(),
+        limit: rule.limit,
+        window: Some(duration_to_proto(rule.window)),
+    }
+}
+
 #[tonic::async_trait]
 impl PolicyAdmin for PolicyAdminApi {
+    async fn set_rate_limit(
+        &self,
+        request: Request<SetRateLimitRequest>,
+    ) -> Result<Response<v1::RateLimit>, Status> {
+        let request = request.into_inner();
+        let scope = scope_from_proto(request.scope).ok_or_else(|| {
+            invalid_argument(&JobError::new(
+                "scope",
+                "must be RECIPIENT, ACCOUNT, TENANT or PREFIX",
+            ))
+        })?;
+        let window = request
+            .window
+            .and_then(|w| std::time::Duration::try_from(w).ok())
+            .ok_or_else(|| {
+                invalid_argument(&JobError::new("window", "is required and must be positive"))
+            })?;
+        let rule = RateLimitRule {
+            id: 0,
+            tenant: Some(request.tenant).filter(|t| !t.is_empty()),
+            scope,
+            prefix: request.prefix.trim().to_owned(),
+            limit: request.limit,
+            window,
+        };
+        rule.validate().map_err(|e| invalid_argument(&e))?;
+        let stored = self.policy.set_rate_limit(&rule).await?;
+        tracing::info!(rule = stored.id, scope = %stored.scope, limit = stored.limit, "rate limit set");
+        Ok(Response::new(rule_to_proto(&stored)))
+    }
+
+    async fn remove_rate_limit(
+        &self,
+        request: Request<RemoveRateLimitRequest>,
+    ) -> Result<Response<RemoveRateLimitResponse>, Status> {
+        let id = request.into_inner().id;
+        if !self.policy.remove_rate_limit(id).await? {
+            return Err(Status::not_found(format!("no rate limit #{id}")));
+        }
+        Ok(Response::new(RemoveRateLimitResponse {}))
+    }
+
+    async fn list_rate_limits(
+        &self,
+        request: Request<ListRateLimitsRequest>,
+    ) -> Result<Response<ListRateLimitsResponse>, Status> {
+        let tenant = request.into_inner().tenant;
+        let rules = self
+            .policy
+            .list_rate_limits(Some(tenant.as_str()).filter(|t| !t.is_empty()))
+            .await?;
+        Ok(Response::new(ListRateLimitsResponse {
+            limits: rules.iter().map(rule_to_proto).collect(),
+        }))
+    }
+
     async fn add_block_entry(
         &self,
         request: Request<AddBlockEntryRequest>,

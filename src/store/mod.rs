@@ -4,7 +4,7 @@
 
 mod sqlite;
 
-use crate::policy::{BlockEntry, NewBlockEntry};
+use crate::policy::{BlockEntry, NewBlockEntry, RateKey, RateLimitRule, RateLimited};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -262,6 +262,26 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
 
     /// Block entries, optionally of one tenant (global ones included), newest first.
     async fn list_blocks(&self, tenant: Option<&str>) -> Result<Vec<BlockEntry>, StoreError>;
+
+    /// Sets the rate limit for its (tenant, scope, prefix), replacing one that was there.
+    async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError>;
+
+    /// Removes a rate limit; false when there was none with that id.
+    async fn remove_rate_limit(&self, id: i64) -> Result<bool, StoreError>;
+
+    /// Rate limits, optionally of one tenant (global ones included).
+    async fn list_rate_limits(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<RateLimitRule>, StoreError>;
+
+    /// Counts one send under every key, atomically, unless one of them is at its limit: then
+    /// nothing is counted and the limit (with when it frees up) is returned.
+    async fn consume(
+        &self,
+        keys: &[RateKey<'_>],
+        now: Timestamp,
+    ) -> Result<Option<RateLimited>, StoreError>;
 
     /// The entries in force at `now` that could block a job of `tenant`: those naming its
     /// account, one of its numbers or tokens, and every prefix entry.

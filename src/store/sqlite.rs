@@ -21,7 +21,7 @@ use crate::domain::{
     Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, TargetResult,
     TargetStatus,
 };
-use crate::policy::{BlockEntry, NewBlockEntry};
+use crate::policy::{BlockEntry, NewBlockEntry, RateKey, RateLimitRule, RateLimited};
 
 /// What an attempt left unanswered by a worker that went away is recorded as.
 const INTERRUPTED: &str = "interrupted: the gateway stopped before the provider answered";
@@ -554,8 +554,106 @@ fn block_from_row(row: &SqliteRow) -> Result<BlockEntry, StoreError> {
     })
 }
 
+fn rule_from_row(row: &SqliteRow) -> Result<RateLimitRule, StoreError> {
+    let tenant: String = row.try_get("tenant")?;
+    Ok(RateLimitRule {
+        id: row.try_get("id")?,
+        tenant: (tenant != ALL_TENANTS).then_some(tenant),
+        scope: parse(&row.try_get::<String, _>("scope")?)?,
+        prefix: row.try_get("prefix")?,
+        limit: row.try_get::<i64, _>("max_sends")? as u32,
+        window: Duration::from_millis(row.try_get::<i64, _>("window_ms")? as u64),
+    })
+}
+
 #[async_trait]
 impl PolicyStore for SqliteLedger {
+    async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
+        let tenant = rule.tenant.as_deref().unwrap_or(ALL_TENANTS);
+        let row = sqlx::query(
+            "INSERT INTO rate_limit_rules (tenant, scope, prefix, max_sends, window_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (tenant, scope, prefix) DO UPDATE SET max_sends = excluded.max_sends, window_ms = excluded.window_ms
+             RETURNING *",
+        )
+        .bind(tenant)
+        .bind(rule.scope.as_str())
+        .bind(&rule.prefix)
+        .bind(rule.limit as i64)
+        .bind(rule.window.as_millis() as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        rule_from_row(&row)
+    }
+
+    async fn remove_rate_limit(&self, id: i64) -> Result<bool, StoreError> {
+        let removed = sqlx::query("DELETE FROM rate_limit_rules WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(removed.rows_affected() == 1)
+    }
+
+    async fn list_rate_limits(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<RateLimitRule>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM rate_limit_rules WHERE (? IS NULL OR tenant = ? OR tenant = '*') ORDER BY id")
+            .bind(tenant)
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rule_from_row).collect()
+    }
+
+    async fn consume(
+        &self,
+        keys: &[RateKey<'_>],
+        now: Timestamp,
+    ) -> Result<Option<RateLimited>, StoreError> {
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        // IMMEDIATE: take the write lock first, so that concurrent checks of one counter
+        // (other tasks, other replicas on the same database) cannot both pass.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for RateKey { rule, key } in keys {
+            let since = micros(now) - rule.window.as_micros() as i64;
+            sqlx::query("DELETE FROM rate_hits WHERE rule = ? AND key = ? AND at <= ?")
+                .bind(rule.id)
+                .bind(key)
+                .bind(since)
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query("SELECT count(*) AS hits, min(at) AS oldest FROM rate_hits WHERE rule = ? AND key = ?")
+                .bind(rule.id)
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+            let hits: i64 = row.try_get("hits")?;
+            if hits >= rule.limit as i64 {
+                let oldest: Option<i64> = row.try_get("oldest")?;
+                let window = jiff::SignedDuration::try_from(rule.window)
+                    .unwrap_or(jiff::SignedDuration::MAX);
+                let allowed_at = oldest.map(timestamp).transpose()?.unwrap_or(now) + window;
+                tx.rollback().await?;
+                return Ok(Some(RateLimited {
+                    rule: (*rule).clone(),
+                    allowed_at,
+                }));
+            }
+        }
+        for RateKey { rule, key } in keys {
+            sqlx::query("INSERT INTO rate_hits (rule, key, at) VALUES (?, ?, ?)")
+                .bind(rule.id)
+                .bind(key)
+                .bind(micros(now))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(None)
+    }
+
     async fn add_block(
         &self,
         entry: &NewBlockEntry,

@@ -19,10 +19,11 @@ use otp_gateway::domain::{
     Acknowledgement, AttemptOutcome, DeliveryStatus, FailureReason, Job, Report, SystemClock,
     TargetStatus,
 };
+use otp_gateway::policy::{RateLimitRule, RateScope};
 use otp_gateway::providers::{
     OutboundMessage, Provider, ProviderAccept, ProviderError, ProviderRegistry, Recipient,
 };
-use otp_gateway::store::SqliteLedger;
+use otp_gateway::store::{PolicyStore, SqliteLedger};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -919,4 +920,173 @@ async fn a_denial_that_arrives_during_escalation_still_decides_the_outcome() {
         report.targets[0].acknowledgement,
         Some(Acknowledgement::Denied)
     );
+}
+
+/// The policy store over the same database file as the engine (as another replica would).
+async fn policy_store(config: &Config) -> SqliteLedger {
+    SqliteLedger::connect(&config.store.url).await.unwrap()
+}
+
+fn rule(
+    tenant: Option<&str>,
+    scope: RateScope,
+    prefix: &str,
+    limit: u32,
+    window: Duration,
+) -> RateLimitRule {
+    RateLimitRule {
+        id: 0,
+        tenant: tenant.map(str::to_owned),
+        scope,
+        prefix: prefix.into(),
+        limit,
+        window,
+    }
+}
+
+#[tokio::test]
+async fn the_sixth_job_in_ten_minutes_to_one_number_is_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"sms": provider_settings(dir.path(), "sms", json!({}), json!({}))}),
+        &[(
+            "routes",
+            json!({"push": ["sms"], "sms": ["sms"], "voice": ["sms"]}),
+        )],
+    );
+    let sms = Scripted::new("sms", vec![], ok());
+    let service = engine(&config, vec![("sms", sms.clone())]).await;
+    let policy = policy_store(&config).await;
+    let limit = policy
+        .set_rate_limit(&rule(
+            None,
+            RateScope::Recipient,
+            "",
+            5,
+            Duration::from_secs(600),
+        ))
+        .await
+        .unwrap();
+
+    for i in 0..5 {
+        let report = deliver(
+            &service,
+            &job(
+                &format!("n-{i}"),
+                60.0,
+                &["sms"],
+                json!([phone("+14155550101")]),
+            ),
+        )
+        .await;
+        assert_eq!(report.status, DeliveryStatus::Sent, "job {i}");
+    }
+    let targets = json!([phone("+14155550101"), phone("+14155550102")]);
+    let report = deliver(&service, &job("n-5", 60.0, &["sms"], targets)).await;
+    let limited = &report.targets[0];
+    assert_eq!(limited.reason, Some(FailureReason::RateLimited));
+    assert!(limited.attempts.is_empty());
+    let detail = limited.detail.as_deref().unwrap();
+    assert!(
+        detail.starts_with(&format!(
+            "rate limit #{} (5 per 10m per recipient) reached; allowed again at 20",
+            limit.id
+        )),
+        "{detail}"
+    );
+    assert_eq!(
+        report.targets[1].status,
+        TargetStatus::Sent,
+        "the next number is still tried"
+    );
+    assert_eq!(sms.call_times().len(), 6);
+
+    // Only number 1 alone: the delivery fails with RATE_LIMITED and says when to retry.
+    let report = deliver(
+        &service,
+        &job("n-6", 60.0, &["sms"], json!([phone("+14155550101")])),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert_eq!(report.reason, Some(FailureReason::RateLimited));
+    assert!(
+        report.summary.contains("allowed again at"),
+        "{}",
+        report.summary
+    );
+}
+
+#[tokio::test]
+async fn account_limits_fail_the_delivery_and_concurrent_jobs_cannot_overshoot_a_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"sms": provider_settings(dir.path(), "sms", json!({}), json!({}))}),
+        &[(
+            "routes",
+            json!({"push": ["sms"], "sms": ["sms"], "voice": ["sms"]}),
+        )],
+    );
+    let sms = Scripted::new("sms", vec![], Step::Accept(Duration::from_millis(20)));
+    let service = engine(&config, vec![("sms", sms.clone())]).await;
+    let policy = policy_store(&config).await;
+    policy
+        .set_rate_limit(&rule(
+            Some("acme"),
+            RateScope::Account,
+            "",
+            3,
+            Duration::from_secs(3600),
+        ))
+        .await
+        .unwrap();
+    policy
+        .set_rate_limit(&rule(
+            Some("other"),
+            RateScope::Tenant,
+            "",
+            1,
+            Duration::from_secs(3600),
+        ))
+        .await
+        .unwrap();
+
+    let runs = (0..10).map(|i| {
+        let service = Arc::clone(&service);
+        let job = job(
+            &format!("a-{i}"),
+            60.0,
+            &["sms"],
+            json!([phone(&format!("+1415555{i:04}"))]),
+        );
+        tokio::spawn(async move { deliver(&service, &job).await })
+    });
+    let reports: Vec<Report> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let sent = reports
+        .iter()
+        .filter(|r| r.status == DeliveryStatus::Sent)
+        .count();
+    assert_eq!(
+        sent, 3,
+        "three per hour for the account, however the jobs interleave"
+    );
+    let limited: Vec<_> = reports
+        .iter()
+        .filter(|r| r.reason == Some(FailureReason::RateLimited))
+        .collect();
+    assert_eq!(limited.len(), 7);
+    assert!(
+        limited[0].targets[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("per account")
+    );
+    assert!(limited.iter().all(|r| r.targets[0].attempts.is_empty()));
+    assert_eq!(sms.call_times().len(), 3);
 }

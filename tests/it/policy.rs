@@ -269,6 +269,52 @@ async fn the_block_command_adds_lists_and_removes_entries() {
     assert_eq!(code, Some(0), "{out}");
     let (_, out, _) = cli(&["block", "ls"]);
     assert!(!out.contains(&format!("#{id} ")), "{out}");
+
+    // Rate limits.
+    let (code, out, _) = cli(&[
+        "limits", "set", "--per", "prefix", "--prefix", "+882", "--limit", "1000", "--window", "1h",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("*  1000 per 1h to +882"), "{out}");
+    let (code, out, _) = cli(&[
+        "limits",
+        "set",
+        "--per",
+        "recipient",
+        "--limit",
+        "5",
+        "--window",
+        "10m",
+        "--tenant",
+        "acme",
+    ]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("acme  5 per 10m per recipient"), "{out}");
+    let (_, listed, _) = cli(&["limits", "ls", "--tenant", "acme"]);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    let (code, _, err) = cli(&[
+        "limits",
+        "set",
+        "--per",
+        "recipient",
+        "--limit",
+        "0",
+        "--window",
+        "10m",
+    ]);
+    assert_eq!(code, Some(64));
+    assert!(err.contains("limit"), "{err}");
+    let id = out
+        .trim_start_matches('#')
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(cli(&["limits", "rm", &id]).0, Some(0));
+    assert_eq!(
+        cli(&["limits", "ls", "--tenant", "acme"]).1.lines().count(),
+        1
+    );
     gateway.stop().await;
     broker.cleanup().await;
 }
