@@ -265,12 +265,16 @@ fn server_address(explicit: Option<&str>, config: &Config) -> String {
     format!("http://{addr}")
 }
 
-async fn connect(server: &str) -> anyhow::Result<CodeDeliveryClient<tonic::transport::Channel>> {
-    CodeDeliveryClient::connect(server.to_owned())
-        .await
-        .with_context(|| {
-            format!("cannot reach the gateway at {server} (is `otp-gateway serve` running?)")
-        })
+/// A channel to the gateway at `server`, or the exit code after saying why there is none.
+async fn gateway(server: &str) -> Result<tonic::transport::Channel, ExitCode> {
+    let endpoint = tonic::transport::Channel::from_shared(server.to_owned()).map_err(|error| {
+        eprintln!("otp-gateway: `{server}` is not a gateway address: {error}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    endpoint.connect().await.map_err(|error| {
+        eprintln!("otp-gateway: cannot reach the gateway at {server} (is `otp-gateway serve` running?): {error}");
+        ExitCode::from(EXIT_UNAVAILABLE)
+    })
 }
 
 fn random_code() -> String {
@@ -329,12 +333,9 @@ async fn send(args: SendArgs, server: String) -> anyhow::Result<ExitCode> {
         targets,
         ..Default::default()
     };
-    let mut client = match connect(&server).await {
-        Ok(client) => client,
-        Err(error) => {
-            eprintln!("otp-gateway: {error:#}");
-            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
-        }
+    let mut client = match gateway(&server).await {
+        Ok(channel) => CodeDeliveryClient::new(channel),
+        Err(code) => return Ok(code),
     };
     let response = client
         .send_code(v1::SendCodeRequest { job: Some(job) })
@@ -373,12 +374,9 @@ async fn send(args: SendArgs, server: String) -> anyhow::Result<ExitCode> {
 }
 
 async fn status(id: &str, server: String) -> anyhow::Result<ExitCode> {
-    let mut client = match connect(&server).await {
-        Ok(client) => client,
-        Err(error) => {
-            eprintln!("otp-gateway: {error:#}");
-            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
-        }
+    let mut client = match gateway(&server).await {
+        Ok(channel) => CodeDeliveryClient::new(channel),
+        Err(code) => return Ok(code),
     };
     let report = client
         .get_delivery(v1::GetDeliveryRequest {
@@ -392,15 +390,9 @@ async fn status(id: &str, server: String) -> anyhow::Result<ExitCode> {
 
 async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode> {
     use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
-    let channel = match tonic::transport::Channel::from_shared(server.clone())?
-        .connect()
-        .await
-    {
+    let channel = match gateway(&server).await {
         Ok(channel) => channel,
-        Err(error) => {
-            eprintln!("otp-gateway: cannot reach the gateway at {server}: {error}");
-            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
-        }
+        Err(code) => return Ok(code),
     };
     let mut client = PolicyAdminClient::new(channel);
     match command {
@@ -478,15 +470,9 @@ async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode
 
 async fn limits(command: LimitsCommand, server: String) -> anyhow::Result<ExitCode> {
     use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
-    let channel = match tonic::transport::Channel::from_shared(server.clone())?
-        .connect()
-        .await
-    {
+    let channel = match gateway(&server).await {
         Ok(channel) => channel,
-        Err(error) => {
-            eprintln!("otp-gateway: cannot reach the gateway at {server}: {error}");
-            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
-        }
+        Err(code) => return Ok(code),
     };
     let mut client = PolicyAdminClient::new(channel);
     let line = |rule: &v1::RateLimit| {
@@ -600,15 +586,9 @@ fn block_line(entry: &v1::BlockEntry) -> String {
 
 async fn health(server: String) -> anyhow::Result<ExitCode> {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let channel = match tonic::transport::Channel::from_shared(server.clone())?
-        .connect()
-        .await
-    {
+    let channel = match gateway(&server).await {
         Ok(channel) => channel,
-        Err(error) => {
-            eprintln!("otp-gateway: cannot reach the gateway at {server}: {error}");
-            return Ok(ExitCode::from(EXIT_UNAVAILABLE));
-        }
+        Err(code) => return Ok(code),
     };
     let response = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest {
