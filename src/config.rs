@@ -75,6 +75,45 @@ pub struct TenantConfig {
     /// push accepted by APNs/FCM ends the chain as SENT and escalation happens only on failure.
     #[serde(default = "default_true")]
     pub push_acknowledgement: bool,
+    /// The countries SMS and voice may go to.
+    #[serde(default)]
+    pub destinations: DestinationRules,
+}
+
+/// Per channel, the countries a tenant may send to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationRules {
+    /// For SMS.
+    #[serde(default)]
+    pub sms: CountryRule,
+    /// For voice calls.
+    #[serde(default)]
+    pub voice: CountryRule,
+}
+
+impl DestinationRules {
+    /// The rule for `channel` (none for push).
+    pub fn for_channel(&self, channel: Channel) -> Option<&CountryRule> {
+        match channel {
+            Channel::Push => None,
+            Channel::Sms => Some(&self.sms),
+            Channel::Voice => Some(&self.voice),
+        }
+    }
+}
+
+/// Countries as ISO 3166 alpha-2 codes: `allow` (if not empty) lists the only ones permitted,
+/// `deny` the ones refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountryRule {
+    /// The only countries permitted (empty: all).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Countries refused.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -561,6 +600,26 @@ impl Config {
                 }
             }
         }
+        for (tenant, settings) in &self.tenants {
+            for channel in [Channel::Sms, Channel::Voice] {
+                let rule = settings
+                    .destinations
+                    .for_channel(channel)
+                    .expect("sms and voice have rules");
+                for (list, codes) in [("allow", &rule.allow), ("deny", &rule.deny)] {
+                    if let Some(bad) = codes.iter().find(|c| {
+                        !crate::policy::destination::is_known_country(&c.to_ascii_uppercase())
+                    }) {
+                        return Err(invalid(
+                            format!("tenants.{tenant}.destinations.{channel}.{list}"),
+                            format!(
+                                "`{bad}` is not an ISO 3166 country code (e.g. \"US\", \"DE\")"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         positive("delivery.push_ack_timeout", self.delivery.push_ack_timeout)?;
         positive("delivery.retry_after_max", self.delivery.retry_after_max)?;
         if self.delivery.expiry_margin.is_negative() {
@@ -621,6 +680,16 @@ mod tests {
         ));
         let err = Config::from_figment(bad).unwrap_err().to_string();
         assert!(err.contains("routes.by_prefix.sms"), "{err}");
+
+        let bad = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default(
+            "tenants.acme.destinations.sms.allow",
+            ["US", "Germany"],
+        ));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("tenants.acme.destinations.sms.allow") && err.contains("Germany"),
+            "{err}"
+        );
 
         let bad = Figment::from(Toml::string(DEFAULT_TOML))
             .merge(Serialized::default("amqp.prefetch", "many"));

@@ -19,14 +19,14 @@ use tracing::Instrument;
 use super::Progress;
 use super::breaker::{Admission, BreakerSnapshot, CallResult, CircuitBreaker};
 use super::retry::RetryPolicy;
-use crate::config::{DeliveryConfig, TenantConfig, positive};
+use crate::config::{DeliveryConfig, DestinationRules, TenantConfig, positive};
 use crate::domain::{
     Acknowledgement, AttemptOutcome, Channel, FailureReason, Job, Report, RetryClass, Target,
     TargetStatus, is_e164, mask_phone, mask_token, render_message,
 };
 use crate::policy::{
-    BlockEntry, BlockKind, BlockSource, NewBlockEntry, RateLimitRule, blocking_entry, job_keys,
-    target_keys,
+    BlockEntry, BlockKind, BlockSource, NewBlockEntry, RateLimitRule, blocking_entry,
+    destination_refusal, job_keys, target_keys,
 };
 use crate::providers::{
     OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
@@ -70,6 +70,8 @@ pub struct EngineSettings {
     pub retry_after_max: Duration,
     /// Tenants whose push stage does not wait for acknowledgements.
     pub tenants_without_ack: HashSet<String>,
+    /// Countries each tenant may send SMS and voice to.
+    pub destinations: BTreeMap<String, DestinationRules>,
 }
 
 impl EngineSettings {
@@ -101,6 +103,11 @@ impl EngineSettings {
                 .iter()
                 .filter(|(_, tenant)| !tenant.push_acknowledgement)
                 .map(|(name, _)| name.clone())
+                .collect(),
+
+            destinations: tenants
+                .iter()
+                .map(|(name, tenant)| (name.clone(), tenant.destinations.clone()))
                 .collect(),
         }
     }
@@ -668,6 +675,21 @@ impl Dispatcher {
             {
                 continue;
             }
+            if let Some(detail) = self.destination_refused(job, target, channel) {
+                // Refused for this channel only: the next channel may still reach the number.
+                standing[index] = Standing::Tried;
+                let reason = Some(FailureReason::DestinationNotPermitted);
+                self.settle(
+                    index,
+                    channel,
+                    TargetStatus::Failed,
+                    reason,
+                    Some(detail),
+                    progress,
+                )
+                .await?;
+                continue;
+            }
             if !self
                 .within_limits(job, index, channel, rules, progress)
                 .await?
@@ -992,6 +1014,19 @@ impl Dispatcher {
             .await?;
         progress.changed();
         Ok(())
+    }
+
+    /// Why the tenant may not send `channel` messages to this number's country, if it may not.
+    fn destination_refused(&self, job: &Job, target: &Target, channel: Channel) -> Option<String> {
+        let Target::Phone(phone) = target else {
+            return None;
+        };
+        let rule = self
+            .settings
+            .destinations
+            .get(&job.tenant)?
+            .for_channel(channel)?;
+        destination_refusal(&job.tenant, channel, rule, &phone.number)
     }
 
     /// Counts a send to target `index` against the recipient and prefix limits; when one is

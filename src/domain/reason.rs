@@ -141,7 +141,12 @@ impl FailureReason {
         use FailureReason::*;
         match self {
             ProviderUnavailable | ProviderTimeout | ProviderThrottled => RetryClass::Transient,
-            ProviderRejected | ProviderMisconfigured => RetryClass::PermanentForProvider,
+            // A provider that may not send to a destination (e.g. Twilio 21408) is not the last
+            // word: another provider or route may. (The gateway's own destination policy is
+            // decided before any provider is called.)
+            ProviderRejected | ProviderMisconfigured | DestinationNotPermitted => {
+                RetryClass::PermanentForProvider
+            }
             // A carrier that says "unreachable" may succeed later, but not within a code's
             // lifetime on the same route: the next target is the better bet.
             _ => RetryClass::PermanentForTarget,

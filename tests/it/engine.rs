@@ -1090,3 +1090,77 @@ async fn account_limits_fail_the_delivery_and_concurrent_jobs_cannot_overshoot_a
     assert!(limited.iter().all(|r| r.targets[0].attempts.is_empty()));
     assert_eq!(sms.call_times().len(), 3);
 }
+
+#[tokio::test]
+async fn destinations_not_permitted_for_a_channel_fall_through_to_the_next_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"carrier": provider_settings(dir.path(), "carrier", json!({}), json!({}))}),
+        &[
+            (
+                "routes",
+                json!({"push": ["carrier"], "sms": ["carrier"], "voice": ["carrier"]}),
+            ),
+            (
+                "tenants.acme.destinations",
+                json!({"sms": {"allow": ["US", "CA"]}, "voice": {"deny": ["GB"]}}),
+            ),
+        ],
+    );
+    let carrier = Scripted::new("carrier", vec![], ok());
+    let service = engine(&config, vec![("carrier", carrier.clone())]).await;
+
+    // Germany: no SMS for acme, but a call is fine.
+    let report = deliver(
+        &service,
+        &job(
+            "de",
+            60.0,
+            &["sms", "voice"],
+            json!([phone("+4930123456789")]),
+        ),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let attempts = &report.targets[0].attempts;
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].channel, otp_gateway::domain::Channel::Voice);
+
+    // The UK: neither.
+    let report = deliver(
+        &service,
+        &job(
+            "gb",
+            60.0,
+            &["sms", "voice"],
+            json!([phone("+447400123456")]),
+        ),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert_eq!(report.reason, Some(FailureReason::DestinationNotPermitted));
+    let detail = report.targets[0].detail.as_deref().unwrap();
+    assert!(
+        detail.contains("GB") && detail.contains("tenants.acme.destinations.voice.deny"),
+        "{detail}"
+    );
+    assert!(report.targets[0].attempts.is_empty(), "nothing was sent");
+
+    // The US: SMS as usual.
+    let report = deliver(
+        &service,
+        &job(
+            "us",
+            60.0,
+            &["sms", "voice"],
+            json!([phone("+14155550101")]),
+        ),
+    )
+    .await;
+    assert_eq!(
+        report.targets[0].attempts[0].channel,
+        otp_gateway::domain::Channel::Sms
+    );
+    assert_eq!(carrier.call_times().len(), 2);
+}
