@@ -50,6 +50,17 @@ enum Command {
         #[arg(long, global = true)]
         server: Option<String>,
     },
+    /// Dry run: what the gateway would do with a JSON job file (nothing is sent or counted).
+    Explain {
+        /// The job, as the JSON queue body.
+        file: PathBuf,
+        /// Plan for this instant (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<Timestamp>,
+        /// The gateway's gRPC address (default: from grpc.listen).
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Manage rate limits.
     Limits {
         #[command(subcommand)]
@@ -213,6 +224,9 @@ fn main() -> ExitCode {
             }
             Command::Block { command, server } => {
                 block(command, server_address(server.as_deref(), &config)).await
+            }
+            Command::Explain { file, at, server } => {
+                explain(&file, at, server_address(server.as_deref(), &config)).await
             }
             Command::Limits { command, server } => {
                 limits(command, server_address(server.as_deref(), &config)).await
@@ -463,6 +477,83 @@ async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode
             {
                 println!("{}", block_line(&entry));
             }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn explain(
+    file: &std::path::Path,
+    at: Option<Timestamp>,
+    server: String,
+) -> anyhow::Result<ExitCode> {
+    let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let job = match otp_gateway::domain::Job::from_json(&body) {
+        Ok(job) => job,
+        Err(error) => {
+            eprintln!(
+                "otp-gateway: {} is not a valid job: {error}",
+                file.display()
+            );
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let mut client = match gateway(&server).await {
+        Ok(channel) => CodeDeliveryClient::new(channel),
+        Err(code) => return Ok(code),
+    };
+    let request = v1::ExplainRequest {
+        job: Some(otp_gateway::proto::job_to_proto(&job)),
+        at: at.map(timestamp_to_proto),
+    };
+    let plan = client.explain(request).await?.into_inner();
+    let name = |value: i32| {
+        v1::Channel::try_from(value).map_or("?".into(), |c| {
+            c.as_str_name()
+                .trim_start_matches("CHANNEL_")
+                .to_ascii_lowercase()
+        })
+    };
+    let stages: Vec<String> = plan.stages.iter().map(|c| name(*c)).collect();
+    println!("{}  stages: {}", plan.delivery_id, stages.join(" → "));
+    if let Some(reason) = reason_from_proto(plan.blocked_reason) {
+        println!("  nothing would be sent: {reason}: {}", plan.blocked_detail);
+    }
+    for target in &plan.targets {
+        let verdict = match reason_from_proto(target.reason) {
+            Some(reason) => reason.as_str().to_owned(),
+            None if target.eligible => "eligible".to_owned(),
+            None => "not tried".to_owned(),
+        };
+        println!(
+            "  target {} {}: {verdict}: {}",
+            target.index, target.target, target.decision
+        );
+        for channel in &target.channels {
+            let providers: Vec<String> = channel
+                .providers
+                .iter()
+                .map(|p| {
+                    let circuit =
+                        v1::CircuitState::try_from(p.circuit).map_or("?", |c| c.as_str_name());
+                    format!(
+                        "{} ({})",
+                        p.name,
+                        circuit
+                            .trim_start_matches("CIRCUIT_STATE_")
+                            .to_ascii_lowercase()
+                    )
+                })
+                .collect();
+            let refused = reason_from_proto(channel.refused_reason)
+                .map(|r| format!("  refused: {r}: {}", channel.refused_detail))
+                .unwrap_or_default();
+            println!(
+                "    {} via route {}: {}{refused}",
+                name(channel.channel),
+                channel.route,
+                providers.join(", then ")
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

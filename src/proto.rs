@@ -263,13 +263,17 @@ pub fn duration_to_proto(duration: std::time::Duration) -> prost_types::Duration
     }
 }
 
-fn circuit_to_proto(snapshot: &crate::delivery::BreakerSnapshot) -> v1::CircuitStatus {
+fn circuit_state_to_proto(state: crate::delivery::CircuitState) -> v1::CircuitState {
     use crate::delivery::CircuitState;
-    let state = match snapshot.state {
+    match state {
         CircuitState::Closed => v1::CircuitState::Closed,
         CircuitState::Open => v1::CircuitState::Open,
         CircuitState::HalfOpen => v1::CircuitState::HalfOpen,
-    };
+    }
+}
+
+fn circuit_to_proto(snapshot: &crate::delivery::BreakerSnapshot) -> v1::CircuitStatus {
+    let state = circuit_state_to_proto(snapshot.state);
     v1::CircuitStatus {
         state: state as i32,
         reopens_in: snapshot.reopens_in.map(duration_to_proto),
@@ -287,6 +291,99 @@ fn circuit_to_proto(snapshot: &crate::delivery::BreakerSnapshot) -> v1::CircuitS
             .last_error
             .as_ref()
             .map(|e| timestamp_to_proto(e.1)),
+    }
+}
+
+/// The protobuf form of an `Explain` plan.
+pub fn explanation_to_proto(plan: &crate::delivery::Explanation) -> v1::ExplainResponse {
+    let refusal = |r: &Option<(FailureReason, String)>| {
+        (
+            reason_to_proto(r.as_ref().map(|r| r.0)) as i32,
+            r.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
+        )
+    };
+    let (blocked_reason, blocked_detail) = refusal(&plan.blocked);
+    v1::ExplainResponse {
+        delivery_id: plan.delivery_id.clone(),
+        at: Some(timestamp_to_proto(plan.at)),
+        stages: plan
+            .stages
+            .iter()
+            .map(|c| channel_to_proto(*c) as i32)
+            .collect(),
+        blocked_reason,
+        blocked_detail,
+        targets: plan
+            .targets
+            .iter()
+            .map(|target| v1::TargetPlan {
+                index: target.index,
+                target: target.target.clone(),
+                platform: platform_to_proto(target.platform) as i32,
+                eligible: target.eligible,
+                reason: reason_to_proto(target.reason) as i32,
+                decision: target.decision.clone(),
+                channels: target
+                    .channels
+                    .iter()
+                    .map(|channel| {
+                        let (refused_reason, refused_detail) = refusal(&channel.refused);
+                        v1::ChannelPlan {
+                            channel: channel_to_proto(channel.channel) as i32,
+                            route: channel.route.clone(),
+                            providers: channel
+                                .providers
+                                .iter()
+                                .map(|p| v1::ProviderChoice {
+                                    name: p.name.clone(),
+                                    circuit: circuit_state_to_proto(p.circuit) as i32,
+                                })
+                                .collect(),
+                            refused_reason,
+                            refused_detail,
+                        }
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The protobuf form of a domain job (for clients that read JSON jobs, e.g. `otp-gateway explain`).
+pub fn job_to_proto(job: &Job) -> v1::SendCodeJob {
+    v1::SendCodeJob {
+        job_id: job.job_id.clone(),
+        tenant: job.tenant.clone(),
+        account: job.account.clone(),
+        code: job.code.expose().to_owned(),
+        expires_at: Some(timestamp_to_proto(job.expires_at)),
+        purpose: job.purpose.clone(),
+        locale: job.locale.clone(),
+        user_initiated: job.user_initiated,
+        timezone: job.timezone.clone().unwrap_or_default(),
+        channels: job
+            .channels
+            .iter()
+            .map(|c| channel_to_proto(*c) as i32)
+            .collect(),
+        targets: job
+            .targets
+            .iter()
+            .map(|target| v1::Target {
+                kind: Some(match target {
+                    Target::Phone(phone) => v1::target::Kind::Phone(v1::PhoneTarget {
+                        number: phone.number.clone(),
+                    }),
+                    Target::Device(device) => v1::target::Kind::Device(v1::DeviceTarget {
+                        id: device.id.clone(),
+                        platform: platform_to_proto(Some(device.platform)) as i32,
+                        token: device.token.clone(),
+                        topic: device.topic.clone().unwrap_or_default(),
+                        can_display_code: Some(device.can_display_code),
+                    }),
+                }),
+            })
+            .collect(),
     }
 }
 

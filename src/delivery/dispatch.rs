@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::Progress;
-use super::breaker::{Admission, BreakerSnapshot, CallResult, CircuitBreaker};
+use super::breaker::{Admission, BreakerSnapshot, CallResult, CircuitBreaker, CircuitState};
 use super::retry::RetryPolicy;
 use crate::config::{DeliveryConfig, DestinationRules, TenantConfig, positive};
 use crate::domain::{
@@ -402,6 +402,15 @@ impl Dispatcher {
         job: &Job,
         progress: &Progress<'_>,
     ) -> Result<Vec<BlockEntry>, StoreError> {
+        self.block_candidates_at(job, progress.now()).await
+    }
+
+    /// The block entries in force at `at` that could apply to this job.
+    pub(crate) async fn block_candidates_at(
+        &self,
+        job: &Job,
+        at: Timestamp,
+    ) -> Result<Vec<BlockEntry>, StoreError> {
         let mut patterns = vec![job.account.as_str()];
         for target in &job.targets {
             patterns.push(match target {
@@ -410,8 +419,41 @@ impl Dispatcher {
             });
         }
         self.policy
-            .block_candidates(&job.tenant, &patterns, progress.now())
+            .block_candidates(&job.tenant, &patterns, at)
             .await
+    }
+
+    pub(crate) fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    pub(crate) fn policy_store(&self) -> &dyn PolicyStore {
+        self.policy.as_ref()
+    }
+
+    pub(crate) fn providers(&self) -> &ProviderRegistry {
+        &self.providers
+    }
+
+    /// The circuit a call through `entry` on this route would meet (the worse of the
+    /// provider's and the route's).
+    pub(crate) fn circuit_of(
+        &self,
+        entry: &ProviderEntry,
+        channel: Channel,
+        route: &str,
+        now: Instant,
+    ) -> CircuitState {
+        let provider = self.breakers.providers[entry.name()].snapshot(now).state;
+        let route = self
+            .route_breaker(entry, channel, route)
+            .snapshot(now)
+            .state;
+        match (provider, route) {
+            (CircuitState::Open, _) | (_, CircuitState::Open) => CircuitState::Open,
+            (CircuitState::HalfOpen, _) | (_, CircuitState::HalfOpen) => CircuitState::HalfOpen,
+            _ => CircuitState::Closed,
+        }
     }
 
     async fn check_eligibility(
@@ -423,43 +465,25 @@ impl Dispatcher {
         blocks: &[BlockEntry],
         progress: &Progress<'_>,
     ) -> Result<Standing, StoreError> {
-        let Some(channel) = channels.iter().copied().find(|c| target.reachable_by(*c)) else {
-            let kind = if matches!(target, Target::Device(_)) {
-                "push"
-            } else {
-                "sms or voice"
-            };
-            let detail = format!("the job does not ask for {kind}");
-            self.settle(
-                index,
-                channel_of(target),
-                TargetStatus::Skipped,
-                None,
-                Some(detail),
-                progress,
-            )
-            .await?;
-            return Ok(Standing::Closed);
-        };
-        let refusal = match target {
-            Target::Phone(phone) if !is_e164(&phone.number) => Some((
-                FailureReason::InvalidRecipient,
-                "not a valid E.164 number (expected + then country code and number, e.g. +14155550101)",
-            )),
-            Target::Device(device) if !device.can_display_code => Some((
-                FailureReason::DeviceCannotDisplayCode,
-                "the device says it cannot display codes",
-            )),
-            _ => None,
-        };
-        let refusal = refusal
-            .map(|(reason, detail)| (reason, detail.to_owned()))
-            .or_else(|| {
-                blocking_entry(blocks, job, target, progress.now())
-                    .map(|entry| (entry.reason(), format!("blocked by {}", entry.describe())))
-            });
-        match refusal {
-            Some((reason, detail)) => {
+        match eligibility(job, target, channels, blocks, progress.now()) {
+            Eligibility::Eligible(_) => Ok(Standing::Open),
+            Eligibility::NotAsked(detail) => {
+                self.settle(
+                    index,
+                    channel_of(target),
+                    TargetStatus::Skipped,
+                    None,
+                    Some(detail),
+                    progress,
+                )
+                .await?;
+                Ok(Standing::Closed)
+            }
+            Eligibility::Refused {
+                channel,
+                reason,
+                detail,
+            } => {
                 self.settle(
                     index,
                     channel,
@@ -471,7 +495,6 @@ impl Dispatcher {
                 .await?;
                 Ok(Standing::Closed)
             }
-            None => Ok(Standing::Open),
         }
     }
 
@@ -1017,7 +1040,12 @@ impl Dispatcher {
     }
 
     /// Why the tenant may not send `channel` messages to this number's country, if it may not.
-    fn destination_refused(&self, job: &Job, target: &Target, channel: Channel) -> Option<String> {
+    pub(crate) fn destination_refused(
+        &self,
+        job: &Job,
+        target: &Target,
+        channel: Channel,
+    ) -> Option<String> {
         let Target::Phone(phone) = target else {
             return None;
         };
@@ -1171,6 +1199,61 @@ impl Dispatcher {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a target may be tried at all, before any channel-specific rule.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Eligibility {
+    /// Yes, first by this channel.
+    Eligible(Channel),
+    /// None of the job's channels reaches it.
+    NotAsked(String),
+    /// Not valid, or refused by policy: the reason and why.
+    Refused {
+        channel: Channel,
+        reason: FailureReason,
+        detail: String,
+    },
+}
+
+/// The eligibility of `target`: reachable by the job's channels, well-formed, not blocked.
+/// Shared by the engine and `Explain`, so a dry run decides exactly as a send does.
+pub(crate) fn eligibility(
+    job: &Job,
+    target: &Target,
+    channels: &[Channel],
+    blocks: &[BlockEntry],
+    now: Timestamp,
+) -> Eligibility {
+    let Some(channel) = channels.iter().copied().find(|c| target.reachable_by(*c)) else {
+        let kind = if matches!(target, Target::Device(_)) {
+            "push"
+        } else {
+            "sms or voice"
+        };
+        return Eligibility::NotAsked(format!("the job does not ask for {kind}"));
+    };
+    let refusal = match target {
+        Target::Phone(phone) if !is_e164(&phone.number) => Some((
+            FailureReason::InvalidRecipient,
+            "not a valid E.164 number (expected + then country code and number, e.g. +14155550101)"
+                .to_owned(),
+        )),
+        Target::Device(device) if !device.can_display_code => Some((
+            FailureReason::DeviceCannotDisplayCode,
+            "the device says it cannot display codes".to_owned(),
+        )),
+        _ => blocking_entry(blocks, job, target, now)
+            .map(|entry| (entry.reason(), format!("blocked by {}", entry.describe()))),
+    };
+    match refusal {
+        Some((reason, detail)) => Eligibility::Refused {
+            channel,
+            reason,
+            detail,
+        },
+        None => Eligibility::Eligible(channel),
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod breaker;
 mod dispatch;
+mod explain;
 mod retry;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::store::{
 
 pub use breaker::{BreakerSnapshot, CircuitState};
 pub use dispatch::{Dispatcher, EngineSettings, ProviderHealth, Verdict};
+pub use explain::{ChannelPlan, Explanation, ProviderChoice, TargetPlan};
 pub use retry::RetryPolicy;
 
 /// What became of a job handed to [`DeliveryService::handle`].
@@ -360,6 +362,17 @@ impl DeliveryService {
             )
             .await?;
         Ok(AckOutcome::Finished(report))
+    }
+
+    /// The plan for `job` at `at` (default now): nothing sent, written or counted.
+    pub async fn explain(
+        &self,
+        job: &Job,
+        at: Option<Timestamp>,
+    ) -> Result<Explanation, StoreError> {
+        self.dispatcher
+            .explain(job, at.unwrap_or_else(|| self.clock.now()))
+            .await
     }
 
     /// Every provider's circuit state and recent figures.

@@ -16,11 +16,13 @@ use crate::delivery::{AckOutcome, DeliveryService};
 use crate::domain::{DeliveryId, DeliveryStatus, JobError, Report};
 use crate::proto::v1::code_delivery_server::CodeDelivery;
 use crate::proto::v1::{
-    AcknowledgeDeliveryRequest, DeliveryReport, GetDeliveryRequest, ListDeliveriesRequest,
-    ListDeliveriesResponse, SendCodeRequest, SendCodeResponse, WatchDeliveryRequest,
+    AcknowledgeDeliveryRequest, DeliveryReport, ExplainRequest, ExplainResponse,
+    GetDeliveryRequest, ListDeliveriesRequest, ListDeliveriesResponse, SendCodeRequest,
+    SendCodeResponse, WatchDeliveryRequest,
 };
 use crate::proto::{
-    acknowledgement_from_proto, job_from_proto, report_to_proto, status_from_proto, status_to_proto,
+    acknowledgement_from_proto, explanation_to_proto, job_from_proto, report_to_proto,
+    status_from_proto, status_to_proto, timestamp_from_proto,
 };
 use crate::queue::{CONTENT_TYPE_PROTOBUF, Publisher};
 use crate::store::ListQuery;
@@ -189,6 +191,26 @@ impl CodeDelivery for CodeDeliveryApi {
             }
         };
         Ok(Response::new(report_to_proto(&report)))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let request = request.into_inner();
+        let job = request
+            .job
+            .ok_or_else(|| invalid_argument(&JobError::new("job", "is missing")))?;
+        let job = job_from_proto(job).map_err(|e| invalid_argument(&e))?;
+        let at = match request.at.as_ref() {
+            Some(at) => Some(
+                timestamp_from_proto(at)
+                    .ok_or_else(|| invalid_argument(&JobError::new("at", "is out of range")))?,
+            ),
+            None => None,
+        };
+        let plan = self.service.explain(&job, at).await?;
+        Ok(Response::new(explanation_to_proto(&plan)))
     }
 
     async fn list_deliveries(

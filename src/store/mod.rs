@@ -283,6 +283,13 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Option<RateLimited>, StoreError>;
 
+    /// Whether a send under these keys would be limited at `now`, without counting it.
+    async fn peek(
+        &self,
+        keys: &[RateKey<'_>],
+        now: Timestamp,
+    ) -> Result<Option<RateLimited>, StoreError>;
+
     /// The entries in force at `now` that could block a job of `tenant`: those naming its
     /// account, one of its numbers or tokens, and every prefix entry.
     async fn block_candidates(

@@ -605,6 +605,37 @@ impl PolicyStore for SqliteLedger {
         rows.iter().map(rule_from_row).collect()
     }
 
+    async fn peek(
+        &self,
+        keys: &[RateKey<'_>],
+        now: Timestamp,
+    ) -> Result<Option<RateLimited>, StoreError> {
+        for RateKey { rule, key } in keys {
+            let since = micros(now) - rule.window.as_micros() as i64;
+            let row = sqlx::query(
+                "SELECT count(*) AS hits, min(at) AS oldest FROM rate_hits WHERE rule = ? AND key = ? AND at > ?",
+            )
+            .bind(rule.id)
+            .bind(key)
+            .bind(since)
+            .fetch_one(&self.pool)
+            .await?;
+            if row.try_get::<i64, _>("hits")? >= rule.limit as i64 {
+                let window = jiff::SignedDuration::try_from(rule.window)
+                    .unwrap_or(jiff::SignedDuration::MAX);
+                let oldest = row
+                    .try_get::<Option<i64>, _>("oldest")?
+                    .map(timestamp)
+                    .transpose()?;
+                return Ok(Some(RateLimited {
+                    rule: (*rule).clone(),
+                    allowed_at: oldest.unwrap_or(now) + window,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     async fn consume(
         &self,
         keys: &[RateKey<'_>],

@@ -318,3 +318,133 @@ async fn the_block_command_adds_lists_and_removes_entries() {
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+// Multi-threaded: the CLI runs as a blocking child process while this process serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_agrees_with_what_a_send_then_does_and_counts_nothing() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("explain");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let mut admin = admin(&gateway).await;
+    let blocked = add(&mut admin, "acme", v1::BlockKind::Number, "+14155550101")
+        .await
+        .unwrap()
+        .entry
+        .unwrap();
+    admin
+        .set_rate_limit(v1::SetRateLimitRequest {
+            scope: v1::RateScope::Recipient as i32,
+            limit: 1,
+            window: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let targets = json!([
+        {"phone": {"number": "+14155550101"}}, {"phone": {"number": "0044 20"}},
+        {"phone": {"number": "+14155550103"}}, {"phone": {"number": "+14155550104"}}
+    ]);
+    let mut body = job("explain-1", "864209");
+    body["targets"] = targets.clone();
+    let job = otp_gateway::domain::Job::from_json(body.to_string().as_bytes()).unwrap();
+    let mut client = gateway.client().await;
+    let explain =
+        |client: &mut otp_gateway::proto::v1::code_delivery_client::CodeDeliveryClient<
+            tonic::transport::Channel,
+        >| {
+            let request = v1::ExplainRequest {
+                job: Some(otp_gateway::proto::job_to_proto(&job)),
+                at: None,
+            };
+            let mut client = client.clone();
+            async move { client.explain(request).await.unwrap().into_inner() }
+        };
+    let mut plan = explain(&mut client).await;
+    for _ in 0..3 {
+        plan = explain(&mut client).await; // explaining again and again counts nothing
+    }
+    assert_eq!(plan.stages, [v1::Channel::Sms as i32]);
+    assert_eq!(
+        plan.targets[0].reason,
+        v1::FailureReason::RecipientBlocked as i32
+    );
+    assert!(
+        plan.targets[0]
+            .decision
+            .contains(&format!("#{}", blocked.id)),
+        "{}",
+        plan.targets[0].decision
+    );
+    assert_eq!(
+        plan.targets[1].reason,
+        v1::FailureReason::InvalidRecipient as i32
+    );
+    assert!(plan.targets[2].eligible && plan.targets[3].eligible);
+    let sms = &plan.targets[2].channels[0];
+    assert_eq!(
+        (sms.route.as_str(), sms.providers[0].name.as_str()),
+        ("*", "sandbox")
+    );
+    assert_eq!(sms.providers[0].circuit, v1::CircuitState::Closed as i32);
+    assert_eq!(
+        sms.refused_reason, 0,
+        "not yet rate limited: the explains were not counted"
+    );
+
+    // The real send does what the plan said.
+    broker.publish_json(&body).await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["targets"][0]["reason"], "RECIPIENT_BLOCKED");
+    assert_eq!(report["targets"][1]["reason"], "INVALID_RECIPIENT");
+    assert_eq!(
+        report["targets"][2]["status"], "SENT",
+        "the first eligible number"
+    );
+    assert_eq!(report["targets"][3]["status"], "SKIPPED");
+
+    // Now number 3 has had its one code in ten minutes: the plan says so, and so does a send.
+    let plan = explain(&mut client).await;
+    let sms = &plan.targets[2].channels[0];
+    assert_eq!(sms.refused_reason, v1::FailureReason::RateLimited as i32);
+    assert!(
+        sms.refused_detail.contains("allowed again at"),
+        "{}",
+        sms.refused_detail
+    );
+    body["job_id"] = json!("explain-2");
+    broker.publish_json(&body).await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["targets"][2]["reason"], "RATE_LIMITED");
+    assert_eq!(report["targets"][3]["status"], "SENT");
+
+    // The CLI prints the same plan from a job file.
+    let file = dir.path().join("job.json");
+    std::fs::write(&file, body.to_string()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_otp-gateway"))
+        .args([
+            "explain",
+            file.to_str().unwrap(),
+            "--server",
+            &gateway.grpc_addr.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}");
+    assert!(
+        printed.contains("target 0 +1415•••0101: RECIPIENT_BLOCKED"),
+        "{printed}"
+    );
+    assert!(printed.contains("refused: RATE_LIMITED"), "{printed}");
+    assert!(!printed.contains("864209"), "the plan never shows the code");
+    gateway.stop().await;
+    broker.cleanup().await;
+}

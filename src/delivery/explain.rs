@@ -1,0 +1,159 @@
+//! `Explain`: the engine's plan for a job at a given time, with every policy decision and the
+//! rule that made it, and the providers that would be tried with their circuit state. Nothing
+//! is sent, nothing is written, nothing is counted against rate limits.
+
+use jiff::Timestamp;
+use tokio::time::Instant;
+
+use super::breaker::CircuitState;
+use super::dispatch::{Dispatcher, Eligibility, eligibility};
+use crate::domain::{Channel, FailureReason, Job, Platform, Target, mask_phone};
+use crate::policy::{job_keys, target_keys};
+use crate::store::StoreError;
+
+/// A provider that would be tried, and its circuit now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderChoice {
+    /// Its name.
+    pub name: String,
+    /// The provider's circuit (open means it would be skipped).
+    pub circuit: CircuitState,
+}
+
+/// How one channel would reach a target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelPlan {
+    /// The channel.
+    pub channel: Channel,
+    /// The route (`*` or the destination prefix).
+    pub route: String,
+    /// Providers in failover order.
+    pub providers: Vec<ProviderChoice>,
+    /// When policy refuses this channel for this target (destination, rate limit): why.
+    pub refused: Option<(FailureReason, String)>,
+}
+
+/// The decision about one target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetPlan {
+    /// Position in the job.
+    pub index: u32,
+    /// Device id or masked number.
+    pub target: String,
+    /// For devices.
+    pub platform: Option<Platform>,
+    /// Whether it would be tried at all.
+    pub eligible: bool,
+    /// Why not.
+    pub reason: Option<FailureReason>,
+    /// The rule or check that decided, in words.
+    pub decision: String,
+    /// Per channel that reaches it, in stage order.
+    pub channels: Vec<ChannelPlan>,
+}
+
+/// The whole plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explanation {
+    /// `tenant/job_id`.
+    pub delivery_id: String,
+    /// The instant the plan is for.
+    pub at: Timestamp,
+    /// The stages, in order.
+    pub stages: Vec<Channel>,
+    /// Set when the whole delivery would fail before any stage (expired code, account or
+    /// tenant rate limit), with why.
+    pub blocked: Option<(FailureReason, String)>,
+    /// Per target.
+    pub targets: Vec<TargetPlan>,
+}
+
+impl Dispatcher {
+    /// The plan for `job` at `at`.
+    pub async fn explain(&self, job: &Job, at: Timestamp) -> Result<Explanation, StoreError> {
+        let stages = job.channel_order();
+        let deadline = job.expires_at - self.settings().expiry_margin;
+        let blocks = self.block_candidates_at(job, at).await?;
+        let rules = self
+            .policy_store()
+            .list_rate_limits(Some(&job.tenant))
+            .await?;
+        let blocked = if at >= deadline {
+            Some((
+                FailureReason::CodeExpired,
+                format!(
+                    "the code expires at {}: nothing would be sent",
+                    job.expires_at
+                ),
+            ))
+        } else {
+            self.policy_store()
+                .peek(&job_keys(&rules, job), at)
+                .await?
+                .map(|limited| (FailureReason::RateLimited, limited.describe()))
+        };
+        let now = Instant::now();
+        let mut targets = Vec::with_capacity(job.targets.len());
+        for (index, target) in job.targets.iter().enumerate() {
+            let (label, platform, number) = match target {
+                Target::Device(device) => (device.id.clone(), Some(device.platform), None),
+                Target::Phone(phone) => {
+                    (mask_phone(&phone.number), None, Some(phone.number.as_str()))
+                }
+            };
+            let (eligible, reason, decision) = match eligibility(job, target, &stages, &blocks, at)
+            {
+                Eligibility::Eligible(_) => (
+                    true,
+                    None,
+                    "eligible: valid and on no block list".to_owned(),
+                ),
+                Eligibility::NotAsked(detail) => (false, None, detail),
+                Eligibility::Refused { reason, detail, .. } => (false, Some(reason), detail),
+            };
+            let mut channels = Vec::new();
+            for channel in stages.iter().copied().filter(|c| target.reachable_by(*c)) {
+                let route = self.providers().route(channel, number);
+                let route_key = route.prefix.unwrap_or("*").to_owned();
+                let providers = route
+                    .providers
+                    .iter()
+                    .map(|entry| ProviderChoice {
+                        name: entry.name().to_owned(),
+                        circuit: self.circuit_of(entry, channel, &route_key, now),
+                    })
+                    .collect();
+                let refused = match self.destination_refused(job, target, channel) {
+                    Some(detail) => Some((FailureReason::DestinationNotPermitted, detail)),
+                    None => self
+                        .policy_store()
+                        .peek(&target_keys(&rules, job, target), at)
+                        .await?
+                        .map(|limited| (FailureReason::RateLimited, limited.describe())),
+                };
+                channels.push(ChannelPlan {
+                    channel,
+                    route: route_key,
+                    providers,
+                    refused,
+                });
+            }
+            targets.push(TargetPlan {
+                index: index as u32,
+                target: label,
+                platform,
+                eligible,
+                reason,
+                decision,
+                channels,
+            });
+        }
+        Ok(Explanation {
+            delivery_id: job.delivery_id().to_string(),
+            at,
+            stages,
+            blocked,
+            targets,
+        })
+    }
+}
