@@ -61,6 +61,14 @@ enum Command {
         #[arg(long)]
         server: Option<String>,
     },
+    /// Manage quiet-hours rules.
+    Quiet {
+        #[command(subcommand)]
+        command: QuietCommand,
+        /// The gateway's gRPC address (default: from grpc.listen).
+        #[arg(long, global = true)]
+        server: Option<String>,
+    },
     /// Manage rate limits.
     Limits {
         #[command(subcommand)]
@@ -107,6 +115,50 @@ enum BlockCommand {
         id: i64,
     },
     /// List entries (with --tenant: its own and the global ones).
+    Ls {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QuietCommand {
+    /// Add a quiet-hours rule (or replace one with --id).
+    Set {
+        /// Local start, HH:MM.
+        #[arg(long)]
+        from: String,
+        /// Local end, HH:MM (before --from: the window crosses midnight).
+        #[arg(long)]
+        to: String,
+        /// defer, suppress or allow-user-initiated.
+        #[arg(long, default_value = "allow-user-initiated")]
+        action: String,
+        /// The zone used when the recipient's is unknown, e.g. Europe/Berlin.
+        #[arg(long, default_value = "UTC")]
+        zone: String,
+        /// Days a window may start on, e.g. fri,sat (default: every day).
+        #[arg(long, value_delimiter = ',')]
+        days: Vec<String>,
+        /// Channels covered, e.g. sms,voice (default: all).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Only for this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only for this account (with --tenant).
+        #[arg(long)]
+        account: Option<String>,
+        /// Replace this rule instead of adding one.
+        #[arg(long, default_value_t = 0)]
+        id: i64,
+    },
+    /// Remove a rule by id.
+    Rm {
+        /// The rule id (from `quiet ls`).
+        id: i64,
+    },
+    /// List rules (with --tenant: its own and the global ones).
     Ls {
         #[arg(long)]
         tenant: Option<String>,
@@ -227,6 +279,9 @@ fn main() -> ExitCode {
             }
             Command::Explain { file, at, server } => {
                 explain(&file, at, server_address(server.as_deref(), &config)).await
+            }
+            Command::Quiet { command, server } => {
+                quiet(command, server_address(server.as_deref(), &config)).await
             }
             Command::Limits { command, server } => {
                 limits(command, server_address(server.as_deref(), &config)).await
@@ -507,13 +562,7 @@ async fn explain(
         at: at.map(timestamp_to_proto),
     };
     let plan = client.explain(request).await?.into_inner();
-    let name = |value: i32| {
-        v1::Channel::try_from(value).map_or("?".into(), |c| {
-            c.as_str_name()
-                .trim_start_matches("CHANNEL_")
-                .to_ascii_lowercase()
-        })
-    };
+    let name = channel_name;
     let stages: Vec<String> = plan.stages.iter().map(|c| name(*c)).collect();
     println!("{}  stages: {}", plan.delivery_id, stages.join(" → "));
     if let Some(reason) = reason_from_proto(plan.blocked_reason) {
@@ -557,6 +606,120 @@ async fn explain(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn quiet(command: QuietCommand, server: String) -> anyhow::Result<ExitCode> {
+    use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
+    let mut client = match gateway(&server).await {
+        Ok(channel) => PolicyAdminClient::new(channel),
+        Err(code) => return Ok(code),
+    };
+    let line = |rule: &v1::QuietHours| {
+        let action = v1::QuietAction::try_from(rule.action).map_or("?".into(), |a| {
+            a.as_str_name()
+                .trim_start_matches("QUIET_ACTION_")
+                .to_ascii_lowercase()
+        });
+        let tenant = if rule.tenant.is_empty() {
+            "*"
+        } else {
+            &rule.tenant
+        };
+        let account = if rule.account.is_empty() {
+            String::new()
+        } else {
+            format!("/{}", rule.account)
+        };
+        let channels: Vec<String> = rule.channels.iter().map(|c| channel_name(*c)).collect();
+        let channels = if channels.is_empty() {
+            "all channels".to_owned()
+        } else {
+            channels.join(",")
+        };
+        let days = if rule.days.is_empty() {
+            "every day".to_owned()
+        } else {
+            rule.days.join(",")
+        };
+        format!(
+            "#{}  {tenant}{account}  {}–{} {}  {days}  {channels}  {action}",
+            rule.id, rule.start, rule.end, rule.default_zone
+        )
+    };
+    match command {
+        QuietCommand::Set {
+            from,
+            to,
+            action,
+            zone,
+            days,
+            channels,
+            tenant,
+            account,
+            id,
+        } => {
+            let action = v1::QuietAction::from_str_name(&format!(
+                "QUIET_ACTION_{}",
+                action.to_ascii_uppercase().replace('-', "_")
+            ))
+            .filter(|a| *a != v1::QuietAction::Unspecified)
+            .with_context(|| {
+                format!("--action takes defer, suppress or allow-user-initiated, not `{action}`")
+            })?;
+            let channels = channels
+                .iter()
+                .map(|c| channel_from_name(c).map(|c| c as i32))
+                .collect::<Result<_, _>>()?;
+            let rule = v1::QuietHours {
+                id,
+                tenant: tenant.unwrap_or_default(),
+                account: account.unwrap_or_default(),
+                channels,
+                start: from,
+                end: to,
+                days,
+                action: action as i32,
+                default_zone: zone,
+            };
+            match client
+                .set_quiet_hours(v1::SetQuietHoursRequest { rule: Some(rule) })
+                .await
+            {
+                Ok(rule) => println!("{}", line(&rule.into_inner())),
+                Err(status) => {
+                    eprintln!("otp-gateway: {}", status.message());
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            }
+        }
+        QuietCommand::Rm { id } => {
+            if let Err(status) = client
+                .remove_quiet_hours(v1::RemoveQuietHoursRequest { id })
+                .await
+            {
+                eprintln!("otp-gateway: {}", status.message());
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("removed #{id}");
+        }
+        QuietCommand::Ls { tenant } => {
+            let request = v1::ListQuietHoursRequest {
+                tenant: tenant.unwrap_or_default(),
+            };
+            for rule in client.list_quiet_hours(request).await?.into_inner().rules {
+                println!("{}", line(&rule));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn channel_name(value: i32) -> String {
+    v1::Channel::try_from(value).map_or("?".into(), |c| {
+        c.as_str_name()
+            .trim_start_matches("CHANNEL_")
+            .to_ascii_lowercase()
+    })
 }
 
 async fn limits(command: LimitsCommand, server: String) -> anyhow::Result<ExitCode> {

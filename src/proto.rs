@@ -32,7 +32,8 @@ pub fn timestamp_from_proto(at: &prost_types::Timestamp) -> Option<Timestamp> {
     Timestamp::new(at.seconds, at.nanos).ok()
 }
 
-fn channel_from_proto(value: i32) -> Option<Channel> {
+/// The domain form of a protobuf channel (`None` for UNSPECIFIED or unknown).
+pub fn channel_from_proto(value: i32) -> Option<Channel> {
     match v1::Channel::try_from(value).ok()? {
         v1::Channel::Push => Some(Channel::Push),
         v1::Channel::Sms => Some(Channel::Sms),
@@ -41,7 +42,8 @@ fn channel_from_proto(value: i32) -> Option<Channel> {
     }
 }
 
-fn channel_to_proto(channel: Channel) -> v1::Channel {
+/// The protobuf form of a channel.
+pub fn channel_to_proto(channel: Channel) -> v1::Channel {
     match channel {
         Channel::Push => v1::Channel::Push,
         Channel::Sms => v1::Channel::Sms,

@@ -1,4 +1,5 @@
-//! `otpgateway.v1.PolicyAdmin`: block-list entries and rate limits (add or set, remove, list).
+//! `otpgateway.v1.PolicyAdmin`: block-list entries, rate limits and quiet hours (add or set,
+//! remove, list).
 
 use std::sync::Arc;
 
@@ -6,7 +7,10 @@ use tonic::{Request, Response, Status};
 
 use super::status::invalid_argument;
 use crate::domain::{Clock, JobError};
-use crate::policy::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, RateLimitRule, RateScope};
+use crate::policy::{
+    BlockEntry, BlockKind, BlockSource, NewBlockEntry, QuietAction, QuietHoursRule, RateLimitRule,
+    RateScope, parse_time_of_day, parse_weekday, weekday_name,
+};
 use crate::proto::v1::policy_admin_server::PolicyAdmin;
 use crate::proto::v1::{
     self, AddBlockEntryRequest, AddBlockEntryResponse, ListBlockEntriesRequest,
@@ -14,9 +18,14 @@ use crate::proto::v1::{
 use crate::proto::v1::{
     ListBlockEntriesResponse, RemoveBlockEntryRequest, RemoveBlockEntryResponse,
 };
+use crate::proto::v1::{ListQuietHoursRequest, ListQuietHoursResponse, RemoveQuietHoursRequest};
 use crate::proto::v1::{ListRateLimitsRequest, ListRateLimitsResponse, RemoveRateLimitRequest};
+use crate::proto::v1::{RemoveQuietHoursResponse, SetQuietHoursRequest};
 use crate::proto::v1::{RemoveRateLimitResponse, SetRateLimitRequest};
-use crate::proto::{duration_to_proto, timestamp_from_proto, timestamp_to_proto};
+use crate::proto::{
+    channel_from_proto, channel_to_proto, duration_to_proto, timestamp_from_proto,
+    timestamp_to_proto,
+};
 use crate::store::PolicyStore;
 
 /// The PolicyAdmin service.
@@ -100,8 +109,120 @@ fn rule_to_proto(rule: &RateLimitRule) -> v1::RateLimit {
     }
 }
 
+fn quiet_to_proto(rule: &QuietHoursRule) -> v1::QuietHours {
+    let action = match rule.action {
+        QuietAction::Defer => v1::QuietAction::Defer,
+        QuietAction::Suppress => v1::QuietAction::Suppress,
+        QuietAction::AllowUserInitiated => v1::QuietAction::AllowUserInitiated,
+    };
+    v1::QuietHours {
+        id: rule.id,
+        tenant: rule.tenant.clone().unwrap_or_default(),
+        account: rule.account.clone().unwrap_or_default(),
+        channels: rule
+            .channels
+            .iter()
+            .map(|c| channel_to_proto(*c) as i32)
+            .collect(),
+        start: rule.start.strftime("%H:%M").to_string(),
+        end: rule.end.strftime("%H:%M").to_string(),
+        days: rule
+            .days
+            .iter()
+            .map(|d| weekday_name(*d).to_owned())
+            .collect(),
+        action: action as i32,
+        default_zone: rule.default_zone.clone(),
+    }
+}
+
+/// A quiet-hours rule from its protobuf form, naming the field that is wrong.
+fn quiet_from_proto(rule: v1::QuietHours) -> Result<QuietHoursRule, JobError> {
+    let time = |field: &str, text: &str| {
+        parse_time_of_day(text)
+            .ok_or_else(|| JobError::new(field, format!("`{text}` is not a local time HH:MM")))
+    };
+    let action = match v1::QuietAction::try_from(rule.action) {
+        Ok(v1::QuietAction::Defer) => QuietAction::Defer,
+        Ok(v1::QuietAction::Suppress) => QuietAction::Suppress,
+        Ok(v1::QuietAction::AllowUserInitiated) => QuietAction::AllowUserInitiated,
+        _ => {
+            return Err(JobError::new(
+                "action",
+                "must be DEFER, SUPPRESS or ALLOW_USER_INITIATED",
+            ));
+        }
+    };
+    let quiet = QuietHoursRule {
+        id: rule.id,
+        tenant: Some(rule.tenant).filter(|t| !t.is_empty()),
+        account: Some(rule.account).filter(|a| !a.is_empty()),
+        channels: rule
+            .channels
+            .iter()
+            .map(|c| {
+                channel_from_proto(*c)
+                    .ok_or_else(|| JobError::new("channels", format!("unknown channel {c}")))
+            })
+            .collect::<Result<_, _>>()?,
+        start: time("start", &rule.start)?,
+        end: time("end", &rule.end)?,
+        days: rule
+            .days
+            .iter()
+            .map(|d| {
+                parse_weekday(d)
+                    .ok_or_else(|| JobError::new("days", format!("`{d}` is not a day (mon … sun)")))
+            })
+            .collect::<Result<_, _>>()?,
+        action,
+        default_zone: rule.default_zone,
+    };
+    quiet.validate()?;
+    Ok(quiet)
+}
+
 #[tonic::async_trait]
 impl PolicyAdmin for PolicyAdminApi {
+    async fn set_quiet_hours(
+        &self,
+        request: Request<SetQuietHoursRequest>,
+    ) -> Result<Response<v1::QuietHours>, Status> {
+        let rule = request
+            .into_inner()
+            .rule
+            .ok_or_else(|| invalid_argument(&JobError::new("rule", "is missing")))?;
+        let rule = quiet_from_proto(rule).map_err(|e| invalid_argument(&e))?;
+        let stored = self.policy.set_quiet_hours(&rule).await?;
+        tracing::info!(rule = stored.id, action = %stored.action, "quiet hours set");
+        Ok(Response::new(quiet_to_proto(&stored)))
+    }
+
+    async fn remove_quiet_hours(
+        &self,
+        request: Request<RemoveQuietHoursRequest>,
+    ) -> Result<Response<RemoveQuietHoursResponse>, Status> {
+        let id = request.into_inner().id;
+        if !self.policy.remove_quiet_hours(id).await? {
+            return Err(Status::not_found(format!("no quiet-hours rule #{id}")));
+        }
+        Ok(Response::new(RemoveQuietHoursResponse {}))
+    }
+
+    async fn list_quiet_hours(
+        &self,
+        request: Request<ListQuietHoursRequest>,
+    ) -> Result<Response<ListQuietHoursResponse>, Status> {
+        let tenant = request.into_inner().tenant;
+        let rules = self
+            .policy
+            .list_quiet_hours(Some(tenant.as_str()).filter(|t| !t.is_empty()))
+            .await?;
+        Ok(Response::new(ListQuietHoursResponse {
+            rules: rules.iter().map(quiet_to_proto).collect(),
+        }))
+    }
+
     async fn set_rate_limit(
         &self,
         request: Request<SetRateLimitRequest>,

@@ -8,5 +8,8 @@ pub mod rate;
 
 pub use block::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};
 pub use destination::{country_of, destination_refusal};
-pub use quiet::{QuietAction, QuietDecision, QuietHoursRule, quiet_decision};
+pub use quiet::{
+    QuietAction, QuietDecision, QuietHoursRule, parse_time_of_day, parse_weekday, quiet_decision,
+    weekday_name,
+};
 pub use rate::{RateKey, RateLimitRule, RateLimited, RateScope, job_keys, target_keys};

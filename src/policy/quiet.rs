@@ -53,6 +53,41 @@ pub struct QuietHoursRule {
     pub default_zone: String,
 }
 
+/// The short name of a weekday (`mon` … `sun`), as stored and typed.
+pub fn weekday_name(day: Weekday) -> &'static str {
+    match day {
+        Weekday::Monday => "mon",
+        Weekday::Tuesday => "tue",
+        Weekday::Wednesday => "wed",
+        Weekday::Thursday => "thu",
+        Weekday::Friday => "fri",
+        Weekday::Saturday => "sat",
+        Weekday::Sunday => "sun",
+    }
+}
+
+/// A weekday from its short or full English name.
+pub fn parse_weekday(name: &str) -> Option<Weekday> {
+    let name = name.trim().to_ascii_lowercase();
+    [
+        Weekday::Monday,
+        Weekday::Tuesday,
+        Weekday::Wednesday,
+        Weekday::Thursday,
+        Weekday::Friday,
+        Weekday::Saturday,
+        Weekday::Sunday,
+    ]
+    .into_iter()
+    .find(|day| name.len() >= 3 && format!("{day:?}").to_ascii_lowercase().starts_with(&name))
+}
+
+/// A local time of day from `HH:MM`.
+pub fn parse_time_of_day(text: &str) -> Option<Time> {
+    let (hours, minutes) = text.trim().split_once(':')?;
+    Time::new(hours.parse().ok()?, minutes.parse().ok()?, 0, 0).ok()
+}
+
 /// What quiet hours decide for one send.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QuietDecision {
@@ -487,6 +522,18 @@ mod tests {
             matches!(decided, QuietDecision::Suppress { rule_id: 2, .. }),
             "{decided:?}"
         );
+    }
+
+    #[test]
+    fn days_and_times_parse() {
+        assert_eq!(parse_weekday("Fri"), Some(Weekday::Friday));
+        assert_eq!(parse_weekday("saturday"), Some(Weekday::Saturday));
+        assert_eq!(parse_weekday("s"), None);
+        assert_eq!(weekday_name(Weekday::Sunday), "sun");
+        assert_eq!(parse_time_of_day("22:00"), Some(time(22, 0, 0, 0)));
+        assert_eq!(parse_time_of_day("7:30"), Some(time(7, 30, 0, 0)));
+        assert_eq!(parse_time_of_day("24:00"), None);
+        assert_eq!(parse_time_of_day("noon"), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 
 mod sqlite;
 
-use crate::policy::{BlockEntry, NewBlockEntry, RateKey, RateLimitRule, RateLimited};
+use crate::policy::{
+    BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
+};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -282,6 +284,19 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         keys: &[RateKey<'_>],
         now: Timestamp,
     ) -> Result<Option<RateLimited>, StoreError>;
+
+    /// Stores a quiet-hours rule: a new one when its id is 0, else it replaces that rule
+    /// (`NotFound` when there is none).
+    async fn set_quiet_hours(&self, rule: &QuietHoursRule) -> Result<QuietHoursRule, StoreError>;
+
+    /// Removes a quiet-hours rule; false when there was none with that id.
+    async fn remove_quiet_hours(&self, id: i64) -> Result<bool, StoreError>;
+
+    /// Quiet-hours rules, optionally of one tenant (global ones included).
+    async fn list_quiet_hours(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<QuietHoursRule>, StoreError>;
 
     /// Whether a send under these keys would be limited at `now`, without counting it.
     async fn peek(

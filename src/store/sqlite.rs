@@ -21,7 +21,10 @@ use crate::domain::{
     Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, TargetResult,
     TargetStatus,
 };
-use crate::policy::{BlockEntry, NewBlockEntry, RateKey, RateLimitRule, RateLimited};
+use crate::policy::{
+    BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
+    parse_time_of_day, parse_weekday, weekday_name,
+};
 
 /// What an attempt left unanswered by a worker that went away is recorded as.
 const INTERRUPTED: &str = "interrupted: the gateway stopped before the provider answered";
@@ -566,8 +569,94 @@ fn rule_from_row(row: &SqliteRow) -> Result<RateLimitRule, StoreError> {
     })
 }
 
+fn quiet_from_row(row: &SqliteRow) -> Result<QuietHoursRule, StoreError> {
+    let tenant: String = row.try_get("tenant")?;
+    let account: String = row.try_get("account")?;
+    let list = |column: &str| -> Result<Vec<String>, StoreError> {
+        let text: String = row.try_get(column)?;
+        Ok(text
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect())
+    };
+    let time = |column: &str| -> Result<jiff::civil::Time, StoreError> {
+        let text: String = row.try_get(column)?;
+        parse_time_of_day(&text).ok_or_else(|| StoreError::Corrupt(format!("{column} `{text}`")))
+    };
+    Ok(QuietHoursRule {
+        id: row.try_get("id")?,
+        tenant: (tenant != ALL_TENANTS).then_some(tenant),
+        account: (!account.is_empty()).then_some(account),
+        channels: list("channels")?
+            .iter()
+            .map(|c| parse(c))
+            .collect::<Result<_, _>>()?,
+        start: time("start_time")?,
+        end: time("end_time")?,
+        days: list("days")?
+            .iter()
+            .map(|d| parse_weekday(d).ok_or_else(|| StoreError::Corrupt(format!("day `{d}`"))))
+            .collect::<Result<_, _>>()?,
+        action: parse(&row.try_get::<String, _>("action")?)?,
+        default_zone: row.try_get("default_zone")?,
+    })
+}
+
 #[async_trait]
 impl PolicyStore for SqliteLedger {
+    async fn set_quiet_hours(&self, rule: &QuietHoursRule) -> Result<QuietHoursRule, StoreError> {
+        let channels: Vec<&str> = rule.channels.iter().map(|c| c.as_str()).collect();
+        let days: Vec<&str> = rule.days.iter().map(|d| weekday_name(*d)).collect();
+        let sql = if rule.id == 0 {
+            "INSERT INTO quiet_rules (tenant, account, channels, start_time, end_time, days, action, default_zone)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *"
+        } else {
+            "UPDATE quiet_rules SET tenant = ?, account = ?, channels = ?, start_time = ?, end_time = ?, days = ?,
+                                    action = ?, default_zone = ?
+             WHERE id = ? RETURNING *"
+        };
+        let mut query = sqlx::query(sql)
+            .bind(rule.tenant.as_deref().unwrap_or(ALL_TENANTS))
+            .bind(rule.account.as_deref().unwrap_or_default())
+            .bind(channels.join(","))
+            .bind(rule.start.strftime("%H:%M").to_string())
+            .bind(rule.end.strftime("%H:%M").to_string())
+            .bind(days.join(","))
+            .bind(rule.action.as_str())
+            .bind(&rule.default_zone);
+        if rule.id != 0 {
+            query = query.bind(rule.id);
+        }
+        let row = query
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("quiet-hours rule #{}", rule.id)))?;
+        quiet_from_row(&row)
+    }
+
+    async fn remove_quiet_hours(&self, id: i64) -> Result<bool, StoreError> {
+        let removed = sqlx::query("DELETE FROM quiet_rules WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(removed.rows_affected() == 1)
+    }
+
+    async fn list_quiet_hours(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<QuietHoursRule>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM quiet_rules WHERE (? IS NULL OR tenant = ? OR tenant = '*') ORDER BY id",
+        )
+        .bind(tenant)
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(quiet_from_row).collect()
+    }
+
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
         let tenant = rule.tenant.as_deref().unwrap_or(ALL_TENANTS);
         let row = sqlx::query(

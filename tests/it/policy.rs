@@ -315,6 +315,59 @@ async fn the_block_command_adds_lists_and_removes_entries() {
         cli(&["limits", "ls", "--tenant", "acme"]).1.lines().count(),
         1
     );
+
+    // Quiet hours: valid rules are stored and listed, invalid ones refused with what is wrong.
+    let (code, out, err) = cli(&[
+        "quiet",
+        "set",
+        "--from",
+        "22:00",
+        "--to",
+        "07:00",
+        "--zone",
+        "Europe/Berlin",
+        "--channels",
+        "sms,voice",
+        "--days",
+        "fri,sat",
+        "--action",
+        "defer",
+        "--tenant",
+        "acme",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("acme  22:00–07:00 Europe/Berlin  fri,sat  sms,voice  defer"),
+        "{out}"
+    );
+    let quiet_id = out
+        .trim_start_matches('#')
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    for (args, problem) in [
+        (vec!["--from", "22:00", "--to", "22:00"], "empty"),
+        (
+            vec!["--from", "22:00", "--to", "07:00", "--zone", "Mars/Olympus"],
+            "not a known time zone",
+        ),
+        (
+            vec!["--from", "22:00", "--to", "07:00", "--days", "funday"],
+            "not a day",
+        ),
+        (vec!["--from", "25:00", "--to", "07:00"], "HH:MM"),
+    ] {
+        let mut full = vec!["quiet", "set"];
+        full.extend(args);
+        let (code, _, err) = cli(&full);
+        assert_eq!(code, Some(64), "{full:?}");
+        assert!(err.contains(problem), "{full:?}: {err}");
+    }
+    let (_, listed, _) = cli(&["quiet", "ls", "--tenant", "acme"]);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert_eq!(cli(&["quiet", "rm", &quiet_id]).0, Some(0));
+    assert_eq!(cli(&["quiet", "ls"]).1.lines().count(), 0);
     gateway.stop().await;
     broker.cleanup().await;
 }
