@@ -25,8 +25,8 @@ use crate::domain::{
     TargetStatus, is_e164, mask_phone, mask_token, render_message,
 };
 use crate::policy::{
-    BlockEntry, BlockKind, BlockSource, NewBlockEntry, RateLimitRule, blocking_entry,
-    destination_refusal, job_keys, target_keys,
+    BlockEntry, BlockKind, BlockSource, NewBlockEntry, QuietDecision, QuietHoursRule,
+    RateLimitRule, blocking_entry, destination_refusal, job_keys, quiet_decision, target_keys,
 };
 use crate::providers::{
     OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
@@ -53,6 +53,8 @@ pub enum Verdict {
     Reached,
     /// Nothing reached the user; the reason, when it is the delivery's rather than a target's.
     Failed(Option<FailureReason>),
+    /// Nothing reached the user yet, and quiet hours hold some target until this instant.
+    Deferred(Timestamp),
 }
 
 /// Timing settings of the engine.
@@ -165,6 +167,19 @@ struct Run<'a> {
     prior: &'a Report,
     deadline: Timestamp,
     rules: &'a [RateLimitRule],
+    quiet: &'a [QuietHoursRule],
+    /// The earliest end of a quiet-hours window that holds a target back (DEFER).
+    deferred: &'a Mutex<Option<Timestamp>>,
+}
+
+/// What the per-channel checks decided for one target.
+enum Gate {
+    /// Try it now.
+    Go,
+    /// Not on this channel (refused or held); another channel may still reach it.
+    NotThisChannel,
+    /// Not at all (rate limited).
+    Closed,
 }
 
 /// How one stage ended.
@@ -290,11 +305,15 @@ impl Dispatcher {
         let channels = job.channel_order();
         let blocks = self.block_candidates(job, progress).await?;
         let rules = self.policy.list_rate_limits(Some(&job.tenant)).await?;
+        let quiet = self.policy.list_quiet_hours(Some(&job.tenant)).await?;
+        let deferred = Mutex::new(None);
         let run = Run {
             job,
             prior,
             deadline,
             rules: &rules,
+            quiet: &quiet,
+            deferred: &deferred,
         };
         let mut standing = Vec::with_capacity(job.targets.len());
         // Pushes accepted by a worker that was interrupted while it waited for an acknowledgement.
@@ -384,6 +403,11 @@ impl Dispatcher {
                 }
                 StageEnd::NotReached => {}
             }
+        }
+        let held_until = *deferred.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = held_until {
+            tracing::info!(%until, "held by quiet hours");
+            return Ok(Verdict::Deferred(until));
         }
         self.close_untried(
             &mut standing,
@@ -510,18 +534,14 @@ impl Dispatcher {
             job,
             prior,
             deadline,
-            rules,
+            ..
         } = run;
         let mut open = Vec::new();
         for (index, target) in job.targets.iter().enumerate() {
             if standing[index] == Standing::Open && matches!(target, Target::Device(_)) {
-                if self
-                    .within_limits(job, index, Channel::Push, rules, progress)
-                    .await?
-                {
-                    open.push(index);
-                } else {
-                    standing[index] = Standing::Closed;
+                match self.gate(run, index, Channel::Push, progress).await? {
+                    Gate::Go => open.push(index),
+                    Gate::NotThisChannel | Gate::Closed => standing[index] = Standing::Closed,
                 }
             }
         }
@@ -690,7 +710,7 @@ impl Dispatcher {
             job,
             prior,
             deadline,
-            rules,
+            ..
         } = run;
         for (index, target) in job.targets.iter().enumerate() {
             if !matches!(standing[index], Standing::Open | Standing::Tried)
@@ -698,27 +718,17 @@ impl Dispatcher {
             {
                 continue;
             }
-            if let Some(detail) = self.destination_refused(job, target, channel) {
-                // Refused for this channel only: the next channel may still reach the number.
-                standing[index] = Standing::Tried;
-                let reason = Some(FailureReason::DestinationNotPermitted);
-                self.settle(
-                    index,
-                    channel,
-                    TargetStatus::Failed,
-                    reason,
-                    Some(detail),
-                    progress,
-                )
-                .await?;
-                continue;
-            }
-            if !self
-                .within_limits(job, index, channel, rules, progress)
-                .await?
-            {
-                standing[index] = Standing::Closed;
-                continue;
+            match self.gate(run, index, channel, progress).await? {
+                Gate::Go => {}
+                Gate::NotThisChannel => {
+                    // The next channel may still reach the number.
+                    standing[index] = Standing::Tried;
+                    continue;
+                }
+                Gate::Closed => {
+                    standing[index] = Standing::Closed;
+                    continue;
+                }
             }
             match self
                 .deliver_to_target(job, prior, index, channel, deadline, progress)
@@ -1057,6 +1067,89 @@ impl Dispatcher {
         destination_refusal(&job.tenant, channel, rule, &phone.number)
     }
 
+    /// The per-channel checks before a target's first call on `channel`, in order: quiet hours,
+    /// destination permissions, rate limits (counted only when the send may go ahead).
+    async fn gate(
+        &self,
+        run: Run<'_>,
+        index: usize,
+        channel: Channel,
+        progress: &Progress<'_>,
+    ) -> Result<Gate, StoreError> {
+        let job = run.job;
+        let target = &job.targets[index];
+        let now = progress.now();
+        match quiet_decision(run.quiet, job, channel, &[], now) {
+            QuietDecision::Clear => {}
+            QuietDecision::Bypassed { rule_id } => {
+                tracing::info!(rule = rule_id, "quiet hours: user-initiated, sent anyway");
+            }
+            QuietDecision::Suppress {
+                rule_id,
+                until,
+                why,
+            } => {
+                let detail = format!(
+                    "{} until {} ({why})",
+                    quiet_rule(run.quiet, rule_id),
+                    local_time(&until)
+                );
+                let reason = Some(FailureReason::QuietHours);
+                self.settle(
+                    index,
+                    channel,
+                    TargetStatus::Failed,
+                    reason,
+                    Some(detail),
+                    progress,
+                )
+                .await?;
+                return Ok(Gate::NotThisChannel);
+            }
+            QuietDecision::Defer { rule_id, until } => {
+                let detail = format!(
+                    "held by {} until {}",
+                    quiet_rule(run.quiet, rule_id),
+                    local_time(&until)
+                );
+                self.settle(
+                    index,
+                    channel,
+                    TargetStatus::Pending,
+                    None,
+                    Some(detail),
+                    progress,
+                )
+                .await?;
+                let mut deferred = run.deferred.lock().unwrap_or_else(|p| p.into_inner());
+                let until = until.timestamp();
+                *deferred = Some(deferred.map_or(until, |held| held.min(until)));
+                return Ok(Gate::NotThisChannel);
+            }
+        }
+        if let Some(detail) = self.destination_refused(job, target, channel) {
+            let reason = Some(FailureReason::DestinationNotPermitted);
+            self.settle(
+                index,
+                channel,
+                TargetStatus::Failed,
+                reason,
+                Some(detail),
+                progress,
+            )
+            .await?;
+            return Ok(Gate::NotThisChannel);
+        }
+        if self
+            .within_limits(job, index, channel, run.rules, progress)
+            .await?
+        {
+            Ok(Gate::Go)
+        } else {
+            Ok(Gate::Closed)
+        }
+    }
+
     /// Counts a send to target `index` against the recipient and prefix limits; when one is
     /// reached the target fails with RATE_LIMITED (saying when it frees up) and false is returned.
     async fn within_limits(
@@ -1255,6 +1348,24 @@ pub(crate) fn eligibility(
         },
         None => Eligibility::Eligible(channel),
     }
+}
+
+/// The description of quiet-hours rule `id` among `rules`.
+fn quiet_rule(rules: &[QuietHoursRule], id: i64) -> String {
+    rules
+        .iter()
+        .find(|r| r.id == id)
+        .map_or_else(|| format!("quiet hours #{id}"), QuietHoursRule::describe)
+}
+
+/// "07:00 Europe/Berlin (2026-11-22T06:00:00Z)": the recipient's local time and the instant.
+fn local_time(at: &jiff::Zoned) -> String {
+    format!(
+        "{} {} ({})",
+        at.strftime("%H:%M"),
+        at.time_zone().iana_name().unwrap_or("local"),
+        at.timestamp()
+    )
 }
 
 fn channel_of(target: &Target) -> Channel {

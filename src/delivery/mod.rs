@@ -40,6 +40,13 @@ pub enum Handled {
     },
     /// Another worker is delivering it right now.
     HeldElsewhere(Report),
+    /// Quiet hours hold it (DEFERRED) until `until`: the job must come back then.
+    Deferred {
+        /// The report, status DEFERRED.
+        report: Report,
+        /// When to try again.
+        until: Timestamp,
+    },
 }
 
 /// Runs deliveries and tells watchers when a report changed.
@@ -250,6 +257,11 @@ impl DeliveryService {
         let report = self.ledger.report(key).await?;
         let outcome = decide(&report, verdict);
         let report = self.close(key, report, outcome).await?;
+        if let Verdict::Deferred(until) = verdict
+            && report.status == DeliveryStatus::Deferred
+        {
+            return Ok(Handled::Deferred { report, until });
+        }
         tracing::info!(status = %report.status, reason = report.reason.map(FailureReason::as_str), "delivery finished");
         Ok(Handled::Finished {
             report,
@@ -402,6 +414,7 @@ fn decide(report: &Report, verdict: Verdict) -> Outcome {
                 headline_reason(&report.targets).unwrap_or(FailureReason::NoEligibleTarget);
             (DeliveryStatus::Failed, Some(reason))
         }
+        Verdict::Deferred(_) => (DeliveryStatus::Deferred, Some(FailureReason::QuietHours)),
     };
     let status = if status == DeliveryStatus::Sent
         && report

@@ -242,7 +242,10 @@ pub fn summarize(
         let sentence = match target.status {
             TargetStatus::Sent => format!("{how} to {who} was accepted{via}."),
             TargetStatus::Delivered => format!("{how} to {who} was delivered{via}."),
-            TargetStatus::Pending => format!("{how} to {who} has not been tried yet."),
+            TargetStatus::Pending => match &target.detail {
+                Some(detail) => format!("{how} to {who} is {detail}."),
+                None => format!("{how} to {who} has not been tried yet."),
+            },
             TargetStatus::Skipped => {
                 let why = target
                     .detail

@@ -163,6 +163,31 @@ impl JobConsumer {
                 ack(&delivery).await;
                 return;
             }
+            Handled::Deferred { report, until } => {
+                if let Err(error) = self.publisher.publish_event(&report).await {
+                    tracing::warn!(%error, "deferral event not confirmed");
+                }
+                let now = self.service.clock().now();
+                let delay = until
+                    .duration_since(now)
+                    .max(jiff::SignedDuration::ZERO)
+                    .unsigned_abs();
+                match self
+                    .publisher
+                    .defer(&delivery, delay, &until.to_string())
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(%until, ?delay, "job held in the broker until quiet hours end");
+                        ack(&delivery).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not hold the job for later: requeued");
+                        requeue(&delivery).await;
+                    }
+                }
+                return;
+            }
         };
         if let (Some(reply_to), Some(correlation_id)) = (
             delivery.properties.reply_to(),

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::BasicPublishOptions;
-use lapin::types::{AMQPValue, ShortString};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::watch;
 
@@ -163,6 +163,61 @@ impl Publisher {
             .with_correlation_id(correlation_id.clone())
             .with_message_id(short(&report.delivery_id));
         self.publish("", reply_to.as_str(), &body, properties, false)
+            .await
+    }
+
+    /// Holds a job message in the broker for at least `delay`, after which it returns to the
+    /// jobs exchange by itself. Each delay bucket (rounded up to 5 s) is a durable queue whose
+    /// messages share one TTL, so they expire in order, and dead-letter back to the jobs
+    /// exchange. The code never leaves the broker, and the hold survives restarts.
+    pub async fn defer(
+        &self,
+        delivery: &Delivery,
+        delay: Duration,
+        until: &str,
+    ) -> Result<(), PublishError> {
+        const BUCKET_SECS: u64 = 5;
+        let secs = delay.as_secs().div_ceil(BUCKET_SECS).max(1) * BUCKET_SECS;
+        let queue = format!("{}.delay.{secs}s", self.topology.jobs_queue);
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(secs as i64 * 1000),
+        );
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt((secs as i64 + 300) * 1000),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.topology.jobs_exchange.as_str().into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(self.topology.jobs_routing_key.as_str().into()),
+        );
+        let channel = self.channel()?;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await?;
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-otp-deferred-until".into(),
+            AMQPValue::LongString(until.into()),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(PERSISTENT);
+        self.publish("", &queue, &delivery.data, properties, true)
             .await
     }
 

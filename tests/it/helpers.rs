@@ -181,8 +181,33 @@ impl Gateway {
         Self::spawn(config, providers).await
     }
 
+    /// Starts a gateway that reads time from `clock` and waits until it consumes.
+    pub async fn start_with_clock(
+        config: Config,
+        clock: Arc<dyn otp_gateway::domain::Clock>,
+    ) -> Gateway {
+        let providers = ProviderRegistry::from_config(&config).await.unwrap();
+        let mut gateway = Self::spawn_with(config, providers, clock).await;
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            gateway.link_state.wait_for(|s| *s == LinkState::Up),
+        )
+        .await
+        .expect("the gateway connects to RabbitMQ within 20 s")
+        .unwrap();
+        gateway
+    }
+
     async fn spawn(config: Config, providers: ProviderRegistry) -> Gateway {
-        let app = Application::build_with(config, providers, Arc::new(SystemClock))
+        Self::spawn_with(config, providers, Arc::new(SystemClock)).await
+    }
+
+    async fn spawn_with(
+        config: Config,
+        providers: ProviderRegistry,
+        clock: Arc<dyn otp_gateway::domain::Clock>,
+    ) -> Gateway {
+        let app = Application::build_with(config, providers, clock)
             .await
             .unwrap();
         let grpc_addr = app.grpc_addr();
@@ -376,10 +401,12 @@ impl Broker {
     /// Removes everything the test declared.
     pub async fn cleanup(self) {
         let ch = &self.channel;
+        let delayed = format!("{}.delay.5s", self.names.jobs_queue);
         for queue in [
             &self.names.jobs_queue,
             &self.names.dead_letter_queue,
             &self.events_queue,
+            &delayed,
         ] {
             let _ = ch
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -11,4 +11,5 @@ mod grpc_api;
 mod logs;
 mod policy;
 mod queue_jobs;
+mod quiet;
 mod restart;
