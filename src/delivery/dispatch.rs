@@ -172,6 +172,17 @@ struct Run<'a> {
     deferred: &'a Mutex<Option<Timestamp>>,
 }
 
+/// What quiet hours and destination permissions say about one channel for one target.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ChannelVerdict {
+    /// Nothing against it.
+    Open,
+    /// Refused: the reason and why.
+    Refused(FailureReason, String),
+    /// Held by quiet hours until `until`.
+    Held { until: Timestamp, detail: String },
+}
+
 /// What the per-channel checks decided for one target.
 enum Gate {
     /// Try it now.
@@ -1049,6 +1060,51 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// What quiet hours and destination permissions say about sending to `target` on
+    /// `channel` at `now`. Shared by the engine and `Explain`.
+    pub(crate) fn channel_verdict(
+        &self,
+        quiet: &[QuietHoursRule],
+        job: &Job,
+        target: &Target,
+        channel: Channel,
+        now: Timestamp,
+    ) -> ChannelVerdict {
+        match quiet_decision(quiet, job, channel, &[], now) {
+            QuietDecision::Clear => {}
+            QuietDecision::Bypassed { rule_id } => {
+                tracing::debug!(rule = rule_id, "quiet hours: user-initiated, sent anyway");
+            }
+            QuietDecision::Suppress {
+                rule_id,
+                until,
+                why,
+            } => {
+                let detail = format!(
+                    "{} until {} ({why})",
+                    quiet_rule(quiet, rule_id),
+                    local_time(&until)
+                );
+                return ChannelVerdict::Refused(FailureReason::QuietHours, detail);
+            }
+            QuietDecision::Defer { rule_id, until } => {
+                let detail = format!(
+                    "held by {} until {}",
+                    quiet_rule(quiet, rule_id),
+                    local_time(&until)
+                );
+                return ChannelVerdict::Held {
+                    until: until.timestamp(),
+                    detail,
+                };
+            }
+        }
+        match self.destination_refused(job, target, channel) {
+            Some(detail) => ChannelVerdict::Refused(FailureReason::DestinationNotPermitted, detail),
+            None => ChannelVerdict::Open,
+        }
+    }
+
     /// Why the tenant may not send `channel` messages to this number's country, if it may not.
     pub(crate) fn destination_refused(
         &self,
@@ -1077,41 +1133,21 @@ impl Dispatcher {
         progress: &Progress<'_>,
     ) -> Result<Gate, StoreError> {
         let job = run.job;
-        let target = &job.targets[index];
-        let now = progress.now();
-        match quiet_decision(run.quiet, job, channel, &[], now) {
-            QuietDecision::Clear => {}
-            QuietDecision::Bypassed { rule_id } => {
-                tracing::info!(rule = rule_id, "quiet hours: user-initiated, sent anyway");
-            }
-            QuietDecision::Suppress {
-                rule_id,
-                until,
-                why,
-            } => {
-                let detail = format!(
-                    "{} until {} ({why})",
-                    quiet_rule(run.quiet, rule_id),
-                    local_time(&until)
-                );
-                let reason = Some(FailureReason::QuietHours);
+        match self.channel_verdict(run.quiet, job, &job.targets[index], channel, progress.now()) {
+            ChannelVerdict::Open => {}
+            ChannelVerdict::Refused(reason, detail) => {
                 self.settle(
                     index,
                     channel,
                     TargetStatus::Failed,
-                    reason,
+                    Some(reason),
                     Some(detail),
                     progress,
                 )
                 .await?;
                 return Ok(Gate::NotThisChannel);
             }
-            QuietDecision::Defer { rule_id, until } => {
-                let detail = format!(
-                    "held by {} until {}",
-                    quiet_rule(run.quiet, rule_id),
-                    local_time(&until)
-                );
+            ChannelVerdict::Held { until, detail } => {
                 self.settle(
                     index,
                     channel,
@@ -1122,23 +1158,9 @@ impl Dispatcher {
                 )
                 .await?;
                 let mut deferred = run.deferred.lock().unwrap_or_else(|p| p.into_inner());
-                let until = until.timestamp();
                 *deferred = Some(deferred.map_or(until, |held| held.min(until)));
                 return Ok(Gate::NotThisChannel);
             }
-        }
-        if let Some(detail) = self.destination_refused(job, target, channel) {
-            let reason = Some(FailureReason::DestinationNotPermitted);
-            self.settle(
-                index,
-                channel,
-                TargetStatus::Failed,
-                reason,
-                Some(detail),
-                progress,
-            )
-            .await?;
-            return Ok(Gate::NotThisChannel);
         }
         if self
             .within_limits(job, index, channel, run.rules, progress)

@@ -6,7 +6,7 @@ use jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::breaker::CircuitState;
-use super::dispatch::{Dispatcher, Eligibility, eligibility};
+use super::dispatch::{ChannelVerdict, Dispatcher, Eligibility, eligibility};
 use crate::domain::{Channel, FailureReason, Job, Platform, Target, mask_phone};
 use crate::policy::{job_keys, target_keys};
 use crate::store::StoreError;
@@ -29,7 +29,8 @@ pub struct ChannelPlan {
     pub route: String,
     /// Providers in failover order.
     pub providers: Vec<ProviderChoice>,
-    /// When policy refuses this channel for this target (destination, rate limit): why.
+    /// When policy refuses or holds this channel for this target (quiet hours, destination,
+    /// rate limit): why.
     pub refused: Option<(FailureReason, String)>,
 }
 
@@ -78,6 +79,10 @@ impl Dispatcher {
             .policy_store()
             .list_rate_limits(Some(&job.tenant))
             .await?;
+        let quiet = self
+            .policy_store()
+            .list_quiet_hours(Some(&job.tenant))
+            .await?;
         let blocked = if at >= deadline {
             Some((
                 FailureReason::CodeExpired,
@@ -123,9 +128,12 @@ impl Dispatcher {
                         circuit: self.circuit_of(entry, channel, &route_key, now),
                     })
                     .collect();
-                let refused = match self.destination_refused(job, target, channel) {
-                    Some(detail) => Some((FailureReason::DestinationNotPermitted, detail)),
-                    None => self
+                let refused = match self.channel_verdict(&quiet, job, target, channel, at) {
+                    ChannelVerdict::Refused(reason, detail) => Some((reason, detail)),
+                    ChannelVerdict::Held { detail, .. } => {
+                        Some((FailureReason::QuietHours, format!("would be {detail}")))
+                    }
+                    ChannelVerdict::Open => self
                         .policy_store()
                         .peek(&target_keys(&rules, job, target), at)
                         .await?

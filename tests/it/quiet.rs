@@ -152,9 +152,27 @@ async fn waiting_users_get_through_and_suppress_fails_with_the_local_end_of_the_
         .set_quiet_hours(v1::SetQuietHoursRequest { rule: Some(rule) })
         .await
         .unwrap();
-    broker
-        .publish_json(&quiet_job("suppressed", &clock, true))
-        .await;
+    // Explain says what the send will do.
+    let body = quiet_job("suppressed", &clock, true);
+    let job = otp_gateway::domain::Job::from_json(body.to_string().as_bytes()).unwrap();
+    let plan = gateway
+        .client()
+        .await
+        .explain(v1::ExplainRequest {
+            job: Some(otp_gateway::proto::job_to_proto(&job)),
+            at: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sms = &plan.targets[0].channels[0];
+    assert_eq!(sms.refused_reason, v1::FailureReason::QuietHours as i32);
+    assert!(
+        sms.refused_detail.contains("until 07:00 Europe/Berlin"),
+        "{}",
+        sms.refused_detail
+    );
+    broker.publish_json(&body).await;
     let (_, report) = broker.next_event(Duration::from_secs(20)).await;
     assert_eq!(report["status"], "FAILED");
     assert_eq!(report["reason"], "QUIET_HOURS");
