@@ -27,6 +27,7 @@ use crate::domain::{
 use crate::policy::{
     BlockEntry, BlockKind, BlockSource, NewBlockEntry, QuietDecision, QuietHoursRule,
     RateLimitRule, blocking_entry, destination_refusal, job_keys, quiet_decision, target_keys,
+    zones_of,
 };
 use crate::providers::{
     OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
@@ -1070,7 +1071,11 @@ impl Dispatcher {
         channel: Channel,
         now: Timestamp,
     ) -> ChannelVerdict {
-        match quiet_decision(quiet, job, channel, &[], now) {
+        let zones = match target {
+            Target::Phone(phone) => zones_of(&phone.number),
+            Target::Device(_) => Vec::new(),
+        };
+        match quiet_decision(quiet, job, channel, &zones, now) {
             QuietDecision::Clear => {}
             QuietDecision::Bypassed { rule_id } => {
                 tracing::debug!(rule = rule_id, "quiet hours: user-initiated, sent anyway");

@@ -61,7 +61,7 @@ fn quiet_job(job_id: &str, clock: &OffsetClock, user_initiated: bool) -> serde_j
         "job_id": job_id, "tenant": "acme", "account": "user-42", "code": "505050",
         "expires_at": (clock.now() + SignedDuration::from_mins(30)).to_string(),
         "user_initiated": user_initiated, "channels": ["sms"],
-        "targets": [{"phone": {"number": "+14155550101"}}]
+        "targets": [{"phone": {"number": "+4930123456789"}}]
     })
 }
 
@@ -178,7 +178,17 @@ async fn waiting_users_get_through_and_suppress_fails_with_the_local_end_of_the_
     assert_eq!(report["reason"], "QUIET_HOURS");
     let detail = report["targets"][0]["detail"].as_str().unwrap();
     assert!(detail.contains("until 07:00 Europe/Berlin"), "{detail}");
-    assert_eq!(outbox(dir.path()).len(), 1);
+    // The number's own zone decides, not the rule's default: 23:30 in Berlin is 17:30 in New York.
+    let mut new_york = quiet_job("new-york", &clock, true);
+    new_york["targets"] = json!([{"phone": {"number": "+12125550101"}}]);
+    broker.publish_json(&new_york).await;
+    let (_, report) = broker.next_event(Duration::from_secs(20)).await;
+    assert_eq!(report["status"], "SENT", "{report}");
+    assert_eq!(
+        outbox(dir.path()).len(),
+        2,
+        "the waiting user's code and New York's; nothing while suppressed"
+    );
     gateway.stop().await;
     broker.cleanup().await;
 }
