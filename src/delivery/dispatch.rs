@@ -26,8 +26,8 @@ use crate::domain::{
 };
 use crate::policy::{
     BlockEntry, BlockKind, BlockSource, NewBlockEntry, QuietDecision, QuietHoursRule,
-    RateLimitRule, blocking_entry, destination_refusal, job_keys, quiet_decision, target_keys,
-    zones_of,
+    RateLimitRule, RateLimited, blocking_entry, destination_refusal, job_keys, quiet_decision,
+    target_keys, zones_of,
 };
 use crate::providers::{
     OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
@@ -171,6 +171,21 @@ struct Run<'a> {
     quiet: &'a [QuietHoursRule],
     /// The earliest end of a quiet-hours window that holds a target back (DEFER).
     deferred: &'a Mutex<Option<Timestamp>>,
+    /// Whether this job has been counted against its account and tenant limits.
+    job_count: &'a Mutex<JobCount>,
+}
+
+/// The account and tenant rate-limit count of one job: taken when its first send is about
+/// to go out, so that a job that sends nothing (held by quiet hours, every target refused)
+/// uses up no quota, and a resumed job is not counted twice.
+#[derive(Debug, Clone)]
+enum JobCount {
+    /// Not counted yet.
+    Pending,
+    /// Counted (or counted by the worker this delivery was taken over from).
+    Done,
+    /// Over a limit: nothing of this job is sent.
+    Limited(RateLimited),
 }
 
 /// What quiet hours and destination permissions say about one channel for one target.
@@ -192,6 +207,8 @@ enum Gate {
     NotThisChannel,
     /// Not at all (rate limited).
     Closed,
+    /// The job is over an account or tenant limit: nothing of it is sent.
+    JobLimited,
 }
 
 /// How one stage ended.
@@ -201,6 +218,7 @@ enum StageEnd {
     NotReached,
     Denied,
     Expired,
+    JobLimited,
 }
 
 /// How one target's provider chain ended.
@@ -319,6 +337,12 @@ impl Dispatcher {
         let rules = self.policy.list_rate_limits(Some(&job.tenant)).await?;
         let quiet = self.policy.list_quiet_hours(Some(&job.tenant)).await?;
         let deferred = Mutex::new(None);
+        let already_counted = prior.targets.iter().any(|t| !t.attempts.is_empty());
+        let job_count = Mutex::new(if already_counted {
+            JobCount::Done
+        } else {
+            JobCount::Pending
+        });
         let run = Run {
             job,
             prior,
@@ -326,6 +350,7 @@ impl Dispatcher {
             rules: &rules,
             quiet: &quiet,
             deferred: &deferred,
+            job_count: &job_count,
         };
         let mut standing = Vec::with_capacity(job.targets.len());
         // Pushes accepted by a worker that was interrupted while it waited for an acknowledgement.
@@ -363,20 +388,6 @@ impl Dispatcher {
             }
             // Shown: the device is now Reached (below); silent or expired: on to the channels.
         }
-        let fresh = prior.targets.iter().all(|t| t.attempts.is_empty());
-        if fresh
-            && standing.contains(&Standing::Open)
-            && let Some(limited) = self
-                .policy
-                .consume(&job_keys(&rules, job), progress.now())
-                .await?
-        {
-            tracing::info!(rule = limited.rule.id, allowed_at = %limited.allowed_at, "rate limited");
-            let reason = Some(FailureReason::RateLimited);
-            self.close_untried(&mut standing, job, reason, &limited.describe(), progress)
-                .await?;
-            return Ok(Verdict::Failed(reason));
-        }
         if standing.contains(&Standing::Reached) {
             self.close_untried(&mut standing, job, None, ALREADY_REACHED, progress)
                 .await?;
@@ -412,6 +423,16 @@ impl Dispatcher {
                     )
                     .await?;
                     break;
+                }
+                StageEnd::JobLimited => {
+                    let limited = match &*job_count.lock().unwrap_or_else(|p| p.into_inner()) {
+                        JobCount::Limited(limited) => limited.describe(),
+                        _ => "a rate limit was reached".to_owned(),
+                    };
+                    let reason = Some(FailureReason::RateLimited);
+                    self.close_untried(&mut standing, job, reason, &limited, progress)
+                        .await?;
+                    return Ok(Verdict::Failed(reason));
                 }
                 StageEnd::NotReached => {}
             }
@@ -554,6 +575,7 @@ impl Dispatcher {
                 match self.gate(run, index, Channel::Push, progress).await? {
                     Gate::Go => open.push(index),
                     Gate::NotThisChannel | Gate::Closed => standing[index] = Standing::Closed,
+                    Gate::JobLimited => return Ok(StageEnd::JobLimited),
                 }
             }
         }
@@ -741,6 +763,7 @@ impl Dispatcher {
                     standing[index] = Standing::Closed;
                     continue;
                 }
+                Gate::JobLimited => return Ok(StageEnd::JobLimited),
             }
             match self
                 .deliver_to_target(job, prior, index, channel, deadline, progress)
@@ -1167,6 +1190,9 @@ impl Dispatcher {
                 return Ok(Gate::NotThisChannel);
             }
         }
+        if !self.count_job(run, progress).await? {
+            return Ok(Gate::JobLimited);
+        }
         if self
             .within_limits(job, index, channel, run.rules, progress)
             .await?
@@ -1174,6 +1200,38 @@ impl Dispatcher {
             Ok(Gate::Go)
         } else {
             Ok(Gate::Closed)
+        }
+    }
+
+    /// Counts the job against its account and tenant limits the first time one of its sends
+    /// is about to go out; false when a limit is reached (then and for the rest of the run).
+    async fn count_job(&self, run: Run<'_>, progress: &Progress<'_>) -> Result<bool, StoreError> {
+        let state = run
+            .job_count
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match state {
+            JobCount::Done => Ok(true),
+            JobCount::Limited(_) => Ok(false),
+            JobCount::Pending => {
+                let limited = self
+                    .policy
+                    .consume(&job_keys(run.rules, run.job), progress.now())
+                    .await?;
+                let mut state = run.job_count.lock().unwrap_or_else(|p| p.into_inner());
+                match limited {
+                    Some(limited) => {
+                        tracing::info!(rule = limited.rule.id, allowed_at = %limited.allowed_at, "rate limited");
+                        *state = JobCount::Limited(limited);
+                        Ok(false)
+                    }
+                    None => {
+                        *state = JobCount::Done;
+                        Ok(true)
+                    }
+                }
+            }
         }
     }
 

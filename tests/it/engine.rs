@@ -1164,3 +1164,74 @@ async fn destinations_not_permitted_for_a_channel_fall_through_to_the_next_chann
     );
     assert_eq!(carrier.call_times().len(), 2);
 }
+
+#[tokio::test]
+async fn a_job_that_sends_nothing_uses_up_no_account_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"sms": provider_settings(dir.path(), "sms", json!({}), json!({}))}),
+        &[(
+            "routes",
+            json!({"push": ["sms"], "sms": ["sms"], "voice": ["sms"]}),
+        )],
+    );
+    let sms = Scripted::new("sms", vec![], ok());
+    let service = engine(&config, vec![("sms", sms.clone())]).await;
+    let policy = policy_store(&config).await;
+    policy
+        .set_rate_limit(&rule(
+            Some("acme"),
+            RateScope::Account,
+            "",
+            1,
+            Duration::from_secs(3600),
+        ))
+        .await
+        .unwrap();
+    let block = otp_gateway::policy::NewBlockEntry {
+        tenant: Some("acme".into()),
+        kind: otp_gateway::policy::BlockKind::Number,
+        pattern: "+14155550199".into(),
+        source: otp_gateway::policy::BlockSource::Admin,
+        note: String::new(),
+        expires_at: None,
+    };
+    policy
+        .add_block(&block, jiff::Timestamp::now())
+        .await
+        .unwrap();
+
+    let blocked = deliver(
+        &service,
+        &job(
+            "blocked-only",
+            60.0,
+            &["sms"],
+            json!([phone("+14155550199")]),
+        ),
+    )
+    .await;
+    assert_eq!(blocked.reason, Some(FailureReason::RecipientBlocked));
+    let report = deliver(
+        &service,
+        &job("real", 60.0, &["sms"], json!([phone("+14155550101")])),
+    )
+    .await;
+    assert_eq!(
+        report.status,
+        DeliveryStatus::Sent,
+        "the blocked job sent nothing, so it counted nothing"
+    );
+    let report = deliver(
+        &service,
+        &job("second", 60.0, &["sms"], json!([phone("+14155550102")])),
+    )
+    .await;
+    assert_eq!(
+        report.reason,
+        Some(FailureReason::RateLimited),
+        "one per hour for the account"
+    );
+    assert_eq!(sms.call_times().len(), 1);
+}
