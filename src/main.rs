@@ -334,6 +334,12 @@ fn server_address(explicit: Option<&str>, config: &Config) -> String {
     format!("http://{addr}")
 }
 
+/// Says why the gateway refused a request and gives the exit code to end with.
+fn refused(status: &tonic::Status, code: u8) -> ExitCode {
+    eprintln!("otp-gateway: {}", status.message());
+    ExitCode::from(code)
+}
+
 /// A channel to the gateway at `server`, or the exit code after saying why there is none.
 async fn gateway(server: &str) -> Result<tonic::transport::Channel, ExitCode> {
     let endpoint = tonic::transport::Channel::from_shared(server.to_owned()).map_err(|error| {
@@ -494,10 +500,7 @@ async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode
             };
             let response = match client.add_block_entry(request).await {
                 Ok(response) => response.into_inner(),
-                Err(status) => {
-                    eprintln!("otp-gateway: {}", status.message());
-                    return Ok(ExitCode::from(EXIT_CONFIG));
-                }
+                Err(status) => return Ok(refused(&status, EXIT_CONFIG)),
             };
             let entry = response.entry.context("the gateway returned no entry")?;
             println!(
@@ -515,10 +518,7 @@ async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode
             .await
         {
             Ok(_) => println!("removed #{id}"),
-            Err(status) => {
-                eprintln!("otp-gateway: {}", status.message());
-                return Ok(ExitCode::FAILURE);
-            }
+            Err(status) => return Ok(refused(&status, 1)),
         },
         BlockCommand::Ls { tenant } => {
             let request = v1::ListBlockEntriesRequest {
@@ -686,10 +686,7 @@ async fn quiet(command: QuietCommand, server: String) -> anyhow::Result<ExitCode
                 .await
             {
                 Ok(rule) => println!("{}", line(&rule.into_inner())),
-                Err(status) => {
-                    eprintln!("otp-gateway: {}", status.message());
-                    return Ok(ExitCode::from(EXIT_CONFIG));
-                }
+                Err(status) => return Ok(refused(&status, EXIT_CONFIG)),
             }
         }
         QuietCommand::Rm { id } => {
@@ -697,8 +694,7 @@ async fn quiet(command: QuietCommand, server: String) -> anyhow::Result<ExitCode
                 .remove_quiet_hours(v1::RemoveQuietHoursRequest { id })
                 .await
             {
-                eprintln!("otp-gateway: {}", status.message());
-                return Ok(ExitCode::FAILURE);
+                return Ok(refused(&status, 1));
             }
             println!("removed #{id}");
         }
@@ -775,10 +771,7 @@ async fn limits(command: LimitsCommand, server: String) -> anyhow::Result<ExitCo
             };
             match client.set_rate_limit(request).await {
                 Ok(rule) => println!("{}", line(&rule.into_inner())),
-                Err(status) => {
-                    eprintln!("otp-gateway: {}", status.message());
-                    return Ok(ExitCode::from(EXIT_CONFIG));
-                }
+                Err(status) => return Ok(refused(&status, EXIT_CONFIG)),
             }
         }
         LimitsCommand::Rm { id } => {
@@ -786,8 +779,7 @@ async fn limits(command: LimitsCommand, server: String) -> anyhow::Result<ExitCo
                 .remove_rate_limit(v1::RemoveRateLimitRequest { id })
                 .await
             {
-                eprintln!("otp-gateway: {}", status.message());
-                return Ok(ExitCode::FAILURE);
+                return Ok(refused(&status, 1));
             }
             println!("removed #{id}");
         }

@@ -922,6 +922,25 @@ async fn a_denial_that_arrives_during_escalation_still_decides_the_outcome() {
     );
 }
 
+/// An engine whose every route is one scripted provider with default settings.
+async fn one_provider(
+    dir: &std::path::Path,
+    name: &str,
+    answer: Step,
+) -> (Config, Arc<DeliveryService>, Arc<Scripted>) {
+    let config = engine_config(
+        dir,
+        json!({name: provider_settings(dir, name, json!({}), json!({}))}),
+        &[(
+            "routes",
+            json!({"push": [name], "sms": [name], "voice": [name]}),
+        )],
+    );
+    let provider = Scripted::new(name, vec![], answer);
+    let service = engine(&config, vec![(name, provider.clone())]).await;
+    (config, service, provider)
+}
+
 /// The policy store over the same database file as the engine (as another replica would).
 async fn policy_store(config: &Config) -> SqliteLedger {
     SqliteLedger::connect(&config.store.url).await.unwrap()
@@ -947,16 +966,7 @@ fn rule(
 #[tokio::test]
 async fn the_sixth_job_in_ten_minutes_to_one_number_is_rate_limited() {
     let dir = tempfile::tempdir().unwrap();
-    let config = engine_config(
-        dir.path(),
-        json!({"sms": provider_settings(dir.path(), "sms", json!({}), json!({}))}),
-        &[(
-            "routes",
-            json!({"push": ["sms"], "sms": ["sms"], "voice": ["sms"]}),
-        )],
-    );
-    let sms = Scripted::new("sms", vec![], ok());
-    let service = engine(&config, vec![("sms", sms.clone())]).await;
+    let (config, service, sms) = one_provider(dir.path(), "sms", ok()).await;
     let policy = policy_store(&config).await;
     let limit = policy
         .set_rate_limit(&rule(
@@ -1020,16 +1030,8 @@ async fn the_sixth_job_in_ten_minutes_to_one_number_is_rate_limited() {
 #[tokio::test]
 async fn account_limits_fail_the_delivery_and_concurrent_jobs_cannot_overshoot_a_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let config = engine_config(
-        dir.path(),
-        json!({"sms": provider_settings(dir.path(), "sms", json!({}), json!({}))}),
-        &[(
-            "routes",
-            json!({"push": ["sms"], "sms": ["sms"], "voice": ["sms"]}),
-        )],
-    );
-    let sms = Scripted::new("sms", vec![], Step::Accept(Duration::from_millis(20)));
-    let service = engine(&config, vec![("sms", sms.clone())]).await;
+    let (config, service, sms) =
+        one_provider(dir.path(), "sms", Step::Accept(Duration::from_millis(20))).await;
     let policy = policy_store(&config).await;
     policy
         .set_rate_limit(&rule(
@@ -1168,16 +1170,7 @@ async fn destinations_not_permitted_for_a_channel_fall_through_to_the_next_chann
 #[tokio::test]
 async fn a_job_that_sends_nothing_uses_up_no_account_quota() {
     let dir = tempfile::tempdir().unwrap();
-    let config = engine_config(
-        dir.path(),
-        json!({"sms": provider_settings(dir.path(), "sms", json!({}), json!({}))}),
-        &[(
-            "routes",
-            json!({"push": ["sms"], "sms": ["sms"], "voice": ["sms"]}),
-        )],
-    );
-    let sms = Scripted::new("sms", vec![], ok());
-    let service = engine(&config, vec![("sms", sms.clone())]).await;
+    let (config, service, sms) = one_provider(dir.path(), "sms", ok()).await;
     let policy = policy_store(&config).await;
     policy
         .set_rate_limit(&rule(
