@@ -303,6 +303,58 @@ pub enum ProviderConfig {
         #[serde(default)]
         breaker: BreakerConfig,
     },
+    /// A Twilio account (SMS through Messages, voice through Calls).
+    Twilio {
+        /// The account SID (`AC…`).
+        account_sid: String,
+        /// The auth token (redacted when shown).
+        auth_token: SecretString,
+        /// Sender number (E.164), for voice and when no messaging service is set.
+        #[serde(default)]
+        from: Option<String>,
+        /// Messaging service SID (`MG…`), preferred for SMS.
+        #[serde(default)]
+        messaging_service_sid: Option<String>,
+        /// API base (tests and the compose stack point it elsewhere).
+        #[serde(default = "default_twilio_base")]
+        base_url: String,
+        /// Where Twilio should post status callbacks.
+        #[serde(default)]
+        status_callback: Option<String>,
+        /// Retries.
+        #[serde(default)]
+        retry: RetryConfig,
+        /// Circuit breaking.
+        #[serde(default)]
+        breaker: BreakerConfig,
+    },
+}
+
+fn default_twilio_base() -> String {
+    "https://api.twilio.com".to_owned()
+}
+
+/// A secret from the configuration: shown as `•••`.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(String);
+
+impl SecretString {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        SecretString(secret.into())
+    }
+
+    /// The secret itself, for the one call that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"•••\"")
+    }
 }
 
 impl ProviderConfig {
@@ -310,20 +362,23 @@ impl ProviderConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderConfig::Sandbox { .. } => "sandbox",
+            ProviderConfig::Twilio { .. } => "twilio",
         }
     }
 
     /// Its retry settings.
     pub fn retry(&self) -> &RetryConfig {
         match self {
-            ProviderConfig::Sandbox { retry, .. } => retry,
+            ProviderConfig::Sandbox { retry, .. } | ProviderConfig::Twilio { retry, .. } => retry,
         }
     }
 
     /// Its circuit-breaker settings.
     pub fn breaker(&self) -> &BreakerConfig {
         match self {
-            ProviderConfig::Sandbox { breaker, .. } => breaker,
+            ProviderConfig::Sandbox { breaker, .. } | ProviderConfig::Twilio { breaker, .. } => {
+                breaker
+            }
         }
     }
 }
@@ -563,6 +618,37 @@ impl Config {
                     return Err(invalid(format!("providers.{name}.outbox"), "is empty"));
                 }
                 ProviderConfig::Sandbox { .. } => {}
+                ProviderConfig::Twilio {
+                    account_sid,
+                    auth_token,
+                    from,
+                    messaging_service_sid,
+                    base_url,
+                    ..
+                } => {
+                    let key = |field: &str| format!("providers.{name}.{field}");
+                    if !account_sid.starts_with("AC") {
+                        return Err(invalid(key("account_sid"), "must be the account SID (AC…)"));
+                    }
+                    if auth_token.expose().is_empty() {
+                        return Err(invalid(key("auth_token"), "is empty"));
+                    }
+                    if from.is_none() && messaging_service_sid.is_none() {
+                        return Err(invalid(
+                            key("from"),
+                            "set `from` (E.164) or `messaging_service_sid`",
+                        ));
+                    }
+                    if let Some(from) = from.as_deref().filter(|f| !crate::domain::is_e164(f)) {
+                        return Err(invalid(
+                            key("from"),
+                            format!("`{from}` is not an E.164 number"),
+                        ));
+                    }
+                    if !(base_url.starts_with("https://") || base_url.starts_with("http://")) {
+                        return Err(invalid(key("base_url"), "must be an http(s) URL"));
+                    }
+                }
             }
             validate_retry(&format!("providers.{name}.retry"), provider.retry())?;
             validate_breaker(&format!("providers.{name}.breaker"), provider.breaker())?;

@@ -3,6 +3,7 @@
 //! Adapters classify what the provider said; they never retry (the delivery layer decides).
 
 mod sandbox;
+mod twilio;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use crate::config::{BreakerConfig, Config, ProviderConfig, RetryConfig, RoutesCo
 use crate::domain::{Channel, Code, FailureReason, Platform, RetryClass};
 
 pub use sandbox::SandboxProvider;
+pub use twilio::{TwilioProvider, TwilioSettings, classify as classify_twilio};
 
 /// Who a message goes to, unmasked: only adapters see this.
 #[derive(Debug, Clone, Copy)]
@@ -172,6 +174,38 @@ impl ProviderRegistry {
                 (Some(replacement), _) => replacement,
                 (None, ProviderConfig::Sandbox { outbox, .. }) => {
                     Arc::new(SandboxProvider::open(name, outbox).await.map_err(|e| {
+                        ProviderBuildError {
+                            name: name.clone(),
+                            problem: e.to_string(),
+                        }
+                    })?)
+                }
+                (
+                    None,
+                    ProviderConfig::Twilio {
+                        account_sid,
+                        auth_token,
+                        from,
+                        messaging_service_sid,
+                        base_url,
+                        status_callback,
+                        ..
+                    },
+                ) => {
+                    let settings = TwilioSettings {
+                        base_url: base_url.clone(),
+                        account_sid: account_sid.clone(),
+                        auth_token: auth_token.clone(),
+                        from: from.clone(),
+                        messaging_service_sid: messaging_service_sid.clone(),
+                        status_callback: status_callback.clone(),
+                    };
+                    let timeout = crate::config::positive(
+                        "delivery.provider_timeout",
+                        config.delivery.provider_timeout,
+                    )
+                    .unwrap_or(std::time::Duration::from_secs(10));
+                    Arc::new(TwilioProvider::new(name, settings, timeout).map_err(|e| {
                         ProviderBuildError {
                             name: name.clone(),
                             problem: e.to_string(),

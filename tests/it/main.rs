@@ -13,3 +13,4 @@ mod policy;
 mod queue_jobs;
 mod quiet;
 mod restart;
+mod twilio;

@@ -1,0 +1,248 @@
+//! The Twilio adapter against a local server that speaks Twilio's REST API: it checks the path,
+//! Basic auth and form fields, and plays back Twilio's real error bodies for each mapped code.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Form, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use otp_gateway::domain::{DeliveryStatus, FailureReason, TargetStatus};
+use serde_json::json;
+
+use crate::engine::{deliver, engine, engine_config, job};
+
+/// `Basic base64("ACtest:secret")`.
+const AUTHORIZATION: &str = "Basic QUN0ZXN0OnNlY3JldA==";
+
+#[derive(Debug, Clone)]
+struct Call {
+    resource: String,
+    account: String,
+    form: HashMap<String, String>,
+}
+
+#[derive(Default)]
+struct FakeTwilio {
+    calls: Mutex<Vec<Call>>,
+    throttled_once: Mutex<bool>,
+}
+
+fn twilio_error(status: StatusCode, code: i64, message: &str) -> Response {
+    let body = json!({"code": code, "message": message, "more_info": format!("https://www.twilio.com/docs/errors/{code}"), "status": status.as_u16()});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn create(
+    State(fake): State<Arc<FakeTwilio>>,
+    Path((account, resource)): Path<(String, String)>,
+    headers: HeaderMap,
+    Form(form): Form<HashMap<String, String>>,
+) -> Response {
+    fake.calls.lock().unwrap().push(Call {
+        resource: resource.clone(),
+        account,
+        form: form.clone(),
+    });
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(AUTHORIZATION) {
+        return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
+    }
+    match form.get("To").map(String::as_str).unwrap_or_default() {
+        "+15005550001" => twilio_error(
+            StatusCode::BAD_REQUEST,
+            21211,
+            "The 'To' number +15005550001 is not a valid phone number.",
+        ),
+        "+15005550003" => twilio_error(
+            StatusCode::BAD_REQUEST,
+            21408,
+            "Permission to send an SMS has not been enabled for the region indicated by the 'To' number: +15005550003.",
+        ),
+        "+15005550004" => twilio_error(
+            StatusCode::BAD_REQUEST,
+            21610,
+            "Attempt to send to unsubscribed recipient",
+        ),
+        "+15005550009" => twilio_error(
+            StatusCode::BAD_REQUEST,
+            21614,
+            "'To' number is not a valid mobile number",
+        ),
+        "+15005550429" if !std::mem::replace(&mut *fake.throttled_once.lock().unwrap(), true) => {
+            let mut response =
+                twilio_error(StatusCode::TOO_MANY_REQUESTS, 20429, "Too Many Requests");
+            response
+                .headers_mut()
+                .insert("retry-after", "1".parse().unwrap());
+            response
+        }
+        "+15005550503" => {
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error").into_response()
+        }
+        _ => {
+            let prefix = if resource == "Calls.json" { "CA" } else { "SM" };
+            let sid = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+            (
+                StatusCode::CREATED,
+                axum::Json(json!({"sid": sid, "status": "queued"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn fake_twilio() -> (String, Arc<FakeTwilio>) {
+    let fake = Arc::new(FakeTwilio::default());
+    let app = axum::Router::new()
+        .route("/2010-04-01/Accounts/{account}/{resource}", post(create))
+        .with_state(Arc::clone(&fake));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, fake)
+}
+
+fn twilio_config(dir: &std::path::Path, url: &str, token: &str) -> otp_gateway::config::Config {
+    let twilio = json!({
+        "kind": "twilio", "base_url": url, "account_sid": "ACtest", "auth_token": token,
+        "from": "+15005550006", "status_callback": "https://otp.example.com/receipts/twilio",
+        "retry": {"initial_interval": "10ms", "max_attempts": 2}
+    });
+    engine_config(
+        dir,
+        json!({"twilio": twilio}),
+        &[(
+            "routes",
+            json!({"push": ["twilio"], "sms": ["twilio"], "voice": ["twilio"]}),
+        )],
+    )
+}
+
+fn to(number: &str) -> serde_json::Value {
+    json!([{"phone": {"number": number}}])
+}
+
+#[tokio::test]
+async fn sms_and_calls_reach_twilio_with_the_right_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, fake) = fake_twilio().await;
+    let config = twilio_config(dir.path(), &url, "secret");
+    assert!(
+        !format!("{config:?}").contains("secret"),
+        "the auth token is redacted"
+    );
+    let service = engine(&config, vec![]).await;
+
+    let report = deliver(&service, &job("sms", 300.0, &["sms"], to("+14155550101"))).await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let attempt = &report.targets[0].attempts[0];
+    assert!(
+        attempt
+            .provider_message_id
+            .as_deref()
+            .unwrap()
+            .starts_with("SM")
+    );
+    let call = fake.calls.lock().unwrap()[0].clone();
+    assert_eq!(
+        (call.account.as_str(), call.resource.as_str()),
+        ("ACtest", "Messages.json")
+    );
+    assert_eq!(call.form["To"], "+14155550101");
+    assert_eq!(call.form["From"], "+15005550006");
+    assert!(call.form["Body"].contains("482913"));
+    assert_eq!(
+        call.form["StatusCallback"],
+        "https://otp.example.com/receipts/twilio"
+    );
+    let validity: i64 = call.form["ValidityPeriod"].parse().unwrap();
+    assert!(
+        (290..=300).contains(&validity),
+        "seconds left until the code expires: {validity}"
+    );
+
+    let report = deliver(
+        &service,
+        &job("call", 300.0, &["voice"], to("+14155550101")),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let call = fake.calls.lock().unwrap()[1].clone();
+    assert_eq!(call.resource, "Calls.json");
+    let twiml = &call.form["Twiml"];
+    assert!(
+        twiml.starts_with("<Response><Say>")
+            && twiml.contains("4, 8, 2, 9, 1, 3. Again: 4, 8, 2, 9, 1, 3."),
+        "{twiml}"
+    );
+}
+
+#[tokio::test]
+async fn twilio_errors_are_explained_with_their_code_and_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, fake) = fake_twilio().await;
+    let service = engine(&twilio_config(dir.path(), &url, "secret"), vec![]).await;
+    let cases = [
+        ("+15005550001", FailureReason::InvalidRecipient, "21211"),
+        (
+            "+15005550003",
+            FailureReason::DestinationNotPermitted,
+            "21408",
+        ),
+        ("+15005550004", FailureReason::RecipientOptedOut, "21610"),
+        ("+15005550009", FailureReason::NotMobileNumber, "21614"),
+        ("+15005550503", FailureReason::ProviderUnavailable, "503"),
+    ];
+    for (i, (number, reason, code)) in cases.into_iter().enumerate() {
+        let report = deliver(
+            &service,
+            &job(&format!("e-{i}"), 300.0, &["sms"], to(number)),
+        )
+        .await;
+        let target = &report.targets[0];
+        assert_eq!(target.status, TargetStatus::Failed, "{number}");
+        assert_eq!(target.reason, Some(reason), "{number}");
+        let attempt = target.attempts.last().unwrap();
+        assert_eq!(attempt.provider_code.as_deref(), Some(code), "{number}");
+        assert!(!attempt.provider_message.as_deref().unwrap().is_empty());
+    }
+    // 503 is transient: retried once (max_attempts 2) before giving up.
+    let outage_calls = fake
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.form["To"] == "+15005550503")
+        .count();
+    assert_eq!(outage_calls, 2);
+
+    // 429 with Retry-After: waited for and retried.
+    let report = deliver(
+        &service,
+        &job("throttled", 300.0, &["sms"], to("+15005550429")),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let attempts = &report.targets[0].attempts;
+    assert_eq!(attempts[0].reason, Some(FailureReason::ProviderThrottled));
+    assert!(
+        attempts[1]
+            .started_at
+            .duration_since(attempts[0].ended_at.unwrap())
+            >= jiff::SignedDuration::from_millis(950)
+    );
+
+    // A wrong auth token is the gateway's misconfiguration.
+    let dir = tempfile::tempdir().unwrap();
+    let service = engine(&twilio_config(dir.path(), &url, "wrong"), vec![]).await;
+    let report = deliver(&service, &job("auth", 300.0, &["sms"], to("+14155550101"))).await;
+    assert_eq!(
+        report.targets[0].reason,
+        Some(FailureReason::ProviderMisconfigured)
+    );
+    assert_eq!(
+        report.targets[0].attempts[0].provider_code.as_deref(),
+        Some("20003")
+    );
+}
