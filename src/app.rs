@@ -10,11 +10,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, positive};
+use crate::config::{Config, ProviderConfig, positive};
 use crate::delivery::{DeliveryService, Dispatcher, EngineSettings};
 use crate::domain::{Clock, SystemClock};
 use crate::providers::ProviderRegistry;
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
+use crate::receipts::ReceiptsState;
 use crate::store::{Ledger, PolicyStore, SqliteLedger};
 
 /// A built, not yet running, gateway.
@@ -23,6 +24,8 @@ pub struct Application {
     config: Config,
     listener: TcpListener,
     grpc_addr: SocketAddr,
+    receipts_listener: TcpListener,
+    receipts_addr: SocketAddr,
     service: Arc<DeliveryService>,
     policy: Arc<dyn PolicyStore>,
     publisher: Publisher,
@@ -73,10 +76,21 @@ impl Application {
                 )
             })?;
         let grpc_addr = listener.local_addr()?;
+        let receipts_listener = TcpListener::bind(config.receipts.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the receipts port (receipts.listen = {})",
+                    config.receipts.listen
+                )
+            })?;
+        let receipts_addr = receipts_listener.local_addr()?;
         Ok(Application {
             config,
             listener,
             grpc_addr,
+            receipts_listener,
+            receipts_addr,
             service,
             policy,
             publisher,
@@ -88,6 +102,11 @@ impl Application {
     /// The address the gRPC API listens on (useful with port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    /// The address of the receipts (provider callback) listener.
+    pub fn receipts_addr(&self) -> SocketAddr {
+        self.receipts_addr
     }
 
     /// The broker link's state (Up while consuming).
@@ -111,6 +130,31 @@ impl Application {
             self.link_state.clone(),
             api_stop.clone(),
         ));
+        let public_url = match self.config.receipts.public_url.as_str() {
+            "" => format!("http://{}", self.receipts_addr),
+            url => url.to_owned(),
+        };
+        let twilio_tokens = self
+            .config
+            .providers
+            .iter()
+            .filter_map(|(name, provider)| match provider {
+                ProviderConfig::Twilio { auth_token, .. } => {
+                    Some((name.clone(), auth_token.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let receipts = tokio::spawn(crate::receipts::serve(
+            self.receipts_listener,
+            ReceiptsState {
+                service: Arc::clone(&self.service),
+                publisher: self.publisher.clone(),
+                twilio_tokens,
+                public_url,
+            },
+            api_stop.clone(),
+        ));
         let consumer = JobConsumer::new(
             self.service,
             self.publisher,
@@ -121,6 +165,10 @@ impl Application {
         api.await
             .context("the gRPC server task failed")?
             .context("the gRPC server failed")?;
+        receipts
+            .await
+            .context("the receipts server task failed")?
+            .context("the receipts server failed")?;
         tracing::info!("otp-gateway stopped");
         Ok(())
     }

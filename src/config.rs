@@ -65,6 +65,18 @@ pub struct Config {
     /// Per-tenant settings, by tenant name.
     #[serde(default)]
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// The receipt (provider callback) listener.
+    pub receipts: ReceiptsConfig,
+}
+
+/// The HTTP listener for provider callbacks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsConfig {
+    /// Listen address; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// The base URL providers reach it at (signatures cover it); empty: `http://<listen>`.
+    pub public_url: String,
 }
 
 /// Settings of one tenant.

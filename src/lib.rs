@@ -9,6 +9,7 @@
 //! - [`delivery`]: idempotent claim, the delivery engine, final report.
 //! - [`policy`]: pure policy decisions (block lists) over rules from the store.
 //! - [`providers`]: the `Provider` trait and adapters (the sandbox so far).
+//! - [`receipts`]: delivery receipts from providers (Twilio status callbacks).
 //! - [`store`]: the delivery ledger (`Ledger` trait, SQLite).
 //! - [`proto`]: generated protobuf types and their conversions.
 //! - [`telemetry`]: logging setup (readable or JSON).
@@ -23,5 +24,6 @@ pub mod policy;
 pub mod proto;
 pub mod providers;
 pub mod queue;
+pub mod receipts;
 pub mod store;
 pub mod telemetry;

@@ -15,11 +15,12 @@ use tokio::sync::broadcast;
 use tracing::instrument;
 
 use crate::domain::{
-    Acknowledgement, Channel, Clock, DeliveryId, DeliveryStatus, FailureReason, Job, Report,
-    Target, TargetStatus, headline_reason, mask_phone, summarize,
+    Acknowledgement, AttemptOutcome, Channel, Clock, DeliveryId, DeliveryStatus, FailureReason,
+    Job, Report, Target, TargetStatus, headline_reason, mask_phone, summarize,
 };
 use crate::store::{
-    Claim, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome, StoreError, TargetUpdate,
+    AttemptEnd, Claim, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome, StoreError,
+    TargetUpdate,
 };
 
 pub use breaker::{BreakerSnapshot, CircuitState};
@@ -385,6 +386,77 @@ impl DeliveryService {
         self.dispatcher
             .explain(job, at.unwrap_or_else(|| self.clock.now()))
             .await
+    }
+
+    /// Applies a provider's delivery receipt to the attempt it sent as `message_id`. A SENT
+    /// delivery becomes DELIVERED on a delivered receipt, or FAILED when a failed receipt leaves
+    /// no target reached; that final report is returned for publishing. (A failure receipt does
+    /// not yet resume the chain with the next number or stage.)
+    pub async fn apply_receipt(
+        &self,
+        provider: &str,
+        message_id: &str,
+        outcome: AttemptOutcome,
+        reason: Option<FailureReason>,
+        code: Option<String>,
+        message: String,
+    ) -> Result<Option<Report>, StoreError> {
+        let end = AttemptEnd {
+            ended_at: self.clock.now(),
+            outcome,
+            reason,
+            provider_code: code,
+            provider_message: Some(message),
+            provider_message_id: None,
+            next_retry_at: None,
+        };
+        let Some(key) = self
+            .ledger
+            .apply_receipt(provider, message_id, &end)
+            .await?
+        else {
+            tracing::info!(
+                provider,
+                message_id,
+                "receipt for an unknown message ignored"
+            );
+            return Ok(None);
+        };
+        let report = self.ledger.report(key).await?;
+        let _ = self.changes.send(report.delivery_id.clone());
+        if report.status != DeliveryStatus::Sent {
+            // Still running (the engine decides with it) or already final.
+            return Ok(None);
+        }
+        let delivered = report
+            .targets
+            .iter()
+            .any(|t| t.status == TargetStatus::Delivered);
+        let still_sent = report
+            .targets
+            .iter()
+            .any(|t| t.status == TargetStatus::Sent);
+        let (status, reason) = match (delivered, still_sent) {
+            (true, _) => (DeliveryStatus::Delivered, None),
+            (false, true) => return Ok(None),
+            (false, false) => (
+                DeliveryStatus::Failed,
+                Some(headline_reason(&report.targets).unwrap_or(FailureReason::Undeliverable)),
+            ),
+        };
+        let summary = summarize(status, reason, report.expires_at, &report.targets);
+        Ok(Some(
+            self.close(
+                key,
+                report,
+                Outcome {
+                    status,
+                    reason,
+                    summary,
+                },
+            )
+            .await?,
+        ))
     }
 
     /// Every provider's circuit state and recent figures.

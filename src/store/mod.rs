@@ -212,6 +212,15 @@ pub trait Ledger: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<(), StoreError>;
 
+    /// Applies a provider's delivery receipt to the attempt it sent as `message_id`: the
+    /// attempt's outcome and the target's status. Returns the delivery's key when found.
+    async fn apply_receipt(
+        &self,
+        provider: &str,
+        message_id: &str,
+        end: &AttemptEnd,
+    ) -> Result<Option<DeliveryKey>, StoreError>;
+
     /// Records a device's acknowledgement on target `index`.
     async fn record_ack(
         &self,

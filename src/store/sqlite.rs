@@ -426,6 +426,55 @@ impl Ledger for SqliteLedger {
         Ok(())
     }
 
+    async fn apply_receipt(
+        &self,
+        provider: &str,
+        message_id: &str,
+        end: &AttemptEnd,
+    ) -> Result<Option<DeliveryKey>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT id, delivery, target_idx, channel FROM attempts WHERE provider = ? AND provider_message_id = ?",
+        )
+        .bind(provider)
+        .bind(message_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let attempt: i64 = row.try_get("id")?;
+        let key: i64 = row.try_get("delivery")?;
+        let index = row.try_get::<i64, _>("target_idx")? as u32;
+        let channel = parse(&row.try_get::<String, _>("channel")?)?;
+        sqlx::query(
+            "UPDATE attempts SET outcome = ?, reason = ?, provider_code = COALESCE(?, provider_code),
+                                 provider_message = COALESCE(?, provider_message)
+             WHERE id = ?",
+        )
+        .bind(end.outcome.as_str())
+        .bind(end.reason.map(FailureReason::as_str))
+        .bind(&end.provider_code)
+        .bind(&end.provider_message)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+        let status = if end.outcome == crate::domain::AttemptOutcome::Delivered {
+            TargetStatus::Delivered
+        } else {
+            TargetStatus::Failed
+        };
+        let update = TargetUpdate {
+            channel,
+            status,
+            reason: end.reason,
+            detail: None,
+        };
+        Self::set_target(&mut tx, key, index, &update, end.ended_at).await?;
+        tx.commit().await?;
+        Ok(Some(key))
+    }
+
     async fn record_ack(
         &self,
         key: DeliveryKey,

@@ -46,6 +46,7 @@ fn an_unreachable_broker_is_explained_and_sigterm_still_stops_the_service() {
             "amqp://guest:hunter2@127.0.0.1:1/%2f",
         )
         .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
         .env("OTP_GATEWAY_AMQP__RECONNECT_INITIAL", "100ms")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

@@ -108,6 +108,7 @@ impl Names {
 pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config {
     let mut figment = Config::figment(None)
         .merge(Serialized::default("grpc.listen", "127.0.0.1:0"))
+        .merge(Serialized::default("receipts.listen", "127.0.0.1:0"))
         .merge(Serialized::default("amqp.url", BROKER_URL))
         .merge(Serialized::default("amqp.reconnect_initial", "100ms"))
         .merge(Serialized::default("amqp.reconnect_max", "1s"))
@@ -150,6 +151,7 @@ pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config 
 /// A gateway running in this process.
 pub struct Gateway {
     pub grpc_addr: std::net::SocketAddr,
+    pub receipts_addr: std::net::SocketAddr,
     pub link_state: tokio::sync::watch::Receiver<LinkState>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -211,11 +213,13 @@ impl Gateway {
             .await
             .unwrap();
         let grpc_addr = app.grpc_addr();
+        let receipts_addr = app.receipts_addr();
         let link_state = app.link_state();
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(stop.clone()));
         Gateway {
             grpc_addr,
+            receipts_addr,
             link_state,
             stop,
             task,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -24,7 +25,7 @@ struct Call {
 }
 
 #[derive(Default)]
-struct FakeTwilio {
+pub struct FakeTwilio {
     calls: Mutex<Vec<Call>>,
     throttled_once: Mutex<bool>,
 }
@@ -92,7 +93,7 @@ async fn create(
     }
 }
 
-async fn fake_twilio() -> (String, Arc<FakeTwilio>) {
+pub async fn fake_twilio() -> (String, Arc<FakeTwilio>) {
     let fake = Arc::new(FakeTwilio::default());
     let app = axum::Router::new()
         .route("/2010-04-01/Accounts/{account}/{resource}", post(create))
@@ -245,4 +246,90 @@ async fn twilio_errors_are_explained_with_their_code_and_message() {
         report.targets[0].attempts[0].provider_code.as_deref(),
         Some("20003")
     );
+}
+
+#[tokio::test]
+async fn signed_status_callbacks_move_deliveries_and_forged_ones_are_refused() {
+    use crate::helpers::{Broker, Gateway, Names, broker_available, config};
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _fake) = fake_twilio().await;
+    let names = Names::new("receipts");
+    let mut broker = Broker::connect(&names).await;
+    let twilio = json!({"kind": "twilio", "base_url": url, "account_sid": "ACtest", "auth_token": "secret", "from": "+15005550006"});
+    let overrides = [
+        ("providers.twilio", twilio),
+        (
+            "routes",
+            json!({"push": ["sandbox"], "sms": ["twilio"], "voice": ["twilio"]}),
+        ),
+    ];
+    let gateway = Gateway::start(config(&names, dir.path(), &overrides)).await;
+    let callback_url = format!("http://{}/receipts/twilio/twilio", gateway.receipts_addr);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::new();
+    let post = |params: Vec<(String, String)>, signature: String| {
+        let (http, callback_url) = (http.clone(), callback_url.clone());
+        async move {
+            http.post(&callback_url)
+                .header("X-Twilio-Signature", signature)
+                .form(&params)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+
+    let send = |job_id: &str| {
+        let mut job = crate::helpers::job(job_id, "482913");
+        job["targets"] = json!([{"phone": {"number": "+14155550101"}}]);
+        job
+    };
+    broker.publish_json(&send("r-1")).await;
+    let (_, sent) = broker.next_event(Duration::from_secs(20)).await;
+    assert_eq!(sent["status"], "SENT");
+    let sid = sent["targets"][0]["attempts"][0]["provider_message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let delivered = vec![
+        ("MessageSid".to_owned(), sid.clone()),
+        ("MessageStatus".to_owned(), "delivered".to_owned()),
+    ];
+    let forged =
+        otp_gateway::receipts::twilio::signature("not-the-token", &callback_url, &delivered);
+    assert_eq!(post(delivered.clone(), forged).await, StatusCode::FORBIDDEN);
+    let signed = otp_gateway::receipts::twilio::signature("secret", &callback_url, &delivered);
+    assert_eq!(post(delivered, signed).await, StatusCode::NO_CONTENT);
+    let (routing_key, report) = broker.next_event(Duration::from_secs(20)).await;
+    assert_eq!(routing_key, "delivery.delivered");
+    assert_eq!(report["targets"][0]["attempts"][0]["outcome"], "DELIVERED");
+
+    // A failure receipt: the report says why, with Twilio's code.
+    broker.publish_json(&send("r-2")).await;
+    let (_, sent) = broker.next_event(Duration::from_secs(20)).await;
+    let sid = sent["targets"][0]["attempts"][0]["provider_message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let failed = vec![
+        ("MessageSid".to_owned(), sid),
+        ("MessageStatus".to_owned(), "undelivered".to_owned()),
+        ("ErrorCode".to_owned(), "30005".to_owned()),
+    ];
+    let signed = otp_gateway::receipts::twilio::signature("secret", &callback_url, &failed);
+    assert_eq!(post(failed, signed).await, StatusCode::NO_CONTENT);
+    let (routing_key, report) = broker.next_event(Duration::from_secs(20)).await;
+    assert_eq!(routing_key, "delivery.failed");
+    assert_eq!(report["reason"], "RECIPIENT_UNKNOWN");
+    assert_eq!(
+        report["targets"][0]["attempts"][0]["provider_code"],
+        "30005"
+    );
+    gateway.stop().await;
+    broker.cleanup().await;
 }
