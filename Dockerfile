@@ -16,9 +16,10 @@ COPY --from=build /src/target/release/otp-gateway /usr/local/bin/otp-gateway
 USER otp
 WORKDIR /var/lib/otp-gateway
 ENV OTP_GATEWAY_GRPC__LISTEN=0.0.0.0:50051 \
+    OTP_GATEWAY_RECEIPTS__LISTEN=0.0.0.0:8088 \
     OTP_GATEWAY_STORE__URL=sqlite:///var/lib/otp-gateway/ledger.db \
     OTP_GATEWAY_PROVIDERS__SANDBOX__OUTBOX=/var/lib/otp-gateway/outbox.jsonl
-EXPOSE 50051
+EXPOSE 50051 8088
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
   CMD ["otp-gateway", "health", "--server", "127.0.0.1:50051"]
 ENTRYPOINT ["otp-gateway"]
