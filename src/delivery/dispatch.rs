@@ -1065,17 +1065,7 @@ impl Dispatcher {
         channel: Channel,
         progress: &Progress<'_>,
     ) -> Result<(), StoreError> {
-        let status = if end.outcome == AttemptOutcome::Sent {
-            TargetStatus::Sent
-        } else {
-            TargetStatus::Failed
-        };
-        let update = TargetUpdate {
-            channel,
-            status,
-            reason: end.reason,
-            detail: None,
-        };
+        let update = TargetUpdate::after(channel, end);
         progress
             .ledger
             .finish_attempt(progress.key, attempt, end, index as u32, &update)

@@ -272,6 +272,27 @@ impl DeliveryService {
 }
 
 impl DeliveryService {
+    /// Ends a delivery with `status` and `reason`, summarizing its targets.
+    async fn conclude(
+        &self,
+        key: DeliveryKey,
+        report: Report,
+        status: DeliveryStatus,
+        reason: Option<FailureReason>,
+    ) -> Result<Report, StoreError> {
+        let summary = summarize(status, reason, report.expires_at, &report.targets);
+        self.close(
+            key,
+            report,
+            Outcome {
+                status,
+                reason,
+                summary,
+            },
+        )
+        .await
+    }
+
     /// Writes the final outcome and returns the final report (derived from `report`, the one
     /// just loaded, rather than read again).
     async fn close(
@@ -362,18 +383,7 @@ impl DeliveryService {
         } else {
             DeliveryStatus::Failed
         };
-        let summary = summarize(status, reason, report.expires_at, &report.targets);
-        let report = self
-            .close(
-                key,
-                report,
-                Outcome {
-                    status,
-                    reason,
-                    summary,
-                },
-            )
-            .await?;
+        let report = self.conclude(key, report, status, reason).await?;
         Ok(AckOutcome::Finished(report))
     }
 
@@ -444,19 +454,7 @@ impl DeliveryService {
                 Some(headline_reason(&report.targets).unwrap_or(FailureReason::Undeliverable)),
             ),
         };
-        let summary = summarize(status, reason, report.expires_at, &report.targets);
-        Ok(Some(
-            self.close(
-                key,
-                report,
-                Outcome {
-                    status,
-                    reason,
-                    summary,
-                },
-            )
-            .await?,
-        ))
+        Ok(Some(self.conclude(key, report, status, reason).await?))
     }
 
     /// Every provider's circuit state and recent figures.

@@ -129,6 +129,24 @@ pub struct TargetUpdate {
     pub detail: Option<String>,
 }
 
+impl TargetUpdate {
+    /// A target's new state from how its latest call ended (no detail).
+    pub fn after(channel: Channel, end: &AttemptEnd) -> Self {
+        let status = match end.outcome {
+            AttemptOutcome::Sent => TargetStatus::Sent,
+            AttemptOutcome::Delivered => TargetStatus::Delivered,
+            AttemptOutcome::Failed => TargetStatus::Failed,
+            AttemptOutcome::InFlight => TargetStatus::Pending,
+        };
+        TargetUpdate {
+            channel,
+            status,
+            reason: end.reason,
+            detail: None,
+        }
+    }
+}
+
 /// The end of a delivery.
 #[derive(Debug, Clone)]
 pub struct Outcome {

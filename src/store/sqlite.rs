@@ -459,17 +459,7 @@ impl Ledger for SqliteLedger {
         .bind(attempt)
         .execute(&mut *tx)
         .await?;
-        let status = if end.outcome == crate::domain::AttemptOutcome::Delivered {
-            TargetStatus::Delivered
-        } else {
-            TargetStatus::Failed
-        };
-        let update = TargetUpdate {
-            channel,
-            status,
-            reason: end.reason,
-            detail: None,
-        };
+        let update = TargetUpdate::after(channel, end);
         Self::set_target(&mut tx, key, index, &update, end.ended_at).await?;
         tx.commit().await?;
         Ok(Some(key))
