@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Toml};
 use jiff::SignedDuration;
 use serde::Deserialize;
 
-use crate::domain::Channel;
+use crate::domain::{Channel, FailureReason};
 
 /// The defaults compiled into the binary.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -340,6 +340,61 @@ pub enum ProviderConfig {
         #[serde(default)]
         breaker: BreakerConfig,
     },
+    /// A generic HTTP aggregator.
+    Http(HttpProviderConfig),
+}
+
+/// A generic HTTP provider (`kind = "http"`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpProviderConfig {
+    /// HTTP method.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Endpoint.
+    pub url: String,
+    /// Request headers (values redacted when shown: they are usually API keys).
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretString>,
+    /// Body template with `{{to}}`, `{{text}}`, `{{code}}`, `{{channel}}`, `{{delivery_id}}`,
+    /// `{{expires_at}}`.
+    pub body: String,
+    /// The body's content type (placeholders are escaped for it).
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+    /// Statuses that mean "accepted".
+    #[serde(default = "default_success")]
+    pub success_status: Vec<u16>,
+    /// JSON pointer to the message id in a success body, e.g. `/id`.
+    #[serde(default)]
+    pub message_id_field: Option<String>,
+    /// JSON pointer to the error code in an error body, e.g. `/error/code`.
+    #[serde(default)]
+    pub error_code_field: Option<String>,
+    /// JSON pointer to the error message in an error body.
+    #[serde(default)]
+    pub error_message_field: Option<String>,
+    /// The provider's error codes and the reasons they mean; unmapped codes fall back to the
+    /// status (429 throttled, 5xx unavailable, 401/403 misconfigured, else rejected).
+    #[serde(default)]
+    pub codes: BTreeMap<String, FailureReason>,
+    /// Retries.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Circuit breaking.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+fn default_content_type() -> String {
+    "application/json".to_owned()
+}
+
+fn default_success() -> Vec<u16> {
+    vec![200, 201, 202]
 }
 
 fn default_twilio_base() -> String {
@@ -375,6 +430,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Sandbox { .. } => "sandbox",
             ProviderConfig::Twilio { .. } => "twilio",
+            ProviderConfig::Http(_) => "http",
         }
     }
 
@@ -382,6 +438,7 @@ impl ProviderConfig {
     pub fn retry(&self) -> &RetryConfig {
         match self {
             ProviderConfig::Sandbox { retry, .. } | ProviderConfig::Twilio { retry, .. } => retry,
+            ProviderConfig::Http(http) => &http.retry,
         }
     }
 
@@ -391,6 +448,7 @@ impl ProviderConfig {
             ProviderConfig::Sandbox { breaker, .. } | ProviderConfig::Twilio { breaker, .. } => {
                 breaker
             }
+            ProviderConfig::Http(http) => &http.breaker,
         }
     }
 }
@@ -630,6 +688,33 @@ impl Config {
                     return Err(invalid(format!("providers.{name}.outbox"), "is empty"));
                 }
                 ProviderConfig::Sandbox { .. } => {}
+                ProviderConfig::Http(http) => {
+                    let key = |field: &str| format!("providers.{name}.{field}");
+                    if !(http.url.starts_with("https://") || http.url.starts_with("http://")) {
+                        return Err(invalid(key("url"), "must be an http(s) URL"));
+                    }
+                    if http.method.parse::<axum::http::Method>().is_err() {
+                        return Err(invalid(
+                            key("method"),
+                            format!("`{}` is not an HTTP method", http.method),
+                        ));
+                    }
+                    if http.body.is_empty() {
+                        return Err(invalid(key("body"), "is empty"));
+                    }
+                    for (field, pointer) in [
+                        ("message_id_field", &http.message_id_field),
+                        ("error_code_field", &http.error_code_field),
+                        ("error_message_field", &http.error_message_field),
+                    ] {
+                        if pointer.as_deref().is_some_and(|p| !p.starts_with('/')) {
+                            return Err(invalid(
+                                key(field),
+                                "must be a JSON pointer, e.g. /error/code",
+                            ));
+                        }
+                    }
+                }
                 ProviderConfig::Twilio {
                     account_sid,
                     auth_token,

@@ -1,12 +1,12 @@
 //! The failure taxonomy: one reason set for every attempt, target and delivery, each with a
 //! fixed retry class and a remediation hint a support agent can read out.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::string_enum;
 
 /// Why a delivery, target or attempt did not succeed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum FailureReason {
     /// The job itself is malformed (a required field is missing or invalid).

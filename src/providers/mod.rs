@@ -2,6 +2,7 @@
 //! failure's class, and the registry that builds the configured providers by name.
 //! Adapters classify what the provider said; they never retry (the delivery layer decides).
 
+mod http;
 mod sandbox;
 mod twilio;
 
@@ -15,6 +16,7 @@ use jiff::Timestamp;
 use crate::config::{BreakerConfig, Config, ProviderConfig, RetryConfig, RoutesConfig};
 use crate::domain::{Channel, Code, FailureReason, Platform, RetryClass};
 
+pub use http::HttpProvider;
 pub use sandbox::SandboxProvider;
 pub use twilio::{TwilioProvider, TwilioSettings, classify as classify_twilio};
 
@@ -170,49 +172,63 @@ impl ProviderRegistry {
     ) -> Result<Self, ProviderBuildError> {
         let mut by_name = BTreeMap::new();
         for (name, settings) in &config.providers {
-            let provider: Arc<dyn Provider> = match (replacements.remove(name), settings) {
-                (Some(replacement), _) => replacement,
-                (None, ProviderConfig::Sandbox { outbox, .. }) => {
-                    Arc::new(SandboxProvider::open(name, outbox).await.map_err(|e| {
-                        ProviderBuildError {
-                            name: name.clone(),
-                            problem: e.to_string(),
-                        }
-                    })?)
-                }
-                (
-                    None,
-                    ProviderConfig::Twilio {
-                        account_sid,
-                        auth_token,
-                        from,
-                        messaging_service_sid,
-                        base_url,
-                        status_callback,
-                        ..
-                    },
-                ) => {
-                    let settings = TwilioSettings {
-                        base_url: base_url.clone(),
-                        account_sid: account_sid.clone(),
-                        auth_token: auth_token.clone(),
-                        from: from.clone(),
-                        messaging_service_sid: messaging_service_sid.clone(),
-                        status_callback: status_callback.clone(),
-                    };
-                    let timeout = crate::config::positive(
-                        "delivery.provider_timeout",
-                        config.delivery.provider_timeout,
-                    )
-                    .unwrap_or(std::time::Duration::from_secs(10));
-                    Arc::new(TwilioProvider::new(name, settings, timeout).map_err(|e| {
-                        ProviderBuildError {
-                            name: name.clone(),
-                            problem: e.to_string(),
-                        }
-                    })?)
-                }
-            };
+            let provider: Arc<dyn Provider> =
+                match (replacements.remove(name), settings) {
+                    (Some(replacement), _) => replacement,
+                    (None, ProviderConfig::Sandbox { outbox, .. }) => {
+                        Arc::new(SandboxProvider::open(name, outbox).await.map_err(|e| {
+                            ProviderBuildError {
+                                name: name.clone(),
+                                problem: e.to_string(),
+                            }
+                        })?)
+                    }
+                    (None, ProviderConfig::Http(http)) => {
+                        let timeout = crate::config::positive(
+                            "delivery.provider_timeout",
+                            config.delivery.provider_timeout,
+                        )
+                        .unwrap_or(std::time::Duration::from_secs(10));
+                        Arc::new(HttpProvider::new(name, http.clone(), timeout).map_err(
+                            |problem| ProviderBuildError {
+                                name: name.clone(),
+                                problem,
+                            },
+                        )?)
+                    }
+                    (
+                        None,
+                        ProviderConfig::Twilio {
+                            account_sid,
+                            auth_token,
+                            from,
+                            messaging_service_sid,
+                            base_url,
+                            status_callback,
+                            ..
+                        },
+                    ) => {
+                        let settings = TwilioSettings {
+                            base_url: base_url.clone(),
+                            account_sid: account_sid.clone(),
+                            auth_token: auth_token.clone(),
+                            from: from.clone(),
+                            messaging_service_sid: messaging_service_sid.clone(),
+                            status_callback: status_callback.clone(),
+                        };
+                        let timeout = crate::config::positive(
+                            "delivery.provider_timeout",
+                            config.delivery.provider_timeout,
+                        )
+                        .unwrap_or(std::time::Duration::from_secs(10));
+                        Arc::new(TwilioProvider::new(name, settings, timeout).map_err(|e| {
+                            ProviderBuildError {
+                                name: name.clone(),
+                                problem: e.to_string(),
+                            }
+                        })?)
+                    }
+                };
             let entry = ProviderEntry {
                 provider,
                 kind: settings.kind(),

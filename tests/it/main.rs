@@ -8,6 +8,7 @@ mod broker_outage;
 mod cli;
 mod engine;
 mod grpc_api;
+mod http_provider;
 mod logs;
 mod policy;
 mod queue_jobs;
