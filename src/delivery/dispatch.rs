@@ -541,15 +541,7 @@ impl Dispatcher {
                 reason,
                 detail,
             } => {
-                self.settle(
-                    index,
-                    channel,
-                    TargetStatus::Failed,
-                    Some(reason),
-                    Some(detail),
-                    progress,
-                )
-                .await?;
+                self.fail(index, channel, reason, detail, progress).await?;
                 Ok(Standing::Closed)
             }
         }
@@ -594,24 +586,16 @@ impl Dispatcher {
                 TargetEnd::Accepted => accepted.push(index),
                 TargetEnd::Recipient => {}
                 TargetEnd::Providers { reason, detail } => {
-                    self.settle(
-                        index,
-                        Channel::Push,
-                        TargetStatus::Failed,
-                        Some(reason),
-                        Some(detail),
-                        progress,
-                    )
-                    .await?;
+                    self.fail(index, Channel::Push, reason, detail, progress)
+                        .await?;
                 }
                 TargetEnd::Expired { detail } => {
                     expired = true;
-                    self.settle(
+                    self.fail(
                         index,
                         Channel::Push,
-                        TargetStatus::Failed,
-                        Some(FailureReason::CodeExpired),
-                        Some(detail),
+                        FailureReason::CodeExpired,
+                        detail,
                         progress,
                     )
                     .await?;
@@ -662,12 +646,11 @@ impl Dispatcher {
             }
             AckEnd::Denied(index) => {
                 let detail = "the user tapped \"Don't Allow\" on this device".to_owned();
-                self.settle(
+                self.fail(
                     index,
                     Channel::Push,
-                    TargetStatus::Failed,
-                    Some(FailureReason::UserDenied),
-                    Some(detail),
+                    FailureReason::UserDenied,
+                    detail,
                     progress,
                 )
                 .await?;
@@ -679,12 +662,11 @@ impl Dispatcher {
                     let detail = format!(
                         "accepted by the push service, but the device did not confirm within {waited:?}"
                     );
-                    self.settle(
+                    self.fail(
                         index,
                         Channel::Push,
-                        TargetStatus::Failed,
-                        Some(FailureReason::PushNotAcknowledged),
-                        Some(detail),
+                        FailureReason::PushNotAcknowledged,
+                        detail,
                         progress,
                     )
                     .await?;
@@ -777,27 +759,12 @@ impl Dispatcher {
                 TargetEnd::Providers { reason, detail } => {
                     // The next number may route elsewhere; this one may work on the next channel.
                     standing[index] = Standing::Tried;
-                    self.settle(
-                        index,
-                        channel,
-                        TargetStatus::Failed,
-                        Some(reason),
-                        Some(detail),
-                        progress,
-                    )
-                    .await?;
+                    self.fail(index, channel, reason, detail, progress).await?;
                 }
                 TargetEnd::Expired { detail } => {
                     standing[index] = Standing::Closed;
-                    self.settle(
-                        index,
-                        channel,
-                        TargetStatus::Failed,
-                        Some(FailureReason::CodeExpired),
-                        Some(detail),
-                        progress,
-                    )
-                    .await?;
+                    self.fail(index, channel, FailureReason::CodeExpired, detail, progress)
+                        .await?;
                     return Ok(StageEnd::Expired);
                 }
             }
@@ -1154,15 +1121,7 @@ impl Dispatcher {
         match self.channel_verdict(run.quiet, job, &job.targets[index], channel, progress.now()) {
             ChannelVerdict::Open => {}
             ChannelVerdict::Refused(reason, detail) => {
-                self.settle(
-                    index,
-                    channel,
-                    TargetStatus::Failed,
-                    Some(reason),
-                    Some(detail),
-                    progress,
-                )
-                .await?;
+                self.fail(index, channel, reason, detail, progress).await?;
                 return Ok(Gate::NotThisChannel);
             }
             ChannelVerdict::Held { until, detail } => {
@@ -1313,6 +1272,26 @@ impl Dispatcher {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Settles a target as FAILED for `reason`, saying why.
+    async fn fail(
+        &self,
+        index: usize,
+        channel: Channel,
+        reason: FailureReason,
+        detail: String,
+        progress: &Progress<'_>,
+    ) -> Result<(), StoreError> {
+        self.settle(
+            index,
+            channel,
+            TargetStatus::Failed,
+            Some(reason),
+            Some(detail),
+            progress,
+        )
+        .await
     }
 
     async fn settle(

@@ -203,6 +203,12 @@ pub async fn deliver(service: &DeliveryService, job: &Job) -> Report {
     }
 }
 
+/// Delivers `job` in the background (while the test acknowledges, aborts, …).
+fn spawn_delivery(service: &Arc<DeliveryService>, job: Job) -> tokio::task::JoinHandle<Report> {
+    let service = Arc::clone(service);
+    tokio::spawn(async move { deliver(&service, &job).await })
+}
+
 /// The providers called for the first target, in order.
 fn providers_tried(report: &Report) -> Vec<&str> {
     report.targets[0]
@@ -578,10 +584,7 @@ async fn denied_on_a_device_stops_the_chain_and_shown_makes_it_delivered() {
         &["push", "sms"],
         json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
     );
-    let running = tokio::spawn({
-        let service = Arc::clone(&service);
-        async move { deliver(&service, &job_denied).await }
-    });
+    let running = spawn_delivery(&service, job_denied);
     pushes_sent(&service, "denied", 1).await;
     let id = "acme/denied".parse().unwrap();
     let unknown = service
@@ -618,10 +621,7 @@ async fn denied_on_a_device_stops_the_chain_and_shown_makes_it_delivered() {
         phone("+14155550101")
     ]);
     let job_shown = job("shown", 60.0, &["push", "sms"], two);
-    let running = tokio::spawn({
-        let service = Arc::clone(&service);
-        async move { deliver(&service, &job_shown).await }
-    });
+    let running = spawn_delivery(&service, job_shown);
     pushes_sent(&service, "shown", 2).await;
     service
         .acknowledge(
@@ -852,10 +852,7 @@ async fn a_delivery_taken_over_while_waiting_for_an_acknowledgement_waits_again_
         &["push", "sms"],
         json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
     );
-    let first = tokio::spawn({
-        let (service, job) = (Arc::clone(&service), job.clone());
-        async move { deliver(&service, &job).await }
-    });
+    let first = spawn_delivery(&service, job.clone());
     pushes_sent(&service, "takeover", 1).await;
     // The worker dies while it waits; the broker redelivers the job.
     first.abort();
@@ -893,10 +890,7 @@ async fn a_denial_that_arrives_during_escalation_still_decides_the_outcome() {
         &["push", "sms"],
         json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
     );
-    let running = tokio::spawn({
-        let (service, job) = (Arc::clone(&service), job.clone());
-        async move { deliver(&service, &job).await }
-    });
+    let running = spawn_delivery(&service, job.clone());
     // Wait until the SMS call is under way, then the user taps "Don't Allow".
     for _ in 0..200 {
         if !sms.call_times().is_empty() {

@@ -73,34 +73,29 @@ impl Names {
         }
     }
 
-    /// The configuration keys that point the gateway at these names, as env overrides.
-    pub fn env(&self) -> Vec<(String, String)> {
-        vec![
-            (
-                "OTP_GATEWAY_AMQP__JOBS_EXCHANGE".into(),
-                self.jobs_exchange.clone(),
-            ),
-            (
-                "OTP_GATEWAY_AMQP__JOBS_QUEUE".into(),
-                self.jobs_queue.clone(),
-            ),
-            (
-                "OTP_GATEWAY_AMQP__DEAD_LETTER_EXCHANGE".into(),
-                self.dead_letter_exchange.clone(),
-            ),
-            (
-                "OTP_GATEWAY_AMQP__DEAD_LETTER_QUEUE".into(),
-                self.dead_letter_queue.clone(),
-            ),
-            (
-                "OTP_GATEWAY_AMQP__EVENTS_EXCHANGE".into(),
-                self.events_exchange.clone(),
-            ),
-            (
-                "OTP_GATEWAY_AMQP__CONNECTION_NAME".into(),
-                self.connection_name.clone(),
-            ),
+    /// The `amqp.*` configuration keys that point the gateway at these names.
+    pub fn amqp_settings(&self) -> [(&'static str, &String); 6] {
+        [
+            ("jobs_exchange", &self.jobs_exchange),
+            ("jobs_queue", &self.jobs_queue),
+            ("dead_letter_exchange", &self.dead_letter_exchange),
+            ("dead_letter_queue", &self.dead_letter_queue),
+            ("events_exchange", &self.events_exchange),
+            ("connection_name", &self.connection_name),
         ]
+    }
+
+    /// The same settings as environment overrides, for the real binary.
+    pub fn env(&self) -> Vec<(String, String)> {
+        self.amqp_settings()
+            .into_iter()
+            .map(|(key, value)| {
+                (
+                    format!("OTP_GATEWAY_AMQP__{}", key.to_ascii_uppercase()),
+                    value.clone(),
+                )
+            })
+            .collect()
     }
 }
 
@@ -113,27 +108,6 @@ pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config 
         .merge(Serialized::default("amqp.reconnect_initial", "100ms"))
         .merge(Serialized::default("amqp.reconnect_max", "1s"))
         .merge(Serialized::default(
-            "amqp.jobs_exchange",
-            &names.jobs_exchange,
-        ))
-        .merge(Serialized::default("amqp.jobs_queue", &names.jobs_queue))
-        .merge(Serialized::default(
-            "amqp.dead_letter_exchange",
-            &names.dead_letter_exchange,
-        ))
-        .merge(Serialized::default(
-            "amqp.dead_letter_queue",
-            &names.dead_letter_queue,
-        ))
-        .merge(Serialized::default(
-            "amqp.events_exchange",
-            &names.events_exchange,
-        ))
-        .merge(Serialized::default(
-            "amqp.connection_name",
-            &names.connection_name,
-        ))
-        .merge(Serialized::default(
             "store.url",
             format!("sqlite://{}/ledger.db", dir.display()),
         ))
@@ -142,6 +116,9 @@ pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config 
             dir.join("outbox.jsonl"),
         ))
         .merge(Serialized::default("delivery.shutdown_grace", "5s"));
+    for (key, value) in names.amqp_settings() {
+        figment = figment.merge(Serialized::default(&format!("amqp.{key}"), value));
+    }
     for (key, value) in overrides {
         figment = figment.merge(Serialized::default(key, value));
     }
