@@ -53,7 +53,7 @@ impl Application {
         );
         let ledger: Arc<dyn Ledger> = store.clone();
         let policy: Arc<dyn PolicyStore> = store;
-        let settings = EngineSettings::from_config(&config.delivery, &config.tenants);
+        let settings = EngineSettings::from_config(&config);
         let dispatcher = Dispatcher::new(providers, Arc::clone(&policy), settings);
         let worker = format!(
             "{}-{}",

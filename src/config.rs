@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Toml};
 use jiff::SignedDuration;
 use serde::Deserialize;
 
-use crate::domain::{Channel, FailureReason};
+use crate::domain::{Autofill, Channel, ChannelTemplates, FailureReason, MessageTemplates};
 
 /// The defaults compiled into the binary.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -67,6 +67,10 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantConfig>,
     /// The receipt (provider callback) listener.
     pub receipts: ReceiptsConfig,
+    /// Message templates overriding the built-in ones: `templates.<purpose>.<locale>.<channel>`
+    /// (`*` as the purpose matches any).
+    #[serde(default)]
+    pub templates: BTreeMap<String, BTreeMap<String, ChannelTemplates>>,
 }
 
 /// The HTTP listener for provider callbacks.
@@ -90,6 +94,13 @@ pub struct TenantConfig {
     /// The countries SMS and voice may go to.
     #[serde(default)]
     pub destinations: DestinationRules,
+    /// The app name in this tenant's messages (default: `delivery.app_name`).
+    #[serde(default)]
+    pub app_name: Option<String>,
+    /// How this tenant's SMS let phones fill the code in: `{ format = "origin_bound", domain =
+    /// "example.com" }` or `{ format = "android_app_hash", hash = "FA+9qCX9VSu" }`.
+    #[serde(default)]
+    pub autofill: Autofill,
 }
 
 /// Per channel, the countries a tenant may send to.
@@ -783,7 +794,21 @@ impl Config {
                 }
             }
         }
+        MessageTemplates::new(&self.templates).map_err(|e| invalid(e.key, e.problem))?;
         for (tenant, settings) in &self.tenants {
+            if let Some(problem) = settings.autofill.problem() {
+                return Err(invalid(format!("tenants.{tenant}.autofill"), problem));
+            }
+            if settings
+                .app_name
+                .as_deref()
+                .is_some_and(|n| n.trim().is_empty())
+            {
+                return Err(invalid(
+                    format!("tenants.{tenant}.app_name"),
+                    "must not be empty",
+                ));
+            }
             for channel in [Channel::Sms, Channel::Voice] {
                 let rule = settings
                     .destinations

@@ -5,7 +5,7 @@ use jiff::Timestamp;
 
 use crate::domain::{
     self, Acknowledgement, Attempt, AttemptOutcome, Channel, Code, DeliveryStatus, DeviceTarget,
-    FailureReason, Job, JobError, PhoneTarget, Platform, Report, Target, TargetResult,
+    FailureReason, Job, JobError, PhoneTarget, Platform, Report, SmsEncoding, Target, TargetResult,
     TargetStatus,
 };
 
@@ -202,6 +202,12 @@ fn attempt_to_proto(attempt: &Attempt) -> v1::AttemptRecord {
         retry: attempt.retry,
         provider_message_id: attempt.provider_message_id.clone().unwrap_or_default(),
         next_retry_at: attempt.next_retry_at.map(timestamp_to_proto),
+        sms_encoding: match attempt.sms.map(|s| s.encoding) {
+            None => v1::SmsEncoding::Unspecified,
+            Some(SmsEncoding::Gsm7) => v1::SmsEncoding::Gsm7,
+            Some(SmsEncoding::Ucs2) => v1::SmsEncoding::Ucs2,
+        } as i32,
+        sms_segments: attempt.sms.map_or(0, |s| s.segments),
     }
 }
 

@@ -19,10 +19,10 @@ use tracing::Instrument;
 use super::Progress;
 use super::breaker::{Admission, BreakerSnapshot, CallResult, CircuitBreaker, CircuitState};
 use super::retry::RetryPolicy;
-use crate::config::{DeliveryConfig, DestinationRules, TenantConfig, positive};
+use crate::config::{Config, DestinationRules, positive};
 use crate::domain::{
-    Acknowledgement, AttemptOutcome, Channel, FailureReason, Job, Report, RetryClass, Target,
-    TargetStatus, is_e164, mask_phone, mask_token, render_message,
+    Acknowledgement, AttemptOutcome, Autofill, Channel, FailureReason, Job, MessageContext,
+    MessageTemplates, Report, RetryClass, Target, TargetStatus, is_e164, mask_phone, mask_token,
 };
 use crate::policy::{
     BlockEntry, BlockKind, BlockSource, NewBlockEntry, QuietDecision, QuietHoursRule,
@@ -75,14 +75,18 @@ pub struct EngineSettings {
     pub tenants_without_ack: HashSet<String>,
     /// Countries each tenant may send SMS and voice to.
     pub destinations: BTreeMap<String, DestinationRules>,
+    /// Message templates (built-in plus configured).
+    pub templates: MessageTemplates,
+    /// Tenants' own app names.
+    pub app_names: BTreeMap<String, String>,
+    /// Tenants' autofill formats.
+    pub autofill: BTreeMap<String, Autofill>,
 }
 
 impl EngineSettings {
     /// The settings from validated configuration.
-    pub fn from_config(
-        delivery: &DeliveryConfig,
-        tenants: &BTreeMap<String, TenantConfig>,
-    ) -> Self {
+    pub fn from_config(config: &Config) -> Self {
+        let (delivery, tenants) = (&config.delivery, &config.tenants);
         let duration = |key: &str, value, fallback| positive(key, value).unwrap_or(fallback);
         EngineSettings {
             app_name: delivery.app_name.clone(),
@@ -111,6 +115,16 @@ impl EngineSettings {
             destinations: tenants
                 .iter()
                 .map(|(name, tenant)| (name.clone(), tenant.destinations.clone()))
+                .collect(),
+            // `Config::validate` has refused bad templates already.
+            templates: MessageTemplates::new(&config.templates).unwrap_or_default(),
+            app_names: tenants
+                .iter()
+                .filter_map(|(name, t)| Some((name.clone(), t.app_name.clone()?)))
+                .collect(),
+            autofill: tenants
+                .iter()
+                .map(|(name, t)| (name.clone(), t.autofill.clone()))
                 .collect(),
         }
     }
@@ -968,6 +982,26 @@ impl Dispatcher {
         };
         let provider = &entry.provider;
         let started_at = progress.now();
+        let rendered = self.settings.templates.render(
+            channel,
+            &MessageContext {
+                app_name: self
+                    .settings
+                    .app_names
+                    .get(&job.tenant)
+                    .unwrap_or(&self.settings.app_name),
+                purpose: &job.purpose,
+                locale: &job.locale,
+                autofill: self
+                    .settings
+                    .autofill
+                    .get(&job.tenant)
+                    .unwrap_or(&Autofill::None),
+                code: &job.code,
+                expires_at: job.expires_at,
+                now: started_at,
+            },
+        );
         let attempt = progress
             .ledger
             .start_attempt(
@@ -979,23 +1013,19 @@ impl Dispatcher {
                     masked_target: masked.clone(),
                     started_at,
                     retry,
+                    sms: rendered.sms,
                 },
             )
             .await?;
         progress.changed();
-        let text = render_message(
-            channel,
-            &self.settings.app_name,
-            &job.code,
-            job.expires_at,
-            started_at,
-        );
         let message = OutboundMessage {
             delivery_id: &progress.id,
             channel,
             recipient,
             masked_recipient: &masked,
-            text: &text,
+            text: &rendered.text,
+            language: &rendered.language,
+            sms: rendered.sms,
             code: &job.code,
             expires_at: job.expires_at,
         };

@@ -7,18 +7,23 @@ mod mask;
 mod message;
 mod reason;
 mod report;
+mod sms;
 
 pub use clock::{Clock, SystemClock};
 pub use job::{
     Channel, Code, DeliveryId, DeviceTarget, Job, JobError, PhoneTarget, Platform, Target, is_e164,
 };
 pub use mask::{mask_phone, mask_token};
-pub use message::render_message;
+pub use message::{
+    Autofill, ChannelTemplates, MessageContext, MessageTemplates, RenderedMessage, TemplateError,
+    fill_placeholders,
+};
 pub use reason::{FailureReason, RetryClass};
 pub use report::{
     Acknowledgement, Attempt, AttemptOutcome, DeliveryStatus, Report, TargetResult, TargetStatus,
     headline_reason, summarize,
 };
+pub use sms::{SmsEncoding, SmsShape, gsm7_septets, measure as measure_sms, ucs2_octets};
 
 /// Generates `as_str`, `ALL` and `FromStr` for a fieldless enum whose stored and wire form is
 /// the variant name in SCREAMING_SNAKE_CASE.

@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
-use super::{Channel, FailureReason, Platform, string_enum};
+use super::{Channel, FailureReason, Platform, SmsShape, string_enum};
 
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -127,6 +127,8 @@ pub struct Attempt {
     pub provider_message_id: Option<String>,
     /// When the same provider will be called again, if it will.
     pub next_retry_at: Option<Timestamp>,
+    /// For SMS: the text's encoding and segment count.
+    pub sms: Option<SmsShape>,
 }
 
 /// The fate of one target of the job.

@@ -1,17 +1,16 @@
 //! The generic HTTP provider, for aggregators without a dedicated adapter: method, URL,
 //! headers and a body template from the configuration, and a mapping from the response's
 //! status and JSON fields to outcomes. Placeholders in the template are `{{to}}`, `{{text}}`,
-//! `{{code}}`, `{{channel}}`, `{{delivery_id}}` and `{{expires_at}}`, escaped for the body's
+//! `{{code}}`, `{{channel}}`, `{{delivery_id}}`, `{{expires_at}}` and `{{language}}`, escaped for the body's
 //! content type (JSON strings, form encoding).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient};
 use crate::config::HttpProviderConfig;
-use crate::domain::{FailureReason, RetryClass};
+use crate::domain::{FailureReason, RetryClass, fill_placeholders};
 
 /// One configured HTTP provider.
 #[derive(Debug)]
@@ -69,19 +68,19 @@ impl HttpProvider {
 
     fn render(&self, message: &OutboundMessage<'_>, to: &str) -> String {
         let content_type = &self.settings.content_type;
-        let values: BTreeMap<&str, String> = BTreeMap::from([
-            ("to", to.to_owned()),
-            ("text", message.text.to_owned()),
-            ("code", message.code.expose().to_owned()),
-            ("channel", message.channel.as_str().to_owned()),
-            ("delivery_id", message.delivery_id.to_owned()),
-            ("expires_at", message.expires_at.to_string()),
-        ]);
-        let mut body = self.settings.body.clone();
-        for (name, value) in values {
-            body = body.replace(&format!("{{{{{name}}}}}"), &escape(content_type, &value));
-        }
-        body
+        fill_placeholders(&self.settings.body, |name| {
+            let value = match name {
+                "to" => to.to_owned(),
+                "text" => message.text.to_owned(),
+                "code" => message.code.expose().to_owned(),
+                "channel" => message.channel.as_str().to_owned(),
+                "delivery_id" => message.delivery_id.to_owned(),
+                "expires_at" => message.expires_at.to_string(),
+                "language" => message.language.to_owned(),
+                _ => return None,
+            };
+            Some(escape(content_type, &value))
+        })
     }
 
     fn classify(

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 use crate::config::{BreakerConfig, Config, ProviderConfig, RetryConfig, RoutesConfig};
-use crate::domain::{Channel, Code, FailureReason, Platform, RetryClass};
+use crate::domain::{Channel, Code, FailureReason, Platform, RetryClass, SmsShape};
 
 pub use http::HttpProvider;
 pub use sandbox::SandboxProvider;
@@ -49,6 +49,10 @@ pub struct OutboundMessage<'a> {
     pub masked_recipient: &'a str,
     /// The rendered text (contains the code).
     pub text: &'a str,
+    /// The text's language (BCP 47 with region, e.g. `de-DE`), for text-to-speech.
+    pub language: &'a str,
+    /// For SMS: the encoding and segment count the text needs.
+    pub sms: Option<SmsShape>,
     /// The code on its own, for push payloads that let the app fill it in.
     pub code: &'a Code,
     /// Nothing may be delivered after this.

@@ -75,9 +75,14 @@ pub fn classify(code: i64) -> (FailureReason, RetryClass) {
     }
 }
 
-/// TwiML that says `text` (the voice message, which reads the code digit by digit, twice).
-pub fn voice_twiml(text: &str) -> String {
-    format!("<Response><Say>{}</Say></Response>", xml_escape(text))
+/// TwiML that says `text` (the voice message, which reads the code digit by digit, twice) in
+/// `language` (e.g. `de-DE`).
+pub fn voice_twiml(text: &str, language: &str) -> String {
+    format!(
+        "<Response><Say language=\"{}\">{}</Say></Response>",
+        xml_escape(language),
+        xml_escape(text)
+    )
 }
 
 fn xml_escape(text: &str) -> String {
@@ -151,7 +156,7 @@ impl TwilioProvider {
                     left.clamp(1, MAX_VALIDITY_SECS).to_string(),
                 ));
             }
-            Channel::Voice => form.push(("Twiml", voice_twiml(message.text))),
+            Channel::Voice => form.push(("Twiml", voice_twiml(message.text, message.language))),
             Channel::Push => unreachable!("checked by send"),
         }
         if let Some(callback) = &self.settings.status_callback {
@@ -321,8 +326,8 @@ mod tests {
     #[test]
     fn voice_twiml_escapes_the_text() {
         assert_eq!(
-            voice_twiml("A&B: 4, 8."),
-            "<Response><Say>A&amp;B: 4, 8.</Say></Response>"
+            voice_twiml("A&B: 4, 8.", "de-DE"),
+            "<Response><Say language=\"de-DE\">A&amp;B: 4, 8.</Say></Response>"
         );
     }
 }

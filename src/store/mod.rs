@@ -13,7 +13,7 @@ use jiff::Timestamp;
 
 use crate::domain::{
     Acknowledgement, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason, Platform,
-    Report, TargetStatus,
+    Report, SmsShape, TargetStatus,
 };
 
 pub use sqlite::SqliteLedger;
@@ -95,6 +95,8 @@ pub struct AttemptStart {
     pub started_at: Timestamp,
     /// Retry number for this provider and target.
     pub retry: u32,
+    /// For SMS: the text's encoding and segment count.
+    pub sms: Option<SmsShape>,
 }
 
 /// How a provider call ended.

@@ -18,8 +18,8 @@ use super::{
     NewDelivery, Outcome, PolicyStore, StoreError, TargetUpdate,
 };
 use crate::domain::{
-    Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, TargetResult,
-    TargetStatus,
+    Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, SmsEncoding,
+    SmsShape, TargetResult, TargetStatus,
 };
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
@@ -194,6 +194,16 @@ impl SqliteLedger {
                 .try_get::<Option<i64>, _>("next_retry_at")?
                 .map(timestamp)
                 .transpose()?,
+            sms: match (
+                parse_opt::<SmsEncoding>(row.try_get("sms_encoding")?)?,
+                row.try_get::<Option<i64>, _>("sms_segments")?,
+            ) {
+                (Some(encoding), Some(segments)) => Some(SmsShape {
+                    encoding,
+                    segments: segments as u32,
+                }),
+                _ => None,
+            },
         })
     }
 
@@ -369,8 +379,9 @@ impl Ledger for SqliteLedger {
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
         let row = sqlx::query(
-            "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry)
-             VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?) RETURNING id",
+            "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry,
+                                   sms_encoding, sms_segments)
+             VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?, ?, ?) RETURNING id",
         )
         .bind(key)
         .bind(start.target as i64)
@@ -379,6 +390,8 @@ impl Ledger for SqliteLedger {
         .bind(&start.masked_target)
         .bind(micros(start.started_at))
         .bind(start.retry as i64)
+        .bind(start.sms.map(|s| s.encoding.as_str()))
+        .bind(start.sms.map(|s| s.segments as i64))
         .fetch_one(&self.pool)
         .await?;
         Ok(row.try_get("id")?)
@@ -956,6 +969,10 @@ mod tests {
                     masked_target: "+1415•••0101".into(),
                     started_at: now,
                     retry: 0,
+                    sms: Some(SmsShape {
+                        encoding: SmsEncoding::Ucs2,
+                        segments: 2,
+                    }),
                 },
             )
             .await

@@ -174,7 +174,7 @@ pub async fn engine(
     let dispatcher = Dispatcher::new(
         registry,
         ledger.clone(),
-        EngineSettings::from_config(&config.delivery, &config.tenants),
+        EngineSettings::from_config(config),
     );
     Arc::new(DeliveryService::new(
         ledger,

@@ -173,7 +173,7 @@ async fn sms_and_calls_reach_twilio_with_the_right_request() {
     assert_eq!(call.resource, "Calls.json");
     let twiml = &call.form["Twiml"];
     assert!(
-        twiml.starts_with("<Response><Say>")
+        twiml.starts_with("<Response><Say language=\"en-US\">")
             && twiml.contains("4, 8, 2, 9, 1, 3. Again: 4, 8, 2, 9, 1, 3."),
         "{twiml}"
     );
@@ -332,4 +332,121 @@ async fn signed_status_callbacks_move_deliveries_and_forged_ones_are_refused() {
     );
     gateway.stop().await;
     broker.cleanup().await;
+}
+
+/// A job of tenant `tenant` in `locale` for `purpose`, by SMS or voice to a good number.
+fn localized_job(
+    id: &str,
+    tenant: &str,
+    purpose: &str,
+    locale: &str,
+    channel: &str,
+) -> otp_gateway::domain::Job {
+    let body = json!({
+        "job_id": id, "tenant": tenant, "account": "user-42", "code": "482913",
+        "expires_at": crate::engine::in_secs(300.0), "purpose": purpose, "locale": locale,
+        "channels": [channel], "targets": to("+14155550101"),
+    });
+    otp_gateway::domain::Job::from_json(body.to_string().as_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn templates_follow_the_locale_and_the_tenants_autofill_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, fake) = fake_twilio().await;
+    let mut config = twilio_config(dir.path(), &url, "secret");
+    let tenants = json!({
+        "acme": {"app_name": "Acme", "autofill": {"format": "origin_bound", "domain": "acme.example"}},
+        "droid": {"autofill": {"format": "android_app_hash", "hash": "FA+9qCX9VSu"}},
+    });
+    config.tenants = serde_json::from_value(tenants).unwrap();
+    config.templates = serde_json::from_value(json!({
+        "sign_up": {"fr": {"sms": "Bienvenue sur {{app_name}} ! Code : {{code}}"}}
+    }))
+    .unwrap();
+    config.validate().unwrap();
+    let service = engine(&config, vec![]).await;
+    let body_of = |i: usize| fake.calls.lock().unwrap()[i].form["Body"].clone();
+
+    let report = deliver(
+        &service,
+        &localized_job("de", "acme", "sign_in", "de-AT", "sms"),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    assert_eq!(
+        body_of(0),
+        "482913 ist Ihr Anmeldecode für Acme. Gültig für 5 Min. Bitte nicht weitergeben.\n\n@acme.example #482913"
+    );
+    let sms = report.targets[0].attempts[0]
+        .sms
+        .expect("the SMS shape is recorded");
+    assert_eq!((sms.encoding.as_str(), sms.segments), ("GSM_7", 1));
+
+    let report = deliver(
+        &service,
+        &localized_job("es", "acme", "password_reset", "es", "sms"),
+    )
+    .await;
+    assert!(body_of(1).starts_with("482913 es tu código para restablecer la contraseña de Acme."));
+    let sms = report.targets[0].attempts[0].sms.unwrap();
+    assert_eq!(
+        (sms.encoding.as_str(), sms.segments),
+        ("UCS_2", 2),
+        "{}",
+        body_of(1)
+    );
+
+    deliver(
+        &service,
+        &localized_job("ja", "droid", "sign_in", "ja-JP", "sms"),
+    )
+    .await;
+    assert_eq!(
+        body_of(2),
+        "Exampleのログインコードは482913です。有効期限は5分です。他の人に教えないでください。\n\nFA+9qCX9VSu"
+    );
+
+    deliver(
+        &service,
+        &localized_job("fr", "acme", "sign_up", "fr-CA", "sms"),
+    )
+    .await;
+    assert_eq!(
+        body_of(3),
+        "Bienvenue sur Acme ! Code : 482913\n\n@acme.example #482913"
+    );
+
+    // Unknown locale: English; the call speaks the language of the text.
+    let report = deliver(
+        &service,
+        &localized_job("it", "acme", "sign_in", "it-IT", "voice"),
+    )
+    .await;
+    assert!(report.targets[0].attempts[0].sms.is_none());
+    let twiml = fake.calls.lock().unwrap()[4].form["Twiml"].clone();
+    assert_eq!(
+        twiml,
+        "<Response><Say language=\"en-US\">Your Acme sign-in code is: 4, 8, 2, 9, 1, 3. Again: 4, 8, 2, 9, 1, 3.</Say></Response>"
+    );
+}
+
+#[test]
+fn bad_templates_and_autofill_settings_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = twilio_config(dir.path(), "http://127.0.0.1:9", "secret");
+    config.templates =
+        serde_json::from_value(json!({"*": {"de": {"sms": "Code {{kode}}"}}})).unwrap();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(
+        error.contains("templates.*.de.sms") && error.contains("{{kode}}"),
+        "{error}"
+    );
+    config.templates.clear();
+    config.tenants = serde_json::from_value(
+        json!({"acme": {"autofill": {"format": "android_app_hash", "hash": "nope"}}}),
+    )
+    .unwrap();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("tenants.acme.autofill"), "{error}");
 }

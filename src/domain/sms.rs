@@ -1,0 +1,176 @@
+//! How an SMS text travels: GSM-7 (the GSM 03.38 default alphabet and its extension table) or
+//! UCS-2, and how many segments it takes. Known before sending, recorded on the attempt, and used
+//! by the SMPP adapter to encode the text.
+
+use serde::Serialize;
+
+/// The GSM 03.38 default alphabet, indexed by septet value. Position 0x1B is the escape to the
+/// extension table and never matches a character of the text.
+const GSM7_BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞ\u{1b}ÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+
+/// The GSM 03.38 extension table: characters sent as escape (0x1B) plus this septet.
+const GSM7_EXTENSION: &[(char, u8)] = &[
+    ('\u{0c}', 0x0A),
+    ('^', 0x14),
+    ('{', 0x28),
+    ('}', 0x29),
+    ('\\', 0x2F),
+    ('[', 0x3C),
+    ('~', 0x3D),
+    (']', 0x3E),
+    ('|', 0x40),
+    ('€', 0x65),
+];
+
+const ESCAPE: u8 = 0x1B;
+
+/// The alphabet an SMS is sent in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SmsEncoding {
+    /// The GSM 03.38 default alphabet: 160 characters in one segment, 153 per segment beyond.
+    Gsm7,
+    /// UCS-2 (UTF-16): 70 characters in one segment, 67 per segment beyond.
+    Ucs2,
+}
+
+super::string_enum!(SmsEncoding { Gsm7 => "GSM_7", Ucs2 => "UCS_2" });
+
+/// An SMS text's encoding and size, as a carrier will bill it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SmsShape {
+    /// The alphabet it needs.
+    pub encoding: SmsEncoding,
+    /// How many segments (billed messages) it takes.
+    pub segments: u32,
+}
+
+/// The septets of one character: one for the basic alphabet, escape plus one for the extension
+/// table, none if GSM-7 cannot carry it.
+fn septets(c: char) -> Option<([u8; 2], usize)> {
+    if c != '\u{1b}'
+        && let Some(index) = GSM7_BASIC.chars().position(|g| g == c)
+    {
+        return Some(([index as u8, 0], 1));
+    }
+    GSM7_EXTENSION
+        .iter()
+        .find(|(g, _)| *g == c)
+        .map(|(_, septet)| ([ESCAPE, *septet], 2))
+}
+
+/// The text as unpacked GSM-7 septets (one per octet, SMPP `data_coding` 0), or `None` when a
+/// character is outside the alphabet.
+pub fn gsm7_septets(text: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        let (units, len) = septets(c)?;
+        out.extend_from_slice(&units[..len]);
+    }
+    Some(out)
+}
+
+/// The text as UCS-2 / UTF-16 big-endian octets (SMPP `data_coding` 8).
+pub fn ucs2_octets(text: &str) -> Vec<u8> {
+    text.encode_utf16().flat_map(u16::to_be_bytes).collect()
+}
+
+/// Segments needed for characters of the given unit sizes, never splitting a character (an
+/// escape pair or a surrogate pair) across two segments.
+fn count_segments(units: impl Iterator<Item = usize> + Clone, single: usize, multi: usize) -> u32 {
+    let total: usize = units.clone().sum();
+    if total <= single {
+        return 1;
+    }
+    let (mut segments, mut used) = (1, 0);
+    for size in units {
+        if used + size > multi {
+            segments += 1;
+            used = 0;
+        }
+        used += size;
+    }
+    segments
+}
+
+/// The encoding `text` needs and the segments it takes.
+pub fn measure(text: &str) -> SmsShape {
+    let gsm: Option<Vec<usize>> = text.chars().map(|c| septets(c).map(|(_, n)| n)).collect();
+    match gsm {
+        Some(units) => SmsShape {
+            encoding: SmsEncoding::Gsm7,
+            segments: count_segments(units.into_iter(), 160, 153),
+        },
+        None => SmsShape {
+            encoding: SmsEncoding::Ucs2,
+            segments: count_segments(text.chars().map(char::len_utf16), 70, 67),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_basic_alphabet_has_128_septets_in_gsm_order() {
+        assert_eq!(GSM7_BASIC.chars().count(), 128);
+        assert_eq!(
+            gsm7_septets("@A a0"),
+            Some(vec![0x00, 0x41, 0x20, 0x61, 0x30])
+        );
+        assert_eq!(gsm7_septets("é¿à"), Some(vec![0x05, 0x60, 0x7F]));
+        assert_eq!(gsm7_septets("€{"), Some(vec![0x1B, 0x65, 0x1B, 0x28]));
+        assert_eq!(gsm7_septets("código"), None, "ó is not in GSM-7");
+        assert_eq!(gsm7_septets("\u{1b}"), None);
+    }
+
+    #[test]
+    fn single_and_multipart_limits() {
+        let gsm = |n| measure(&"a".repeat(n));
+        assert_eq!(
+            gsm(160),
+            SmsShape {
+                encoding: SmsEncoding::Gsm7,
+                segments: 1
+            }
+        );
+        assert_eq!(gsm(161).segments, 2);
+        assert_eq!(gsm(306).segments, 2);
+        assert_eq!(gsm(307).segments, 3);
+        let ucs = |n| measure(&"ж".repeat(n));
+        assert_eq!(
+            ucs(70),
+            SmsShape {
+                encoding: SmsEncoding::Ucs2,
+                segments: 1
+            }
+        );
+        assert_eq!(ucs(71).segments, 2);
+        assert_eq!(ucs(134).segments, 2);
+        assert_eq!(ucs(135).segments, 3);
+    }
+
+    #[test]
+    fn extension_characters_count_twice_and_never_split() {
+        assert_eq!(measure(&"€".repeat(80)).segments, 1);
+        assert_eq!(measure(&"€".repeat(81)).segments, 2);
+        // 306 septets fit two segments of 153 only if the escape pair may be split; it may not:
+        // the first segment ends after 152 septets.
+        let text = format!("{}€{}", "a".repeat(152), "a".repeat(152));
+        assert_eq!(measure(&text).segments, 3);
+        let text = format!("{}€{}", "a".repeat(151), "a".repeat(153));
+        assert_eq!(measure(&text).segments, 2);
+    }
+
+    #[test]
+    fn one_character_outside_gsm7_makes_the_whole_text_ucs2() {
+        let shape = measure("482913 es tu código de Example.");
+        assert_eq!(shape.encoding, SmsEncoding::Ucs2);
+        assert_eq!(shape.segments, 1);
+        // An emoji is a surrogate pair: two UTF-16 units.
+        assert_eq!(measure(&"😀".repeat(35)).segments, 1);
+        assert_eq!(measure(&"😀".repeat(36)).segments, 2);
+        assert_eq!(ucs2_octets("é😀"), vec![0x00, 0xE9, 0xD8, 0x3D, 0xDE, 0x00]);
+    }
+}
