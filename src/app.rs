@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ProviderConfig, positive};
 use crate::delivery::{DeliveryService, Dispatcher, EngineSettings};
 use crate::domain::{Clock, SystemClock};
-use crate::providers::ProviderRegistry;
+use crate::providers::{ProviderReceipt, ProviderRegistry};
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
 use crate::receipts::ReceiptsState;
 use crate::store::{Ledger, PolicyStore, SqliteLedger};
@@ -31,6 +31,7 @@ pub struct Application {
     publisher: Publisher,
     link: BrokerLink,
     link_state: watch::Receiver<LinkState>,
+    provider_receipts: Option<mpsc::UnboundedReceiver<ProviderReceipt>>,
 }
 
 impl Application {
@@ -54,6 +55,7 @@ impl Application {
         let ledger: Arc<dyn Ledger> = store.clone();
         let policy: Arc<dyn PolicyStore> = store;
         let settings = EngineSettings::from_config(&config);
+        let provider_receipts = providers.take_receipts();
         let dispatcher = Dispatcher::new(providers, Arc::clone(&policy), settings);
         let worker = format!(
             "{}-{}",
@@ -96,6 +98,7 @@ impl Application {
             publisher,
             link,
             link_state,
+            provider_receipts,
         })
     }
 
@@ -155,6 +158,14 @@ impl Application {
             },
             api_stop.clone(),
         ));
+        let forwarder = self.provider_receipts.map(|receipts| {
+            tokio::spawn(crate::receipts::forward(
+                receipts,
+                Arc::clone(&self.service),
+                Some(self.publisher.clone()),
+                api_stop.clone(),
+            ))
+        });
         let consumer = JobConsumer::new(
             self.service,
             self.publisher,
@@ -169,6 +180,11 @@ impl Application {
             .await
             .context("the receipts server task failed")?
             .context("the receipts server failed")?;
+        if let Some(forwarder) = forwarder {
+            forwarder
+                .await
+                .context("the receipt forwarder task failed")?;
+        }
         tracing::info!("otp-gateway stopped");
         Ok(())
     }

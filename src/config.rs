@@ -207,6 +207,9 @@ pub struct DeliveryConfig {
     pub expiry_margin: SignedDuration,
     /// The longest `Retry-After` a provider may impose.
     pub retry_after_max: SignedDuration,
+    /// How long an SMS or call accepted by a provider that sends receipts waits for a failure
+    /// receipt (to go on with the next number or channel) before the job is let go; 0: never.
+    pub receipt_wait: SignedDuration,
 }
 
 /// Providers per channel, in the order they are tried.
@@ -353,6 +356,74 @@ pub enum ProviderConfig {
     },
     /// A generic HTTP aggregator.
     Http(HttpProviderConfig),
+    /// An SMPP 3.4 carrier bind (SMS only).
+    Smpp(SmppProviderConfig),
+}
+
+/// An SMPP 3.4 bind to a carrier's SMSC (`kind = "smpp"`): one transceiver session that submits
+/// messages and receives their delivery receipts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmppProviderConfig {
+    /// The SMSC, `host:port`.
+    pub address: String,
+    /// The ESME's system_id (at most 15 characters).
+    pub system_id: String,
+    /// The bind password (at most 8 characters; redacted when shown).
+    pub password: SecretString,
+    /// The system_type the carrier asks for, often empty.
+    #[serde(default)]
+    pub system_type: String,
+    /// The sender: an E.164 number, a short code, or an alphanumeric id (at most 11 characters).
+    pub source_addr: String,
+    /// Submits waiting for their response at once on the bind.
+    #[serde(default = "default_smpp_window")]
+    pub window: u32,
+    /// Submits per second on the bind.
+    #[serde(default = "default_smpp_throughput")]
+    pub throughput: f64,
+    /// How often the bind is checked with enquire_link.
+    #[serde(default = "default_enquire_link")]
+    pub enquire_link_interval: SignedDuration,
+    /// How long a submit_sm (or bind) may wait for its response.
+    #[serde(default = "default_smpp_response_timeout")]
+    pub response_timeout: SignedDuration,
+    /// Re-bind back-off after the bind is lost or refused.
+    #[serde(default = "default_smpp_reconnect_initial")]
+    pub reconnect_initial: SignedDuration,
+    /// The longest wait between re-bind attempts.
+    #[serde(default = "default_smpp_reconnect_max")]
+    pub reconnect_max: SignedDuration,
+    /// Retries.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Circuit breaking.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+fn default_smpp_window() -> u32 {
+    10
+}
+
+fn default_smpp_throughput() -> f64 {
+    50.0
+}
+
+fn default_enquire_link() -> SignedDuration {
+    SignedDuration::from_secs(30)
+}
+
+fn default_smpp_response_timeout() -> SignedDuration {
+    SignedDuration::from_secs(5)
+}
+
+fn default_smpp_reconnect_initial() -> SignedDuration {
+    SignedDuration::from_secs(1)
+}
+
+fn default_smpp_reconnect_max() -> SignedDuration {
+    SignedDuration::from_secs(30)
 }
 
 /// A generic HTTP provider (`kind = "http"`).
@@ -442,6 +513,7 @@ impl ProviderConfig {
             ProviderConfig::Sandbox { .. } => "sandbox",
             ProviderConfig::Twilio { .. } => "twilio",
             ProviderConfig::Http(_) => "http",
+            ProviderConfig::Smpp(_) => "smpp",
         }
     }
 
@@ -450,6 +522,7 @@ impl ProviderConfig {
         match self {
             ProviderConfig::Sandbox { retry, .. } | ProviderConfig::Twilio { retry, .. } => retry,
             ProviderConfig::Http(http) => &http.retry,
+            ProviderConfig::Smpp(smpp) => &smpp.retry,
         }
     }
 
@@ -460,6 +533,7 @@ impl ProviderConfig {
                 breaker
             }
             ProviderConfig::Http(http) => &http.breaker,
+            ProviderConfig::Smpp(smpp) => &smpp.breaker,
         }
     }
 }
@@ -556,6 +630,56 @@ fn validate_retry(key: &str, retry: &RetryConfig) -> Result<(), ConfigError> {
         return Err(invalid(
             format!("{key}.max_attempts"),
             "must be at least 1 (the first call counts)",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_smpp(name: &str, smpp: &SmppProviderConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("providers.{name}.{field}");
+    let (host, port) = smpp.address.rsplit_once(':').unwrap_or_default();
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid(
+            key("address"),
+            format!("`{}` is not host:port", smpp.address),
+        ));
+    }
+    // SMPP 3.4 field sizes (C-octet strings, without the terminating NUL).
+    for (field, value, max) in [
+        ("system_id", smpp.system_id.as_str(), 15),
+        ("password", smpp.password.expose(), 8),
+        ("system_type", smpp.system_type.as_str(), 12),
+        ("source_addr", smpp.source_addr.as_str(), 20),
+    ] {
+        if value.len() > max || !value.is_ascii() {
+            return Err(invalid(
+                key(field),
+                format!("must be at most {max} ASCII characters (SMPP 3.4)"),
+            ));
+        }
+    }
+    if smpp.system_id.is_empty() {
+        return Err(invalid(key("system_id"), "is empty"));
+    }
+    if smpp.source_addr.is_empty() {
+        return Err(invalid(key("source_addr"), "is empty"));
+    }
+    if smpp.window == 0 {
+        return Err(invalid(key("window"), "must be at least 1"));
+    }
+    if !(smpp.throughput.is_finite() && smpp.throughput > 0.0) {
+        return Err(invalid(
+            key("throughput"),
+            "must be a positive number of submits per second",
+        ));
+    }
+    positive(&key("enquire_link_interval"), smpp.enquire_link_interval)?;
+    positive(&key("response_timeout"), smpp.response_timeout)?;
+    let initial = positive(&key("reconnect_initial"), smpp.reconnect_initial)?;
+    if positive(&key("reconnect_max"), smpp.reconnect_max)? < initial {
+        return Err(invalid(
+            key("reconnect_max"),
+            "must not be shorter than reconnect_initial",
         ));
     }
     Ok(())
@@ -683,6 +807,16 @@ impl Config {
             if route.is_empty() {
                 return Err(invalid(key, "names no provider"));
             }
+            if channel != Channel::Sms
+                && let Some(smpp) = route
+                    .iter()
+                    .find(|name| matches!(self.providers.get(*name), Some(ProviderConfig::Smpp(_))))
+            {
+                return Err(invalid(
+                    key,
+                    format!("`{smpp}` is an SMPP bind, which carries SMS only"),
+                ));
+            }
             if let Some(unknown) = route
                 .iter()
                 .find(|name| !self.providers.contains_key(*name))
@@ -757,6 +891,7 @@ impl Config {
                         return Err(invalid(key("base_url"), "must be an http(s) URL"));
                     }
                 }
+                ProviderConfig::Smpp(smpp) => validate_smpp(name, smpp)?,
             }
             validate_retry(&format!("providers.{name}.retry"), provider.retry())?;
             validate_breaker(&format!("providers.{name}.breaker"), provider.breaker())?;
@@ -782,6 +917,16 @@ impl Config {
                 }
                 if providers.is_empty() {
                     return Err(invalid(key, "names no provider"));
+                }
+                if channel == Channel::Voice
+                    && let Some(smpp) = providers.iter().find(|name| {
+                        matches!(self.providers.get(*name), Some(ProviderConfig::Smpp(_)))
+                    })
+                {
+                    return Err(invalid(
+                        key,
+                        format!("`{smpp}` is an SMPP bind, which carries SMS only"),
+                    ));
                 }
                 if let Some(unknown) = providers
                     .iter()
@@ -830,6 +975,9 @@ impl Config {
         }
         positive("delivery.push_ack_timeout", self.delivery.push_ack_timeout)?;
         positive("delivery.retry_after_max", self.delivery.retry_after_max)?;
+        if self.delivery.receipt_wait.is_negative() {
+            return Err(invalid("delivery.receipt_wait", "must not be negative"));
+        }
         if self.delivery.expiry_margin.is_negative() {
             return Err(invalid("delivery.expiry_margin", "must not be negative"));
         }

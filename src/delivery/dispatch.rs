@@ -71,6 +71,8 @@ pub struct EngineSettings {
     pub expiry_margin: SignedDuration,
     /// Longest `Retry-After` honoured.
     pub retry_after_max: Duration,
+    /// How long an accepted SMS or call waits for a failure receipt before the job is let go.
+    pub receipt_wait: Duration,
     /// Tenants whose push stage does not wait for acknowledgements.
     pub tenants_without_ack: HashSet<String>,
     /// Countries each tenant may send SMS and voice to.
@@ -106,6 +108,7 @@ impl EngineSettings {
                 delivery.retry_after_max,
                 Duration::from_secs(30),
             ),
+            receipt_wait: delivery.receipt_wait.unsigned_abs(),
             tenants_without_ack: tenants
                 .iter()
                 .filter(|(_, tenant)| !tenant.push_acknowledgement)
@@ -238,7 +241,8 @@ enum StageEnd {
 /// How one target's provider chain ended.
 #[derive(Debug)]
 enum TargetEnd {
-    Accepted,
+    /// A provider took the message; `receipt` when it will report the message's fate later.
+    Accepted { receipt: bool },
     /// The recipient cannot be reached this way (already settled on the target).
     Recipient,
     /// Every provider failed or was skipped.
@@ -247,9 +251,7 @@ enum TargetEnd {
         detail: String,
     },
     /// The deadline stopped the chain.
-    Expired {
-        detail: String,
-    },
+    Expired { detail: String },
 }
 
 /// What the push stage's wait for acknowledgements saw.
@@ -597,7 +599,7 @@ impl Dispatcher {
         for (index, end) in open.into_iter().zip(ends) {
             standing[index] = Standing::Closed;
             match end? {
-                TargetEnd::Accepted => accepted.push(index),
+                TargetEnd::Accepted { .. } => accepted.push(index),
                 TargetEnd::Recipient => {}
                 TargetEnd::Providers { reason, detail } => {
                     self.fail(index, Channel::Push, reason, detail, progress)
@@ -728,6 +730,45 @@ impl Dispatcher {
         }
     }
 
+    /// After a provider that sends receipts accepted an SMS or call: waits up to the receipt
+    /// wait (never past the deadline) for its receipt. Returns the reason when a failure receipt
+    /// came in; `None` when it was delivered or nothing came (the job is let go as SENT, and a
+    /// later receipt only updates the report).
+    async fn await_failure_receipt(
+        &self,
+        index: usize,
+        deadline: Timestamp,
+        progress: &Progress<'_>,
+    ) -> Result<Option<FailureReason>, StoreError> {
+        let left = deadline
+            .duration_since(progress.now())
+            .max(SignedDuration::ZERO)
+            .unsigned_abs();
+        let wait = self.settings.receipt_wait.min(left);
+        if wait.is_zero() {
+            return Ok(None);
+        }
+        let until = Instant::now() + wait;
+        let mut changes = progress.subscribe();
+        loop {
+            let report = progress.ledger.report(progress.key).await?;
+            if let Some(target) = report.targets.get(index) {
+                match target.status {
+                    TargetStatus::Delivered => return Ok(None),
+                    TargetStatus::Failed => {
+                        return Ok(Some(target.reason.unwrap_or(FailureReason::Undeliverable)));
+                    }
+                    _ => {}
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Ok(None),
+                _ = tokio::time::sleep(ACK_POLL) => {}
+                _ = progress.changed_elsewhere(&mut changes) => {}
+            }
+        }
+    }
+
     /// SMS or voice stage: eligible numbers in order until one accepts.
     async fn phone_stage(
         &self,
@@ -765,7 +806,23 @@ impl Dispatcher {
                 .deliver_to_target(job, prior, index, channel, deadline, progress)
                 .await?
             {
-                TargetEnd::Accepted => {
+                TargetEnd::Accepted { receipt } => {
+                    if receipt
+                        && let Some(reason) = self
+                            .await_failure_receipt(index, deadline, progress)
+                            .await?
+                    {
+                        // The carrier could not deliver it: on to the next number, or to the
+                        // next channel for this one unless the number itself is wrong.
+                        tracing::info!(target = index, %reason, "failure receipt: the chain goes on");
+                        standing[index] = match reason {
+                            FailureReason::InvalidRecipient | FailureReason::RecipientUnknown => {
+                                Standing::Closed
+                            }
+                            _ => Standing::Tried,
+                        };
+                        continue;
+                    }
                     standing[index] = Standing::Reached;
                     return Ok(StageEnd::Reached);
                 }
@@ -876,10 +933,12 @@ impl Dispatcher {
                 }
                 let error = match result {
                     Ok(accept) => {
+                        let receipt =
+                            accept.message_id.is_some() && entry.provider.sends_receipts(channel);
                         let end = AttemptEnd::sent(progress.now(), accept.message_id);
                         self.finish_call(attempt, &end, index, channel, progress)
                             .await?;
-                        return Ok(TargetEnd::Accepted);
+                        return Ok(TargetEnd::Accepted { receipt });
                     }
                     Err(error) => error,
                 };

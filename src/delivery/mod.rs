@@ -15,9 +15,10 @@ use tokio::sync::broadcast;
 use tracing::instrument;
 
 use crate::domain::{
-    Acknowledgement, AttemptOutcome, Channel, Clock, DeliveryId, DeliveryStatus, FailureReason,
-    Job, Report, Target, TargetStatus, headline_reason, mask_phone, summarize,
+    Acknowledgement, Channel, Clock, DeliveryId, DeliveryStatus, FailureReason, Job, Report,
+    Target, TargetStatus, headline_reason, mask_phone, summarize,
 };
+use crate::providers::ProviderReceipt;
 use crate::store::{
     AttemptEnd, Claim, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome, StoreError,
     TargetUpdate,
@@ -398,45 +399,36 @@ impl DeliveryService {
             .await
     }
 
-    /// Applies a provider's delivery receipt to the attempt it sent as `message_id`. A SENT
-    /// delivery becomes DELIVERED on a delivered receipt, or FAILED when a failed receipt leaves
-    /// no target reached; that final report is returned for publishing. (A failure receipt does
-    /// not yet resume the chain with the next number or stage.)
+    /// Applies a provider's delivery receipt to the attempt it sent under the receipt's message
+    /// id. While the engine still holds the job (it waits for receipts after an SMS or call was
+    /// accepted), a failure receipt makes it go on with the next number or stage. After that, a
+    /// SENT delivery becomes DELIVERED on a delivered receipt, or FAILED when a failed receipt
+    /// leaves no target reached; that final report comes back for publishing.
     pub async fn apply_receipt(
         &self,
-        provider: &str,
-        message_id: &str,
-        outcome: AttemptOutcome,
-        reason: Option<FailureReason>,
-        code: Option<String>,
-        message: String,
-    ) -> Result<Option<Report>, StoreError> {
+        receipt: &ProviderReceipt,
+    ) -> Result<ReceiptApplied, StoreError> {
         let end = AttemptEnd {
             ended_at: self.clock.now(),
-            outcome,
-            reason,
-            provider_code: code,
-            provider_message: Some(message),
+            outcome: receipt.outcome,
+            reason: receipt.reason,
+            provider_code: receipt.code.clone(),
+            provider_message: Some(receipt.detail.clone()),
             provider_message_id: None,
             next_retry_at: None,
         };
         let Some(key) = self
             .ledger
-            .apply_receipt(provider, message_id, &end)
+            .apply_receipt(&receipt.provider, &receipt.message_id, &end)
             .await?
         else {
-            tracing::info!(
-                provider,
-                message_id,
-                "receipt for an unknown message ignored"
-            );
-            return Ok(None);
+            return Ok(ReceiptApplied::UnknownMessage);
         };
         let report = self.ledger.report(key).await?;
         let _ = self.changes.send(report.delivery_id.clone());
         if report.status != DeliveryStatus::Sent {
             // Still running (the engine decides with it) or already final.
-            return Ok(None);
+            return Ok(ReceiptApplied::Recorded);
         }
         let delivered = report
             .targets
@@ -448,19 +440,34 @@ impl DeliveryService {
             .any(|t| t.status == TargetStatus::Sent);
         let (status, reason) = match (delivered, still_sent) {
             (true, _) => (DeliveryStatus::Delivered, None),
-            (false, true) => return Ok(None),
+            (false, true) => return Ok(ReceiptApplied::Recorded),
             (false, false) => (
                 DeliveryStatus::Failed,
                 Some(headline_reason(&report.targets).unwrap_or(FailureReason::Undeliverable)),
             ),
         };
-        Ok(Some(self.conclude(key, report, status, reason).await?))
+        Ok(ReceiptApplied::Concluded(Box::new(
+            self.conclude(key, report, status, reason).await?,
+        )))
     }
 
     /// Every provider's circuit state and recent figures.
     pub fn provider_health(&self) -> Vec<ProviderHealth> {
         self.dispatcher.provider_health()
     }
+}
+
+/// What a receipt did.
+#[derive(Debug)]
+pub enum ReceiptApplied {
+    /// No attempt has this message id (yet: the receipt may have overtaken the provider's
+    /// answer being recorded).
+    UnknownMessage,
+    /// Recorded on the attempt and its target; the delivery's status stands (or the engine,
+    /// still holding the job, decides what follows).
+    Recorded,
+    /// It settled a SENT delivery: the final report, to publish.
+    Concluded(Box<Report>),
 }
 
 /// The final status, headline reason and summary from the targets' results.

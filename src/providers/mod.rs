@@ -4,6 +4,7 @@
 
 mod http;
 mod sandbox;
+pub mod smpp;
 mod twilio;
 
 use std::collections::BTreeMap;
@@ -12,12 +13,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
+use tokio::sync::mpsc;
 
 use crate::config::{BreakerConfig, Config, ProviderConfig, RetryConfig, RoutesConfig};
-use crate::domain::{Channel, Code, FailureReason, Platform, RetryClass, SmsShape};
+use crate::domain::{AttemptOutcome, Channel, Code, FailureReason, Platform, RetryClass, SmsShape};
 
 pub use http::HttpProvider;
 pub use sandbox::SandboxProvider;
+pub use smpp::SmppProvider;
 pub use twilio::{TwilioProvider, TwilioSettings, classify as classify_twilio};
 
 /// Who a message goes to, unmasked: only adapters see this.
@@ -107,6 +110,29 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Hands one message to the provider.
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError>;
+
+    /// Whether the provider reports the fate of an accepted message later (a delivery receipt
+    /// for `channel`), so that the engine may wait for a failure receipt before letting go.
+    fn sends_receipts(&self, _channel: Channel) -> bool {
+        false
+    }
+}
+
+/// A provider's later word on a message it accepted: delivered, or failed and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderReceipt {
+    /// The provider's configured name.
+    pub provider: String,
+    /// The provider's id of the message (as returned when it accepted it).
+    pub message_id: String,
+    /// Delivered or failed.
+    pub outcome: AttemptOutcome,
+    /// Why it failed.
+    pub reason: Option<FailureReason>,
+    /// The provider's own error code, verbatim.
+    pub code: Option<String>,
+    /// What the provider said, e.g. `status callback: undelivered` or `deliver_sm: stat UNDELIV`.
+    pub detail: String,
 }
 
 /// A provider could not be built from its configuration.
@@ -152,6 +178,8 @@ pub struct Route<'a> {
 pub struct ProviderRegistry {
     by_name: BTreeMap<String, ProviderEntry>,
     routes: RoutesConfig,
+    /// Receipts that arrive on provider sessions (SMPP deliver_sm), until taken.
+    receipts: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<ProviderReceipt>>>>,
 }
 
 impl std::fmt::Debug for ProviderRegistry {
@@ -175,6 +203,7 @@ impl ProviderRegistry {
         mut replacements: BTreeMap<String, Arc<dyn Provider>>,
     ) -> Result<Self, ProviderBuildError> {
         let mut by_name = BTreeMap::new();
+        let (receipt_tx, receipt_rx) = mpsc::unbounded_channel();
         for (name, settings) in &config.providers {
             let provider: Arc<dyn Provider> =
                 match (replacements.remove(name), settings) {
@@ -186,6 +215,9 @@ impl ProviderRegistry {
                                 problem: e.to_string(),
                             }
                         })?)
+                    }
+                    (None, ProviderConfig::Smpp(smpp)) => {
+                        Arc::new(SmppProvider::start(name, smpp.clone(), receipt_tx.clone()))
                     }
                     (None, ProviderConfig::Http(http)) => {
                         let timeout = crate::config::positive(
@@ -250,7 +282,17 @@ impl ProviderRegistry {
         Ok(ProviderRegistry {
             by_name,
             routes: config.routes.clone(),
+            receipts: Arc::new(std::sync::Mutex::new(Some(receipt_rx))),
         })
+    }
+
+    /// The receipts providers receive on their own sessions (SMPP deliver_sm), for the
+    /// receipts module to apply; `None` once taken.
+    pub fn take_receipts(&self) -> Option<mpsc::UnboundedReceiver<ProviderReceipt>> {
+        self.receipts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// The route for `channel` to `number` (the longest matching prefix route, else the

@@ -208,6 +208,11 @@ impl Provider for TwilioProvider {
         &self.name
     }
 
+    /// Twilio reports each message's fate to the status callback, when one is configured.
+    fn sends_receipts(&self, _channel: Channel) -> bool {
+        self.settings.status_callback.is_some()
+    }
+
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
         let Recipient::Phone(to) = message.recipient else {
             return Err(ProviderError::new(

@@ -7,7 +7,7 @@ use hmac::{Hmac, Mac};
 use sha1::Sha1;
 
 use crate::domain::{AttemptOutcome, FailureReason};
-use crate::providers::classify_twilio;
+use crate::providers::{ProviderReceipt, classify_twilio};
 
 /// The HMAC over the URL and the sorted parameters.
 fn mac(auth_token: &str, url: &str, params: &[(String, String)]) -> Hmac<Sha1> {
@@ -37,24 +37,9 @@ pub fn verify(auth_token: &str, url: &str, params: &[(String, String)], claimed:
     }
 }
 
-/// What a callback says about a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Receipt {
-    /// Twilio's message SID (the attempt's provider message id).
-    pub message_id: String,
-    /// Delivered or failed.
-    pub outcome: AttemptOutcome,
-    /// Why it failed.
-    pub reason: Option<FailureReason>,
-    /// Twilio's error code, when it failed.
-    pub code: Option<String>,
-    /// Twilio's status word.
-    pub status: String,
-}
-
 /// A receipt from a callback's parameters, when the status is final (`delivered`,
 /// `undelivered`, `failed`); `None` for intermediate ones (`queued`, `sent`, …).
-pub fn receipt(params: &[(String, String)]) -> Option<Receipt> {
+pub fn receipt(provider: &str, params: &[(String, String)]) -> Option<ProviderReceipt> {
     let get = |name: &str| {
         params
             .iter()
@@ -83,12 +68,13 @@ pub fn receipt(params: &[(String, String)]) -> Option<Receipt> {
         }
         _ => return None,
     };
-    Some(Receipt {
+    Some(ProviderReceipt {
+        provider: provider.to_owned(),
         message_id,
         outcome,
         reason,
         code,
-        status,
+        detail: format!("status callback: {status}"),
     })
 }
 
@@ -130,24 +116,30 @@ mod tests {
 
     #[test]
     fn final_statuses_become_receipts() {
-        let delivered = receipt(&params(&[
-            ("MessageSid", "SM1"),
-            ("MessageStatus", "delivered"),
-        ]))
+        let delivered = receipt(
+            "twilio",
+            &params(&[("MessageSid", "SM1"), ("MessageStatus", "delivered")]),
+        )
         .unwrap();
         assert_eq!(
             (delivered.outcome, delivered.reason),
             (AttemptOutcome::Delivered, None)
         );
-        let failed = receipt(&params(&[
-            ("MessageSid", "SM2"),
-            ("MessageStatus", "undelivered"),
-            ("ErrorCode", "30005"),
-        ]))
+        let failed = receipt(
+            "twilio",
+            &params(&[
+                ("MessageSid", "SM2"),
+                ("MessageStatus", "undelivered"),
+                ("ErrorCode", "30005"),
+            ]),
+        )
         .unwrap();
         assert_eq!(failed.reason, Some(FailureReason::RecipientUnknown));
         assert_eq!(
-            receipt(&params(&[("MessageSid", "SM3"), ("MessageStatus", "sent")])),
+            receipt(
+                "twilio",
+                &params(&[("MessageSid", "SM3"), ("MessageStatus", "sent")])
+            ),
             None
         );
     }

@@ -170,18 +170,27 @@ pub async fn engine(
     let registry = ProviderRegistry::from_config_with(config, replacements)
         .await
         .unwrap();
+    let receipts = registry.take_receipts().expect("receipts not taken yet");
     let ledger = Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap());
     let dispatcher = Dispatcher::new(
         registry,
         ledger.clone(),
         EngineSettings::from_config(config),
     );
-    Arc::new(DeliveryService::new(
+    let service = Arc::new(DeliveryService::new(
         ledger,
         dispatcher,
         Arc::new(SystemClock),
         "test-worker".into(),
-    ))
+    ));
+    // Receipts that providers get on their own sessions (SMPP) are applied as the app does.
+    tokio::spawn(otp_gateway::receipts::forward(
+        receipts,
+        Arc::clone(&service),
+        None,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    service
 }
 
 pub fn in_secs(seconds: f64) -> String {
@@ -204,7 +213,7 @@ pub async fn deliver(service: &DeliveryService, job: &Job) -> Report {
 }
 
 /// Delivers `job` in the background (while the test acknowledges, aborts, …).
-fn spawn_delivery(service: &Arc<DeliveryService>, job: Job) -> tokio::task::JoinHandle<Report> {
+pub fn spawn_delivery(service: &Arc<DeliveryService>, job: Job) -> tokio::task::JoinHandle<Report> {
     let service = Arc::clone(service);
     tokio::spawn(async move { deliver(&service, &job).await })
 }

@@ -14,4 +14,5 @@ mod policy;
 mod queue_jobs;
 mod quiet;
 mod restart;
+mod smpp;
 mod twilio;

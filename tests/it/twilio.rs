@@ -93,6 +93,18 @@ async fn create(
     }
 }
 
+impl FakeTwilio {
+    /// The requests received so far.
+    pub fn calls(&self) -> Vec<(String, HashMap<String, String>)> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| (c.resource.clone(), c.form.clone()))
+            .collect()
+    }
+}
+
 pub async fn fake_twilio() -> (String, Arc<FakeTwilio>) {
     let fake = Arc::new(FakeTwilio::default());
     let app = axum::Router::new()
@@ -113,10 +125,14 @@ fn twilio_config(dir: &std::path::Path, url: &str, token: &str) -> otp_gateway::
     engine_config(
         dir,
         json!({"twilio": twilio}),
-        &[(
-            "routes",
-            json!({"push": ["twilio"], "sms": ["twilio"], "voice": ["twilio"]}),
-        )],
+        &[
+            (
+                "routes",
+                json!({"push": ["twilio"], "sms": ["twilio"], "voice": ["twilio"]}),
+            ),
+            // The fake sends no status callbacks: don't wait for them.
+            ("delivery.receipt_wait", json!("0s")),
+        ],
     )
 }
 
@@ -449,4 +465,61 @@ fn bad_templates_and_autofill_settings_are_refused_naming_the_key() {
     .unwrap();
     let error = config.validate().unwrap_err().to_string();
     assert!(error.contains("tenants.acme.autofill"), "{error}");
+}
+
+#[tokio::test]
+async fn a_failure_callback_while_the_code_is_valid_moves_on_to_the_next_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, fake) = fake_twilio().await;
+    let mut config = twilio_config(dir.path(), &url, "secret");
+    config.delivery.receipt_wait = jiff::SignedDuration::from_secs(2);
+    let service = engine(&config, vec![]).await;
+    let job = job(
+        "callback-chain",
+        300.0,
+        &["sms"],
+        json!([{"phone": {"number": "+14155550101"}}, {"phone": {"number": "+14155550102"}}]),
+    );
+    let running = crate::engine::spawn_delivery(&service, job);
+    // Twilio accepted the first number; its status callback says the handset is unknown.
+    let sid = loop {
+        let report = service
+            .ledger()
+            .get(&"acme/callback-chain".parse().unwrap())
+            .await
+            .unwrap();
+        if let Some(id) = report
+            .as_ref()
+            .and_then(|r| r.targets[0].attempts.first())
+            .and_then(|a| a.provider_message_id.clone())
+        {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let params = vec![
+        ("MessageSid".to_owned(), sid),
+        ("MessageStatus".to_owned(), "undelivered".to_owned()),
+        ("ErrorCode".to_owned(), "30005".to_owned()),
+    ];
+    let receipt = otp_gateway::receipts::twilio::receipt("twilio", &params).unwrap();
+    assert!(
+        otp_gateway::receipts::apply(&service, None, &receipt)
+            .await
+            .unwrap()
+    );
+    let report = running.await.unwrap();
+    assert_eq!(report.targets[0].status, TargetStatus::Failed);
+    assert_eq!(
+        report.targets[0].reason,
+        Some(FailureReason::RecipientUnknown)
+    );
+    assert_eq!(report.targets[1].status, TargetStatus::Sent);
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    let numbers: Vec<String> = fake
+        .calls()
+        .into_iter()
+        .map(|(_, f)| f["To"].clone())
+        .collect();
+    assert_eq!(numbers, ["+14155550101", "+14155550102"]);
 }
