@@ -896,8 +896,17 @@ fn print_report(report: &DeliveryReport) {
             } else {
                 format!(" [{}]", attempt.provider_code)
             };
+            let sms = match v1::SmsEncoding::try_from(attempt.sms_encoding) {
+                Ok(v1::SmsEncoding::Unspecified) | Err(_) => String::new(),
+                Ok(encoding) => format!(
+                    ", {}, {} segment{}",
+                    encoding.as_str_name(),
+                    attempt.sms_segments,
+                    if attempt.sms_segments == 1 { "" } else { "s" }
+                ),
+            };
             println!(
-                "    via {} ({}): {}{code} {}",
+                "    via {} ({}{sms}): {}{code} {}",
                 attempt.provider,
                 v1::Channel::try_from(attempt.channel)
                     .map_or("?", |c| c.as_str_name())

@@ -26,11 +26,12 @@ const ESCAPE: u8 = 0x1B;
 
 /// The alphabet an SMS is sent in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum SmsEncoding {
     /// The GSM 03.38 default alphabet: 160 characters in one segment, 153 per segment beyond.
+    #[serde(rename = "GSM_7")]
     Gsm7,
     /// UCS-2 (UTF-16): 70 characters in one segment, 67 per segment beyond.
+    #[serde(rename = "UCS_2")]
     Ucs2,
 }
 

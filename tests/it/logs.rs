@@ -85,7 +85,11 @@ async fn logs_never_contain_a_code_and_mask_numbers() {
         .output()
         .unwrap();
     assert!(status.status.success());
-    assert!(String::from_utf8_lossy(&status.stdout).contains("via sandbox (sms): SENT"));
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        printed.contains("via sandbox (sms, GSM_7, 1 segment): SENT"),
+        "{printed}"
+    );
 
     // A queue job, and malformed ones whose errors would echo the code if they could.
     broker.publish_json(&job("logged", "739164")).await;

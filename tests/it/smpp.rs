@@ -618,3 +618,36 @@ fn smpp_settings_are_validated_naming_the_key() {
     let error = bind(|s| s.throughput = 0.0);
     assert!(error.contains("providers.smpp.throughput"), "{error}");
 }
+
+#[tokio::test]
+async fn through_the_queue_an_smpp_receipt_makes_the_delivery_delivered() {
+    use crate::helpers::{Broker, Gateway, Names, broker_available, config};
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let smsc = Smsc::start().await;
+    let names = Names::new("smpp");
+    let mut broker = Broker::connect(&names).await;
+    let overrides = [
+        ("providers.smpp", smpp_provider(&smsc.address(), "secret")),
+        (
+            "routes",
+            json!({"push": ["sandbox"], "sms": ["smpp"], "voice": ["sandbox"]}),
+        ),
+        ("delivery.receipt_wait", json!("5s")),
+    ];
+    let gateway = Gateway::start(config(&names, dir.path(), &overrides)).await;
+    let mut job = crate::helpers::job("smpp-1", "482913");
+    job["targets"] = json!([{"phone": {"number": "+14155550100"}}]);
+    broker.publish_json(&job).await;
+    let (routing_key, report) = broker.next_event(Duration::from_secs(20)).await;
+    assert_eq!(routing_key, "delivery.delivered", "{report}");
+    let attempt = &report["targets"][0]["attempts"][0];
+    assert_eq!(attempt["provider"], "smpp");
+    assert_eq!(attempt["sms"]["encoding"], "GSM_7");
+    assert_eq!(attempt["sms"]["segments"], 1);
+    assert_eq!(smsc.submits().len(), 1);
+    gateway.stop().await;
+    broker.cleanup().await;
+}
