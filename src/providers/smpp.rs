@@ -84,11 +84,6 @@ impl Drop for SmppProvider {
     }
 }
 
-/// A `ProviderError` with the reason's default class.
-fn error(reason: FailureReason, code: Option<&str>, message: impl Into<String>) -> ProviderError {
-    ProviderError::new(reason, code, message)
-}
-
 impl SmppProvider {
     /// Starts the bind's supervisor (it binds in the background and keeps the bind up); receipts
     /// go to `receipts`. `settings` were validated by `Config`.
@@ -101,7 +96,7 @@ impl SmppProvider {
             crate::config::positive("smpp", value).unwrap_or(fallback)
         };
         let response_timeout = duration(settings.response_timeout, Duration::from_secs(5));
-        let (session, _) = watch::channel(Session::Down(error(
+        let (session, _) = watch::channel(Session::Down(ProviderError::new(
             FailureReason::ProviderUnavailable,
             None,
             "not bound yet",
@@ -125,11 +120,6 @@ impl SmppProvider {
         SmppProvider { shared, stop }
     }
 
-    /// Whether the bind is up (for tests and the status page).
-    pub fn is_bound(&self) -> bool {
-        matches!(&*self.shared.session.borrow(), Session::Bound(c) if c.is_active())
-    }
-
     /// The bound session, waiting up to the response timeout for a (re-)bind.
     async fn bound_client(&self) -> Result<Client, ProviderError> {
         let mut session = self.shared.session.subscribe();
@@ -150,7 +140,7 @@ impl SmppProvider {
         }
         Err(match &*self.shared.session.borrow() {
             Session::Down(why) => why.clone(),
-            Session::Bound(_) => error(
+            Session::Bound(_) => ProviderError::new(
                 FailureReason::ProviderUnavailable,
                 None,
                 "the SMPP session is closing",
@@ -182,14 +172,14 @@ impl Provider for SmppProvider {
 
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
         let Recipient::Phone(number) = message.recipient else {
-            return Err(error(
+            return Err(ProviderError::new(
                 FailureReason::ProviderMisconfigured,
                 None,
                 "an SMPP bind carries SMS to phone numbers only: check the routes",
             ));
         };
         if message.channel != Channel::Sms {
-            return Err(error(
+            return Err(ProviderError::new(
                 FailureReason::ProviderMisconfigured,
                 None,
                 format!(
@@ -249,7 +239,7 @@ fn source_address(source: &str) -> (Ton, Npi, &str) {
 
 fn field<T: FromStr>(name: &str, value: &str) -> Result<T, ProviderError> {
     T::from_str(value).map_err(|_| {
-        error(
+        ProviderError::new(
             FailureReason::ProviderMisconfigured,
             None,
             format!("{name} `{value}` does not fit an SMPP field"),
@@ -291,7 +281,7 @@ fn submit_sm(
         .data_coding(data_coding);
     if octets.len() <= SHORT_MESSAGE_MAX {
         let short = OctetString::from_slice(&octets).map_err(|_| {
-            error(
+            ProviderError::new(
                 FailureReason::ProviderRejected,
                 None,
                 "the text does not fit short_message",
@@ -409,7 +399,7 @@ pub fn classify_status(status: u32) -> ProviderError {
         _ => (ProviderRejected, None, "refused by the SMSC"),
     };
     let code = format!("0x{status:08X}");
-    let mut error = error(reason, Some(&code), name);
+    let mut error = ProviderError::new(reason, Some(&code), name);
     if let Some(class) = class {
         error.class = class;
     }
@@ -420,17 +410,17 @@ pub fn classify_status(status: u32) -> ProviderError {
 fn classify_error(e: SmppError) -> ProviderError {
     match e {
         SmppError::UnexpectedResponse { response } => classify_status(response.status().into()),
-        SmppError::ResponseTimeout { timeout, .. } => error(
+        SmppError::ResponseTimeout { timeout, .. } => ProviderError::new(
             FailureReason::ProviderTimeout,
             None,
             format!("no submit_sm_resp within {timeout:?}"),
         ),
-        SmppError::Encode(e) => error(
+        SmppError::Encode(e) => ProviderError::new(
             FailureReason::ProviderRejected,
             None,
             format!("the submit_sm could not be encoded: {e}"),
         ),
-        other => error(
+        other => ProviderError::new(
             FailureReason::ProviderUnavailable,
             None,
             format!("the SMPP session failed: {other}"),
@@ -469,11 +459,13 @@ async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
                 };
                 let _ = client.close().await;
                 tracing::warn!(address = %shared.settings.address, why = %lost, "SMPP bind lost; re-binding");
-                shared.session.send_replace(Session::Down(error(
-                    FailureReason::ProviderUnavailable,
-                    None,
-                    format!("the SMPP bind was lost ({lost}) and is being re-established"),
-                )));
+                shared
+                    .session
+                    .send_replace(Session::Down(ProviderError::new(
+                        FailureReason::ProviderUnavailable,
+                        None,
+                        format!("the SMPP bind was lost ({lost}) and is being re-established"),
+                    )));
             }
             Err(why) => {
                 tracing::warn!(address = %shared.settings.address, reason = %why.reason,
@@ -495,7 +487,7 @@ async fn bind(
 ) -> Result<(Client, impl Stream<Item = Event> + Unpin + 'static), ProviderError> {
     let settings = &shared.settings;
     let unreachable = |problem: String| {
-        error(
+        ProviderError::new(
             FailureReason::ProviderUnavailable,
             None,
             format!("cannot reach the SMSC at {}: {problem}", settings.address),
@@ -523,7 +515,7 @@ async fn bind(
         .disable_interface_version_check()
         .connected(stream);
     let misconfigured = |field: &str| {
-        error(
+        ProviderError::new(
             FailureReason::ProviderMisconfigured,
             None,
             format!("{field} does not fit the bind PDU"),

@@ -533,22 +533,29 @@ async fn a_job_routed_to_a_failing_twilio_falls_over_to_smpp_and_is_delivered() 
     assert_eq!(smsc.submits()[0].destination, "15005550503");
 }
 
+/// Six SMS jobs to `number` delivered at once; each ends DELIVERED.
+async fn six_delivered(
+    service: &otp_gateway::delivery::DeliveryService,
+    prefix: &str,
+    number: &str,
+) {
+    let jobs: Vec<_> = (0..6)
+        .map(|i| sms_job(&format!("{prefix}-{i}"), "en", &[number]))
+        .collect();
+    let reports =
+        futures_util::future::join_all(jobs.iter().map(|job| deliver(service, job))).await;
+    for report in reports {
+        assert_eq!(report.status, DeliveryStatus::Delivered, "{report:#?}");
+    }
+}
+
 #[tokio::test]
 async fn the_window_and_the_throughput_limit_hold_per_bind() {
     let dir = tempfile::tempdir().unwrap();
     let smsc = Smsc::start().await;
     let service = engine(&smpp_config(dir.path(), &smsc.address(), "secret"), vec![]).await;
     // Six jobs at once to a slowly answering number: never more than the window (2) unanswered.
-    let jobs: Vec<_> = (0..6)
-        .map(|i| sms_job(&format!("slow-{i}"), "en", &["+14155550777"]))
-        .collect();
-    let reports =
-        futures_util::future::join_all(jobs.iter().map(|job| deliver(&service, job))).await;
-    assert!(
-        reports
-            .iter()
-            .all(|r| r.status == DeliveryStatus::Delivered)
-    );
+    six_delivered(&service, "slow", "+14155550777").await;
     assert_eq!(smsc.submits().len(), 6);
     assert_eq!(smsc.state.max_outstanding(), 2, "window of 2");
 
@@ -563,16 +570,7 @@ async fn the_window_and_the_throughput_limit_hold_per_bind() {
     smpp.throughput = 10.0;
     smpp.window = 10;
     let service = engine(&config, vec![]).await;
-    let jobs: Vec<_> = (0..6)
-        .map(|i| sms_job(&format!("paced-{i}"), "en", &["+14155550100"]))
-        .collect();
-    let reports =
-        futures_util::future::join_all(jobs.iter().map(|job| deliver(&service, job))).await;
-    assert!(
-        reports
-            .iter()
-            .all(|r| r.status == DeliveryStatus::Delivered)
-    );
+    six_delivered(&service, "paced", "+14155550100").await;
     let arrivals = smsc.state.arrivals.lock().unwrap().clone();
     let spread = *arrivals.last().unwrap() - arrivals[0];
     assert!(
