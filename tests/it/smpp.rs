@@ -649,3 +649,34 @@ async fn through_the_queue_an_smpp_receipt_makes_the_delivery_delivered() {
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn two_binds_are_two_named_providers_in_one_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let smsc = Smsc::start().await;
+    let config = engine_config(
+        dir.path(),
+        json!({
+            "carrier-a": smpp_provider(&smsc.address(), "stale"),
+            "carrier-b": smpp_provider(&smsc.address(), "secret"),
+        }),
+        &[
+            (
+                "routes",
+                json!({"push": ["sandbox"], "sms": ["carrier-a", "carrier-b"], "voice": ["sandbox"]}),
+            ),
+            ("delivery.receipt_wait", json!("5s")),
+        ],
+    );
+    let service = engine(&config, vec![]).await;
+    let report = deliver(&service, &sms_job("two-binds", "en", &["+14155550100"])).await;
+    assert_eq!(report.status, DeliveryStatus::Delivered, "{report:#?}");
+    let attempts = &report.targets[0].attempts;
+    assert_eq!(attempts[0].provider, "carrier-a");
+    assert_eq!(
+        attempts[0].reason,
+        Some(FailureReason::ProviderMisconfigured)
+    );
+    assert_eq!(attempts[1].provider, "carrier-b");
+    assert_eq!(attempts[1].outcome, AttemptOutcome::Delivered);
+}
