@@ -711,6 +711,24 @@ fn validate_breaker(key: &str, breaker: &BreakerConfig) -> Result<(), ConfigErro
     Ok(())
 }
 
+/// A reconnect schedule that never gives up: exponential (with the crate's jitter) from
+/// `initial` up to `max`, both validated settings. Returns the schedule and its ceiling.
+pub fn reconnect_backoff(
+    initial: SignedDuration,
+    max: SignedDuration,
+) -> (backoff::ExponentialBackoff, Duration) {
+    let initial = positive("reconnect_initial", initial).unwrap_or(Duration::from_millis(500));
+    let max = positive("reconnect_max", max)
+        .unwrap_or(Duration::from_secs(30))
+        .max(initial);
+    let schedule = backoff::ExponentialBackoffBuilder::new()
+        .with_initial_interval(initial)
+        .with_max_interval(max)
+        .with_max_elapsed_time(None)
+        .build();
+    (schedule, max)
+}
+
 /// A positive duration from the configuration, as a `std` duration.
 pub fn positive(key: &str, value: SignedDuration) -> Result<Duration, ConfigError> {
     if value.is_positive() {

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backoff::ExponentialBackoffBuilder;
 use backoff::backoff::Backoff;
 use futures_util::{Stream, StreamExt};
 use jiff::Timestamp;
@@ -430,15 +429,10 @@ fn classify_error(e: SmppError) -> ProviderError {
 
 /// Keeps the bind up until `stop`: bind, serve the session, and re-bind with back-off.
 async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
-    let initial = crate::config::positive("smpp", shared.settings.reconnect_initial)
-        .unwrap_or(Duration::from_secs(1));
-    let max = crate::config::positive("smpp", shared.settings.reconnect_max)
-        .unwrap_or(Duration::from_secs(30));
-    let mut backoff = ExponentialBackoffBuilder::new()
-        .with_initial_interval(initial)
-        .with_max_interval(max)
-        .with_max_elapsed_time(None)
-        .build();
+    let (mut backoff, max) = crate::config::reconnect_backoff(
+        shared.settings.reconnect_initial,
+        shared.settings.reconnect_max,
+    );
     loop {
         let bound = tokio::select! {
             _ = stop.cancelled() => return,

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use backoff::ExponentialBackoffBuilder;
 use backoff::backoff::Backoff;
 use futures_util::StreamExt;
 use lapin::options::{
@@ -22,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::consumer::{ConsumeEnd, JobConsumer};
 use super::publisher::Publisher;
 use super::topology::Topology;
-use crate::config::{AmqpConfig, positive};
+use crate::config::{AmqpConfig, reconnect_backoff};
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,15 +114,8 @@ impl BrokerLink {
 
     /// Runs until `stop` is cancelled, then drains in-flight jobs for at most `grace`.
     pub async fn run(self, consumer: JobConsumer, stop: CancellationToken, grace: Duration) {
-        let initial = positive("amqp.reconnect_initial", self.config.reconnect_initial)
-            .unwrap_or(Duration::from_millis(500));
-        let max = positive("amqp.reconnect_max", self.config.reconnect_max)
-            .unwrap_or(Duration::from_secs(30));
-        let mut backoff = ExponentialBackoffBuilder::new()
-            .with_initial_interval(initial)
-            .with_max_interval(max)
-            .with_max_elapsed_time(None)
-            .build();
+        let (mut backoff, max) =
+            reconnect_backoff(self.config.reconnect_initial, self.config.reconnect_max);
         let tracker = TaskTracker::new();
         let abandon = CancellationToken::new();
         let url = self.config.url.redacted();
