@@ -227,6 +227,12 @@ fn providers_tried(report: &Report) -> Vec<&str> {
         .collect()
 }
 
+/// An SMS-only job to `numbers`, in order.
+fn sms_job(job_id: &str, expires_in_secs: f64, numbers: &[&str]) -> Job {
+    let targets: Vec<Value> = numbers.iter().map(|n| phone(n)).collect();
+    job(job_id, expires_in_secs, &["sms"], Value::Array(targets))
+}
+
 fn phone(number: &str) -> Value {
     json!({"phone": {"number": number}})
 }
@@ -254,11 +260,7 @@ async fn transient_failures_are_retried_with_delays_within_the_configured_bounds
     );
     let service = engine(&config, vec![("primary", primary.clone())]).await;
 
-    let report = deliver(
-        &service,
-        &job("retry", 60.0, &["sms"], json!([phone("+14155550101")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("retry", 60.0, &["+14155550101"])).await;
     assert_eq!(report.status, DeliveryStatus::Sent);
     let attempts = &report.targets[0].attempts;
     assert_eq!(attempts.len(), 3);
@@ -310,16 +312,7 @@ async fn retry_after_is_honoured_and_the_deadline_stops_retries_before_expiry() 
     throttled.retry_after = Some(Duration::from_millis(400));
     let primary = Scripted::new("primary", vec![fail(throttled)], ok());
     let service = engine(&config, vec![("primary", primary.clone())]).await;
-    let report = deliver(
-        &service,
-        &job(
-            "retry-after",
-            60.0,
-            &["sms"],
-            json!([phone("+14155550101")]),
-        ),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("retry-after", 60.0, &["+14155550101"])).await;
     assert_eq!(report.status, DeliveryStatus::Sent);
     let times = primary.call_times();
     assert!(
@@ -330,7 +323,7 @@ async fn retry_after_is_honoured_and_the_deadline_stops_retries_before_expiry() 
 
     // Always unavailable: retries stop before the code expires, and the report says so.
     primary.set_default(fail(unavailable()));
-    let job = job("deadline", 1.5, &["sms"], json!([phone("+14155550101")]));
+    let job = sms_job("deadline", 1.5, &["+14155550101"]);
     let report = deliver(&service, &job).await;
     assert_eq!(report.status, DeliveryStatus::Failed);
     assert_eq!(report.reason, Some(FailureReason::CodeExpired));
@@ -401,12 +394,7 @@ async fn a_failing_primary_opens_its_circuit_is_skipped_then_probed_and_closed()
     for i in 0..3 {
         let report = deliver(
             &service,
-            &job(
-                &format!("open-{i}"),
-                60.0,
-                &["sms"],
-                json!([phone("+14155550101")]),
-            ),
+            &sms_job(&format!("open-{i}"), 60.0, &["+14155550101"]),
         )
         .await;
         assert_eq!(
@@ -423,11 +411,7 @@ async fn a_failing_primary_opens_its_circuit_is_skipped_then_probed_and_closed()
     assert_eq!(circuit("secondary").state, CircuitState::Closed);
 
     // Open: later jobs skip the primary without an attempt.
-    let report = deliver(
-        &service,
-        &job("skipped", 60.0, &["sms"], json!([phone("+14155550101")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("skipped", 60.0, &["+14155550101"])).await;
     assert_eq!(providers_tried(&report), ["secondary"]);
     assert_eq!(primary.call_times().len(), 3);
 
@@ -435,11 +419,7 @@ async fn a_failing_primary_opens_its_circuit_is_skipped_then_probed_and_closed()
     tokio::time::sleep(Duration::from_millis(550)).await;
     assert_eq!(circuit("primary").state, CircuitState::HalfOpen);
     primary.set_default(ok());
-    let report = deliver(
-        &service,
-        &job("probe", 60.0, &["sms"], json!([phone("+14155550101")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("probe", 60.0, &["+14155550101"])).await;
     assert_eq!(providers_tried(&report), ["primary"]);
     assert_eq!(circuit("primary").state, CircuitState::Closed);
     let health = service.provider_health();
@@ -760,18 +740,14 @@ async fn a_hanging_provider_times_out_without_stalling_jobs_routed_elsewhere() {
     let fast = Scripted::new("fast", vec![], ok());
     let service = engine(&config, vec![("hanging", hanging), ("fast", fast)]).await;
 
-    let slow_job = job("to-uk", 60.0, &["sms"], json!([phone("+447700900123")]));
+    let slow_job = sms_job("to-uk", 60.0, &["+447700900123"]);
     let started = Instant::now();
     let slow = tokio::spawn({
         let service = Arc::clone(&service);
         async move { (deliver(&service, &slow_job).await, started.elapsed()) }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let report = deliver(
-        &service,
-        &job("to-us", 60.0, &["sms"], json!([phone("+14155550101")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("to-us", 60.0, &["+14155550101"])).await;
     let fast_done = started.elapsed();
     assert_eq!(report.status, DeliveryStatus::Sent);
 
@@ -818,11 +794,7 @@ async fn a_provider_level_refusal_fails_over_at_once_with_the_same_code() {
         vec![("broken", broken.clone()), ("good", good.clone())],
     )
     .await;
-    let report = deliver(
-        &service,
-        &job("failover", 60.0, &["sms"], json!([phone("+14155550101")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("failover", 60.0, &["+14155550101"])).await;
     assert_eq!(report.status, DeliveryStatus::Sent);
     let attempts = &report.targets[0].attempts;
     assert_eq!(
@@ -985,12 +957,7 @@ async fn the_sixth_job_in_ten_minutes_to_one_number_is_rate_limited() {
     for i in 0..5 {
         let report = deliver(
             &service,
-            &job(
-                &format!("n-{i}"),
-                60.0,
-                &["sms"],
-                json!([phone("+14155550101")]),
-            ),
+            &sms_job(&format!("n-{i}"), 60.0, &["+14155550101"]),
         )
         .await;
         assert_eq!(report.status, DeliveryStatus::Sent, "job {i}");
@@ -1016,11 +983,7 @@ async fn the_sixth_job_in_ten_minutes_to_one_number_is_rate_limited() {
     assert_eq!(sms.call_times().len(), 6);
 
     // Only number 1 alone: the delivery fails with RATE_LIMITED and says when to retry.
-    let report = deliver(
-        &service,
-        &job("n-6", 60.0, &["sms"], json!([phone("+14155550101")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("n-6", 60.0, &["+14155550101"])).await;
     assert_eq!(report.status, DeliveryStatus::Failed);
     assert_eq!(report.reason, Some(FailureReason::RateLimited));
     assert!(
@@ -1198,32 +1161,15 @@ async fn a_job_that_sends_nothing_uses_up_no_account_quota() {
         .await
         .unwrap();
 
-    let blocked = deliver(
-        &service,
-        &job(
-            "blocked-only",
-            60.0,
-            &["sms"],
-            json!([phone("+14155550199")]),
-        ),
-    )
-    .await;
+    let blocked = deliver(&service, &sms_job("blocked-only", 60.0, &["+14155550199"])).await;
     assert_eq!(blocked.reason, Some(FailureReason::RecipientBlocked));
-    let report = deliver(
-        &service,
-        &job("real", 60.0, &["sms"], json!([phone("+14155550101")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("real", 60.0, &["+14155550101"])).await;
     assert_eq!(
         report.status,
         DeliveryStatus::Sent,
         "the blocked job sent nothing, so it counted nothing"
     );
-    let report = deliver(
-        &service,
-        &job("second", 60.0, &["sms"], json!([phone("+14155550102")])),
-    )
-    .await;
+    let report = deliver(&service, &sms_job("second", 60.0, &["+14155550102"])).await;
     assert_eq!(
         report.reason,
         Some(FailureReason::RateLimited),
