@@ -358,6 +358,104 @@ pub enum ProviderConfig {
     Http(HttpProviderConfig),
     /// An SMPP 3.4 carrier bind (SMS only).
     Smpp(SmppProviderConfig),
+    /// An APNs app credential (push to iOS/macOS devices).
+    Apns(ApnsProviderConfig),
+    /// A Firebase project (push through FCM HTTP v1).
+    Fcm(FcmProviderConfig),
+}
+
+/// Which APNs environment a credential's pushes go to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApnsEnvironment {
+    /// `api.push.apple.com`: App Store, TestFlight and ad-hoc builds.
+    #[default]
+    Production,
+    /// `api.sandbox.push.apple.com`: development builds.
+    Sandbox,
+}
+
+/// An APNs app credential (`kind = "apns"`): token-based authentication with the `.p8` key of
+/// the team, over one HTTP/2 connection pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsProviderConfig {
+    /// The Apple Developer team id (10 characters).
+    pub team_id: String,
+    /// The key id of the `.p8` key (10 characters).
+    pub key_id: String,
+    /// The `.p8` key file (PEM).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Or the key itself, PEM text (redacted when shown).
+    #[serde(default)]
+    pub key: Option<SecretString>,
+    /// The apps' bundle ids (APNs topics) sent for; a device names its app in `topic`, and a
+    /// device without one goes to the first.
+    pub topics: Vec<String>,
+    /// `production` or `sandbox` (development builds).
+    #[serde(default)]
+    pub environment: ApnsEnvironment,
+    /// Overrides the environment's host (tests and proxies).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The notification category, for the app's Allow / Don't Allow actions.
+    #[serde(default = "default_push_category")]
+    pub category: String,
+    /// Retries.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Circuit breaking.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+impl ApnsProviderConfig {
+    /// Where requests go: `base_url`, else the environment's host.
+    pub fn endpoint(&self) -> &str {
+        match (&self.base_url, self.environment) {
+            (Some(url), _) => url.trim_end_matches('/'),
+            (None, ApnsEnvironment::Production) => "https://api.push.apple.com",
+            (None, ApnsEnvironment::Sandbox) => "https://api.sandbox.push.apple.com",
+        }
+    }
+}
+
+/// A Firebase project (`kind = "fcm"`): FCM HTTP v1 with an OAuth2 access token obtained from
+/// a service account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmProviderConfig {
+    /// The service-account JSON key file.
+    #[serde(default)]
+    pub service_account_file: Option<PathBuf>,
+    /// Or the service-account JSON itself (redacted when shown).
+    #[serde(default)]
+    pub service_account: Option<SecretString>,
+    /// The Firebase project id; by default the service account's. Devices name theirs in
+    /// `topic`.
+    #[serde(default)]
+    pub project_id: Option<String>,
+    /// The FCM API base (tests and proxies point it elsewhere).
+    #[serde(default = "default_fcm_base")]
+    pub base_url: String,
+    /// The notification category (iOS, through FCM) or click action.
+    #[serde(default = "default_push_category")]
+    pub category: String,
+    /// Retries.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Circuit breaking.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+fn default_push_category() -> String {
+    "OTP_CODE".to_owned()
+}
+
+fn default_fcm_base() -> String {
+    "https://fcm.googleapis.com".to_owned()
 }
 
 /// An SMPP 3.4 bind to a carrier's SMSC (`kind = "smpp"`): one transceiver session that submits
@@ -514,6 +612,8 @@ impl ProviderConfig {
             ProviderConfig::Twilio { .. } => "twilio",
             ProviderConfig::Http(_) => "http",
             ProviderConfig::Smpp(_) => "smpp",
+            ProviderConfig::Apns(_) => "apns",
+            ProviderConfig::Fcm(_) => "fcm",
         }
     }
 
@@ -523,6 +623,8 @@ impl ProviderConfig {
             ProviderConfig::Sandbox { retry, .. } | ProviderConfig::Twilio { retry, .. } => retry,
             ProviderConfig::Http(http) => &http.retry,
             ProviderConfig::Smpp(smpp) => &smpp.retry,
+            ProviderConfig::Apns(apns) => &apns.retry,
+            ProviderConfig::Fcm(fcm) => &fcm.retry,
         }
     }
 
@@ -534,6 +636,27 @@ impl ProviderConfig {
             }
             ProviderConfig::Http(http) => &http.breaker,
             ProviderConfig::Smpp(smpp) => &smpp.breaker,
+            ProviderConfig::Apns(apns) => &apns.breaker,
+            ProviderConfig::Fcm(fcm) => &fcm.breaker,
+        }
+    }
+
+    /// The channels it can carry: SMPP binds SMS only, push services push only.
+    pub fn carries(&self, channel: Channel) -> bool {
+        match self {
+            ProviderConfig::Smpp(_) => channel == Channel::Sms,
+            ProviderConfig::Apns(_) | ProviderConfig::Fcm(_) => channel == Channel::Push,
+            _ => true,
+        }
+    }
+
+    /// Why it cannot carry `channel`, for the configuration error.
+    fn carries_only(&self) -> &'static str {
+        match self {
+            ProviderConfig::Smpp(_) => "an SMPP bind, which carries SMS only",
+            ProviderConfig::Apns(_) => "an APNs credential, which carries push only",
+            ProviderConfig::Fcm(_) => "an FCM project, which carries push only",
+            _ => "a provider that carries every channel",
         }
     }
 }
@@ -685,6 +808,67 @@ fn validate_smpp(name: &str, smpp: &SmppProviderConfig) -> Result<(), ConfigErro
     Ok(())
 }
 
+fn validate_apns(name: &str, apns: &ApnsProviderConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("providers.{name}.{field}");
+    for (field, value) in [("team_id", &apns.team_id), ("key_id", &apns.key_id)] {
+        if value.len() != 10 || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(invalid(
+                key(field),
+                format!("`{value}` is not a 10-character Apple id"),
+            ));
+        }
+    }
+    match (&apns.key_file, &apns.key) {
+        (None, None) => {
+            return Err(invalid(
+                key("key_file"),
+                "set `key_file` (the .p8 file) or `key` (its PEM text)",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(invalid(key("key"), "set `key_file` or `key`, not both"));
+        }
+        _ => {}
+    }
+    if apns.topics.is_empty() {
+        return Err(invalid(key("topics"), "names no app (bundle id)"));
+    }
+    if let Some(topic) = apns
+        .topics
+        .iter()
+        .find(|t| t.is_empty() || t.contains(char::is_whitespace))
+    {
+        return Err(invalid(
+            key("topics"),
+            format!("`{topic}` is not a bundle id"),
+        ));
+    }
+    if let Some(url) = apns.base_url.as_deref()
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        return Err(invalid(key("base_url"), "must be an http(s) URL"));
+    }
+    Ok(())
+}
+
+fn validate_fcm(name: &str, fcm: &FcmProviderConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("providers.{name}.{field}");
+    match (&fcm.service_account_file, &fcm.service_account) {
+        (None, None) => Err(invalid(
+            key("service_account_file"),
+            "set `service_account_file` (the JSON key file) or `service_account` (its text)",
+        )),
+        (Some(_), Some(_)) => Err(invalid(
+            key("service_account"),
+            "set `service_account_file` or `service_account`, not both",
+        )),
+        _ if !(fcm.base_url.starts_with("https://") || fcm.base_url.starts_with("http://")) => {
+            Err(invalid(key("base_url"), "must be an http(s) URL"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn validate_breaker(key: &str, breaker: &BreakerConfig) -> Result<(), ConfigError> {
     if breaker.consecutive_failures == 0 {
         return Err(invalid(
@@ -825,14 +1009,14 @@ impl Config {
             if route.is_empty() {
                 return Err(invalid(key, "names no provider"));
             }
-            if channel != Channel::Sms
-                && let Some(smpp) = route
-                    .iter()
-                    .find(|name| matches!(self.providers.get(*name), Some(ProviderConfig::Smpp(_))))
+            if let Some((name, provider)) = route
+                .iter()
+                .filter_map(|name| Some((name, self.providers.get(name)?)))
+                .find(|(_, provider)| !provider.carries(channel))
             {
                 return Err(invalid(
                     key,
-                    format!("`{smpp}` is an SMPP bind, which carries SMS only"),
+                    format!("`{name}` is {}", provider.carries_only()),
                 ));
             }
             if let Some(unknown) = route
@@ -910,6 +1094,8 @@ impl Config {
                     }
                 }
                 ProviderConfig::Smpp(smpp) => validate_smpp(name, smpp)?,
+                ProviderConfig::Apns(apns) => validate_apns(name, apns)?,
+                ProviderConfig::Fcm(fcm) => validate_fcm(name, fcm)?,
             }
             validate_retry(&format!("providers.{name}.retry"), provider.retry())?;
             validate_breaker(&format!("providers.{name}.breaker"), provider.breaker())?;
@@ -936,14 +1122,14 @@ impl Config {
                 if providers.is_empty() {
                     return Err(invalid(key, "names no provider"));
                 }
-                if channel == Channel::Voice
-                    && let Some(smpp) = providers.iter().find(|name| {
-                        matches!(self.providers.get(*name), Some(ProviderConfig::Smpp(_)))
-                    })
+                if let Some((name, provider)) = providers
+                    .iter()
+                    .filter_map(|name| Some((name, self.providers.get(name)?)))
+                    .find(|(_, provider)| !provider.carries(channel))
                 {
                     return Err(invalid(
                         key,
-                        format!("`{smpp}` is an SMPP bind, which carries SMS only"),
+                        format!("`{name}` is {}", provider.carries_only()),
                     ));
                 }
                 if let Some(unknown) = providers

@@ -302,7 +302,15 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
-    let app = Application::build(config).await?;
+    let app = match Application::build(config).await {
+        Ok(app) => app,
+        // A key file that cannot be read or does not hold a key is a configuration error.
+        Err(error) if error.is::<otp_gateway::providers::ProviderBuildError>() => {
+            eprintln!("otp-gateway: {error:#}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+        Err(error) => return Err(error),
+    };
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
     app.run_until_stopped(stop).await?;

@@ -208,6 +208,7 @@ fn attempt_to_proto(attempt: &Attempt) -> v1::AttemptRecord {
             Some(SmsEncoding::Ucs2) => v1::SmsEncoding::Ucs2,
         } as i32,
         sms_segments: attempt.sms.map_or(0, |s| s.segments),
+        token_invalid_since: attempt.token_invalid_since.map(timestamp_to_proto),
     }
 }
 

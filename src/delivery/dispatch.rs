@@ -869,11 +869,8 @@ impl Dispatcher {
         deadline: Timestamp,
         progress: &Progress<'_>,
     ) -> Result<TargetEnd, StoreError> {
-        let number = match &job.targets[index] {
-            Target::Phone(phone) => Some(phone.number.as_str()),
-            Target::Device(_) => None,
-        };
-        let route = self.providers.route(channel, number);
+        let recipient = Recipient::of(&job.targets[index]);
+        let route = self.providers.route(channel, &recipient);
         let route_key = route.prefix.unwrap_or(DEFAULT_ROUTE);
         let mut last_error: Option<(String, ProviderError)> = None;
         let mut skipped_open = Vec::new();
@@ -1006,7 +1003,19 @@ impl Dispatcher {
             },
             _ => TargetEnd::Providers {
                 reason: FailureReason::ProviderMisconfigured,
-                detail: format!("no provider is routed for {channel}"),
+                detail: match recipient {
+                    Recipient::Device {
+                        platform,
+                        topic: Some(topic),
+                        ..
+                    } => format!(
+                        "no {channel} provider in the route serves {platform} app `{topic}`"
+                    ),
+                    Recipient::Device { platform, .. } => {
+                        format!("no {channel} provider in the route serves {platform} devices")
+                    }
+                    Recipient::Phone(_) => format!("no provider is routed for {channel}"),
+                },
             },
         })
     }
@@ -1028,16 +1037,10 @@ impl Dispatcher {
         StoreError,
     > {
         let target = &job.targets[index];
-        let (recipient, masked) = match target {
-            Target::Phone(phone) => (Recipient::Phone(&phone.number), mask_phone(&phone.number)),
-            Target::Device(device) => (
-                Recipient::Device {
-                    platform: device.platform,
-                    token: &device.token,
-                    topic: device.topic.as_deref(),
-                },
-                mask_token(&device.token),
-            ),
+        let recipient = Recipient::of(target);
+        let masked = match target {
+            Target::Phone(phone) => mask_phone(&phone.number),
+            Target::Device(device) => mask_token(&device.token),
         };
         let provider = &entry.provider;
         let started_at = progress.now();
@@ -1540,6 +1543,7 @@ impl AttemptEnd {
             provider_message: None,
             provider_message_id: message_id,
             next_retry_at: None,
+            token_invalid_since: None,
         }
     }
 
@@ -1556,6 +1560,7 @@ impl AttemptEnd {
             provider_message: Some(error.raw_message.clone()),
             provider_message_id: None,
             next_retry_at,
+            token_invalid_since: error.token_invalid_since,
         }
     }
 }

@@ -9,6 +9,7 @@ use super::breaker::CircuitState;
 use super::dispatch::{ChannelVerdict, Dispatcher, Eligibility, eligibility};
 use crate::domain::{Channel, FailureReason, Job, Platform, Target, mask_phone};
 use crate::policy::{job_keys, target_keys};
+use crate::providers::Recipient;
 use crate::store::StoreError;
 
 /// A provider that would be tried, and its circuit now.
@@ -100,11 +101,9 @@ impl Dispatcher {
         let now = Instant::now();
         let mut targets = Vec::with_capacity(job.targets.len());
         for (index, target) in job.targets.iter().enumerate() {
-            let (label, platform, number) = match target {
-                Target::Device(device) => (device.id.clone(), Some(device.platform), None),
-                Target::Phone(phone) => {
-                    (mask_phone(&phone.number), None, Some(phone.number.as_str()))
-                }
+            let (label, platform) = match target {
+                Target::Device(device) => (device.id.clone(), Some(device.platform)),
+                Target::Phone(phone) => (mask_phone(&phone.number), None),
             };
             let (eligible, reason, decision) = match eligibility(job, target, &stages, &blocks, at)
             {
@@ -118,7 +117,7 @@ impl Dispatcher {
             };
             let mut channels = Vec::new();
             for channel in stages.iter().copied().filter(|c| target.reachable_by(*c)) {
-                let route = self.providers().route(channel, number);
+                let route = self.providers().route(channel, &Recipient::of(target));
                 let route_key = route.prefix.unwrap_or("*").to_owned();
                 let providers = route
                     .providers

@@ -416,6 +416,7 @@ impl DeliveryService {
             provider_message: Some(receipt.detail.clone()),
             provider_message_id: None,
             next_retry_at: None,
+            token_invalid_since: None,
         };
         let Some(key) = self
             .ledger

@@ -20,8 +20,8 @@ pub use message::{
 };
 pub use reason::{FailureReason, RetryClass};
 pub use report::{
-    Acknowledgement, Attempt, AttemptOutcome, DeliveryStatus, Report, TargetResult, TargetStatus,
-    headline_reason, summarize,
+    Acknowledgement, Attempt, AttemptOutcome, DeliveryStatus, DeviceInvalidated, Report,
+    TargetResult, TargetStatus, headline_reason, summarize,
 };
 pub use sms::{SmsEncoding, SmsShape, gsm7_septets, measure as measure_sms, ucs2_octets};
 

@@ -129,6 +129,8 @@ pub struct Attempt {
     pub next_retry_at: Option<Timestamp>,
     /// For SMS: the text's encoding and segment count.
     pub sms: Option<SmsShape>,
+    /// For a dead push token: since when the push service has known it is invalid (APNs).
+    pub token_invalid_since: Option<Timestamp>,
 }
 
 /// The fate of one target of the job.
@@ -185,6 +187,72 @@ pub struct Report {
     pub expires_at: Timestamp,
     /// Per-target results, in job order.
     pub targets: Vec<TargetResult>,
+}
+
+/// A push token a provider called dead (unregistered or invalid), as published on
+/// `device.invalidated` so that upstream can remove the device. Never holds the token itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceInvalidated {
+    /// The tenant.
+    pub tenant: String,
+    /// The account the device belongs to.
+    pub account: String,
+    /// Upstream's id of the device.
+    pub device_id: String,
+    /// The push platform.
+    pub platform: Platform,
+    /// `DEVICE_UNREGISTERED` or `DEVICE_TOKEN_INVALID`.
+    pub reason: FailureReason,
+    /// What to do about it.
+    pub hint: &'static str,
+    /// The masked token.
+    pub token: String,
+    /// The provider that said so.
+    pub provider: String,
+    /// Its own code (`Unregistered`, `UNREGISTERED`, `BadDeviceToken`, …).
+    pub provider_code: Option<String>,
+    /// Its own message.
+    pub provider_message: Option<String>,
+    /// Since when the push service has known the token is invalid (APNs' 410 timestamp).
+    pub token_invalid_since: Option<Timestamp>,
+    /// When the provider said so.
+    pub observed_at: Timestamp,
+    /// The delivery during which it was learnt.
+    pub delivery_id: String,
+}
+
+impl Report {
+    /// The devices whose push token a provider called dead during this delivery.
+    pub fn invalidated_devices(&self) -> Vec<DeviceInvalidated> {
+        self.targets
+            .iter()
+            .filter_map(|target| {
+                let platform = target.platform?;
+                let attempt = target.attempts.iter().rev().find(|a| {
+                    matches!(
+                        a.reason,
+                        Some(FailureReason::DeviceUnregistered | FailureReason::DeviceTokenInvalid)
+                    )
+                })?;
+                let reason = attempt.reason?;
+                Some(DeviceInvalidated {
+                    tenant: self.tenant.clone(),
+                    account: self.account.clone(),
+                    device_id: target.target.clone(),
+                    platform,
+                    reason,
+                    hint: reason.hint(),
+                    token: attempt.target.clone(),
+                    provider: attempt.provider.clone(),
+                    provider_code: attempt.provider_code.clone(),
+                    provider_message: attempt.provider_message.clone(),
+                    token_invalid_since: attempt.token_invalid_since,
+                    observed_at: attempt.ended_at.unwrap_or(attempt.started_at),
+                    delivery_id: self.delivery_id.clone(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// The delivery's headline reason among its failed targets' reasons, by

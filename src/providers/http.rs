@@ -49,12 +49,11 @@ impl HttpProvider {
         settings: HttpProviderConfig,
         timeout: Duration,
     ) -> Result<Self, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let method = settings
             .method
             .parse::<reqwest::Method>()
             .map_err(|e| e.to_string())?;
-        let client = reqwest::Client::builder()
+        let client = super::http_client_builder()
             .timeout(timeout)
             .build()
             .map_err(|e| e.to_string())?;
@@ -127,6 +126,7 @@ impl HttpProvider {
             raw_code: Some(code.unwrap_or_else(|| status.as_u16().to_string())),
             raw_message: message,
             retry_after,
+            token_invalid_since: None,
         }
     }
 }
@@ -150,21 +150,12 @@ impl Provider for HttpProvider {
         for (name, value) in &self.settings.headers {
             request = request.header(name.as_str(), value.expose());
         }
-        let response = request.send().await.map_err(|error| {
-            let reason = if error.is_timeout() {
-                FailureReason::ProviderTimeout
-            } else {
-                FailureReason::ProviderUnavailable
-            };
-            ProviderError::new(reason, None, format!("cannot reach {}: {error}", self.name))
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|error| super::unreachable(&self.name, error))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = super::retry_after(&response);
         let body = response.text().await.unwrap_or_default();
         if self.settings.success_status.contains(&status.as_u16()) {
             let json: Option<serde_json::Value> = serde_json::from_str(&body).ok();

@@ -2,8 +2,11 @@
 //! failure's class, and the registry that builds the configured providers by name.
 //! Adapters classify what the provider said; they never retry (the delivery layer decides).
 
+mod apns;
+mod fcm;
 mod http;
 mod sandbox;
+mod signing;
 pub mod smpp;
 mod twilio;
 
@@ -16,8 +19,12 @@ use jiff::Timestamp;
 use tokio::sync::mpsc;
 
 use crate::config::{BreakerConfig, Config, ProviderConfig, RetryConfig, RoutesConfig};
-use crate::domain::{AttemptOutcome, Channel, Code, FailureReason, Platform, RetryClass, SmsShape};
+use crate::domain::{
+    AttemptOutcome, Channel, Code, FailureReason, Platform, RetryClass, SmsShape, Target,
+};
 
+pub use apns::ApnsProvider;
+pub use fcm::FcmProvider;
 pub use http::HttpProvider;
 pub use sandbox::SandboxProvider;
 pub use smpp::SmppProvider;
@@ -37,6 +44,20 @@ pub enum Recipient<'a> {
         /// APNs topic or FCM project.
         topic: Option<&'a str>,
     },
+}
+
+impl<'a> Recipient<'a> {
+    /// Who a job's target is.
+    pub fn of(target: &'a Target) -> Self {
+        match target {
+            Target::Phone(phone) => Recipient::Phone(&phone.number),
+            Target::Device(device) => Recipient::Device {
+                platform: device.platform,
+                token: &device.token,
+                topic: device.topic.as_deref(),
+            },
+        }
+    }
 }
 
 /// One message for one recipient on one channel.
@@ -83,6 +104,9 @@ pub struct ProviderError {
     pub raw_message: String,
     /// How long the provider asked us to wait, if it did.
     pub retry_after: Option<Duration>,
+    /// For a dead device token: since when the push service has known it is invalid (APNs'
+    /// `timestamp` on a 410).
+    pub token_invalid_since: Option<Timestamp>,
 }
 
 impl ProviderError {
@@ -98,7 +122,20 @@ impl ProviderError {
             raw_code: raw_code.map(str::to_owned),
             raw_message: raw_message.into(),
             retry_after: None,
+            token_invalid_since: None,
         }
+    }
+
+    /// The same error with another retry class.
+    pub fn with_class(mut self, class: RetryClass) -> Self {
+        self.class = class;
+        self
+    }
+
+    /// The same error with the wait the provider asked for.
+    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
     }
 }
 
@@ -108,6 +145,12 @@ pub trait Provider: Send + Sync + 'static {
     /// The configured name, as used in routes and reports.
     fn name(&self) -> &str;
 
+    /// Whether it can reach `recipient` at all: push credentials serve their own apps
+    /// (APNs topics, FCM projects) only, so a route's providers are filtered by the device.
+    fn serves(&self, _recipient: &Recipient<'_>) -> bool {
+        true
+    }
+
     /// Hands one message to the provider.
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError>;
 
@@ -115,6 +158,85 @@ pub trait Provider: Send + Sync + 'static {
     /// for `channel`), so that the engine may wait for a failure receipt before letting go.
     fn sends_receipts(&self, _channel: Channel) -> bool {
         false
+    }
+}
+
+/// The wait a response's `Retry-After` asks for: seconds, or an HTTP date (its distance from
+/// now).
+pub(crate) fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    let value = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+    Some(
+        at.duration_since(Timestamp::now())
+            .max(jiff::SignedDuration::ZERO)
+            .unsigned_abs(),
+    )
+}
+
+/// A request that got no response: `PROVIDER_TIMEOUT` when it timed out, else
+/// `PROVIDER_UNAVAILABLE`. The URL is left out of the message: it may hold a device token.
+pub(crate) fn unreachable(who: &str, error: reqwest::Error) -> ProviderError {
+    let reason = if error.is_timeout() {
+        FailureReason::ProviderTimeout
+    } else {
+        FailureReason::ProviderUnavailable
+    };
+    let error = error.without_url();
+    let mut message = format!("cannot reach {who}: {error}");
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    ProviderError::new(reason, None, message)
+}
+
+/// An HTTP client builder with TLS on ring (the one crypto library linked in).
+pub(crate) fn http_client_builder() -> reqwest::ClientBuilder {
+    // Fails harmlessly once installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
+/// An HTTP/2-only client: one connection per host carries every request (no handshake per
+/// push), kept open and checked with pings while idle.
+pub(crate) fn http2_client(timeout: Duration) -> Result<reqwest::Client, String> {
+    http_client_builder()
+        .http2_prior_knowledge()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(None)
+        .http2_keep_alive_interval(Duration::from_secs(60))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// A secret from a file or inline, as the configuration gives it.
+pub(crate) fn read_secret(
+    name: &str,
+    file_key: &str,
+    file: Option<&std::path::Path>,
+    inline: Option<&crate::config::SecretString>,
+) -> Result<String, String> {
+    match (file, inline) {
+        (Some(path), _) => std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "providers.{name}.{file_key}: cannot read `{}`: {e}",
+                path.display()
+            )
+        }),
+        (None, Some(secret)) => Ok(secret.expose().to_owned()),
+        (None, None) => Err(format!("providers.{name}.{file_key} is not set")),
     }
 }
 
@@ -204,67 +326,79 @@ impl ProviderRegistry {
     ) -> Result<Self, ProviderBuildError> {
         let mut by_name = BTreeMap::new();
         let (receipt_tx, receipt_rx) = mpsc::unbounded_channel();
+        let provider_timeout = crate::config::positive(
+            "delivery.provider_timeout",
+            config.delivery.provider_timeout,
+        )
+        .unwrap_or(std::time::Duration::from_secs(10));
         for (name, settings) in &config.providers {
-            let provider: Arc<dyn Provider> =
-                match (replacements.remove(name), settings) {
-                    (Some(replacement), _) => replacement,
-                    (None, ProviderConfig::Sandbox { outbox, .. }) => {
-                        Arc::new(SandboxProvider::open(name, outbox).await.map_err(|e| {
+            let provider: Arc<dyn Provider> = match (replacements.remove(name), settings) {
+                (Some(replacement), _) => replacement,
+                (None, ProviderConfig::Sandbox { outbox, .. }) => {
+                    Arc::new(SandboxProvider::open(name, outbox).await.map_err(|e| {
+                        ProviderBuildError {
+                            name: name.clone(),
+                            problem: e.to_string(),
+                        }
+                    })?)
+                }
+                (None, ProviderConfig::Smpp(smpp)) => {
+                    Arc::new(SmppProvider::start(name, smpp.clone(), receipt_tx.clone()))
+                }
+                (None, ProviderConfig::Apns(apns)) => Arc::new(
+                    ApnsProvider::new(name, apns.clone(), provider_timeout).map_err(|problem| {
+                        ProviderBuildError {
+                            name: name.clone(),
+                            problem,
+                        }
+                    })?,
+                ),
+                (None, ProviderConfig::Fcm(fcm)) => Arc::new(
+                    FcmProvider::new(name, fcm.clone(), provider_timeout).map_err(|problem| {
+                        ProviderBuildError {
+                            name: name.clone(),
+                            problem,
+                        }
+                    })?,
+                ),
+                (None, ProviderConfig::Http(http)) => Arc::new(
+                    HttpProvider::new(name, http.clone(), provider_timeout).map_err(|problem| {
+                        ProviderBuildError {
+                            name: name.clone(),
+                            problem,
+                        }
+                    })?,
+                ),
+                (
+                    None,
+                    ProviderConfig::Twilio {
+                        account_sid,
+                        auth_token,
+                        from,
+                        messaging_service_sid,
+                        base_url,
+                        status_callback,
+                        ..
+                    },
+                ) => {
+                    let settings = TwilioSettings {
+                        base_url: base_url.clone(),
+                        account_sid: account_sid.clone(),
+                        auth_token: auth_token.clone(),
+                        from: from.clone(),
+                        messaging_service_sid: messaging_service_sid.clone(),
+                        status_callback: status_callback.clone(),
+                    };
+                    Arc::new(
+                        TwilioProvider::new(name, settings, provider_timeout).map_err(|e| {
                             ProviderBuildError {
                                 name: name.clone(),
                                 problem: e.to_string(),
                             }
-                        })?)
-                    }
-                    (None, ProviderConfig::Smpp(smpp)) => {
-                        Arc::new(SmppProvider::start(name, smpp.clone(), receipt_tx.clone()))
-                    }
-                    (None, ProviderConfig::Http(http)) => {
-                        let timeout = crate::config::positive(
-                            "delivery.provider_timeout",
-                            config.delivery.provider_timeout,
-                        )
-                        .unwrap_or(std::time::Duration::from_secs(10));
-                        Arc::new(HttpProvider::new(name, http.clone(), timeout).map_err(
-                            |problem| ProviderBuildError {
-                                name: name.clone(),
-                                problem,
-                            },
-                        )?)
-                    }
-                    (
-                        None,
-                        ProviderConfig::Twilio {
-                            account_sid,
-                            auth_token,
-                            from,
-                            messaging_service_sid,
-                            base_url,
-                            status_callback,
-                            ..
-                        },
-                    ) => {
-                        let settings = TwilioSettings {
-                            base_url: base_url.clone(),
-                            account_sid: account_sid.clone(),
-                            auth_token: auth_token.clone(),
-                            from: from.clone(),
-                            messaging_service_sid: messaging_service_sid.clone(),
-                            status_callback: status_callback.clone(),
-                        };
-                        let timeout = crate::config::positive(
-                            "delivery.provider_timeout",
-                            config.delivery.provider_timeout,
-                        )
-                        .unwrap_or(std::time::Duration::from_secs(10));
-                        Arc::new(TwilioProvider::new(name, settings, timeout).map_err(|e| {
-                            ProviderBuildError {
-                                name: name.clone(),
-                                problem: e.to_string(),
-                            }
-                        })?)
-                    }
-                };
+                        })?,
+                    )
+                }
+            };
             let entry = ProviderEntry {
                 provider,
                 kind: settings.kind(),
@@ -295,9 +429,14 @@ impl ProviderRegistry {
             .take()
     }
 
-    /// The route for `channel` to `number` (the longest matching prefix route, else the
-    /// channel's default route).
-    pub fn route(&self, channel: Channel, number: Option<&str>) -> Route<'_> {
+    /// The route for `channel` to `recipient`: for a number the longest matching prefix route,
+    /// else the channel's default route; only the providers that serve the recipient (a
+    /// device's push credential for its app).
+    pub fn route(&self, channel: Channel, recipient: &Recipient<'_>) -> Route<'_> {
+        let number = match recipient {
+            Recipient::Phone(number) => Some(*number),
+            Recipient::Device { .. } => None,
+        };
         let by_prefix = self.routes.by_prefix.for_channel(channel);
         let matched = number.zip(by_prefix).and_then(|(number, routes)| {
             routes
@@ -314,6 +453,7 @@ impl ProviderRegistry {
             providers: names
                 .iter()
                 .filter_map(|name| self.by_name.get(name))
+                .filter(|entry| entry.provider.serves(recipient))
                 .collect(),
         }
     }

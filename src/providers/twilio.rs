@@ -100,8 +100,7 @@ impl TwilioProvider {
         timeout: Duration,
     ) -> Result<Self, reqwest::Error> {
         // One process-wide TLS provider (ring); installing it again is a no-op.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let client = super::http_client_builder()
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .build()?;
@@ -199,6 +198,7 @@ fn error_from_response(
         raw_code: Some(code.map_or_else(|| status.as_u16().to_string(), |c| c.to_string())),
         raw_message: message,
         retry_after,
+        token_invalid_since: None,
     }
 }
 
@@ -243,21 +243,9 @@ impl Provider for TwilioProvider {
             .form(&form)
             .send()
             .await
-            .map_err(|error| {
-                let reason = if error.is_timeout() {
-                    FailureReason::ProviderTimeout
-                } else {
-                    FailureReason::ProviderUnavailable
-                };
-                ProviderError::new(reason, None, format!("cannot reach Twilio: {error}"))
-            })?;
+            .map_err(|error| super::unreachable("Twilio", error))?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = super::retry_after(&response);
         let body = response.text().await.unwrap_or_default();
         if status.is_success() {
             let resource: TwilioResource = serde_json::from_str(&body).map_err(|e| {

@@ -17,9 +17,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::decode::decode_job;
-use super::publisher::Publisher;
+use super::publisher::{PublishError, Publisher};
 use crate::delivery::{DeliveryService, Handled};
-use crate::domain::Job;
+use crate::domain::{Job, Report};
 
 /// How long to wait before handing a job back to the broker when its outcome could not be
 /// published, so a failing broker is not hammered.
@@ -151,7 +151,7 @@ impl JobConsumer {
             Handled::Finished { report, fresh } => {
                 // A redelivered job may have been finished without its event going out.
                 if (fresh || delivery.redelivered)
-                    && let Err(error) = self.publisher.publish_event(&report).await
+                    && let Err(error) = self.publish_outcome(&report).await
                 {
                     tracing::warn!(%error, "event not confirmed: job requeued to publish it again");
                     requeue(&delivery).await;
@@ -202,6 +202,17 @@ impl JobConsumer {
             return;
         }
         ack(&delivery).await;
+    }
+
+    /// The delivery's event, then `device.invalidated` for each device whose token a provider
+    /// called dead.
+    async fn publish_outcome(&self, report: &Report) -> Result<(), PublishError> {
+        self.publisher.publish_event(report).await?;
+        for device in report.invalidated_devices() {
+            tracing::info!(device = %device.device_id, platform = %device.platform, reason = %device.reason, "push token invalidated: device.invalidated published");
+            self.publisher.publish_device_invalidated(&device).await?;
+        }
+        Ok(())
     }
 
     /// Hands the job to the delivery service, retrying with back-off while the ledger fails.

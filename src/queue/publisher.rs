@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::decode::CONTENT_TYPE_JSON;
 use super::topology::Topology;
-use crate::domain::{JobError, Report};
+use crate::domain::{DeviceInvalidated, JobError, Report};
 
 /// Header naming why a job was dead-lettered.
 pub const HEADER_ERROR: &str = "x-otp-error";
@@ -143,6 +143,29 @@ impl Publisher {
         self.publish(
             &self.topology.events_exchange,
             &routing_key,
+            &body,
+            properties,
+            false,
+        )
+        .await
+    }
+
+    /// Publishes `device.invalidated` on the events exchange: a provider called a device's push
+    /// token dead, so upstream can remove the device.
+    pub async fn publish_device_invalidated(
+        &self,
+        event: &DeviceInvalidated,
+    ) -> Result<(), PublishError> {
+        const ROUTING_KEY: &str = "device.invalidated";
+        let body = serde_json::to_vec(event).expect("an event always serializes");
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE_JSON.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_message_id(short(&format!("{}#{}", event.delivery_id, event.device_id)))
+            .with_type(ROUTING_KEY.into());
+        self.publish(
+            &self.topology.events_exchange,
+            ROUTING_KEY,
             &body,
             properties,
             false,

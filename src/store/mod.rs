@@ -116,6 +116,8 @@ pub struct AttemptEnd {
     pub provider_message_id: Option<String>,
     /// When the same provider will be called again for this target, if it will.
     pub next_retry_at: Option<Timestamp>,
+    /// For a dead push token: since when the push service has known it is invalid.
+    pub token_invalid_since: Option<Timestamp>,
 }
 
 /// A change to one target.

@@ -194,6 +194,10 @@ impl SqliteLedger {
                 .try_get::<Option<i64>, _>("next_retry_at")?
                 .map(timestamp)
                 .transpose()?,
+            token_invalid_since: row
+                .try_get::<Option<i64>, _>("token_invalid_since")?
+                .map(timestamp)
+                .transpose()?,
             sms: match (
                 parse_opt::<SmsEncoding>(row.try_get("sms_encoding")?)?,
                 row.try_get::<Option<i64>, _>("sms_segments")?,
@@ -408,7 +412,7 @@ impl Ledger for SqliteLedger {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, provider_code = ?, provider_message = ?,
-                                 provider_message_id = ?, next_retry_at = ?
+                                 provider_message_id = ?, next_retry_at = ?, token_invalid_since = ?
              WHERE id = ?",
         )
         .bind(micros(end.ended_at))
@@ -418,6 +422,7 @@ impl Ledger for SqliteLedger {
         .bind(&end.provider_message)
         .bind(&end.provider_message_id)
         .bind(end.next_retry_at.map(micros))
+        .bind(end.token_invalid_since.map(micros))
         .bind(attempt)
         .execute(&mut *tx)
         .await?;
@@ -996,6 +1001,7 @@ mod tests {
                     provider_message: None,
                     provider_message_id: Some("m1".into()),
                     next_retry_at: None,
+                    token_invalid_since: None,
                 },
                 1,
                 &TargetUpdate {

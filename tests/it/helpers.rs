@@ -332,6 +332,34 @@ impl Broker {
         )
     }
 
+    /// A consumer of the events whose routing key matches `pattern` (e.g. `device.#`), on a
+    /// queue of its own that goes away with the connection.
+    pub async fn subscribe(&self, pattern: &str) -> Consumer {
+        let queue = self
+            .channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        self.channel
+            .queue_bind(
+                queue.name().clone(),
+                self.names.events_exchange.as_str().into(),
+                pattern.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        consume_no_ack(&self.channel, queue.name().as_str()).await
+    }
+
     /// Events until one for each of `count` distinct deliveries has arrived.
     pub async fn events_for(
         &mut self,

@@ -11,6 +11,7 @@ mod grpc_api;
 mod http_provider;
 mod logs;
 mod policy;
+mod push;
 mod queue_jobs;
 mod quiet;
 mod restart;
