@@ -1258,6 +1258,63 @@ mod tests {
     }
 
     #[test]
+    fn push_providers_are_checked_and_kept_to_push() {
+        let apns = serde_json::json!({
+            "kind": "apns", "team_id": "TEAM123456", "key_id": "KEY1234567",
+            "key_file": "/run/secrets/AuthKey.p8", "topics": ["com.example.app"],
+        });
+        let with = |key: &str, value: serde_json::Value| {
+            let mut provider = apns.clone();
+            provider[key] = value;
+            Figment::from(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default("providers.apns", provider))
+        };
+        let config = Config::from_figment(with("environment", "sandbox".into())).unwrap();
+        match &config.providers["apns"] {
+            ProviderConfig::Apns(apns) => {
+                assert_eq!(apns.endpoint(), "https://api.sandbox.push.apple.com")
+            }
+            other => panic!("{other:?}"),
+        }
+        for (key, value, named) in [
+            ("team_id", "TEAM".into(), "providers.apns.team_id"),
+            (
+                "key_file",
+                serde_json::Value::Null,
+                "providers.apns.key_file",
+            ),
+            (
+                "key",
+                "-----BEGIN PRIVATE KEY-----".into(),
+                "providers.apns.key",
+            ),
+            ("topics", serde_json::json!([]), "providers.apns.topics"),
+            ("environment", "staging".into(), "staging"),
+        ] {
+            let err = Config::from_figment(with(key, value))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{key}: {err}");
+        }
+        let err = Config::from_figment(
+            with("environment", "production".into())
+                .merge(Serialized::default("routes.sms", ["apns"])),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("routes.sms") && err.contains("carries push only"),
+            "{err}"
+        );
+        let err = Config::from_figment(Figment::from(Toml::string(DEFAULT_TOML)).merge(
+            Serialized::default("providers.fcm", serde_json::json!({"kind": "fcm"})),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("providers.fcm.service_account_file"), "{err}");
+    }
+
+    #[test]
     #[allow(clippy::result_large_err)]
     fn environment_overrides_nested_keys() {
         figment::Jail::expect_with(|jail| {

@@ -36,6 +36,38 @@ fn a_bad_configuration_exits_64_and_names_the_key() {
 }
 
 #[test]
+fn a_push_key_that_cannot_be_read_exits_64_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    let missing = dir.path().join("AuthKey_KEY1234567.p8");
+    std::fs::write(
+        &file,
+        format!(
+            "[providers.apns]\nkind = \"apns\"\nteam_id = \"TEAM123456\"\nkey_id = \"KEY1234567\"\n\
+             key_file = {missing:?}\ntopics = [\"com.example.app\"]\n"
+        ),
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+        .env(
+            "OTP_GATEWAY_STORE__URL",
+            format!("sqlite://{}/ledger.db", dir.path().display()),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("providers.apns.key_file") && stderr.contains("AuthKey_KEY1234567.p8"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn an_unreachable_broker_is_explained_and_sigterm_still_stops_the_service() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(BINARY)

@@ -105,6 +105,8 @@ struct ApnsLog {
     pushes: Vec<ApnsPush>,
     violations: Vec<String>,
     per_token: HashMap<String, u32>,
+    /// Requests being answered now, and the most there were at once.
+    in_flight: (usize, usize),
 }
 
 struct ApnsState {
@@ -161,6 +163,11 @@ impl FakeApns {
 
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// The most requests that were being answered at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.log.lock().unwrap().in_flight.1
     }
 
     /// A provider section for this server.
@@ -234,6 +241,16 @@ async fn apns_push(
         problems.push(format!("apns-collapse-id {collapse:?}"));
     }
     let payload: Value = serde_json::from_slice(&body).unwrap_or_default();
+    // Accepted pushes take a moment, so that concurrent ones overlap (streams on one connection).
+    if token.starts_with("0000") {
+        {
+            let mut log = state.log.lock().unwrap();
+            log.in_flight.0 += 1;
+            log.in_flight.1 = log.in_flight.1.max(log.in_flight.0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        state.log.lock().unwrap().in_flight.0 -= 1;
+    }
     if !payload["aps"]["alert"]["body"].is_string()
         || payload["aps"]["category"] != "OTP_CODE"
         || !payload["otp"]["code"].is_string()
@@ -352,6 +369,11 @@ async fn apns_pushes_are_signed_once_multiplexed_on_one_connection_and_carry_the
         apns.connections(),
         1,
         "every push shares one HTTP/2 connection"
+    );
+    assert!(
+        apns.max_concurrent() > 1,
+        "pushes are multiplexed: {} at once",
+        apns.max_concurrent()
     );
     let tokens: HashSet<_> = pushes.iter().map(|p| p.jwt.clone()).collect();
     assert_eq!(tokens.len(), 1, "one provider token for all pushes");
