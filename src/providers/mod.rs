@@ -332,42 +332,28 @@ impl ProviderRegistry {
         )
         .unwrap_or(std::time::Duration::from_secs(10));
         for (name, settings) in &config.providers {
+            let failed = |problem: String| ProviderBuildError {
+                name: name.clone(),
+                problem,
+            };
             let provider: Arc<dyn Provider> = match (replacements.remove(name), settings) {
                 (Some(replacement), _) => replacement,
-                (None, ProviderConfig::Sandbox { outbox, .. }) => {
-                    Arc::new(SandboxProvider::open(name, outbox).await.map_err(|e| {
-                        ProviderBuildError {
-                            name: name.clone(),
-                            problem: e.to_string(),
-                        }
-                    })?)
-                }
+                (None, ProviderConfig::Sandbox { outbox, .. }) => Arc::new(
+                    SandboxProvider::open(name, outbox)
+                        .await
+                        .map_err(|e| failed(e.to_string()))?,
+                ),
                 (None, ProviderConfig::Smpp(smpp)) => {
                     Arc::new(SmppProvider::start(name, smpp.clone(), receipt_tx.clone()))
                 }
                 (None, ProviderConfig::Apns(apns)) => Arc::new(
-                    ApnsProvider::new(name, apns.clone(), provider_timeout).map_err(|problem| {
-                        ProviderBuildError {
-                            name: name.clone(),
-                            problem,
-                        }
-                    })?,
+                    ApnsProvider::new(name, apns.clone(), provider_timeout).map_err(failed)?,
                 ),
-                (None, ProviderConfig::Fcm(fcm)) => Arc::new(
-                    FcmProvider::new(name, fcm.clone(), provider_timeout).map_err(|problem| {
-                        ProviderBuildError {
-                            name: name.clone(),
-                            problem,
-                        }
-                    })?,
-                ),
+                (None, ProviderConfig::Fcm(fcm)) => {
+                    Arc::new(FcmProvider::new(name, fcm.clone(), provider_timeout).map_err(failed)?)
+                }
                 (None, ProviderConfig::Http(http)) => Arc::new(
-                    HttpProvider::new(name, http.clone(), provider_timeout).map_err(|problem| {
-                        ProviderBuildError {
-                            name: name.clone(),
-                            problem,
-                        }
-                    })?,
+                    HttpProvider::new(name, http.clone(), provider_timeout).map_err(failed)?,
                 ),
                 (
                     None,
@@ -390,12 +376,8 @@ impl ProviderRegistry {
                         status_callback: status_callback.clone(),
                     };
                     Arc::new(
-                        TwilioProvider::new(name, settings, provider_timeout).map_err(|e| {
-                            ProviderBuildError {
-                                name: name.clone(),
-                                problem: e.to_string(),
-                            }
-                        })?,
+                        TwilioProvider::new(name, settings, provider_timeout)
+                            .map_err(|e| failed(e.to_string()))?,
                     )
                 }
             };

@@ -332,11 +332,9 @@ impl Broker {
         )
     }
 
-    /// A consumer of the events whose routing key matches `pattern` (e.g. `device.#`), on a
-    /// queue of its own that goes away with the connection.
-    pub async fn subscribe(&self, pattern: &str) -> Consumer {
-        let queue = self
-            .channel
+    /// A server-named queue of this connection's own (gone when it closes).
+    pub async fn exclusive_queue(&self) -> lapin::Queue {
+        self.channel
             .queue_declare(
                 "".into(),
                 QueueDeclareOptions {
@@ -346,7 +344,13 @@ impl Broker {
                 FieldTable::default(),
             )
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A consumer of the events whose routing key matches `pattern` (e.g. `device.#`), on an
+    /// exclusive queue.
+    pub async fn subscribe(&self, pattern: &str) -> Consumer {
+        let queue = self.exclusive_queue().await;
         self.channel
             .queue_bind(
                 queue.name().clone(),

@@ -20,6 +20,8 @@ use axum::{Form, Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::StreamExt;
+use otp_gateway::config::Config;
+use otp_gateway::delivery::DeliveryService;
 use otp_gateway::domain::{AttemptOutcome, DeliveryStatus, FailureReason, TargetStatus};
 use otp_gateway::policy::{BlockKind, BlockSource};
 use otp_gateway::store::{PolicyStore, SqliteLedger};
@@ -316,25 +318,42 @@ fn fcm_device(id: &str, token: &str, project: Option<&str>) -> Value {
     json!({"device": {"id": id, "platform": "fcm", "token": token, "topic": project}})
 }
 
-fn dir() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
+/// A delivery engine over its own ledger whose push route is `providers` (name, section), in
+/// order. Pushes end at the push service (no acknowledgement wait) for tenant `acme`. Keep
+/// `_dir` bound: the ledger lives in it.
+struct PushEngine {
+    service: Arc<DeliveryService>,
+    config: Config,
+    _dir: tempfile::TempDir,
 }
 
-/// Pushes end at the push service (no device acknowledgement wait) for tenant `acme`.
-fn without_ack() -> (&'static str, Value) {
-    ("tenants.acme.push_acknowledgement", json!(false))
+async fn push_engine(providers: &[(&str, Value)]) -> PushEngine {
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<&str> = providers.iter().map(|(name, _)| *name).collect();
+    let sections: serde_json::Map<String, Value> = providers
+        .iter()
+        .map(|(name, section)| (name.to_string(), section.clone()))
+        .collect();
+    let config = engine_config(
+        dir.path(),
+        Value::Object(sections),
+        &[
+            ("routes.push", json!(names)),
+            ("tenants.acme.push_acknowledgement", json!(false)),
+        ],
+    );
+    let service = engine(&config, vec![]).await;
+    PushEngine {
+        service,
+        config,
+        _dir: dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn apns_pushes_are_signed_once_multiplexed_on_one_connection_and_carry_the_code() {
     let apns = FakeApns::start().await;
-    let dir = dir();
-    let config = engine_config(
-        dir.path(),
-        json!({"apns": apns.provider(&TOPICS)}),
-        &[("routes.push", json!(["apns"])), without_ack()],
-    );
-    let service = engine(&config, vec![]).await;
+    let PushEngine { service, _dir, .. } = push_engine(&[("apns", apns.provider(&TOPICS))]).await;
     let jobs: Vec<_> = (0..20)
         .map(|n| {
             job(
@@ -402,13 +421,11 @@ async fn apns_pushes_are_signed_once_multiplexed_on_one_connection_and_carry_the
 #[tokio::test(flavor = "multi_thread")]
 async fn apns_answers_become_reasons_retries_and_a_new_provider_token() {
     let apns = FakeApns::start().await;
-    let dir = dir();
-    let config = engine_config(
-        dir.path(),
-        json!({"apns": apns.provider(&TOPICS)}),
-        &[("routes.push", json!(["apns"])), without_ack()],
-    );
-    let service = engine(&config, vec![]).await;
+    let PushEngine {
+        service,
+        config,
+        _dir,
+    } = push_engine(&[("apns", apns.provider(&TOPICS))]).await;
     let one = |id: &str, token: String| {
         job(
             id,
@@ -800,13 +817,7 @@ async fn fcm_send(
 #[tokio::test(flavor = "multi_thread")]
 async fn fcm_gets_one_verified_access_token_and_maps_every_error() {
     let fcm = FakeFcm::start().await;
-    let dir = dir();
-    let config = engine_config(
-        dir.path(),
-        json!({"fcm": fcm.provider()}),
-        &[("routes.push", json!(["fcm"])), without_ack()],
-    );
-    let service = engine(&config, vec![]).await;
+    let PushEngine { service, _dir, .. } = push_engine(&[("fcm", fcm.provider())]).await;
     let one = |id: &str, token: &str| {
         job(
             id,
@@ -945,7 +956,6 @@ async fn fcm_gets_one_verified_access_token_and_maps_every_error() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refused_service_account_is_a_misconfigured_provider() {
     let fcm = FakeFcm::start().await;
-    let dir = dir();
     // Another key than the one the token endpoint knows.
     let other = {
         let key = include_str!("../fixtures/fcm-service-account-key.pem");
@@ -961,12 +971,7 @@ async fn a_refused_service_account_is_a_misconfigured_provider() {
         .unwrap()
         .remove("service_account_file");
     provider["service_account"] = json!(other);
-    let config = engine_config(
-        dir.path(),
-        json!({"fcm": provider}),
-        &[("routes.push", json!(["fcm"])), without_ack()],
-    );
-    let service = engine(&config, vec![]).await;
+    let PushEngine { service, _dir, .. } = push_engine(&[("fcm", provider)]).await;
     let report = deliver(
         &service,
         &job(
@@ -1001,20 +1006,12 @@ async fn each_device_goes_to_the_credential_of_its_app() {
     let apns_a = FakeApns::start().await;
     let apns_b = FakeApns::start().await;
     let fcm = FakeFcm::start().await;
-    let dir = dir();
-    let config = engine_config(
-        dir.path(),
-        json!({
-            "apns-a": apns_a.provider(&["com.example.app"]),
-            "apns-b": apns_b.provider(&["com.example.b"]),
-            "fcm": fcm.provider(),
-        }),
-        &[
-            ("routes.push", json!(["apns-a", "apns-b", "fcm"])),
-            without_ack(),
-        ],
-    );
-    let service = engine(&config, vec![]).await;
+    let PushEngine { service, _dir, .. } = push_engine(&[
+        ("apns-a", apns_a.provider(&["com.example.app"])),
+        ("apns-b", apns_b.provider(&["com.example.b"])),
+        ("fcm", fcm.provider()),
+    ])
+    .await;
     let report = deliver(
         &service,
         &job(
@@ -1082,7 +1079,7 @@ async fn a_dead_token_is_reported_upstream_and_the_code_falls_back_to_sms() {
         return;
     }
     let apns = FakeApns::start().await;
-    let dir = dir();
+    let dir = tempfile::tempdir().unwrap();
     let names = Names::new("push-dead");
     let mut broker = Broker::connect(&names).await;
     let mut device_events = broker.subscribe("device.#").await;

@@ -4,8 +4,6 @@
 use std::time::Duration;
 
 use lapin::BasicProperties;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use otp_gateway::proto::{timestamp_to_proto, v1};
 use prost::Message;
 use serde_json::json;
@@ -27,18 +25,7 @@ async fn json_and_protobuf_jobs_are_delivered_reported_and_acked() {
     let gateway = Gateway::start(config(&names, dir.path(), &overrides)).await;
 
     // A JSON job that asks for a reply.
-    let reply_queue = broker
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let reply_queue = broker.exclusive_queue().await;
     let mut replies = consume_no_ack(&broker.channel, reply_queue.name().as_str()).await;
     broker
         .publish(
