@@ -947,6 +947,37 @@ impl Config {
         Ok(config)
     }
 
+    /// A route (at `key`) for `channel`: not empty, only configured providers, each able to
+    /// carry the channel.
+    fn validate_route(
+        &self,
+        key: &str,
+        channel: Channel,
+        route: &[String],
+    ) -> Result<(), ConfigError> {
+        if route.is_empty() {
+            return Err(invalid(key, "names no provider"));
+        }
+        for name in route {
+            match self.providers.get(name) {
+                None => {
+                    return Err(invalid(
+                        key,
+                        format!("names `{name}`, which is not under [providers]"),
+                    ));
+                }
+                Some(provider) if !provider.carries(channel) => {
+                    return Err(invalid(
+                        key,
+                        format!("`{name}` is {}", provider.carries_only()),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let amqp = &self.amqp;
@@ -1005,29 +1036,7 @@ impl Config {
         positive("delivery.shutdown_grace", self.delivery.shutdown_grace)?;
         for channel in Channel::DEFAULT_ORDER {
             let key = format!("routes.{channel}");
-            let route = self.routes.for_channel(channel);
-            if route.is_empty() {
-                return Err(invalid(key, "names no provider"));
-            }
-            if let Some((name, provider)) = route
-                .iter()
-                .filter_map(|name| Some((name, self.providers.get(name)?)))
-                .find(|(_, provider)| !provider.carries(channel))
-            {
-                return Err(invalid(
-                    key,
-                    format!("`{name}` is {}", provider.carries_only()),
-                ));
-            }
-            if let Some(unknown) = route
-                .iter()
-                .find(|name| !self.providers.contains_key(*name))
-            {
-                return Err(invalid(
-                    key,
-                    format!("names `{unknown}`, which is not under [providers]"),
-                ));
-            }
+            self.validate_route(&key, channel, self.routes.for_channel(channel))?;
         }
         for (name, provider) in &self.providers {
             match provider {
@@ -1119,28 +1128,7 @@ impl Config {
                         "a prefix is + and 1 to 7 digits, e.g. \"+1\" or \"+4915\"",
                     ));
                 }
-                if providers.is_empty() {
-                    return Err(invalid(key, "names no provider"));
-                }
-                if let Some((name, provider)) = providers
-                    .iter()
-                    .filter_map(|name| Some((name, self.providers.get(name)?)))
-                    .find(|(_, provider)| !provider.carries(channel))
-                {
-                    return Err(invalid(
-                        key,
-                        format!("`{name}` is {}", provider.carries_only()),
-                    ));
-                }
-                if let Some(unknown) = providers
-                    .iter()
-                    .find(|name| !self.providers.contains_key(*name))
-                {
-                    return Err(invalid(
-                        key,
-                        format!("names `{unknown}`, which is not under [providers]"),
-                    ));
-                }
+                self.validate_route(&key, channel, providers)?;
             }
         }
         MessageTemplates::new(&self.templates).map_err(|e| invalid(e.key, e.problem))?;
