@@ -348,6 +348,17 @@ fn refused(status: &tonic::Status, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// After a removal: "removed #id", or why the gateway refused it (exit 1).
+fn removed<T>(id: i64, result: Result<T, tonic::Status>) -> ExitCode {
+    match result {
+        Ok(_) => {
+            println!("removed #{id}");
+            ExitCode::SUCCESS
+        }
+        Err(status) => refused(&status, 1),
+    }
+}
+
 /// A channel to the gateway at `server`, or the exit code after saying why there is none.
 async fn gateway(server: &str) -> Result<tonic::transport::Channel, ExitCode> {
     let endpoint = tonic::transport::Channel::from_shared(server.to_owned()).map_err(|error| {
@@ -521,13 +532,12 @@ async fn block(command: BlockCommand, server: String) -> anyhow::Result<ExitCode
                 }
             );
         }
-        BlockCommand::Rm { id } => match client
-            .remove_block_entry(v1::RemoveBlockEntryRequest { id })
-            .await
-        {
-            Ok(_) => println!("removed #{id}"),
-            Err(status) => return Ok(refused(&status, 1)),
-        },
+        BlockCommand::Rm { id } => {
+            let result = client
+                .remove_block_entry(v1::RemoveBlockEntryRequest { id })
+                .await;
+            return Ok(removed(id, result));
+        }
         BlockCommand::Ls { tenant } => {
             let request = v1::ListBlockEntriesRequest {
                 tenant: tenant.unwrap_or_default(),
@@ -698,13 +708,10 @@ async fn quiet(command: QuietCommand, server: String) -> anyhow::Result<ExitCode
             }
         }
         QuietCommand::Rm { id } => {
-            if let Err(status) = client
+            let result = client
                 .remove_quiet_hours(v1::RemoveQuietHoursRequest { id })
-                .await
-            {
-                return Ok(refused(&status, 1));
-            }
-            println!("removed #{id}");
+                .await;
+            return Ok(removed(id, result));
         }
         QuietCommand::Ls { tenant } => {
             let request = v1::ListQuietHoursRequest {
@@ -783,13 +790,10 @@ async fn limits(command: LimitsCommand, server: String) -> anyhow::Result<ExitCo
             }
         }
         LimitsCommand::Rm { id } => {
-            if let Err(status) = client
+            let result = client
                 .remove_rate_limit(v1::RemoveRateLimitRequest { id })
-                .await
-            {
-                return Ok(refused(&status, 1));
-            }
-            println!("removed #{id}");
+                .await;
+            return Ok(removed(id, result));
         }
         LimitsCommand::Ls { tenant } => {
             let request = v1::ListRateLimitsRequest {

@@ -237,6 +237,16 @@ fn phone(number: &str) -> Value {
     json!({"phone": {"number": number}})
 }
 
+/// A job to a device, then a number, by push then SMS, valid for a minute.
+fn push_then_sms_job(job_id: &str) -> Job {
+    job(
+        job_id,
+        60.0,
+        &["push", "sms"],
+        json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
+    )
+}
+
 fn device(id: &str, token: &str) -> Value {
     json!({"device": {"id": id, "platform": "apns", "token": token}})
 }
@@ -567,12 +577,7 @@ async fn denied_on_a_device_stops_the_chain_and_shown_makes_it_delivered() {
     let (service, sms) = push_then_sms(dir.path(), "10s").await;
 
     // DENIED: FAILED / USER_DENIED at once, and no SMS.
-    let job_denied = job(
-        "denied",
-        60.0,
-        &["push", "sms"],
-        json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
-    );
+    let job_denied = push_then_sms_job("denied");
     let running = spawn_delivery(&service, job_denied);
     pushes_sent(&service, "denied", 1).await;
     let id = "acme/denied".parse().unwrap();
@@ -827,12 +832,7 @@ async fn a_provider_level_refusal_fails_over_at_once_with_the_same_code() {
 async fn a_delivery_taken_over_while_waiting_for_an_acknowledgement_waits_again_then_escalates() {
     let dir = tempfile::tempdir().unwrap();
     let (service, sms) = push_then_sms(dir.path(), "300ms").await;
-    let job = job(
-        "takeover",
-        60.0,
-        &["push", "sms"],
-        json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
-    );
+    let job = push_then_sms_job("takeover");
     let first = spawn_delivery(&service, job.clone());
     pushes_sent(&service, "takeover", 1).await;
     // The worker dies while it waits; the broker redelivers the job.
@@ -865,12 +865,7 @@ async fn a_denial_that_arrives_during_escalation_still_decides_the_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let (service, sms) = push_then_sms(dir.path(), "200ms").await;
     sms.set_default(Step::Accept(Duration::from_millis(800)));
-    let job = job(
-        "late-deny",
-        60.0,
-        &["push", "sms"],
-        json!([device("ipad-1", "a1b2c3d4e5f6a7b8"), phone("+14155550101")]),
-    );
+    let job = push_then_sms_job("late-deny");
     let running = spawn_delivery(&service, job.clone());
     // Wait until the SMS call is under way, then the user taps "Don't Allow".
     for _ in 0..200 {

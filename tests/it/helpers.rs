@@ -143,15 +143,19 @@ impl Gateway {
 
     /// Starts a gateway with the given providers and waits until it consumes.
     pub async fn start_with(config: Config, providers: ProviderRegistry) -> Gateway {
-        let mut gateway = Self::spawn(config, providers).await;
+        Self::spawn(config, providers).await.consuming().await
+    }
+
+    /// Waits until the gateway consumes from RabbitMQ.
+    async fn consuming(mut self) -> Gateway {
         tokio::time::timeout(
             Duration::from_secs(20),
-            gateway.link_state.wait_for(|s| *s == LinkState::Up),
+            self.link_state.wait_for(|s| *s == LinkState::Up),
         )
         .await
         .expect("the gateway connects to RabbitMQ within 20 s")
         .unwrap();
-        gateway
+        self
     }
 
     /// Starts a gateway without waiting for the broker.
@@ -166,15 +170,10 @@ impl Gateway {
         clock: Arc<dyn otp_gateway::domain::Clock>,
     ) -> Gateway {
         let providers = ProviderRegistry::from_config(&config).await.unwrap();
-        let mut gateway = Self::spawn_with(config, providers, clock).await;
-        tokio::time::timeout(
-            Duration::from_secs(20),
-            gateway.link_state.wait_for(|s| *s == LinkState::Up),
-        )
-        .await
-        .expect("the gateway connects to RabbitMQ within 20 s")
-        .unwrap();
-        gateway
+        Self::spawn_with(config, providers, clock)
+            .await
+            .consuming()
+            .await
     }
 
     async fn spawn(config: Config, providers: ProviderRegistry) -> Gateway {
