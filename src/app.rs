@@ -142,9 +142,7 @@ impl Application {
             .providers
             .iter()
             .filter_map(|(name, provider)| match provider {
-                ProviderConfig::Twilio { auth_token, .. } => {
-                    Some((name.clone(), auth_token.clone()))
-                }
+                ProviderConfig::Twilio(twilio) => Some((name.clone(), twilio.auth_token.clone())),
                 _ => None,
             })
             .collect();

@@ -330,30 +330,7 @@ pub enum ProviderConfig {
         breaker: BreakerConfig,
     },
     /// A Twilio account (SMS through Messages, voice through Calls).
-    Twilio {
-        /// The account SID (`AC…`).
-        account_sid: String,
-        /// The auth token (redacted when shown).
-        auth_token: SecretString,
-        /// Sender number (E.164), for voice and when no messaging service is set.
-        #[serde(default)]
-        from: Option<String>,
-        /// Messaging service SID (`MG…`), preferred for SMS.
-        #[serde(default)]
-        messaging_service_sid: Option<String>,
-        /// API base (tests and the compose stack point it elsewhere).
-        #[serde(default = "default_twilio_base")]
-        base_url: String,
-        /// Where Twilio should post status callbacks.
-        #[serde(default)]
-        status_callback: Option<String>,
-        /// Retries.
-        #[serde(default)]
-        retry: RetryConfig,
-        /// Circuit breaking.
-        #[serde(default)]
-        breaker: BreakerConfig,
-    },
+    Twilio(TwilioProviderConfig),
     /// A generic HTTP aggregator.
     Http(HttpProviderConfig),
     /// An SMPP 3.4 carrier bind (SMS only).
@@ -362,6 +339,34 @@ pub enum ProviderConfig {
     Apns(ApnsProviderConfig),
     /// A Firebase project (push through FCM HTTP v1).
     Fcm(FcmProviderConfig),
+}
+
+/// A Twilio account (`kind = "twilio"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioProviderConfig {
+    /// The account SID (`AC…`).
+    pub account_sid: String,
+    /// The auth token (redacted when shown).
+    pub auth_token: SecretString,
+    /// Sender number (E.164), for voice and when no messaging service is set.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Messaging service SID (`MG…`), preferred for SMS.
+    #[serde(default)]
+    pub messaging_service_sid: Option<String>,
+    /// API base (tests and the compose stack point it elsewhere).
+    #[serde(default = "default_twilio_base")]
+    pub base_url: String,
+    /// Where Twilio should post status callbacks.
+    #[serde(default)]
+    pub status_callback: Option<String>,
+    /// Retries.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Circuit breaking.
+    #[serde(default)]
+    pub breaker: BreakerConfig,
 }
 
 /// Which APNs environment a credential's pushes go to.
@@ -609,7 +614,7 @@ impl ProviderConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderConfig::Sandbox { .. } => "sandbox",
-            ProviderConfig::Twilio { .. } => "twilio",
+            ProviderConfig::Twilio(_) => "twilio",
             ProviderConfig::Http(_) => "http",
             ProviderConfig::Smpp(_) => "smpp",
             ProviderConfig::Apns(_) => "apns",
@@ -620,7 +625,8 @@ impl ProviderConfig {
     /// Its retry settings.
     pub fn retry(&self) -> &RetryConfig {
         match self {
-            ProviderConfig::Sandbox { retry, .. } | ProviderConfig::Twilio { retry, .. } => retry,
+            ProviderConfig::Sandbox { retry, .. } => retry,
+            ProviderConfig::Twilio(twilio) => &twilio.retry,
             ProviderConfig::Http(http) => &http.retry,
             ProviderConfig::Smpp(smpp) => &smpp.retry,
             ProviderConfig::Apns(apns) => &apns.retry,
@@ -631,9 +637,8 @@ impl ProviderConfig {
     /// Its circuit-breaker settings.
     pub fn breaker(&self) -> &BreakerConfig {
         match self {
-            ProviderConfig::Sandbox { breaker, .. } | ProviderConfig::Twilio { breaker, .. } => {
-                breaker
-            }
+            ProviderConfig::Sandbox { breaker, .. } => breaker,
+            ProviderConfig::Twilio(twilio) => &twilio.breaker,
             ProviderConfig::Http(http) => &http.breaker,
             ProviderConfig::Smpp(smpp) => &smpp.breaker,
             ProviderConfig::Apns(apns) => &apns.breaker,
@@ -1071,14 +1076,14 @@ impl Config {
                         }
                     }
                 }
-                ProviderConfig::Twilio {
+                ProviderConfig::Twilio(TwilioProviderConfig {
                     account_sid,
                     auth_token,
                     from,
                     messaging_service_sid,
                     base_url,
                     ..
-                } => {
+                }) => {
                     let key = |field: &str| format!("providers.{name}.{field}");
                     if !account_sid.starts_with("AC") {
                         return Err(invalid(key("account_sid"), "must be the account SID (AC…)"));

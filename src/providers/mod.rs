@@ -28,7 +28,7 @@ pub use fcm::FcmProvider;
 pub use http::HttpProvider;
 pub use sandbox::SandboxProvider;
 pub use smpp::SmppProvider;
-pub use twilio::{TwilioProvider, TwilioSettings, classify as classify_twilio};
+pub use twilio::{TwilioProvider, classify as classify_twilio};
 
 /// Who a message goes to, unmasked: only adapters see this.
 #[derive(Debug, Clone, Copy)]
@@ -355,31 +355,10 @@ impl ProviderRegistry {
                 (None, ProviderConfig::Http(http)) => Arc::new(
                     HttpProvider::new(name, http.clone(), provider_timeout).map_err(failed)?,
                 ),
-                (
-                    None,
-                    ProviderConfig::Twilio {
-                        account_sid,
-                        auth_token,
-                        from,
-                        messaging_service_sid,
-                        base_url,
-                        status_callback,
-                        ..
-                    },
-                ) => {
-                    let settings = TwilioSettings {
-                        base_url: base_url.clone(),
-                        account_sid: account_sid.clone(),
-                        auth_token: auth_token.clone(),
-                        from: from.clone(),
-                        messaging_service_sid: messaging_service_sid.clone(),
-                        status_callback: status_callback.clone(),
-                    };
-                    Arc::new(
-                        TwilioProvider::new(name, settings, provider_timeout)
-                            .map_err(|e| failed(e.to_string()))?,
-                    )
-                }
+                (None, ProviderConfig::Twilio(twilio)) => Arc::new(
+                    TwilioProvider::new(name, twilio.clone(), provider_timeout)
+                        .map_err(|e| failed(e.to_string()))?,
+                ),
             };
             let entry = ProviderEntry {
                 provider,

@@ -10,34 +10,17 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient};
-use crate::config::SecretString;
+use crate::config::TwilioProviderConfig;
 use crate::domain::{Channel, FailureReason, RetryClass};
 
 /// Longest validity Twilio accepts for a message, in seconds.
 const MAX_VALIDITY_SECS: i64 = 36_000;
 
-/// Settings of one Twilio account.
-#[derive(Debug, Clone)]
-pub struct TwilioSettings {
-    /// API base, e.g. `https://api.twilio.com` (tests point it at a local server).
-    pub base_url: String,
-    /// The account SID (`AC…`).
-    pub account_sid: String,
-    /// The auth token.
-    pub auth_token: SecretString,
-    /// Sender number, when no messaging service is used.
-    pub from: Option<String>,
-    /// Messaging service SID (`MG…`), preferred over `from` for SMS.
-    pub messaging_service_sid: Option<String>,
-    /// Where Twilio posts status callbacks.
-    pub status_callback: Option<String>,
-}
-
 /// A Twilio account as a provider.
 #[derive(Debug)]
 pub struct TwilioProvider {
     name: String,
-    settings: TwilioSettings,
+    settings: TwilioProviderConfig,
     client: reqwest::Client,
 }
 
@@ -96,7 +79,7 @@ impl TwilioProvider {
     /// A provider for one Twilio account.
     pub fn new(
         name: &str,
-        settings: TwilioSettings,
+        settings: TwilioProviderConfig,
         timeout: Duration,
     ) -> Result<Self, reqwest::Error> {
         // One process-wide TLS provider (ring); installing it again is a no-op.
