@@ -3,6 +3,8 @@
 //! changing them. The code is never stored.
 
 mod sqlite;
+mod sqlite_writes;
+mod writer;
 
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
@@ -35,6 +37,15 @@ pub enum StoreError {
     /// A stored value could not be read back.
     #[error("ledger holds an unreadable value: {0}")]
     Corrupt(String),
+    /// The writer's connection refused or failed.
+    #[error("ledger database: {0}")]
+    Engine(#[from] rusqlite::Error),
+    /// The group transaction holding the write failed to commit.
+    #[error("ledger commit: {0}")]
+    Commit(String),
+    /// The ledger's writer task is gone (the process is shutting down).
+    #[error("the ledger writer has stopped")]
+    WriterStopped,
     /// The delivery is not in the ledger.
     #[error("delivery {0} is not in the ledger")]
     NotFound(String),

@@ -11,8 +11,10 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Executor, Row, Sqlite};
 
+use super::sqlite_writes::{self as writes, Claimed, micros, timestamp};
+use super::writer::GroupWriter;
 use super::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DeliveryKey, Ledger, ListPage, ListQuery,
     NewDelivery, Outcome, PolicyStore, StoreError, TargetUpdate,
@@ -26,21 +28,48 @@ use crate::policy::{
     parse_time_of_day, parse_weekday, weekday_name,
 };
 
-/// What an attempt left unanswered by a worker that went away is recorded as.
-const INTERRUPTED: &str = "interrupted: the gateway stopped before the provider answered";
+/// The report of a delivery just inserted as IN_PROGRESS, as [`SqliteLedger::load`] would read
+/// it back: no attempts, every target pending.
+fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
+    Report {
+        delivery_id: new.id.to_string(),
+        tenant: new.id.tenant.clone(),
+        job_id: new.id.job_id.clone(),
+        account: new.account.clone(),
+        purpose: new.purpose.clone(),
+        status: DeliveryStatus::InProgress,
+        reason: None,
+        hint: None,
+        summary: String::new(),
+        created_at: now,
+        updated_at: now,
+        expires_at: Timestamp::from_microsecond(micros(new.expires_at)).unwrap_or(new.expires_at),
+        targets: new
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(index, target)| TargetResult {
+                index: index as u32,
+                channel: target.channel,
+                target: target.label.clone(),
+                platform: target.platform,
+                status: TargetStatus::Pending,
+                reason: None,
+                hint: None,
+                detail: None,
+                acknowledgement: None,
+                attempts: Vec::new(),
+            })
+            .collect(),
+    }
+}
 
-/// A ledger in one SQLite file.
+/// A ledger in one SQLite file. Reads use a small pool; writes go through one
+/// [`GroupWriter`], which commits the writes of many deliveries with one fsync.
 #[derive(Debug, Clone)]
 pub struct SqliteLedger {
     pool: SqlitePool,
-}
-
-fn micros(at: Timestamp) -> i64 {
-    at.as_microsecond()
-}
-
-fn timestamp(micros: i64) -> Result<Timestamp, StoreError> {
-    Timestamp::from_microsecond(micros).map_err(|e| StoreError::Corrupt(e.to_string()))
+    writer: GroupWriter,
 }
 
 fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T, StoreError> {
@@ -71,101 +100,24 @@ impl SqliteLedger {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("src/store/migrations/sqlite")
             .run(&pool)
             .await?;
-        Ok(SqliteLedger { pool })
+        let writer = GroupWriter::start(options.get_filename())?;
+        Ok(SqliteLedger { pool, writer })
     }
 
-    async fn insert(
-        tx: &mut Transaction<'static, Sqlite>,
-        new: &NewDelivery,
-        status: DeliveryStatus,
-        worker: Option<&str>,
-        now: Timestamp,
-    ) -> Result<Option<DeliveryKey>, StoreError> {
-        let inserted = sqlx::query(
-            "INSERT INTO deliveries (tenant, job_id, account, purpose, status, owner, expires_at, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (tenant, job_id) DO NOTHING
-             RETURNING id",
-        )
-        .bind(&new.id.tenant)
-        .bind(&new.id.job_id)
-        .bind(&new.account)
-        .bind(&new.purpose)
-        .bind(status.as_str())
-        .bind(worker)
-        .bind(micros(new.expires_at))
-        .bind(micros(now))
-        .bind(micros(now))
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(row) = inserted else {
-            return Ok(None);
-        };
-        let key: i64 = row.try_get("id")?;
-        for (index, target) in new.targets.iter().enumerate() {
-            sqlx::query(
-                "INSERT INTO targets (delivery, idx, channel, label, platform, status) VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(key)
-            .bind(index as i64)
-            .bind(target.channel.as_str())
-            .bind(&target.label)
-            .bind(target.platform.map(|p| p.as_str()))
-            .bind(TargetStatus::Pending.as_str())
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(Some(key))
-    }
-
-    /// Updates one target and marks the delivery as changed.
-    async fn set_target(
-        tx: &mut Transaction<'static, Sqlite>,
-        key: DeliveryKey,
-        index: u32,
-        update: &TargetUpdate,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE targets SET channel = ?, status = ?, reason = ?, detail = ? WHERE delivery = ? AND idx = ?")
-            .bind(update.channel.as_str())
-            .bind(update.status.as_str())
-            .bind(update.reason.map(FailureReason::as_str))
-            .bind(&update.detail)
-            .bind(key)
-            .bind(index as i64)
-            .execute(&mut **tx)
-            .await?;
-        Self::touch(tx, key, now).await
-    }
-
-    /// Marks the delivery as changed at `now` (watchers and lists order by it).
-    async fn touch(
-        tx: &mut Transaction<'static, Sqlite>,
-        key: DeliveryKey,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE deliveries SET updated_at = ? WHERE id = ?")
-            .bind(micros(now))
-            .bind(key)
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
-    }
-
-    async fn key_of(
-        &self,
+    async fn key_of<'e>(
+        executor: impl Executor<'e, Database = Sqlite>,
         id: &DeliveryId,
     ) -> Result<Option<(DeliveryKey, DeliveryStatus, Option<String>)>, StoreError> {
         let row =
             sqlx::query("SELECT id, status, owner FROM deliveries WHERE tenant = ? AND job_id = ?")
                 .bind(&id.tenant)
                 .bind(&id.job_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(executor)
                 .await?;
         row.map(|row| {
             let status: String = row.try_get("status")?;
@@ -259,6 +211,12 @@ impl SqliteLedger {
         })
     }
 
+    /// How many group transactions the writer has committed (each is one fsync, however many
+    /// deliveries' writes it carried).
+    pub fn group_commits(&self) -> u64 {
+        self.writer.commits()
+    }
+
     async fn load(&self, key: DeliveryKey) -> Result<Option<Report>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let Some(delivery) = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
@@ -287,30 +245,19 @@ impl Ledger for SqliteLedger {
         new: &NewDelivery,
         now: Timestamp,
     ) -> Result<(Report, bool), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = Self::insert(&mut tx, new, DeliveryStatus::Accepted, None, now).await?;
-        tx.commit().await?;
-        let key = match inserted {
-            Some(key) => key,
-            None => {
-                self.key_of(&new.id)
-                    .await?
-                    .ok_or_else(|| StoreError::NotFound(new.id.to_string()))?
-                    .0
-            }
-        };
-        Ok((self.report(key).await?, inserted.is_some()))
+        let new = new.clone();
+        let (key, inserted) = self
+            .writer
+            .write(move |conn| writes::accept(conn, &new, now))
+            .await?;
+        Ok((self.report(key).await?, inserted))
     }
 
     async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM deliveries WHERE tenant = ? AND job_id = ? AND status = 'ACCEPTED'",
-        )
-        .bind(&id.tenant)
-        .bind(&id.job_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let id = id.clone();
+        self.writer
+            .write(move |conn| writes::forget_accepted(conn, &id))
+            .await
     }
 
     async fn claim(
@@ -320,61 +267,27 @@ impl Ledger for SqliteLedger {
         takeover: bool,
         now: Timestamp,
     ) -> Result<Claim, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(key) =
-            Self::insert(&mut tx, new, DeliveryStatus::InProgress, Some(worker), now).await?
-        {
-            tx.commit().await?;
-            return Ok(Claim::Started(key, self.report(key).await?));
-        }
-        tx.commit().await?;
-        let (key, status, owner) = self
-            .key_of(&new.id)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(new.id.to_string()))?;
-        if status.is_terminal() {
-            return Ok(Claim::Finished(self.report(key).await?));
-        }
-        // Claim atomically: only one worker's UPDATE matches.
-        let claimed = sqlx::query(
-            "UPDATE deliveries SET status = 'IN_PROGRESS', owner = ?, updated_at = ?
-             WHERE id = ? AND (status IN ('ACCEPTED', 'DEFERRED')
-                               OR (status = 'IN_PROGRESS' AND (? OR owner = ? OR owner IS NULL)))",
-        )
-        .bind(worker)
-        .bind(micros(now))
-        .bind(key)
-        .bind(takeover)
-        .bind(worker)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        if !claimed {
-            let report = self.report(key).await?;
-            return Ok(if report.status.is_terminal() {
-                Claim::Finished(report)
-            } else {
-                Claim::HeldElsewhere(report)
-            });
-        }
-        if status == DeliveryStatus::InProgress {
-            tracing::info!(
-                previous_worker = owner.as_deref().unwrap_or("-"),
-                "taking over an interrupted delivery"
-            );
-            sqlx::query(
-                "UPDATE attempts SET ended_at = ?, outcome = 'FAILED', reason = 'PROVIDER_TIMEOUT', provider_message = ?
-                 WHERE delivery = ? AND outcome = 'IN_FLIGHT'",
-            )
-            .bind(micros(now))
-            .bind(INTERRUPTED)
-            .bind(key)
-            .execute(&self.pool)
+        // The ledger keeps microseconds: the report built here must match the one stored.
+        let now = timestamp(micros(now))?;
+        let owned = new.clone();
+        let worker = worker.to_owned();
+        let claimed = self
+            .writer
+            .write(move |conn| writes::claim(conn, &owned, &worker, takeover, now))
             .await?;
-            return Ok(Claim::Resumed(key, self.report(key).await?));
-        }
-        Ok(Claim::Started(key, self.report(key).await?))
+        Ok(match claimed {
+            Claimed::Inserted(key) => Claim::Started(key, fresh_report(new, now)),
+            Claimed::Taken(key) => Claim::Started(key, self.report(key).await?),
+            Claimed::TakenOver(key) => Claim::Resumed(key, self.report(key).await?),
+            Claimed::Refused(key) => {
+                let report = self.report(key).await?;
+                if report.status.is_terminal() {
+                    Claim::Finished(report)
+                } else {
+                    Claim::HeldElsewhere(report)
+                }
+            }
+        })
     }
 
     async fn start_attempt(
@@ -382,23 +295,10 @@ impl Ledger for SqliteLedger {
         key: DeliveryKey,
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
-        let row = sqlx::query(
-            "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry,
-                                   sms_encoding, sms_segments)
-             VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?, ?, ?) RETURNING id",
-        )
-        .bind(key)
-        .bind(start.target as i64)
-        .bind(&start.provider)
-        .bind(start.channel.as_str())
-        .bind(&start.masked_target)
-        .bind(micros(start.started_at))
-        .bind(start.retry as i64)
-        .bind(start.sms.map(|s| s.encoding.as_str()))
-        .bind(start.sms.map(|s| s.segments as i64))
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get("id")?)
+        let start = start.clone();
+        self.writer
+            .write(move |conn| writes::start_attempt(conn, key, &start))
+            .await
     }
 
     async fn finish_attempt(
@@ -409,26 +309,11 @@ impl Ledger for SqliteLedger {
         target: u32,
         update: &TargetUpdate,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, provider_code = ?, provider_message = ?,
-                                 provider_message_id = ?, next_retry_at = ?, token_invalid_since = ?
-             WHERE id = ?",
-        )
-        .bind(micros(end.ended_at))
-        .bind(end.outcome.as_str())
-        .bind(end.reason.map(FailureReason::as_str))
-        .bind(&end.provider_code)
-        .bind(&end.provider_message)
-        .bind(&end.provider_message_id)
-        .bind(end.next_retry_at.map(micros))
-        .bind(end.token_invalid_since.map(micros))
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?;
-        Self::set_target(&mut tx, key, target, update, end.ended_at).await?;
-        tx.commit().await?;
-        Ok(())
+        let end = end.clone();
+        let update = update.clone();
+        self.writer
+            .write(move |conn| writes::finish_attempt(conn, key, attempt, &end, target, &update))
+            .await
     }
 
     async fn update_target(
@@ -438,10 +323,10 @@ impl Ledger for SqliteLedger {
         update: &TargetUpdate,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        Self::set_target(&mut tx, key, index, update, now).await?;
-        tx.commit().await?;
-        Ok(())
+        let update = update.clone();
+        self.writer
+            .write(move |conn| writes::set_target(conn, key, index, &update, now))
+            .await
     }
 
     async fn apply_receipt(
@@ -450,37 +335,12 @@ impl Ledger for SqliteLedger {
         message_id: &str,
         end: &AttemptEnd,
     ) -> Result<Option<DeliveryKey>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT id, delivery, target_idx, channel FROM attempts WHERE provider = ? AND provider_message_id = ?",
-        )
-        .bind(provider)
-        .bind(message_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(None);
-        };
-        let attempt: i64 = row.try_get("id")?;
-        let key: i64 = row.try_get("delivery")?;
-        let index = row.try_get::<i64, _>("target_idx")? as u32;
-        let channel = parse(&row.try_get::<String, _>("channel")?)?;
-        sqlx::query(
-            "UPDATE attempts SET outcome = ?, reason = ?, provider_code = COALESCE(?, provider_code),
-                                 provider_message = COALESCE(?, provider_message)
-             WHERE id = ?",
-        )
-        .bind(end.outcome.as_str())
-        .bind(end.reason.map(FailureReason::as_str))
-        .bind(&end.provider_code)
-        .bind(&end.provider_message)
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?;
-        let update = TargetUpdate::after(channel, end);
-        Self::set_target(&mut tx, key, index, &update, end.ended_at).await?;
-        tx.commit().await?;
-        Ok(Some(key))
+        let provider = provider.to_owned();
+        let message_id = message_id.to_owned();
+        let end = end.clone();
+        self.writer
+            .write(move |conn| writes::apply_receipt(conn, &provider, &message_id, &end))
+            .await
     }
 
     async fn record_ack(
@@ -490,17 +350,9 @@ impl Ledger for SqliteLedger {
         ack: Acknowledgement,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE targets SET ack = ?, ack_at = ? WHERE delivery = ? AND idx = ?")
-            .bind(ack.as_str())
-            .bind(micros(now))
-            .bind(key)
-            .bind(index as i64)
-            .execute(&mut *tx)
-            .await?;
-        Self::touch(&mut tx, key, now).await?;
-        tx.commit().await?;
-        Ok(())
+        self.writer
+            .write(move |conn| writes::record_ack(conn, key, index, ack.as_str(), now))
+            .await
     }
 
     async fn acknowledgements(
@@ -524,7 +376,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
-        Ok(self.key_of(id).await?.map(|(key, _, _)| key))
+        Ok(Self::key_of(&self.pool, id).await?.map(|(key, _, _)| key))
     }
 
     async fn finish(
@@ -533,15 +385,10 @@ impl Ledger for SqliteLedger {
         outcome: &Outcome,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE deliveries SET status = ?, reason = ?, summary = ?, updated_at = ? WHERE id = ?")
-            .bind(outcome.status.as_str())
-            .bind(outcome.reason.map(FailureReason::as_str))
-            .bind(&outcome.summary)
-            .bind(micros(now))
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let outcome = outcome.clone();
+        self.writer
+            .write(move |conn| writes::finish(conn, key, &outcome, now))
+            .await
     }
 
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError> {
@@ -551,7 +398,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError> {
-        match self.key_of(id).await? {
+        match Self::key_of(&self.pool, id).await? {
             Some((key, _, _)) => self.load(key).await,
             None => Ok(None),
         }
@@ -790,45 +637,13 @@ impl PolicyStore for SqliteLedger {
         if keys.is_empty() {
             return Ok(None);
         }
-        // IMMEDIATE: take the write lock first, so that concurrent checks of one counter
-        // (other tasks, other replicas on the same database) cannot both pass.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for RateKey { rule, key } in keys {
-            let since = micros(now) - rule.window.as_micros() as i64;
-            sqlx::query("DELETE FROM rate_hits WHERE rule = ? AND key = ? AND at <= ?")
-                .bind(rule.id)
-                .bind(key)
-                .bind(since)
-                .execute(&mut *tx)
-                .await?;
-            let row = sqlx::query("SELECT count(*) AS hits, min(at) AS oldest FROM rate_hits WHERE rule = ? AND key = ?")
-                .bind(rule.id)
-                .bind(key)
-                .fetch_one(&mut *tx)
-                .await?;
-            let hits: i64 = row.try_get("hits")?;
-            if hits >= rule.limit as i64 {
-                let oldest: Option<i64> = row.try_get("oldest")?;
-                let window = jiff::SignedDuration::try_from(rule.window)
-                    .unwrap_or(jiff::SignedDuration::MAX);
-                let allowed_at = oldest.map(timestamp).transpose()?.unwrap_or(now) + window;
-                tx.rollback().await?;
-                return Ok(Some(RateLimited {
-                    rule: (*rule).clone(),
-                    allowed_at,
-                }));
-            }
-        }
-        for RateKey { rule, key } in keys {
-            sqlx::query("INSERT INTO rate_hits (rule, key, at) VALUES (?, ?, ?)")
-                .bind(rule.id)
-                .bind(key)
-                .bind(micros(now))
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(None)
+        let keys: Vec<(RateLimitRule, String)> = keys
+            .iter()
+            .map(|k| (k.rule.clone(), k.key.clone()))
+            .collect();
+        self.writer
+            .write(move |conn| writes::consume(conn, &keys, now))
+            .await
     }
 
     async fn add_block(
@@ -914,6 +729,7 @@ impl PolicyStore for SqliteLedger {
 mod tests {
     use super::*;
     use crate::domain::{AttemptOutcome, Channel, Platform};
+    use crate::store::sqlite_writes::INTERRUPTED;
     use crate::store::{NewTarget, TargetUpdate};
 
     fn new_delivery(job_id: &str) -> NewDelivery {
@@ -1022,6 +838,60 @@ mod tests {
         assert!(
             matches!(ledger.claim(&new, "w3", true, now).await.unwrap(), Claim::Finished(r) if r.summary == "done")
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_share_commits_and_a_failing_one_undoes_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger(&dir).await;
+        let now = Timestamp::from_microsecond(1_700_000_000_123_456).unwrap();
+        let before = ledger.group_commits();
+        // All submitted at once (as a busy consumer's jobs do), the orphan among them.
+        let news: Vec<NewDelivery> = (0..300)
+            .map(|i| new_delivery(&format!("job-{i}")))
+            .collect();
+        let claims = futures_util::future::join_all(
+            news.iter().map(|new| ledger.claim(new, "w1", false, now)),
+        );
+        // A write that breaks a constraint (no delivery 999999).
+        let start = AttemptStart {
+            target: 0,
+            provider: "sandbox".into(),
+            channel: Channel::Sms,
+            masked_target: "x".into(),
+            started_at: now,
+            retry: 0,
+            sms: None,
+        };
+        let orphan = ledger.start_attempt(999_999, &start);
+        let (claims, orphan) = tokio::join!(claims, orphan);
+        assert!(
+            matches!(orphan, Err(StoreError::Engine(_))),
+            "the orphan attempt is refused: {orphan:?}"
+        );
+        let claimed: Vec<(DeliveryKey, Report)> = claims
+            .into_iter()
+            .map(|claim| match claim.unwrap() {
+                Claim::Started(key, report) => (key, report),
+                other => panic!("a new delivery starts: {other:?}"),
+            })
+            .collect();
+        let commits = ledger.group_commits() - before;
+        assert!(
+            commits < 100,
+            "300 concurrent claims took {commits} commits: they were not grouped"
+        );
+        drop(ledger);
+
+        // Every claim answered is on disk, and reads back as the report the claim returned.
+        let reopened = super::tests::ledger(&dir).await;
+        for (key, report) in claimed {
+            let stored = reopened.report(key).await.unwrap();
+            assert_eq!(
+                serde_json::to_value(&stored).unwrap(),
+                serde_json::to_value(&report).unwrap()
+            );
+        }
     }
 
     #[tokio::test]

@@ -1,0 +1,357 @@
+//! The SQLite ledger's writes, as the group-commit writer thread runs them: plain functions of
+//! the writer's connection (inside its open transaction) and owned inputs. Reads stay in
+//! `sqlite.rs`, on the pool.
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, NewDelivery, Outcome, StoreError,
+    TargetUpdate,
+};
+use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, TargetStatus};
+use crate::policy::{RateLimitRule, RateLimited};
+
+/// What an attempt left unanswered by a worker that went away is recorded as.
+pub(super) const INTERRUPTED: &str =
+    "interrupted: the gateway stopped before the provider answered";
+
+/// What a claim did in the ledger (the report is read after the commit).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Claimed {
+    /// A new delivery, inserted as this worker's.
+    Inserted(DeliveryKey),
+    /// An ACCEPTED or DEFERRED delivery, now this worker's.
+    Taken(DeliveryKey),
+    /// An IN_PROGRESS delivery taken over from a worker that went away.
+    TakenOver(DeliveryKey),
+    /// Finished, or held by another worker.
+    Refused(DeliveryKey),
+}
+
+pub(super) fn micros(at: Timestamp) -> i64 {
+    at.as_microsecond()
+}
+
+pub(super) fn timestamp(micros: i64) -> Result<Timestamp, StoreError> {
+    Timestamp::from_microsecond(micros).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Inserts a delivery and its targets unless `(tenant, job_id)` is known; its key when new.
+pub(super) fn insert(
+    conn: &Connection,
+    new: &NewDelivery,
+    status: DeliveryStatus,
+    worker: Option<&str>,
+    now: Timestamp,
+) -> Result<Option<DeliveryKey>, StoreError> {
+    let key: Option<i64> = conn
+        .prepare_cached(
+            "INSERT INTO deliveries (tenant, job_id, account, purpose, status, owner, expires_at, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (tenant, job_id) DO NOTHING
+             RETURNING id",
+        )?
+        .query_row(
+            params![
+                new.id.tenant,
+                new.id.job_id,
+                new.account,
+                new.purpose,
+                status.as_str(),
+                worker,
+                micros(new.expires_at),
+                micros(now),
+                micros(now),
+            ],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let mut target = conn.prepare_cached(
+        "INSERT INTO targets (delivery, idx, channel, label, platform, status) VALUES (?, ?, ?, ?, ?, ?)",
+    )?;
+    for (index, new_target) in new.targets.iter().enumerate() {
+        target.execute(params![
+            key,
+            index as i64,
+            new_target.channel.as_str(),
+            new_target.label,
+            new_target.platform.map(|p| p.as_str()),
+            TargetStatus::Pending.as_str(),
+        ])?;
+    }
+    Ok(Some(key))
+}
+
+/// The key, status and owner of a delivery.
+fn key_of(
+    conn: &Connection,
+    id: &DeliveryId,
+) -> Result<Option<(DeliveryKey, DeliveryStatus, Option<String>)>, StoreError> {
+    let row: Option<(i64, String, Option<String>)> = conn
+        .prepare_cached("SELECT id, status, owner FROM deliveries WHERE tenant = ? AND job_id = ?")?
+        .query_row(params![id.tenant, id.job_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    row.map(|(key, status, owner)| Ok((key, status.parse().map_err(StoreError::Corrupt)?, owner)))
+        .transpose()
+}
+
+/// Records a delivery as ACCEPTED unless known: its key, and whether it is new.
+pub(super) fn accept(
+    conn: &Connection,
+    new: &NewDelivery,
+    now: Timestamp,
+) -> Result<(DeliveryKey, bool), StoreError> {
+    match insert(conn, new, DeliveryStatus::Accepted, None, now)? {
+        Some(key) => Ok((key, true)),
+        None => key_of(conn, &new.id)?
+            .map(|(key, _, _)| (key, false))
+            .ok_or_else(|| StoreError::NotFound(new.id.to_string())),
+    }
+}
+
+/// Removes a delivery that is still only ACCEPTED.
+pub(super) fn forget_accepted(conn: &Connection, id: &DeliveryId) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "DELETE FROM deliveries WHERE tenant = ? AND job_id = ? AND status = 'ACCEPTED'",
+    )?
+    .execute(params![id.tenant, id.job_id])?;
+    Ok(())
+}
+
+/// The claim: insert the delivery as this worker's, or take it over when the rules allow.
+pub(super) fn claim(
+    conn: &Connection,
+    new: &NewDelivery,
+    worker: &str,
+    takeover: bool,
+    now: Timestamp,
+) -> Result<Claimed, StoreError> {
+    if let Some(key) = insert(conn, new, DeliveryStatus::InProgress, Some(worker), now)? {
+        return Ok(Claimed::Inserted(key));
+    }
+    let (key, status, owner) =
+        key_of(conn, &new.id)?.ok_or_else(|| StoreError::NotFound(new.id.to_string()))?;
+    if status.is_terminal() {
+        return Ok(Claimed::Refused(key));
+    }
+    // Only one worker's UPDATE matches.
+    let claimed = conn
+        .prepare_cached(
+            "UPDATE deliveries SET status = 'IN_PROGRESS', owner = ?, updated_at = ?
+             WHERE id = ? AND (status IN ('ACCEPTED', 'DEFERRED')
+                               OR (status = 'IN_PROGRESS' AND (? OR owner = ? OR owner IS NULL)))",
+        )?
+        .execute(params![worker, micros(now), key, takeover, worker])?
+        == 1;
+    if !claimed {
+        return Ok(Claimed::Refused(key));
+    }
+    if status != DeliveryStatus::InProgress {
+        return Ok(Claimed::Taken(key));
+    }
+    tracing::info!(
+        previous_worker = owner.as_deref().unwrap_or("-"),
+        "taking over an interrupted delivery"
+    );
+    conn.prepare_cached(
+        "UPDATE attempts SET ended_at = ?, outcome = 'FAILED', reason = 'PROVIDER_TIMEOUT', provider_message = ?
+         WHERE delivery = ? AND outcome = 'IN_FLIGHT'",
+    )?
+    .execute(params![micros(now), INTERRUPTED, key])?;
+    Ok(Claimed::TakenOver(key))
+}
+
+/// Records that a provider call is starting.
+pub(super) fn start_attempt(
+    conn: &Connection,
+    key: DeliveryKey,
+    start: &AttemptStart,
+) -> Result<AttemptKey, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry,
+                                   sms_encoding, sms_segments)
+             VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?, ?, ?) RETURNING id",
+        )?
+        .query_row(
+            params![
+                key,
+                start.target as i64,
+                start.provider,
+                start.channel.as_str(),
+                start.masked_target,
+                micros(start.started_at),
+                start.retry as i64,
+                start.sms.map(|s| s.encoding.as_str()),
+                start.sms.map(|s| s.segments as i64),
+            ],
+            |row| row.get(0),
+        )?)
+}
+
+/// Records how a provider call ended, and its target's new state.
+pub(super) fn finish_attempt(
+    conn: &Connection,
+    key: DeliveryKey,
+    attempt: AttemptKey,
+    end: &AttemptEnd,
+    target: u32,
+    update: &TargetUpdate,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, provider_code = ?, provider_message = ?,
+                             provider_message_id = ?, next_retry_at = ?, token_invalid_since = ?
+         WHERE id = ?",
+    )?
+    .execute(params![
+        micros(end.ended_at),
+        end.outcome.as_str(),
+        end.reason.map(FailureReason::as_str),
+        end.provider_code,
+        end.provider_message,
+        end.provider_message_id,
+        end.next_retry_at.map(micros),
+        end.token_invalid_since.map(micros),
+        attempt,
+    ])?;
+    set_target(conn, key, target, update, end.ended_at)
+}
+
+/// Updates one target and marks the delivery as changed.
+pub(super) fn set_target(
+    conn: &Connection,
+    key: DeliveryKey,
+    index: u32,
+    update: &TargetUpdate,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE targets SET channel = ?, status = ?, reason = ?, detail = ? WHERE delivery = ? AND idx = ?",
+    )?
+    .execute(params![
+        update.channel.as_str(),
+        update.status.as_str(),
+        update.reason.map(FailureReason::as_str),
+        update.detail,
+        key,
+        index as i64,
+    ])?;
+    touch(conn, key, now)
+}
+
+/// Marks the delivery as changed at `now` (watchers and lists order by it).
+fn touch(conn: &Connection, key: DeliveryKey, now: Timestamp) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE deliveries SET updated_at = ? WHERE id = ?")?
+        .execute(params![micros(now), key])?;
+    Ok(())
+}
+
+/// Applies a delivery receipt to the attempt sent as `message_id`; the delivery's key when
+/// found.
+pub(super) fn apply_receipt(
+    conn: &Connection,
+    provider: &str,
+    message_id: &str,
+    end: &AttemptEnd,
+) -> Result<Option<DeliveryKey>, StoreError> {
+    let found: Option<(i64, i64, i64, String)> = conn
+        .prepare_cached(
+            "SELECT id, delivery, target_idx, channel FROM attempts WHERE provider = ? AND provider_message_id = ?",
+        )?
+        .query_row(params![provider, message_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .optional()?;
+    let Some((attempt, key, index, channel)) = found else {
+        return Ok(None);
+    };
+    conn.prepare_cached(
+        "UPDATE attempts SET outcome = ?, reason = ?, provider_code = COALESCE(?, provider_code),
+                             provider_message = COALESCE(?, provider_message)
+         WHERE id = ?",
+    )?
+    .execute(params![
+        end.outcome.as_str(),
+        end.reason.map(FailureReason::as_str),
+        end.provider_code,
+        end.provider_message,
+        attempt,
+    ])?;
+    let channel = channel.parse().map_err(StoreError::Corrupt)?;
+    let update = TargetUpdate::after(channel, end);
+    set_target(conn, key, index as u32, &update, end.ended_at)?;
+    Ok(Some(key))
+}
+
+/// Records a device's acknowledgement on target `index`.
+pub(super) fn record_ack(
+    conn: &Connection,
+    key: DeliveryKey,
+    index: u32,
+    ack: &str,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    conn.prepare_cached("UPDATE targets SET ack = ?, ack_at = ? WHERE delivery = ? AND idx = ?")?
+        .execute(params![ack, micros(now), key, index as i64])?;
+    touch(conn, key, now)
+}
+
+/// Marks the delivery terminal.
+pub(super) fn finish(
+    conn: &Connection,
+    key: DeliveryKey,
+    outcome: &Outcome,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE deliveries SET status = ?, reason = ?, summary = ?, updated_at = ? WHERE id = ?",
+    )?
+    .execute(params![
+        outcome.status.as_str(),
+        outcome.reason.map(FailureReason::as_str),
+        outcome.summary,
+        micros(now),
+        key,
+    ])?;
+    Ok(())
+}
+
+/// Counts one send under every key unless one of them is at its limit (then nothing is
+/// counted and the limit is returned). The writer runs one write at a time, so two checks of
+/// one counter cannot both pass.
+pub(super) fn consume(
+    conn: &Connection,
+    keys: &[(RateLimitRule, String)],
+    now: Timestamp,
+) -> Result<Option<RateLimited>, StoreError> {
+    for (rule, key) in keys {
+        let since = micros(now) - rule.window.as_micros() as i64;
+        conn.prepare_cached("DELETE FROM rate_hits WHERE rule = ? AND key = ? AND at <= ?")?
+            .execute(params![rule.id, key, since])?;
+        let (hits, oldest): (i64, Option<i64>) = conn
+            .prepare_cached("SELECT count(*), min(at) FROM rate_hits WHERE rule = ? AND key = ?")?
+            .query_row(params![rule.id, key], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        if hits >= rule.limit as i64 {
+            let window =
+                jiff::SignedDuration::try_from(rule.window).unwrap_or(jiff::SignedDuration::MAX);
+            let allowed_at = oldest.map(timestamp).transpose()?.unwrap_or(now) + window;
+            // Nothing counted; the pruning above only dropped hits out of the window anyway.
+            return Ok(Some(RateLimited {
+                rule: rule.clone(),
+                allowed_at,
+            }));
+        }
+    }
+    let mut insert =
+        conn.prepare_cached("INSERT INTO rate_hits (rule, key, at) VALUES (?, ?, ?)")?;
+    for (rule, key) in keys {
+        insert.execute(params![rule.id, key, micros(now)])?;
+    }
+    Ok(None)
+}
