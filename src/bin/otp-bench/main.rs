@@ -1,36 +1,62 @@
 //! otp-bench: sizes the gateway the way an operator would, against a bare RabbitMQ consumer in
-//! the same run. Baseline rounds (a lapin consumer that only acks) and service rounds (the
-//! gateway as its own process, full path: decode, ledger with fsync, policy, plan, provider
-//! call, attempt records, event, ack) alternate, on the same broker, quorum queue, durability,
-//! prefetch and message size; medians and the ratio are printed, with the service's peak RSS.
+//! the same run, on the same broker, quorum queue, durability, prefetch and message size.
+//!
+//! - overhead: baseline rounds (a lapin consumer that only acks) and gateway rounds (its own
+//!   process, full path: decode, ledger with fsync, policy, plan, sandbox provider, attempt
+//!   records, event, ack) alternate, each draining a pre-filled queue; medians and the ratio.
+//! - realistic: the gateway drains a pre-filled queue through a local provider with log-normal
+//!   latency, 5xx answers and hangs; throughput against the Little's-law bound.
+//! - latency: open-loop publishing at a fixed rate (each job stamped with its scheduled time),
+//!   bare consumer and gateway; publish -> provider call and publish -> ack, p50 and p99.
+//! - grpc: `SendCode` at a fixed rate, p50 and p99.
+//! - memory: the gateway's resident set with thousands of jobs in flight.
+//!
 //! `BENCHMARKS.md` has the results and what limits them.
 
-use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
-use std::time::{Duration, Instant};
+mod gateway;
+mod provider;
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use otp_gateway::config::{AmqpConfig, Config};
+use otp_gateway::proto::v1;
 use otp_gateway::queue::Topology;
-use std::process::Command;
-use tokio_util::sync::CancellationToken;
 
-/// Measures the gateway's throughput against a bare consumer (see BENCHMARKS.md).
+use gateway::{GatewayProcess, GatewaySetup, SmsProvider};
+use provider::Behaviour;
+
+/// The realistic provider: log-normal latency with this median and 99th percentile...
+const REALISTIC_MEDIAN: Duration = Duration::from_millis(200);
+const REALISTIC_P99: Duration = Duration::from_millis(1500);
+/// ...this share of HTTP 503 answers...
+const REALISTIC_ERRORS: f64 = 0.02;
+/// ...and this share of requests that hang until the gateway's provider timeout.
+const REALISTIC_HANGS: f64 = 0.005;
+/// The gateway's provider timeout in the realistic run.
+const REALISTIC_TIMEOUT: Duration = Duration::from_secs(5);
+/// The header each open-loop job carries: its scheduled publish time, in microseconds since
+/// the Unix epoch.
+const SCHEDULED_HEADER: &str = "x-bench-scheduled-at-us";
+
+/// Measures the gateway against a bare consumer (see BENCHMARKS.md).
 #[derive(Parser, Debug)]
 #[command(name = "otp-bench", version)]
 struct Args {
-    /// Jobs in the pre-filled queue of each round.
+    /// Jobs in the pre-filled queue of each draining round (overhead and realistic).
     #[arg(long, default_value_t = 50_000)]
     jobs: usize,
-    /// Rounds of each side, alternated baseline, service, baseline, service, ...
+    /// Overhead rounds of each side, alternated baseline, gateway, baseline, gateway, ...
     #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// The broker.
@@ -42,9 +68,37 @@ struct Args {
     /// Jobs the gateway works on at once (`delivery.max_in_flight`).
     #[arg(long, default_value_t = 256)]
     max_in_flight: usize,
-    /// Internal: run the gateway from the environment's configuration (the service rounds).
-    #[arg(long, hide = true)]
-    serve: bool,
+    /// Jobs per second published in the latency runs.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds of publishing in each latency run.
+    #[arg(long, default_value_t = 20)]
+    latency_secs: u32,
+    /// `SendCode` calls per second in the gRPC run.
+    #[arg(long, default_value_t = 500)]
+    grpc_rate: u32,
+    /// Seconds of calls in the gRPC run.
+    #[arg(long, default_value_t = 10)]
+    grpc_secs: u32,
+    /// Jobs held in flight at once in the memory probe.
+    #[arg(long, default_value_t = 5000)]
+    in_flight: u16,
+    /// Only these parts (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Part>,
+    /// Internal: run the gateway on this configuration (the bench starts it so).
+    #[arg(long, hide = true, value_name = "CONFIG")]
+    serve: Option<PathBuf>,
+}
+
+/// The parts of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Part {
+    Overhead,
+    Realistic,
+    Latency,
+    Grpc,
+    Memory,
 }
 
 fn main() -> ExitCode {
@@ -53,10 +107,9 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a Tokio runtime");
-    let result = if args.serve {
-        runtime.block_on(serve())
-    } else {
-        runtime.block_on(run(args))
+    let result = match &args.serve {
+        Some(config) => runtime.block_on(gateway::serve(config)),
+        None => runtime.block_on(run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,101 +120,772 @@ fn main() -> ExitCode {
     }
 }
 
-/// The service side: the gateway exactly as `otp-gateway serve` runs it, until SIGTERM.
-async fn serve() -> anyhow::Result<()> {
-    let config = Config::load(None)?;
-    otp_gateway::telemetry::init(config.log.format, &config.log.level);
-    let app = otp_gateway::app::Application::build(config).await?;
-    let stop = CancellationToken::new();
-    let on_signal = stop.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
-        term.recv().await;
-        on_signal.cancel();
-    });
-    app.run_until_stopped(stop).await
+/// The broker connection and the run's settings.
+struct Bench {
+    args: Args,
+    connection: Connection,
+    /// Declarations and confirmed publishes.
+    channel: Channel,
+    run: u32,
 }
 
-/// The gateway's process: killed if the bench stops early.
-struct ServiceProcess(std::process::Child);
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Bench {
+    fn wants(&self, part: Part) -> bool {
+        self.args.only.is_empty() || self.args.only.contains(&part)
     }
-}
 
-/// One side's result.
-struct Round {
-    jobs_per_sec: f64,
-    peak_rss_kib: Option<u64>,
+    /// A round's names: `bench.<what>.<pid>-<n>`.
+    fn prefix(&self, what: &str, n: usize) -> String {
+        format!("bench.{what}.{}-{n}", self.run)
+    }
+
+    fn setup<'a>(&'a self, amqp: &'a AmqpConfig, provider: SmsProvider) -> GatewaySetup<'a> {
+        GatewaySetup {
+            amqp_url: &self.args.amqp,
+            amqp,
+            prefetch: self.args.prefetch,
+            max_in_flight: self.args.max_in_flight,
+            provider,
+            provider_timeout: Duration::from_secs(10),
+            grpc_port: 0,
+        }
+    }
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.rounds >= 1 && args.jobs >= 1,
-        "--rounds and --jobs must be at least 1"
+        args.rounds >= 1 && args.jobs >= 1 && args.rate >= 1 && args.grpc_rate >= 1,
+        "--rounds, --jobs, --rate and --grpc-rate must be at least 1"
     );
     let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    let body_len = job_body("size", 0).len();
     println!(
-        "otp-bench: {} jobs per round, {} rounds per side, prefetch {}, max_in_flight {}, job body {} bytes, {} cores",
+        "otp-bench: {} jobs per draining round, {} overhead rounds per side, prefetch {}, max_in_flight {}, job body {} bytes, {} cores",
         args.jobs,
         args.rounds,
         args.prefetch,
         args.max_in_flight,
-        body_len,
+        job_body("size", 0).len(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    let bench = Bench {
+        args,
+        connection,
+        channel,
+        run: std::process::id(),
+    };
+    if bench.wants(Part::Overhead) {
+        overhead(&bench).await?;
+    }
+    if bench.wants(Part::Realistic) {
+        realistic(&bench).await?;
+    }
+    if bench.wants(Part::Latency) {
+        latency(&bench).await?;
+    }
+    if bench.wants(Part::Grpc) {
+        grpc(&bench).await?;
+    }
+    if bench.wants(Part::Memory) {
+        memory(&bench).await?;
+    }
+    bench.connection.close(200, "done".into()).await?;
+    Ok(())
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("unknown".into(), |kib| {
+        format!("{:.1} MiB", kib as f64 / 1024.0)
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// The `p` quantile (0..=1) of `samples`, nearest rank.
+fn quantile(samples: &mut [Duration], p: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let rank = ((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+    samples[rank - 1]
+}
+
+fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// overhead: bare consumer vs gateway with the sandbox provider, alternated
+
+async fn overhead(bench: &Bench) -> anyhow::Result<()> {
+    let rounds = bench.args.rounds;
     let mut baseline = Vec::new();
     let mut service = Vec::new();
-    for round in 1..=args.rounds {
-        let id = format!("{}-{round}", std::process::id());
-        baseline.push(baseline_round(&args, &connection, &channel, &id, round).await?);
-        service.push(service_round(&args, &connection, &channel, &id, round).await?);
+    let mut rss = None;
+    for round in 1..=rounds {
+        baseline.push(baseline_round(bench, round).await?);
+        let label = format!("gateway {round}/{rounds}");
+        let amqp = topology(&bench.prefix("gw", round));
+        let drained = drain(
+            bench,
+            &label,
+            &amqp,
+            bench.setup(&amqp, SmsProvider::Sandbox),
+        )
+        .await?;
+        rss = rss.max(drained.peak_rss_kib);
+        service.push(drained.jobs_per_sec);
     }
-    let median = |rounds: &[Round]| {
-        let mut rates: Vec<f64> = rounds.iter().map(|r| r.jobs_per_sec).collect();
-        rates.sort_by(f64::total_cmp);
-        rates[rates.len() / 2]
-    };
     let (base, svc) = (median(&baseline), median(&service));
-    let rss = service.iter().filter_map(|r| r.peak_rss_kib).max();
-    println!();
+    let each = |rates: &[f64]| {
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("\n## overhead (sandbox provider, 0 ms)\n");
     println!("| side | rounds (jobs/s) | median (jobs/s) |");
     println!("|---|---|---|");
-    for (name, rounds, median) in [
-        ("bare consumer", &baseline, base),
-        ("gateway", &service, svc),
-    ] {
-        let each: Vec<String> = rounds
-            .iter()
-            .map(|r| format!("{:.0}", r.jobs_per_sec))
-            .collect();
-        println!("| {name} | {} | {median:.0} |", each.join(", "));
-    }
+    println!("| bare consumer | {} | {base:.0} |", each(&baseline));
+    println!("| gateway | {} | {svc:.0} |", each(&service));
     println!(
-        "\nservice / baseline = {:.3}; gateway peak RSS {}",
+        "\ngateway / bare consumer = {:.3} (target >= 0.5); gateway peak RSS {}",
         svc / base,
-        rss.map_or("unknown".into(), |kib| format!(
-            "{:.1} MiB",
-            kib as f64 / 1024.0
-        ))
+        mib(rss)
     );
-    connection.close(200, "done".into()).await?;
     Ok(())
+}
+
+/// A bare lapin consumer on a queue declared exactly like the gateway's: it only acks.
+async fn baseline_round(bench: &Bench, round: usize) -> anyhow::Result<f64> {
+    let args = &bench.args;
+    let label = format!("baseline {round}/{}", args.rounds);
+    let topology = Topology::from(&topology(&bench.prefix("base", round)));
+    topology.declare(&bench.channel).await?;
+    prefill(&bench.channel, &topology, &label, args.jobs).await?;
+    let consumer_channel = bench.connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut consumer = consumer_channel
+        .basic_consume(
+            topology.jobs_queue.as_str().into(),
+            "otp-bench-baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut done = 0;
+    while done < args.jobs {
+        let delivery = consumer
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the baseline consumer was cancelled"))??;
+        delivery.ack(BasicAckOptions::default()).await?;
+        done += 1;
+        if done % 1000 == 0 {
+            progress(&label, done, args.jobs, started);
+        }
+    }
+    let elapsed = started.elapsed();
+    eprintln!();
+    let _ = consumer_channel.close(200, "done".into()).await;
+    remove(&bench.channel, &topology, &[]).await;
+    Ok(args.jobs as f64 / elapsed.as_secs_f64())
+}
+
+/// What a gateway drain measured.
+struct Drained {
+    jobs_per_sec: f64,
+    /// Between 5 % and 95 % of the jobs done: without the start and the drain's tail.
+    steady_jobs_per_sec: f64,
+    peak_rss_kib: Option<u64>,
+    elapsed: Duration,
+    not_sent: usize,
+}
+
+/// The gateway on a pre-filled queue, timed from when it starts consuming to the last job's
+/// event (published just before its ack).
+async fn drain(
+    bench: &Bench,
+    label: &str,
+    amqp: &AmqpConfig,
+    setup: GatewaySetup<'_>,
+) -> anyhow::Result<Drained> {
+    let jobs = bench.args.jobs;
+    let topology = Topology::from(amqp);
+    topology.declare(&bench.channel).await?;
+    let events = events_queue(&bench.channel, &topology).await?;
+    prefill(&bench.channel, &topology, label, jobs).await?;
+    let mut gateway = GatewayProcess::start(
+        &setup,
+        &format!("{}-{label}", bench.run).replace(['/', ' '], "-"),
+    )?;
+    let mut seen = EventWatch::start(&bench.connection, &events).await?;
+    let started = gateway
+        .consuming(&bench.channel, &topology.jobs_queue)
+        .await?;
+    seen.wait(jobs, label, started).await?;
+    let elapsed = started.elapsed();
+    let peak_rss_kib = gateway.peak_rss_kib();
+    gateway.stop().await;
+    seen.close().await;
+    remove(&bench.channel, &topology, &[&events]).await;
+    if seen.not_sent > 0 {
+        eprintln!("warning: {} jobs did not end SENT", seen.not_sent);
+    }
+    let steady_jobs_per_sec = match seen.marks {
+        [Some(from), Some(to)] if to > from => {
+            (jobs - 2 * (jobs / 20)) as f64 / (to - from).as_secs_f64()
+        }
+        _ => jobs as f64 / elapsed.as_secs_f64(),
+    };
+    Ok(Drained {
+        jobs_per_sec: jobs as f64 / elapsed.as_secs_f64(),
+        steady_jobs_per_sec,
+        peak_rss_kib,
+        elapsed,
+        not_sent: seen.not_sent,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// realistic: a provider with log-normal latency, errors and hangs, against Little's law
+
+async fn realistic(bench: &Bench) -> anyhow::Result<()> {
+    let server = provider::start(
+        Behaviour::Realistic {
+            median: REALISTIC_MEDIAN,
+            p99: REALISTIC_P99,
+            error_share: REALISTIC_ERRORS,
+            hang_share: REALISTIC_HANGS,
+            timeout: REALISTIC_TIMEOUT,
+        },
+        false,
+    )
+    .await?;
+    let amqp = topology(&bench.prefix("real", 1));
+    let mut setup = bench.setup(&amqp, SmsProvider::Http(server.addr));
+    setup.provider_timeout = REALISTIC_TIMEOUT;
+    let drained = drain(bench, "realistic", &amqp, setup).await?;
+    let stats = &server.stats;
+    let jobs = bench.args.jobs as f64;
+    let in_flight = bench.args.max_in_flight as f64;
+    // What each job kept a slot busy for at the provider, as measured there (retries included).
+    let provider_time_per_job = stats.busy().as_secs_f64() / jobs;
+    let bound = in_flight / provider_time_per_job;
+    let designed_mean = provider::log_normal_mean(REALISTIC_MEDIAN, REALISTIC_P99).as_secs_f64()
+        * (1.0 - REALISTIC_HANGS)
+        + REALISTIC_TIMEOUT.as_secs_f64() * REALISTIC_HANGS;
+    println!(
+        "\n## realistic (log-normal median {} p99 {}, {:.1} % 503, {:.1} % hang until the {} s timeout)\n",
+        ms(REALISTIC_MEDIAN),
+        ms(REALISTIC_P99),
+        REALISTIC_ERRORS * 100.0,
+        REALISTIC_HANGS * 100.0,
+        REALISTIC_TIMEOUT.as_secs()
+    );
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!(
+        "| jobs | {} in {:.1} s |",
+        bench.args.jobs,
+        drained.elapsed.as_secs_f64()
+    );
+    println!(
+        "| throughput | {:.0} jobs/s overall; {:.0} jobs/s steady (5 % to 95 % of the jobs) |",
+        drained.jobs_per_sec, drained.steady_jobs_per_sec
+    );
+    println!(
+        "| provider requests | {} ({} answered 503, {} hung) |",
+        stats.requests(),
+        stats.failed(),
+        stats.hung()
+    );
+    println!(
+        "| provider time per job | {:.1} ms (per request {:.1} ms; designed mean {:.1} ms) |",
+        provider_time_per_job * 1000.0,
+        stats.busy().as_secs_f64() * 1000.0 / stats.requests().max(1) as f64,
+        designed_mean * 1000.0
+    );
+    println!(
+        "| Little's-law bound | {bound:.0} jobs/s (max_in_flight {} / provider time per job) |",
+        bench.args.max_in_flight
+    );
+    println!(
+        "| throughput / bound | {:.3} overall, {:.3} steady (target >= 0.9) |",
+        drained.jobs_per_sec / bound,
+        drained.steady_jobs_per_sec / bound
+    );
+    println!("| jobs not SENT | {} |", drained.not_sent);
+    println!("| gateway peak RSS | {} |", mib(drained.peak_rss_kib));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// latency: open-loop publishing at a fixed rate
+
+async fn latency(bench: &Bench) -> anyhow::Result<()> {
+    let count = (bench.args.rate * bench.args.latency_secs) as usize;
+    let mut base = baseline_latency(bench, count).await?;
+    let (mut call, mut ack) = gateway_latency(bench, count).await?;
+    let (b50, b99) = (quantile(&mut base, 0.5), quantile(&mut base, 0.99));
+    let (c50, c99) = (quantile(&mut call, 0.5), quantile(&mut call, 0.99));
+    let (a50, a99) = (quantile(&mut ack, 0.5), quantile(&mut ack, 0.99));
+    println!(
+        "\n## latency (open loop, {} jobs/s for {} s, from each job's scheduled publish time; the first second is warm-up, left out)\n",
+        bench.args.rate, bench.args.latency_secs
+    );
+    println!("| path | p50 | p99 | added p99 (vs bare consumer) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| bare consumer: publish -> delivered | {} | {} | - |",
+        ms(b50),
+        ms(b99)
+    );
+    println!(
+        "| gateway: publish -> provider call | {} | {} | {} |",
+        ms(c50),
+        ms(c99),
+        ms(c99.saturating_sub(b99))
+    );
+    println!(
+        "| gateway: publish -> ack (event) | {} | {} | {} |",
+        ms(a50),
+        ms(a99),
+        ms(a99.saturating_sub(b99))
+    );
+    println!("\ntarget: added p99 <= 5 ms at 1,000 jobs/s");
+    Ok(())
+}
+
+/// The bare consumer under open-loop load: publish -> delivered, from the scheduled time in
+/// each message's header.
+async fn baseline_latency(bench: &Bench, count: usize) -> anyhow::Result<Vec<Duration>> {
+    let topology = Topology::from(&topology(&bench.prefix("lat-base", 1)));
+    topology.declare(&bench.channel).await?;
+    let consumer_channel = bench.connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(bench.args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = consumer_channel
+        .basic_consume(
+            topology.jobs_queue.as_str().into(),
+            "otp-bench-latency".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let warm_up = bench.args.rate as usize;
+    let consumed = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(count);
+        let mut received = 0;
+        while received < count {
+            let Some(Ok(delivery)) = consumer.next().await else {
+                break;
+            };
+            received += 1;
+            let job = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+                .ok()
+                .and_then(|body| body.get("job_id")?.as_str().and_then(provider::job_index));
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let scheduled = delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(SCHEDULED_HEADER).cloned());
+            if let Some(AMQPValue::LongLongInt(us)) = scheduled
+                && job.is_some_and(|job| job >= warm_up)
+            {
+                latencies.push(now.saturating_sub(Duration::from_micros(us as u64)));
+            }
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+        }
+        latencies
+    });
+    open_loop(bench, &topology, "latency: bare consumer", count).await?;
+    let latencies = tokio::time::timeout(Duration::from_secs(60), consumed)
+        .await
+        .map_err(|_| anyhow::anyhow!("the bare consumer did not get every job"))??;
+    eprintln!();
+    let _ = consumer_channel.close(200, "done".into()).await;
+    remove(&bench.channel, &topology, &[]).await;
+    Ok(latencies)
+}
+
+/// The gateway under open-loop load, with a provider that answers at once: publish -> first
+/// provider call and publish -> event (published just before the ack).
+async fn gateway_latency(
+    bench: &Bench,
+    count: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let server = provider::start(Behaviour::Instant, true).await?;
+    let amqp = topology(&bench.prefix("lat-gw", 1));
+    let topology = Topology::from(&amqp);
+    topology.declare(&bench.channel).await?;
+    let events = events_queue(&bench.channel, &topology).await?;
+    let mut gateway = GatewayProcess::start(
+        &bench.setup(&amqp, SmsProvider::Http(server.addr)),
+        &format!("{}-latency", bench.run),
+    )?;
+    let mut seen = EventWatch::start(&bench.connection, &events).await?;
+    seen.record = true;
+    let started = gateway
+        .consuming(&bench.channel, &topology.jobs_queue)
+        .await?;
+    // Events are taken as they come, while the jobs are being published.
+    let watching = tokio::spawn(async move {
+        seen.wait(count, "latency: gateway events", started)
+            .await
+            .map(|()| seen)
+    });
+    let schedule = open_loop(bench, &topology, "latency: gateway", count).await?;
+    let mut seen = watching.await??;
+    gateway.stop().await;
+    seen.close().await;
+    remove(&bench.channel, &topology, &[&events]).await;
+    let warm_up = bench.args.rate as usize;
+    let since_schedule = |arrivals: Vec<(usize, Instant)>| {
+        arrivals
+            .into_iter()
+            .filter(|&(job, _)| job >= warm_up)
+            .map(|(job, at)| at.saturating_duration_since(schedule.at(job)))
+            .collect::<Vec<_>>()
+    };
+    let calls = since_schedule(server.stats.arrivals());
+    let acks = since_schedule(std::mem::take(&mut seen.arrivals));
+    anyhow::ensure!(
+        calls.len() >= count - warm_up,
+        "the provider saw {} of {count} jobs",
+        calls.len() + warm_up
+    );
+    Ok((calls, acks))
+}
+
+/// When each open-loop job was due.
+struct Schedule {
+    start: Instant,
+    interval: Duration,
+}
+
+impl Schedule {
+    fn at(&self, job: usize) -> Instant {
+        self.start + self.interval * job as u32
+    }
+}
+
+/// Publishes `count` jobs at `--rate` per second on a fixed schedule, whatever the broker or
+/// consumer do (open loop: a late publish is measured from when it was due), each stamped
+/// with its due time in [`SCHEDULED_HEADER`].
+async fn open_loop(
+    bench: &Bench,
+    topology: &Topology,
+    label: &str,
+    count: usize,
+) -> anyhow::Result<Schedule> {
+    let channel = bench.connection.create_channel().await?;
+    let interval = Duration::from_secs(1) / bench.args.rate;
+    let start = Instant::now() + Duration::from_millis(100);
+    let wall_start = SystemTime::now().duration_since(UNIX_EPOCH)? + Duration::from_millis(100);
+    let schedule = Schedule { start, interval };
+    for n in 0..count {
+        tokio::time::sleep_until(schedule.at(n).into()).await;
+        let due = wall_start + interval * n as u32;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            SCHEDULED_HEADER.into(),
+            AMQPValue::LongLongInt(due.as_micros() as i64),
+        );
+        channel
+            .basic_publish(
+                topology.jobs_exchange.as_str().into(),
+                topology.jobs_routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &job_body(label, n),
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await?;
+        if (n + 1) % 1000 == 0 {
+            progress(label, n + 1, count, start);
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(schedule)
+}
+
+// ---------------------------------------------------------------------------------------------
+// grpc: SendCode at a fixed rate
+
+async fn grpc(bench: &Bench) -> anyhow::Result<()> {
+    let amqp = topology(&bench.prefix("grpc", 1));
+    let topology = Topology::from(&amqp);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut setup = bench.setup(&amqp, SmsProvider::Sandbox);
+    setup.grpc_port = port;
+    topology.declare(&bench.channel).await?;
+    let mut gateway = GatewayProcess::start(&setup, &format!("{}-grpc", bench.run))?;
+    gateway
+        .consuming(&bench.channel, &topology.jobs_queue)
+        .await?;
+    let client = loop {
+        match v1::code_delivery_client::CodeDeliveryClient::connect(format!(
+            "http://127.0.0.1:{port}"
+        ))
+        .await
+        {
+            Ok(client) => break client,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let count = (bench.args.grpc_rate * bench.args.grpc_secs) as usize;
+    let interval = Duration::from_secs(1) / bench.args.grpc_rate;
+    let start = Instant::now() + Duration::from_millis(100);
+    let mut calls = Vec::with_capacity(count);
+    for n in 0..count {
+        let due = start + interval * n as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let mut client = client.clone();
+        let job = grpc_job(n);
+        calls.push(tokio::spawn(async move {
+            let sent = client
+                .send_code(v1::SendCodeRequest { job: Some(job) })
+                .await;
+            (sent.is_ok(), due.elapsed())
+        }));
+        if (n + 1) % 500 == 0 {
+            progress("grpc: SendCode", n + 1, count, start);
+        }
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let mut failed = 0;
+    let warm_up = bench.args.grpc_rate as usize;
+    for (n, call) in calls.into_iter().enumerate() {
+        let (ok, latency) = call.await?;
+        if !ok {
+            failed += 1;
+        } else if n >= warm_up {
+            latencies.push(latency);
+        }
+    }
+    eprintln!();
+    let peak = gateway.peak_rss_kib();
+    gateway.stop().await;
+    remove(&bench.channel, &topology, &[]).await;
+    println!(
+        "\n## gRPC SendCode (open loop, {} calls/s for {} s, first second left out; accepted = ledger commit + confirmed publish)\n",
+        bench.args.grpc_rate, bench.args.grpc_secs
+    );
+    println!("| calls | failed | p50 | p99 | gateway peak RSS |");
+    println!("|---|---|---|---|---|");
+    let (p50, p99) = (
+        quantile(&mut latencies, 0.5),
+        quantile(&mut latencies, 0.99),
+    );
+    println!(
+        "| {count} | {failed} | {} | {} | {} |",
+        ms(p50),
+        ms(p99),
+        mib(peak)
+    );
+    Ok(())
+}
+
+fn grpc_job(n: usize) -> v1::SendCodeJob {
+    v1::SendCodeJob {
+        job_id: format!("grpc-{n:07}"),
+        tenant: "bench".into(),
+        account: format!("user-{n}"),
+        code: "482913".into(),
+        expires_at: Some(otp_gateway::proto::timestamp_to_proto(
+            jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+        )),
+        purpose: "sign_in".into(),
+        targets: vec![v1::Target {
+            kind: Some(v1::target::Kind::Phone(v1::PhoneTarget {
+                number: format!("+1415555{:04}", n % 10_000),
+            })),
+        }],
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// memory: resident set with thousands of jobs in flight
+
+async fn memory(bench: &Bench) -> anyhow::Result<()> {
+    let target = bench.args.in_flight as usize;
+    let hold = Duration::from_secs(60);
+    let server = provider::start(Behaviour::Hold(hold), false).await?;
+    let amqp = topology(&bench.prefix("mem", 1));
+    let topology = Topology::from(&amqp);
+    topology.declare(&bench.channel).await?;
+    prefill(&bench.channel, &topology, "memory", target).await?;
+    let mut setup = bench.setup(&amqp, SmsProvider::Http(server.addr));
+    setup.prefetch = bench.args.in_flight;
+    setup.max_in_flight = target;
+    setup.provider_timeout = hold + Duration::from_secs(30);
+    let mut gateway = GatewayProcess::start(&setup, &format!("{}-memory", bench.run))?;
+    let started = gateway
+        .consuming(&bench.channel, &topology.jobs_queue)
+        .await?;
+    let mut rss = 0;
+    while server.stats.in_flight() < target && started.elapsed() < hold / 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss = rss.max(gateway.rss_kib().unwrap_or(0));
+        progress(
+            "memory: jobs in flight",
+            server.stats.in_flight(),
+            target,
+            started,
+        );
+    }
+    // Let it settle with everything in flight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = server.stats.peak_in_flight();
+    let peak = gateway.peak_rss_kib();
+    eprintln!();
+    drop(gateway);
+    remove(&bench.channel, &topology, &[]).await;
+    println!(
+        "\n## memory (every provider call held {} s)\n",
+        hold.as_secs()
+    );
+    println!("| jobs in flight | gateway RSS (sampled max) | gateway peak RSS (VmHWM) |");
+    println!("|---|---|---|");
+    println!("| {held} | {} | {} |", mib(Some(rss)), mib(peak));
+    println!("\ntarget: <= 150 MiB with 5,000 jobs in flight");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// broker helpers
+
+/// Watches a round's events queue: counts events, and (when recording) when each job's
+/// arrived.
+struct EventWatch {
+    channel: Channel,
+    consumer: lapin::Consumer,
+    seen: usize,
+    not_sent: usize,
+    /// When 5 % and 95 % of the events had arrived (the steady middle of a drain).
+    marks: [Option<Instant>; 2],
+    record: bool,
+    arrivals: Vec<(usize, Instant)>,
+}
+
+impl EventWatch {
+    async fn start(connection: &Connection, queue: &str) -> anyhow::Result<Self> {
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(1000, BasicQosOptions::default()).await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "otp-bench-events".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(EventWatch {
+            channel,
+            consumer,
+            seen: 0,
+            not_sent: 0,
+            marks: [None, None],
+            record: false,
+            arrivals: Vec::new(),
+        })
+    }
+
+    /// Until `count` events have arrived (60 s at most between two).
+    async fn wait(&mut self, count: usize, label: &str, started: Instant) -> anyhow::Result<()> {
+        while self.seen < count {
+            let event = tokio::time::timeout(Duration::from_secs(60), self.consumer.next())
+                .await
+                .map_err(|_| anyhow::anyhow!("no event for 60 s after {} jobs", self.seen))?
+                .ok_or_else(|| anyhow::anyhow!("the events consumer was cancelled"))??;
+            let at = Instant::now();
+            if event.routing_key.as_str() != "delivery.sent" {
+                self.not_sent += 1;
+            }
+            if self.record
+                && let Ok(report) = serde_json::from_slice::<serde_json::Value>(&event.data)
+                && let Some(job) = report
+                    .get("job_id")
+                    .and_then(|id| id.as_str())
+                    .and_then(provider::job_index)
+            {
+                self.arrivals.push((job, at));
+            }
+            self.seen += 1;
+            if self.seen == count / 20 {
+                self.marks[0] = Some(at);
+            }
+            if self.seen == count - count / 20 {
+                self.marks[1] = Some(at);
+            }
+            if self.seen.is_multiple_of(500) {
+                progress(label, self.seen, count, started);
+            }
+        }
+        eprintln!();
+        Ok(())
+    }
+
+    async fn close(&self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+/// A classic queue bound to every `delivery.*` event of `topology`; its name.
+async fn events_queue(channel: &Channel, topology: &Topology) -> anyhow::Result<String> {
+    let queue = format!("{}.bench-events", topology.jobs_queue);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            topology.events_exchange.as_str().into(),
+            "delivery.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue)
 }
 
 /// A job as an upstream service would publish it: SMS to a number of its own (no rate limit
 /// applies), through the sandbox provider.
-fn job_body(round: &str, n: usize) -> Vec<u8> {
+fn job_body(label: &str, n: usize) -> Vec<u8> {
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let round: String = label
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     serde_json::json!({
         "job_id": format!("{round}-{n:07}"), "tenant": "bench", "account": format!("user-{n}"),
         "code": "482913", "expires_at": expires.to_string(), "purpose": "sign_in",
@@ -244,207 +968,4 @@ async fn remove(channel: &Channel, topology: &Topology, extra_queues: &[&str]) {
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await;
     }
-}
-
-/// A bare lapin consumer on a queue declared exactly like the gateway's: it only acks.
-async fn baseline_round(
-    args: &Args,
-    connection: &Connection,
-    channel: &Channel,
-    id: &str,
-    round: usize,
-) -> anyhow::Result<Round> {
-    let label = format!("baseline {round}/{}", args.rounds);
-    let topology = Topology::from(&topology(&format!("bench.base.{id}")));
-    topology.declare(channel).await?;
-    prefill(channel, &topology, &label, args.jobs).await?;
-    let consumer_channel = connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(args.prefetch, BasicQosOptions::default())
-        .await?;
-    let started = Instant::now();
-    let mut consumer = consumer_channel
-        .basic_consume(
-            topology.jobs_queue.as_str().into(),
-            "otp-bench-baseline".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut done = 0;
-    while done < args.jobs {
-        let delivery = consumer
-            .next()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("the baseline consumer was cancelled"))??;
-        delivery.ack(BasicAckOptions::default()).await?;
-        done += 1;
-        if done % 1000 == 0 {
-            progress(&label, done, args.jobs, started);
-        }
-    }
-    let elapsed = started.elapsed();
-    eprintln!();
-    let _ = consumer_channel.close(200, "done".into()).await;
-    remove(channel, &topology, &[]).await;
-    Ok(Round {
-        jobs_per_sec: args.jobs as f64 / elapsed.as_secs_f64(),
-        peak_rss_kib: None,
-    })
-}
-
-/// The gateway as its own process on a pre-filled queue, timed from when it starts consuming
-/// to the last job's event (published just before its ack).
-async fn service_round(
-    args: &Args,
-    connection: &Connection,
-    channel: &Channel,
-    id: &str,
-    round: usize,
-) -> anyhow::Result<Round> {
-    let label = format!("gateway {round}/{}", args.rounds);
-    let amqp = topology(&format!("bench.gw.{id}"));
-    let topology = Topology::from(&amqp);
-    topology.declare(channel).await?;
-    let events_queue = format!("bench.gw.{id}.events");
-    channel
-        .queue_declare(
-            events_queue.as_str().into(),
-            QueueDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            events_queue.as_str().into(),
-            topology.events_exchange.as_str().into(),
-            "delivery.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    prefill(channel, &topology, &label, args.jobs).await?;
-
-    let dir = tempfile_dir(id)?;
-    let mut child = ServiceProcess(
-        Command::new(std::env::current_exe()?)
-            .arg("--serve")
-            .envs(service_env(args, &amqp, &dir))
-            .stdin(Stdio::null())
-            .spawn()?,
-    );
-    let pid = child.0.id();
-
-    let events_channel = connection.create_channel().await?;
-    events_channel
-        .basic_qos(1000, BasicQosOptions::default())
-        .await?;
-    let mut events = events_channel
-        .basic_consume(
-            events_queue.as_str().into(),
-            "otp-bench-events".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    // The clock starts when the gateway's consumer is attached.
-    let started = loop {
-        let queue = channel
-            .queue_declare(
-                topology.jobs_queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        if queue.consumer_count() > 0 {
-            break Instant::now();
-        }
-        if let Some(status) = child.0.try_wait()? {
-            anyhow::bail!("the gateway exited before consuming: {status}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    let mut done = 0;
-    let mut failed = 0;
-    while done < args.jobs {
-        let event = tokio::time::timeout(Duration::from_secs(60), events.next())
-            .await
-            .map_err(|_| anyhow::anyhow!("no event for 60 s after {done} jobs"))?
-            .ok_or_else(|| anyhow::anyhow!("the events consumer was cancelled"))??;
-        if event.routing_key.as_str() != "delivery.sent" {
-            failed += 1;
-        }
-        done += 1;
-        if done % 500 == 0 {
-            progress(&label, done, args.jobs, started);
-        }
-    }
-    let elapsed = started.elapsed();
-    eprintln!();
-    let peak_rss_kib = peak_rss_kib(pid);
-    if failed > 0 {
-        eprintln!("warning: {failed} jobs did not end SENT");
-    }
-    // SIGTERM, as an operator stops it.
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = tokio::task::spawn_blocking(move || child.0.wait()).await;
-    let _ = events_channel.close(200, "done".into()).await;
-    remove(channel, &topology, &[&events_queue]).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(Round {
-        jobs_per_sec: args.jobs as f64 / elapsed.as_secs_f64(),
-        peak_rss_kib,
-    })
-}
-
-fn tempfile_dir(id: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("otp-bench-{id}"));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
-}
-
-/// The gateway's configuration for a service round, as environment variables.
-fn service_env(args: &Args, amqp: &AmqpConfig, dir: &Path) -> Vec<(String, String)> {
-    [
-        ("AMQP__URL", args.amqp.clone()),
-        ("AMQP__PREFETCH", args.prefetch.to_string()),
-        ("AMQP__JOBS_EXCHANGE", amqp.jobs_exchange.clone()),
-        ("AMQP__JOBS_QUEUE", amqp.jobs_queue.clone()),
-        (
-            "AMQP__DEAD_LETTER_EXCHANGE",
-            amqp.dead_letter_exchange.clone(),
-        ),
-        ("AMQP__DEAD_LETTER_QUEUE", amqp.dead_letter_queue.clone()),
-        ("AMQP__EVENTS_EXCHANGE", amqp.events_exchange.clone()),
-        ("DELIVERY__MAX_IN_FLIGHT", args.max_in_flight.to_string()),
-        ("GRPC__LISTEN", "127.0.0.1:0".into()),
-        ("RECEIPTS__LISTEN", "127.0.0.1:0".into()),
-        (
-            "STORE__URL",
-            format!("sqlite://{}/ledger.db", dir.display()),
-        ),
-        (
-            "PROVIDERS__SANDBOX__OUTBOX",
-            dir.join("outbox.jsonl").display().to_string(),
-        ),
-        ("LOG__LEVEL", "warn".into()),
-    ]
-    .into_iter()
-    .map(|(key, value)| (format!("OTP_GATEWAY_{key}"), value))
-    .collect()
-}
-
-/// The process's peak resident set (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -1,0 +1,209 @@
+//! The gateway under test, as its own process: `otp-bench --serve CONFIG` runs the same
+//! `Application` as `otp-gateway serve`, on a configuration written for the run (its own
+//! topology names, a fresh SQLite ledger, the sandbox or the local provider).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lapin::Channel;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use otp_gateway::config::{AmqpConfig, Config};
+use tokio_util::sync::CancellationToken;
+
+/// The service side: the gateway exactly as `otp-gateway serve` runs it, until SIGTERM.
+pub async fn serve(config: &Path) -> anyhow::Result<()> {
+    let config = Config::load(Some(config))?;
+    otp_gateway::telemetry::init(config.log.format, &config.log.level);
+    let app = otp_gateway::app::Application::build(config).await?;
+    let stop = CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        term.recv().await;
+        on_signal.cancel();
+    });
+    app.run_until_stopped(stop).await
+}
+
+/// Which provider carries the SMS jobs.
+pub enum SmsProvider {
+    /// The built-in sandbox (0 ms, appends to an outbox file).
+    Sandbox,
+    /// The local provider server at this address, through the generic `http` adapter.
+    Http(std::net::SocketAddr),
+}
+
+/// One gateway run's settings.
+pub struct GatewaySetup<'a> {
+    pub amqp_url: &'a str,
+    pub amqp: &'a AmqpConfig,
+    pub prefetch: u16,
+    pub max_in_flight: usize,
+    pub provider: SmsProvider,
+    pub provider_timeout: Duration,
+    /// The gRPC port (0: any).
+    pub grpc_port: u16,
+}
+
+/// The gateway's process: killed, and its directory removed, when dropped.
+pub struct GatewayProcess {
+    child: Option<std::process::Child>,
+    pid: u32,
+    dir: PathBuf,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl GatewayProcess {
+    /// Writes the configuration and starts the gateway.
+    pub fn start(setup: &GatewaySetup<'_>, id: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("otp-bench-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, config_toml(setup, &dir))?;
+        let child = Command::new(std::env::current_exe()?)
+            .arg("--serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .spawn()?;
+        Ok(GatewayProcess {
+            pid: child.id(),
+            child: Some(child),
+            dir,
+        })
+    }
+
+    /// Waits until the gateway's consumer is attached to `queue`; that instant is returned.
+    pub async fn consuming(&mut self, channel: &Channel, queue: &str) -> anyhow::Result<Instant> {
+        loop {
+            let declared = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            if declared.consumer_count() > 0 {
+                return Ok(Instant::now());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .map(|c| c.try_wait())
+                .transpose()?
+                .flatten()
+            {
+                anyhow::bail!("the gateway exited before consuming: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Peak resident set so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        proc_status_kib(self.pid, "VmHWM:")
+    }
+
+    /// Resident set now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        proc_status_kib(self.pid, "VmRSS:")
+    }
+
+    /// Stops it with SIGTERM, as an operator would, and waits for it.
+    pub async fn stop(mut self) {
+        let _ = Command::new("kill").arg(self.pid.to_string()).status();
+        if let Some(mut child) = self.child.take() {
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A TOML string value.
+fn quoted(text: &str) -> String {
+    serde_json::to_string(text).expect("strings serialize")
+}
+
+/// The gateway's configuration for one run (on top of the embedded defaults).
+fn config_toml(setup: &GatewaySetup<'_>, dir: &Path) -> String {
+    let amqp = setup.amqp;
+    let (route, provider) = match setup.provider {
+        SmsProvider::Sandbox => ("sandbox", String::new()),
+        SmsProvider::Http(addr) => (
+            "bench",
+            format!(
+                "[providers.bench]\nkind = \"http\"\nurl = {}\nbody = {}\nmessage_id_field = \"/id\"\n",
+                quoted(&format!("http://{addr}/send")),
+                quoted(r#"{"to": "{{to}}", "text": "{{text}}", "delivery_id": "{{delivery_id}}"}"#),
+            ),
+        ),
+    };
+    format!(
+        r#"[grpc]
+listen = "127.0.0.1:{grpc_port}"
+
+[amqp]
+url = {url}
+prefetch = {prefetch}
+jobs_exchange = {jobs_exchange}
+jobs_queue = {jobs_queue}
+dead_letter_exchange = {dead_letter_exchange}
+dead_letter_queue = {dead_letter_queue}
+events_exchange = {events_exchange}
+
+[store]
+url = {store}
+
+[delivery]
+max_in_flight = {max_in_flight}
+provider_timeout = "{timeout_ms}ms"
+
+[routes]
+sms = ["{route}"]
+
+[providers.sandbox]
+kind = "sandbox"
+outbox = {outbox}
+
+{provider}
+[receipts]
+listen = "127.0.0.1:0"
+
+[log]
+level = "warn"
+"#,
+        grpc_port = setup.grpc_port,
+        url = quoted(setup.amqp_url),
+        prefetch = setup.prefetch,
+        jobs_exchange = quoted(&amqp.jobs_exchange),
+        jobs_queue = quoted(&amqp.jobs_queue),
+        dead_letter_exchange = quoted(&amqp.dead_letter_exchange),
+        dead_letter_queue = quoted(&amqp.dead_letter_queue),
+        events_exchange = quoted(&amqp.events_exchange),
+        store = quoted(&format!("sqlite://{}/ledger.db", dir.display())),
+        max_in_flight = setup.max_in_flight,
+        timeout_ms = setup.provider_timeout.as_millis(),
+        outbox = quoted(&dir.join("outbox.jsonl").display().to_string()),
+    )
+}
