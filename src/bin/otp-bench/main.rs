@@ -272,19 +272,9 @@ async fn baseline_round(bench: &Bench, round: usize) -> anyhow::Result<f64> {
     let topology = Topology::from(&topology(&bench.prefix("base", round)));
     topology.declare(&bench.channel).await?;
     prefill(&bench.channel, &topology, &label, args.jobs).await?;
-    let consumer_channel = bench.connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(args.prefetch, BasicQosOptions::default())
-        .await?;
     let started = Instant::now();
-    let mut consumer = consumer_channel
-        .basic_consume(
-            topology.jobs_queue.as_str().into(),
-            "otp-bench-baseline".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (consumer_channel, mut consumer) =
+        bare_consumer(bench, &topology, "otp-bench-baseline").await?;
     let mut done = 0;
     while done < args.jobs {
         let delivery = consumer
@@ -302,6 +292,28 @@ async fn baseline_round(bench: &Bench, round: usize) -> anyhow::Result<f64> {
     let _ = consumer_channel.close(200, "done".into()).await;
     remove(&bench.channel, &topology, &[]).await;
     Ok(args.jobs as f64 / elapsed.as_secs_f64())
+}
+
+/// The bare consumer's channel (with the gateway's prefetch) and its consumer on the jobs
+/// queue of `topology`.
+async fn bare_consumer(
+    bench: &Bench,
+    topology: &Topology,
+    tag: &str,
+) -> anyhow::Result<(Channel, lapin::Consumer)> {
+    let channel = bench.connection.create_channel().await?;
+    channel
+        .basic_qos(bench.args.prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            topology.jobs_queue.as_str().into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }
 
 /// What a gateway drain measured.
@@ -474,18 +486,8 @@ async fn latency(bench: &Bench) -> anyhow::Result<()> {
 async fn baseline_latency(bench: &Bench, count: usize) -> anyhow::Result<Vec<Duration>> {
     let topology = Topology::from(&topology(&bench.prefix("lat-base", 1)));
     topology.declare(&bench.channel).await?;
-    let consumer_channel = bench.connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(bench.args.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = consumer_channel
-        .basic_consume(
-            topology.jobs_queue.as_str().into(),
-            "otp-bench-latency".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (consumer_channel, mut consumer) =
+        bare_consumer(bench, &topology, "otp-bench-latency").await?;
     let warm_up = bench.args.rate as usize;
     let consumed = tokio::spawn(async move {
         let mut latencies = Vec::with_capacity(count);
