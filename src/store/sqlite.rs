@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{Executor, Row, Sqlite};
 
 use super::sqlite_writes::{self as writes, Claimed, micros, timestamp};
 use super::writer::GroupWriter;
@@ -109,21 +109,14 @@ impl SqliteLedger {
         Ok(SqliteLedger { pool, writer })
     }
 
-    async fn key_of<'e>(
-        executor: impl Executor<'e, Database = Sqlite>,
-        id: &DeliveryId,
-    ) -> Result<Option<(DeliveryKey, DeliveryStatus, Option<String>)>, StoreError> {
-        let row =
-            sqlx::query("SELECT id, status, owner FROM deliveries WHERE tenant = ? AND job_id = ?")
-                .bind(&id.tenant)
-                .bind(&id.job_id)
-                .fetch_optional(executor)
-                .await?;
-        row.map(|row| {
-            let status: String = row.try_get("status")?;
-            Ok((row.try_get("id")?, parse(&status)?, row.try_get("owner")?))
-        })
-        .transpose()
+    /// The key of a delivery, if known (the writer has its own lookup, inside its transaction).
+    async fn key_of(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
+        let row = sqlx::query("SELECT id FROM deliveries WHERE tenant = ? AND job_id = ?")
+            .bind(&id.tenant)
+            .bind(&id.job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|row| row.try_get("id")).transpose()?)
     }
 
     fn attempt_from_row(row: &SqliteRow) -> Result<Attempt, StoreError> {
@@ -376,7 +369,7 @@ impl Ledger for SqliteLedger {
     }
 
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
-        Ok(Self::key_of(&self.pool, id).await?.map(|(key, _, _)| key))
+        self.key_of(id).await
     }
 
     async fn finish(
@@ -398,8 +391,8 @@ impl Ledger for SqliteLedger {
     }
 
     async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError> {
-        match Self::key_of(&self.pool, id).await? {
-            Some((key, _, _)) => self.load(key).await,
+        match self.key_of(id).await? {
+            Some(key) => self.load(key).await,
             None => Ok(None),
         }
     }
