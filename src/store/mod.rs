@@ -3,6 +3,7 @@
 //! changing them. The code is never stored.
 
 mod sqlite;
+mod sqlite_reads;
 mod sqlite_writes;
 mod writer;
 

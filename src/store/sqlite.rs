@@ -1,35 +1,34 @@
 //! The SQLite ledger: the embedded default. WAL journal with `synchronous = FULL`, so every
-//! committed outcome is on disk before the job message is acked.
+//! committed outcome is on disk before the job message is acked. Writes go through one
+//! group-commit writer thread ([`GroupWriter`]); reads run on the caller's thread on reader
+//! connections ([`Readers`]). sqlx only brings the schema up to date.
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
-use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
-use super::sqlite_writes::{self as writes, Claimed, micros, timestamp};
+use super::sqlite_reads::{self as reads, Readers};
+use super::sqlite_writes::{self as writes, Claimed, PolicyTable, micros, timestamp};
 use super::writer::GroupWriter;
 use super::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DeliveryKey, Ledger, ListPage, ListQuery,
     NewDelivery, Outcome, PolicyStore, StoreError, TargetUpdate,
 };
 use crate::domain::{
-    Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, SmsEncoding,
-    SmsShape, TargetResult, TargetStatus,
+    Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetResult, TargetStatus,
 };
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
-    parse_time_of_day, parse_weekday, weekday_name,
 };
 
-/// The report of a delivery just inserted as IN_PROGRESS, as [`SqliteLedger::load`] would read
-/// it back: no attempts, every target pending.
+/// The report of a delivery just inserted as IN_PROGRESS, as [`reads::load`] would read it
+/// back: no attempts, every target pending.
 fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
     Report {
         delivery_id: new.id.to_string(),
@@ -64,20 +63,13 @@ fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
     }
 }
 
-/// A ledger in one SQLite file. Reads use a small pool; writes go through one
-/// [`GroupWriter`], which commits the writes of many deliveries with one fsync.
+/// A ledger in one SQLite file. Writes go through one [`GroupWriter`], which commits the
+/// writes of many deliveries with one fsync; reads use reader connections on the calling
+/// thread (indexed lookups of a few rows; a page of reports runs on the blocking pool).
 #[derive(Debug, Clone)]
 pub struct SqliteLedger {
-    pool: SqlitePool,
+    readers: Arc<Readers>,
     writer: GroupWriter,
-}
-
-fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T, StoreError> {
-    text.parse().map_err(StoreError::Corrupt)
-}
-
-fn parse_opt<T: FromStr<Err = String>>(text: Option<String>) -> Result<Option<T>, StoreError> {
-    text.as_deref().map(parse).transpose()
 }
 
 impl SqliteLedger {
@@ -98,110 +90,15 @@ impl SqliteLedger {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.clone())
-            .await?;
+        let mut migrating = options.connect().await?;
         sqlx::migrate!("src/store/migrations/sqlite")
-            .run(&pool)
+            .run(&mut migrating)
             .await?;
-        let writer = GroupWriter::start(options.get_filename())?;
-        Ok(SqliteLedger { pool, writer })
-    }
-
-    /// The key of a delivery, if known (the writer has its own lookup, inside its transaction).
-    async fn key_of(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
-        let row = sqlx::query("SELECT id FROM deliveries WHERE tenant = ? AND job_id = ?")
-            .bind(&id.tenant)
-            .bind(&id.job_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|row| row.try_get("id")).transpose()?)
-    }
-
-    fn attempt_from_row(row: &SqliteRow) -> Result<Attempt, StoreError> {
-        Ok(Attempt {
-            provider: row.try_get("provider")?,
-            channel: parse(&row.try_get::<String, _>("channel")?)?,
-            target: row.try_get("masked_target")?,
-            started_at: timestamp(row.try_get("started_at")?)?,
-            ended_at: row
-                .try_get::<Option<i64>, _>("ended_at")?
-                .map(timestamp)
-                .transpose()?,
-            outcome: parse(&row.try_get::<String, _>("outcome")?)?,
-            reason: parse_opt(row.try_get("reason")?)?,
-            provider_code: row.try_get("provider_code")?,
-            provider_message: row.try_get("provider_message")?,
-            retry: row.try_get::<i64, _>("retry")? as u32,
-            provider_message_id: row.try_get("provider_message_id")?,
-            next_retry_at: row
-                .try_get::<Option<i64>, _>("next_retry_at")?
-                .map(timestamp)
-                .transpose()?,
-            token_invalid_since: row
-                .try_get::<Option<i64>, _>("token_invalid_since")?
-                .map(timestamp)
-                .transpose()?,
-            sms: match (
-                parse_opt::<SmsEncoding>(row.try_get("sms_encoding")?)?,
-                row.try_get::<Option<i64>, _>("sms_segments")?,
-            ) {
-                (Some(encoding), Some(segments)) => Some(SmsShape {
-                    encoding,
-                    segments: segments as u32,
-                }),
-                _ => None,
-            },
-        })
-    }
-
-    fn report_from_rows(
-        delivery: &SqliteRow,
-        targets: &[SqliteRow],
-        attempts: &[SqliteRow],
-    ) -> Result<Report, StoreError> {
-        let tenant: String = delivery.try_get("tenant")?;
-        let job_id: String = delivery.try_get("job_id")?;
-        let reason: Option<FailureReason> = parse_opt(delivery.try_get("reason")?)?;
-        let mut results = Vec::with_capacity(targets.len());
-        for row in targets {
-            let index = row.try_get::<i64, _>("idx")? as u32;
-            let reason: Option<FailureReason> = parse_opt(row.try_get("reason")?)?;
-            let mut target_attempts = Vec::new();
-            for attempt in attempts {
-                if attempt.try_get::<i64, _>("target_idx")? as u32 == index {
-                    target_attempts.push(Self::attempt_from_row(attempt)?);
-                }
-            }
-            results.push(TargetResult {
-                index,
-                channel: parse(&row.try_get::<String, _>("channel")?)?,
-                target: row.try_get("label")?,
-                platform: parse_opt(row.try_get("platform")?)?,
-                status: parse::<TargetStatus>(&row.try_get::<String, _>("status")?)?,
-                reason,
-                hint: reason.map(FailureReason::hint),
-                detail: row.try_get("detail")?,
-                acknowledgement: parse_opt(row.try_get("ack")?)?,
-                attempts: target_attempts,
-            });
-        }
-        Ok(Report {
-            delivery_id: format!("{tenant}/{job_id}"),
-            tenant,
-            job_id,
-            account: delivery.try_get("account")?,
-            purpose: delivery.try_get("purpose")?,
-            status: parse(&delivery.try_get::<String, _>("status")?)?,
-            reason,
-            hint: reason.map(FailureReason::hint),
-            summary: delivery.try_get("summary")?,
-            created_at: timestamp(delivery.try_get("created_at")?)?,
-            updated_at: timestamp(delivery.try_get("updated_at")?)?,
-            expires_at: timestamp(delivery.try_get("expires_at")?)?,
-            targets: results,
-        })
+        sqlx::Connection::close(migrating).await?;
+        let path = options.get_filename();
+        let writer = GroupWriter::start(path)?;
+        let readers = Arc::new(Readers::open(path)?);
+        Ok(SqliteLedger { readers, writer })
     }
 
     /// How many group transactions the writer has committed (each is one fsync, however many
@@ -210,24 +107,10 @@ impl SqliteLedger {
         self.writer.commits()
     }
 
-    async fn load(&self, key: DeliveryKey) -> Result<Option<Report>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        let Some(delivery) = sqlx::query("SELECT * FROM deliveries WHERE id = ?")
-            .bind(key)
-            .fetch_optional(&mut *conn)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let targets = sqlx::query("SELECT * FROM targets WHERE delivery = ? ORDER BY idx")
-            .bind(key)
-            .fetch_all(&mut *conn)
-            .await?;
-        let attempts = sqlx::query("SELECT * FROM attempts WHERE delivery = ? ORDER BY id")
-            .bind(key)
-            .fetch_all(&mut *conn)
-            .await?;
-        Self::report_from_rows(&delivery, &targets, &attempts).map(Some)
+    fn load(&self, key: DeliveryKey) -> Result<Report, StoreError> {
+        self.readers
+            .with(|conn| reads::load(conn, key))?
+            .ok_or_else(|| StoreError::NotFound(format!("#{key}")))
     }
 }
 
@@ -243,7 +126,7 @@ impl Ledger for SqliteLedger {
             .writer
             .write(move |conn| writes::accept(conn, &new, now))
             .await?;
-        Ok((self.report(key).await?, inserted))
+        Ok((self.load(key)?, inserted))
     }
 
     async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError> {
@@ -270,10 +153,10 @@ impl Ledger for SqliteLedger {
             .await?;
         Ok(match claimed {
             Claimed::Inserted(key) => Claim::Started(key, fresh_report(new, now)),
-            Claimed::Taken(key) => Claim::Started(key, self.report(key).await?),
-            Claimed::TakenOver(key) => Claim::Resumed(key, self.report(key).await?),
+            Claimed::Taken(key) => Claim::Started(key, self.load(key)?),
+            Claimed::TakenOver(key) => Claim::Resumed(key, self.load(key)?),
             Claimed::Refused(key) => {
-                let report = self.report(key).await?;
+                let report = self.load(key)?;
                 if report.status.is_terminal() {
                     Claim::Finished(report)
                 } else {
@@ -352,24 +235,11 @@ impl Ledger for SqliteLedger {
         &self,
         key: DeliveryKey,
     ) -> Result<Vec<(u32, Acknowledgement)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT idx, ack FROM targets WHERE delivery = ? AND ack IS NOT NULL ORDER BY idx",
-        )
-        .bind(key)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok((
-                    row.try_get::<i64, _>("idx")? as u32,
-                    parse(&row.try_get::<String, _>("ack")?)?,
-                ))
-            })
-            .collect()
+        self.readers.with(|conn| reads::acknowledgements(conn, key))
     }
 
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
-        self.key_of(id).await
+        self.readers.with(|conn| reads::key_of(conn, id))
     }
 
     async fn finish(
@@ -386,209 +256,68 @@ impl Ledger for SqliteLedger {
 
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError> {
         self.load(key)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("#{key}")))
     }
 
     async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError> {
-        match self.key_of(id).await? {
-            Some(key) => self.load(key).await,
+        self.readers.with(|conn| match reads::key_of(conn, id)? {
+            Some(key) => reads::load(conn, key),
             None => Ok(None),
-        }
+        })
     }
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
-        let limit = query.limit.clamp(1, 100) as i64;
-        let rows = sqlx::query(
-            "SELECT id FROM deliveries
-             WHERE tenant = ? AND (? IS NULL OR account = ?) AND (? IS NULL OR status = ?) AND (? IS NULL OR id < ?)
-             ORDER BY id DESC LIMIT ?",
-        )
-        .bind(&query.tenant)
-        .bind(&query.account)
-        .bind(&query.account)
-        .bind(query.status.map(DeliveryStatus::as_str))
-        .bind(query.status.map(DeliveryStatus::as_str))
-        .bind(query.before)
-        .bind(query.before)
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut keys: Vec<i64> = rows
-            .iter()
-            .map(|r| r.try_get("id"))
-            .collect::<Result<_, _>>()?;
-        let next = if keys.len() as i64 > limit {
-            keys.truncate(limit as usize);
-            keys.last().copied()
-        } else {
-            None
-        };
-        let mut reports = Vec::with_capacity(keys.len());
-        for key in keys {
-            if let Some(report) = self.load(key).await? {
-                reports.push(report);
-            }
-        }
-        Ok(ListPage { reports, next })
+        // Up to a hundred reports: off the async workers.
+        let readers = Arc::clone(&self.readers);
+        let query = query.clone();
+        tokio::task::spawn_blocking(move || readers.with(|conn| reads::list(conn, &query)))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("the ledger read failed: {e}")))?
     }
-}
-
-/// The stored form of "every tenant".
-const ALL_TENANTS: &str = "*";
-
-fn block_from_row(row: &SqliteRow) -> Result<BlockEntry, StoreError> {
-    let tenant: String = row.try_get("tenant")?;
-    Ok(BlockEntry {
-        id: row.try_get("id")?,
-        tenant: (tenant != ALL_TENANTS).then_some(tenant),
-        kind: parse(&row.try_get::<String, _>("kind")?)?,
-        pattern: row.try_get("pattern")?,
-        source: parse(&row.try_get::<String, _>("source")?)?,
-        note: row.try_get("note")?,
-        created_at: timestamp(row.try_get("created_at")?)?,
-        expires_at: row
-            .try_get::<Option<i64>, _>("expires_at")?
-            .map(timestamp)
-            .transpose()?,
-    })
-}
-
-fn rule_from_row(row: &SqliteRow) -> Result<RateLimitRule, StoreError> {
-    let tenant: String = row.try_get("tenant")?;
-    Ok(RateLimitRule {
-        id: row.try_get("id")?,
-        tenant: (tenant != ALL_TENANTS).then_some(tenant),
-        scope: parse(&row.try_get::<String, _>("scope")?)?,
-        prefix: row.try_get("prefix")?,
-        limit: row.try_get::<i64, _>("max_sends")? as u32,
-        window: Duration::from_millis(row.try_get::<i64, _>("window_ms")? as u64),
-    })
-}
-
-fn quiet_from_row(row: &SqliteRow) -> Result<QuietHoursRule, StoreError> {
-    let tenant: String = row.try_get("tenant")?;
-    let account: String = row.try_get("account")?;
-    let list = |column: &str| -> Result<Vec<String>, StoreError> {
-        let text: String = row.try_get(column)?;
-        Ok(text
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect())
-    };
-    let time = |column: &str| -> Result<jiff::civil::Time, StoreError> {
-        let text: String = row.try_get(column)?;
-        parse_time_of_day(&text).ok_or_else(|| StoreError::Corrupt(format!("{column} `{text}`")))
-    };
-    Ok(QuietHoursRule {
-        id: row.try_get("id")?,
-        tenant: (tenant != ALL_TENANTS).then_some(tenant),
-        account: (!account.is_empty()).then_some(account),
-        channels: list("channels")?
-            .iter()
-            .map(|c| parse(c))
-            .collect::<Result<_, _>>()?,
-        start: time("start_time")?,
-        end: time("end_time")?,
-        days: list("days")?
-            .iter()
-            .map(|d| parse_weekday(d).ok_or_else(|| StoreError::Corrupt(format!("day `{d}`"))))
-            .collect::<Result<_, _>>()?,
-        action: parse(&row.try_get::<String, _>("action")?)?,
-        default_zone: row.try_get("default_zone")?,
-    })
 }
 
 #[async_trait]
 impl PolicyStore for SqliteLedger {
     async fn set_quiet_hours(&self, rule: &QuietHoursRule) -> Result<QuietHoursRule, StoreError> {
-        let channels: Vec<&str> = rule.channels.iter().map(|c| c.as_str()).collect();
-        let days: Vec<&str> = rule.days.iter().map(|d| weekday_name(*d)).collect();
-        let sql = if rule.id == 0 {
-            "INSERT INTO quiet_rules (tenant, account, channels, start_time, end_time, days, action, default_zone)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *"
-        } else {
-            "UPDATE quiet_rules SET tenant = ?, account = ?, channels = ?, start_time = ?, end_time = ?, days = ?,
-                                    action = ?, default_zone = ?
-             WHERE id = ? RETURNING *"
-        };
-        let mut query = sqlx::query(sql)
-            .bind(rule.tenant.as_deref().unwrap_or(ALL_TENANTS))
-            .bind(rule.account.as_deref().unwrap_or_default())
-            .bind(channels.join(","))
-            .bind(rule.start.strftime("%H:%M").to_string())
-            .bind(rule.end.strftime("%H:%M").to_string())
-            .bind(days.join(","))
-            .bind(rule.action.as_str())
-            .bind(&rule.default_zone);
-        if rule.id != 0 {
-            query = query.bind(rule.id);
-        }
-        let row = query
-            .fetch_optional(&self.pool)
+        let owned = rule.clone();
+        self.writer
+            .write(move |conn| writes::set_quiet_hours(conn, &owned))
             .await?
-            .ok_or_else(|| StoreError::NotFound(format!("quiet-hours rule #{}", rule.id)))?;
-        quiet_from_row(&row)
+            .ok_or_else(|| StoreError::NotFound(format!("quiet-hours rule #{}", rule.id)))
     }
 
     async fn remove_quiet_hours(&self, id: i64) -> Result<bool, StoreError> {
-        let removed = sqlx::query("DELETE FROM quiet_rules WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(removed.rows_affected() == 1)
+        self.writer
+            .write(move |conn| writes::remove(conn, PolicyTable::QuietRules, id))
+            .await
     }
 
     async fn list_quiet_hours(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<QuietHoursRule>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM quiet_rules WHERE (? IS NULL OR tenant = ? OR tenant = '*') ORDER BY id",
-        )
-        .bind(tenant)
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(quiet_from_row).collect()
+        self.readers
+            .with(|conn| reads::list_quiet_hours(conn, tenant))
     }
 
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
-        let tenant = rule.tenant.as_deref().unwrap_or(ALL_TENANTS);
-        let row = sqlx::query(
-            "INSERT INTO rate_limit_rules (tenant, scope, prefix, max_sends, window_ms) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (tenant, scope, prefix) DO UPDATE SET max_sends = excluded.max_sends, window_ms = excluded.window_ms
-             RETURNING *",
-        )
-        .bind(tenant)
-        .bind(rule.scope.as_str())
-        .bind(&rule.prefix)
-        .bind(rule.limit as i64)
-        .bind(rule.window.as_millis() as i64)
-        .fetch_one(&self.pool)
-        .await?;
-        rule_from_row(&row)
+        let rule = rule.clone();
+        self.writer
+            .write(move |conn| writes::set_rate_limit(conn, &rule))
+            .await
     }
 
     async fn remove_rate_limit(&self, id: i64) -> Result<bool, StoreError> {
-        let removed = sqlx::query("DELETE FROM rate_limit_rules WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(removed.rows_affected() == 1)
+        self.writer
+            .write(move |conn| writes::remove(conn, PolicyTable::RateLimitRules, id))
+            .await
     }
 
     async fn list_rate_limits(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<RateLimitRule>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM rate_limit_rules WHERE (? IS NULL OR tenant = ? OR tenant = '*') ORDER BY id")
-            .bind(tenant)
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rule_from_row).collect()
+        self.readers
+            .with(|conn| reads::list_rate_limits(conn, tenant))
     }
 
     async fn peek(
@@ -596,30 +325,7 @@ impl PolicyStore for SqliteLedger {
         keys: &[RateKey<'_>],
         now: Timestamp,
     ) -> Result<Option<RateLimited>, StoreError> {
-        for RateKey { rule, key } in keys {
-            let since = micros(now) - rule.window.as_micros() as i64;
-            let row = sqlx::query(
-                "SELECT count(*) AS hits, min(at) AS oldest FROM rate_hits WHERE rule = ? AND key = ? AND at > ?",
-            )
-            .bind(rule.id)
-            .bind(key)
-            .bind(since)
-            .fetch_one(&self.pool)
-            .await?;
-            if row.try_get::<i64, _>("hits")? >= rule.limit as i64 {
-                let window = jiff::SignedDuration::try_from(rule.window)
-                    .unwrap_or(jiff::SignedDuration::MAX);
-                let oldest = row
-                    .try_get::<Option<i64>, _>("oldest")?
-                    .map(timestamp)
-                    .transpose()?;
-                return Ok(Some(RateLimited {
-                    rule: (*rule).clone(),
-                    allowed_at: oldest.unwrap_or(now) + window,
-                }));
-            }
-        }
-        Ok(None)
+        self.readers.with(|conn| reads::peek(conn, keys, now))
     }
 
     async fn consume(
@@ -644,51 +350,20 @@ impl PolicyStore for SqliteLedger {
         entry: &NewBlockEntry,
         now: Timestamp,
     ) -> Result<(BlockEntry, bool), StoreError> {
-        let tenant = entry.tenant.as_deref().unwrap_or(ALL_TENANTS);
-        let inserted = sqlx::query(
-            "INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (tenant, kind, pattern) DO NOTHING",
-        )
-        .bind(tenant)
-        .bind(entry.kind.as_str())
-        .bind(&entry.pattern)
-        .bind(entry.source.as_str())
-        .bind(&entry.note)
-        .bind(micros(now))
-        .bind(entry.expires_at.map(micros))
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        let row = sqlx::query(
-            "SELECT * FROM block_entries WHERE tenant = ? AND kind = ? AND pattern = ?",
-        )
-        .bind(tenant)
-        .bind(entry.kind.as_str())
-        .bind(&entry.pattern)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((block_from_row(&row)?, inserted))
+        let entry = entry.clone();
+        self.writer
+            .write(move |conn| writes::add_block(conn, &entry, now))
+            .await
     }
 
     async fn remove_block(&self, id: i64) -> Result<bool, StoreError> {
-        let removed = sqlx::query("DELETE FROM block_entries WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(removed.rows_affected() == 1)
+        self.writer
+            .write(move |conn| writes::remove(conn, PolicyTable::BlockEntries, id))
+            .await
     }
 
     async fn list_blocks(&self, tenant: Option<&str>) -> Result<Vec<BlockEntry>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT * FROM block_entries WHERE (? IS NULL OR tenant = ? OR tenant = '*') ORDER BY id DESC",
-        )
-        .bind(tenant)
-        .bind(tenant)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(block_from_row).collect()
+        self.readers.with(|conn| reads::list_blocks(conn, tenant))
     }
 
     async fn block_candidates(
@@ -697,31 +372,15 @@ impl PolicyStore for SqliteLedger {
         patterns: &[&str],
         now: Timestamp,
     ) -> Result<Vec<BlockEntry>, StoreError> {
-        let placeholders = vec!["?"; patterns.len().max(1)].join(", ");
-        let sql = format!(
-            "SELECT * FROM block_entries
-             WHERE tenant IN (?, '*') AND (expires_at IS NULL OR expires_at > ?)
-               AND (kind = 'PREFIX' OR pattern IN ({placeholders}))"
-        );
-        // Only placeholders are interpolated: the values are bound.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(tenant)
-            .bind(micros(now));
-        if patterns.is_empty() {
-            query = query.bind("");
-        }
-        for pattern in patterns {
-            query = query.bind(*pattern);
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter().map(block_from_row).collect()
+        self.readers
+            .with(|conn| reads::block_candidates(conn, tenant, patterns, now))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{AttemptOutcome, Channel, Platform};
+    use crate::domain::{AttemptOutcome, Channel, Platform, SmsEncoding, SmsShape};
     use crate::store::sqlite_writes::INTERRUPTED;
     use crate::store::{NewTarget, TargetUpdate};
 

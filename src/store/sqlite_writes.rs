@@ -1,16 +1,19 @@
 //! The SQLite ledger's writes, as the group-commit writer thread runs them: plain functions of
 //! the writer's connection (inside its open transaction) and owned inputs. Reads stay in
-//! `sqlite.rs`, on the pool.
+//! `sqlite_reads.rs`.
 
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::sqlite_reads::{ALL_TENANTS, block_from_row, quiet_from_row, rule_from_row};
 use super::{
     AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, NewDelivery, Outcome, StoreError,
     TargetUpdate,
 };
 use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, TargetStatus};
-use crate::policy::{RateLimitRule, RateLimited};
+use crate::policy::{
+    BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
+};
 
 /// What an attempt left unanswered by a worker that went away is recorded as.
 pub(super) const INTERRUPTED: &str =
@@ -354,4 +357,129 @@ pub(super) fn consume(
         insert.execute(params![rule.id, key, micros(now)])?;
     }
     Ok(None)
+}
+
+/// Stores a quiet-hours rule: a new one when its id is 0, else it replaces that rule (`None`
+/// when there is none: nothing was written, so the group need not be undone).
+pub(super) fn set_quiet_hours(
+    conn: &Connection,
+    rule: &QuietHoursRule,
+) -> Result<Option<QuietHoursRule>, StoreError> {
+    let channels: Vec<&str> = rule.channels.iter().map(|c| c.as_str()).collect();
+    let days: Vec<&str> = rule.days.iter().map(|d| weekday_name(*d)).collect();
+    let sql = if rule.id == 0 {
+        "INSERT INTO quiet_rules (tenant, account, channels, start_time, end_time, days, action, default_zone)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING *"
+    } else {
+        "UPDATE quiet_rules SET tenant = ?1, account = ?2, channels = ?3, start_time = ?4, end_time = ?5,
+                                days = ?6, action = ?7, default_zone = ?8
+         WHERE id = ?9 RETURNING *"
+    };
+    let tenant = rule.tenant.as_deref().unwrap_or(ALL_TENANTS);
+    let account = rule.account.as_deref().unwrap_or_default();
+    let (channels, days, action) = (channels.join(","), days.join(","), rule.action.as_str());
+    let (start, end) = (
+        rule.start.strftime("%H:%M").to_string(),
+        rule.end.strftime("%H:%M").to_string(),
+    );
+    let mut values: Vec<&dyn rusqlite::ToSql> = vec![
+        &tenant,
+        &account,
+        &channels,
+        &start,
+        &end,
+        &days,
+        &action,
+        &rule.default_zone,
+    ];
+    if rule.id != 0 {
+        values.push(&rule.id);
+    }
+    returning(conn, sql, values.as_slice(), quiet_from_row)
+}
+
+/// The row a `RETURNING *` statement gave, mapped.
+fn returning<T>(
+    conn: &Connection,
+    sql: &str,
+    values: impl rusqlite::Params,
+    map: fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut rows = statement.query(values)?;
+    rows.next()?.map(map).transpose()
+}
+
+/// Deletes the row `id` of `table` (one of the policy tables); whether there was one.
+pub(super) fn remove(conn: &Connection, table: PolicyTable, id: i64) -> Result<bool, StoreError> {
+    let sql = match table {
+        PolicyTable::QuietRules => "DELETE FROM quiet_rules WHERE id = ?",
+        PolicyTable::RateLimitRules => "DELETE FROM rate_limit_rules WHERE id = ?",
+        PolicyTable::BlockEntries => "DELETE FROM block_entries WHERE id = ?",
+    };
+    Ok(conn.prepare_cached(sql)?.execute([id])? == 1)
+}
+
+/// The tables of policy rules.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum PolicyTable {
+    QuietRules,
+    RateLimitRules,
+    BlockEntries,
+}
+
+/// Sets the rate limit for its (tenant, scope, prefix), replacing one that was there.
+pub(super) fn set_rate_limit(
+    conn: &Connection,
+    rule: &RateLimitRule,
+) -> Result<RateLimitRule, StoreError> {
+    returning(
+        conn,
+        "INSERT INTO rate_limit_rules (tenant, scope, prefix, max_sends, window_ms) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (tenant, scope, prefix) DO UPDATE SET max_sends = excluded.max_sends, window_ms = excluded.window_ms
+         RETURNING *",
+        params![
+            rule.tenant.as_deref().unwrap_or(ALL_TENANTS),
+            rule.scope.as_str(),
+            rule.prefix,
+            rule.limit as i64,
+            rule.window.as_millis() as i64,
+        ],
+        rule_from_row,
+    )?
+    .ok_or_else(|| StoreError::Corrupt("an upsert returned no row".into()))
+}
+
+/// Adds a block entry unless one with the same tenant, kind and pattern is there; the entry,
+/// and whether it is new.
+pub(super) fn add_block(
+    conn: &Connection,
+    entry: &NewBlockEntry,
+    now: Timestamp,
+) -> Result<(BlockEntry, bool), StoreError> {
+    let tenant = entry.tenant.as_deref().unwrap_or(ALL_TENANTS);
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (tenant, kind, pattern) DO NOTHING",
+        )?
+        .execute(params![
+            tenant,
+            entry.kind.as_str(),
+            entry.pattern,
+            entry.source.as_str(),
+            entry.note,
+            micros(now),
+            entry.expires_at.map(micros),
+        ])?
+        == 1;
+    let mut statement = conn.prepare_cached(
+        "SELECT * FROM block_entries WHERE tenant = ? AND kind = ? AND pattern = ?",
+    )?;
+    let mut rows = statement.query(params![tenant, entry.kind.as_str(), entry.pattern])?;
+    let row = rows
+        .next()?
+        .ok_or_else(|| StoreError::Corrupt("a block entry vanished as it was added".into()))?;
+    Ok((block_from_row(row)?, inserted))
 }

@@ -1,0 +1,420 @@
+//! The SQLite ledger's reads: plain functions of a reader connection (rusqlite, cached
+//! statements), and the row mappers the writes share for `RETURNING *`. A reader connection is
+//! used on the calling thread: these are indexed lookups of a few rows, cheaper than handing
+//! them to another thread and back (which is what bounded the gateway before).
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+
+use super::sqlite_writes::{micros, timestamp};
+use super::{DeliveryKey, ListPage, ListQuery, StoreError};
+use crate::domain::{
+    Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, SmsEncoding,
+    SmsShape, TargetResult, TargetStatus,
+};
+use crate::policy::{
+    BlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited, parse_time_of_day,
+    parse_weekday,
+};
+
+/// The stored form of "every tenant".
+pub(super) const ALL_TENANTS: &str = "*";
+
+/// Idle reader connections kept for reuse (more are opened while more readers run at once).
+const MAX_IDLE_READERS: usize = 4;
+
+/// Read-only connections to the ledger, reused.
+#[derive(Debug)]
+pub(super) struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    /// Readers of the (migrated) database at `path`; one connection is opened now, so a bad
+    /// path fails here rather than at the first read.
+    pub(super) fn open(path: &Path) -> Result<Self, StoreError> {
+        let first = open_reader(path)?;
+        Ok(Readers {
+            path: path.to_path_buf(),
+            idle: Mutex::new(vec![first]),
+        })
+    }
+
+    /// Runs `read` on an idle connection (or a new one) on this thread.
+    pub(super) fn with<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let connection = match taken {
+            Some(connection) => connection,
+            None => open_reader(&self.path)?,
+        };
+        let result = read(&connection);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(connection);
+        }
+        result
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    connection.busy_timeout(Duration::from_secs(10))?;
+    connection.set_prepared_statement_cache_capacity(32);
+    Ok(connection)
+}
+
+fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T, StoreError> {
+    text.parse().map_err(StoreError::Corrupt)
+}
+
+fn parse_opt<T: FromStr<Err = String>>(text: Option<String>) -> Result<Option<T>, StoreError> {
+    text.as_deref().map(parse).transpose()
+}
+
+fn column<T: rusqlite::types::FromSql>(row: &Row<'_>, name: &str) -> Result<T, StoreError> {
+    Ok(row.get(name)?)
+}
+
+fn opt_timestamp(row: &Row<'_>, name: &str) -> Result<Option<Timestamp>, StoreError> {
+    column::<Option<i64>>(row, name)?.map(timestamp).transpose()
+}
+
+/// `None` for "every tenant".
+fn tenant_of(row: &Row<'_>) -> Result<Option<String>, StoreError> {
+    let tenant: String = column(row, "tenant")?;
+    Ok((tenant != ALL_TENANTS).then_some(tenant))
+}
+
+/// The key of a delivery, if known.
+pub(super) fn key_of(
+    conn: &Connection,
+    id: &DeliveryId,
+) -> Result<Option<DeliveryKey>, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM deliveries WHERE tenant = ? AND job_id = ?")?
+        .query_row(params![id.tenant, id.job_id], |row| row.get(0))
+        .optional()?)
+}
+
+fn attempt_from_row(row: &Row<'_>) -> Result<(u32, Attempt), StoreError> {
+    let target = column::<i64>(row, "target_idx")? as u32;
+    let sms = match (
+        parse_opt::<SmsEncoding>(column(row, "sms_encoding")?)?,
+        column::<Option<i64>>(row, "sms_segments")?,
+    ) {
+        (Some(encoding), Some(segments)) => Some(SmsShape {
+            encoding,
+            segments: segments as u32,
+        }),
+        _ => None,
+    };
+    let attempt = Attempt {
+        provider: column(row, "provider")?,
+        channel: parse(&column::<String>(row, "channel")?)?,
+        target: column(row, "masked_target")?,
+        started_at: timestamp(column(row, "started_at")?)?,
+        ended_at: opt_timestamp(row, "ended_at")?,
+        outcome: parse(&column::<String>(row, "outcome")?)?,
+        reason: parse_opt(column(row, "reason")?)?,
+        provider_code: column(row, "provider_code")?,
+        provider_message: column(row, "provider_message")?,
+        retry: column::<i64>(row, "retry")? as u32,
+        provider_message_id: column(row, "provider_message_id")?,
+        next_retry_at: opt_timestamp(row, "next_retry_at")?,
+        token_invalid_since: opt_timestamp(row, "token_invalid_since")?,
+        sms,
+    };
+    Ok((target, attempt))
+}
+
+fn target_from_row(row: &Row<'_>) -> Result<TargetResult, StoreError> {
+    let reason: Option<FailureReason> = parse_opt(column(row, "reason")?)?;
+    Ok(TargetResult {
+        index: column::<i64>(row, "idx")? as u32,
+        channel: parse(&column::<String>(row, "channel")?)?,
+        target: column(row, "label")?,
+        platform: parse_opt(column(row, "platform")?)?,
+        status: parse::<TargetStatus>(&column::<String>(row, "status")?)?,
+        reason,
+        hint: reason.map(FailureReason::hint),
+        detail: column(row, "detail")?,
+        acknowledgement: parse_opt(column(row, "ack")?)?,
+        attempts: Vec::new(),
+    })
+}
+
+fn report_from_row(row: &Row<'_>) -> Result<Report, StoreError> {
+    let tenant: String = column(row, "tenant")?;
+    let job_id: String = column(row, "job_id")?;
+    let reason: Option<FailureReason> = parse_opt(column(row, "reason")?)?;
+    Ok(Report {
+        delivery_id: format!("{tenant}/{job_id}"),
+        tenant,
+        job_id,
+        account: column(row, "account")?,
+        purpose: column(row, "purpose")?,
+        status: parse(&column::<String>(row, "status")?)?,
+        reason,
+        hint: reason.map(FailureReason::hint),
+        summary: column(row, "summary")?,
+        created_at: timestamp(column(row, "created_at")?)?,
+        updated_at: timestamp(column(row, "updated_at")?)?,
+        expires_at: timestamp(column(row, "expires_at")?)?,
+        targets: Vec::new(),
+    })
+}
+
+/// The report of one delivery: its row, its targets and every attempt, if known.
+pub(super) fn load(conn: &Connection, key: DeliveryKey) -> Result<Option<Report>, StoreError> {
+    let mut statement = conn.prepare_cached("SELECT * FROM deliveries WHERE id = ?")?;
+    let mut rows = statement.query([key])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let mut report = report_from_row(row)?;
+    drop(rows);
+    let mut statement =
+        conn.prepare_cached("SELECT * FROM targets WHERE delivery = ? ORDER BY idx")?;
+    let mut rows = statement.query([key])?;
+    while let Some(row) = rows.next()? {
+        report.targets.push(target_from_row(row)?);
+    }
+    let mut statement =
+        conn.prepare_cached("SELECT * FROM attempts WHERE delivery = ? ORDER BY id")?;
+    let mut rows = statement.query([key])?;
+    while let Some(row) = rows.next()? {
+        let (index, attempt) = attempt_from_row(row)?;
+        if let Some(target) = report.targets.iter_mut().find(|t| t.index == index) {
+            target.attempts.push(attempt);
+        }
+    }
+    Ok(Some(report))
+}
+
+/// The acknowledgements recorded on a delivery's targets, by target index.
+pub(super) fn acknowledgements(
+    conn: &Connection,
+    key: DeliveryKey,
+) -> Result<Vec<(u32, Acknowledgement)>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT idx, ack FROM targets WHERE delivery = ? AND ack IS NOT NULL ORDER BY idx",
+    )?;
+    let mut rows = statement.query([key])?;
+    let mut acks = Vec::new();
+    while let Some(row) = rows.next()? {
+        acks.push((
+            row.get::<_, i64>(0)? as u32,
+            parse(&row.get::<_, String>(1)?)?,
+        ));
+    }
+    Ok(acks)
+}
+
+/// One page of reports, newest first.
+pub(super) fn list(conn: &Connection, query: &ListQuery) -> Result<ListPage, StoreError> {
+    let limit = query.limit.clamp(1, 100) as i64;
+    let status = query.status.map(DeliveryStatus::as_str);
+    let mut statement = conn.prepare_cached(
+        "SELECT id FROM deliveries
+         WHERE tenant = ?1 AND (?2 IS NULL OR account = ?2) AND (?3 IS NULL OR status = ?3)
+           AND (?4 IS NULL OR id < ?4)
+         ORDER BY id DESC LIMIT ?5",
+    )?;
+    let mut keys = statement
+        .query_map(
+            params![query.tenant, query.account, status, query.before, limit + 1],
+            |row| row.get::<_, i64>(0),
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = if keys.len() as i64 > limit {
+        keys.truncate(limit as usize);
+        keys.last().copied()
+    } else {
+        None
+    };
+    let mut reports = Vec::with_capacity(keys.len());
+    for key in keys {
+        if let Some(report) = load(conn, key)? {
+            reports.push(report);
+        }
+    }
+    Ok(ListPage { reports, next })
+}
+
+pub(super) fn block_from_row(row: &Row<'_>) -> Result<BlockEntry, StoreError> {
+    Ok(BlockEntry {
+        id: column(row, "id")?,
+        tenant: tenant_of(row)?,
+        kind: parse(&column::<String>(row, "kind")?)?,
+        pattern: column(row, "pattern")?,
+        source: parse(&column::<String>(row, "source")?)?,
+        note: column(row, "note")?,
+        created_at: timestamp(column(row, "created_at")?)?,
+        expires_at: opt_timestamp(row, "expires_at")?,
+    })
+}
+
+pub(super) fn rule_from_row(row: &Row<'_>) -> Result<RateLimitRule, StoreError> {
+    Ok(RateLimitRule {
+        id: column(row, "id")?,
+        tenant: tenant_of(row)?,
+        scope: parse(&column::<String>(row, "scope")?)?,
+        prefix: column(row, "prefix")?,
+        limit: column::<i64>(row, "max_sends")? as u32,
+        window: Duration::from_millis(column::<i64>(row, "window_ms")? as u64),
+    })
+}
+
+pub(super) fn quiet_from_row(row: &Row<'_>) -> Result<QuietHoursRule, StoreError> {
+    let list = |name: &str| -> Result<Vec<String>, StoreError> {
+        let text: String = column(row, name)?;
+        Ok(text
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect())
+    };
+    let time = |name: &str| -> Result<jiff::civil::Time, StoreError> {
+        let text: String = column(row, name)?;
+        parse_time_of_day(&text).ok_or_else(|| StoreError::Corrupt(format!("{name} `{text}`")))
+    };
+    let account: String = column(row, "account")?;
+    Ok(QuietHoursRule {
+        id: column(row, "id")?,
+        tenant: tenant_of(row)?,
+        account: (!account.is_empty()).then_some(account),
+        channels: list("channels")?
+            .iter()
+            .map(|c| parse(c))
+            .collect::<Result<_, _>>()?,
+        start: time("start_time")?,
+        end: time("end_time")?,
+        days: list("days")?
+            .iter()
+            .map(|d| parse_weekday(d).ok_or_else(|| StoreError::Corrupt(format!("day `{d}`"))))
+            .collect::<Result<_, _>>()?,
+        action: parse(&column::<String>(row, "action")?)?,
+        default_zone: column(row, "default_zone")?,
+    })
+}
+
+/// Every row of `sql` (bound to `values`) through `map`.
+fn all<T>(
+    conn: &Connection,
+    sql: &str,
+    values: impl rusqlite::Params,
+    map: fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut rows = statement.query(values)?;
+    let mut found = Vec::new();
+    while let Some(row) = rows.next()? {
+        found.push(map(row)?);
+    }
+    Ok(found)
+}
+
+/// Quiet-hours rules, optionally of one tenant (global ones included).
+pub(super) fn list_quiet_hours(
+    conn: &Connection,
+    tenant: Option<&str>,
+) -> Result<Vec<QuietHoursRule>, StoreError> {
+    all(
+        conn,
+        "SELECT * FROM quiet_rules WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id",
+        [tenant],
+        quiet_from_row,
+    )
+}
+
+/// Rate limits, optionally of one tenant (global ones included).
+pub(super) fn list_rate_limits(
+    conn: &Connection,
+    tenant: Option<&str>,
+) -> Result<Vec<RateLimitRule>, StoreError> {
+    all(
+        conn,
+        "SELECT * FROM rate_limit_rules WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id",
+        [tenant],
+        rule_from_row,
+    )
+}
+
+/// Block entries, optionally of one tenant (global ones included), newest first.
+pub(super) fn list_blocks(
+    conn: &Connection,
+    tenant: Option<&str>,
+) -> Result<Vec<BlockEntry>, StoreError> {
+    all(
+        conn,
+        "SELECT * FROM block_entries WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id DESC",
+        [tenant],
+        block_from_row,
+    )
+}
+
+/// The entries in force at `now` that could block a job of `tenant`: those naming one of
+/// `patterns`, and every prefix entry.
+pub(super) fn block_candidates(
+    conn: &Connection,
+    tenant: &str,
+    patterns: &[&str],
+    now: Timestamp,
+) -> Result<Vec<BlockEntry>, StoreError> {
+    let placeholders = vec!["?"; patterns.len().max(1)].join(", ");
+    // Only placeholders are interpolated: the values are bound. The statement is cached per
+    // number of patterns.
+    let sql = format!(
+        "SELECT * FROM block_entries
+         WHERE tenant IN (?, '*') AND (expires_at IS NULL OR expires_at > ?)
+           AND (kind = 'PREFIX' OR pattern IN ({placeholders}))"
+    );
+    let now = micros(now);
+    let mut values: Vec<&dyn rusqlite::ToSql> = vec![&tenant, &now];
+    if patterns.is_empty() {
+        values.push(&"");
+    }
+    for pattern in patterns {
+        values.push(pattern);
+    }
+    all(conn, &sql, values.as_slice(), block_from_row)
+}
+
+/// Whether a send under these keys would be limited at `now`, without counting it.
+pub(super) fn peek(
+    conn: &Connection,
+    keys: &[RateKey<'_>],
+    now: Timestamp,
+) -> Result<Option<RateLimited>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT count(*), min(at) FROM rate_hits WHERE rule = ? AND key = ? AND at > ?",
+    )?;
+    for RateKey { rule, key } in keys {
+        let since = micros(now) - rule.window.as_micros() as i64;
+        let (hits, oldest): (i64, Option<i64>) = statement
+            .query_row(params![rule.id, key, since], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?;
+        if hits >= rule.limit as i64 {
+            let window =
+                jiff::SignedDuration::try_from(rule.window).unwrap_or(jiff::SignedDuration::MAX);
+            return Ok(Some(RateLimited {
+                rule: (*rule).clone(),
+                allowed_at: oldest.map(timestamp).transpose()?.unwrap_or(now) + window,
+            }));
+        }
+    }
+    Ok(None)
+}
