@@ -24,6 +24,20 @@ const GSM7_EXTENSION: &[(char, u8)] = &[
 
 const ESCAPE: u8 = 0x1B;
 
+/// Marks an ASCII character that is not in the basic alphabet.
+const NOT_BASIC: u8 = 0xFF;
+
+/// The basic-alphabet septet of each ASCII character ([`NOT_BASIC`] when it has none).
+static ASCII_SEPTETS: std::sync::LazyLock<[u8; 128]> = std::sync::LazyLock::new(|| {
+    let mut table = [NOT_BASIC; 128];
+    for (index, g) in GSM7_BASIC.chars().enumerate() {
+        if g.is_ascii() && g != '\u{1b}' {
+            table[g as usize] = index as u8;
+        }
+    }
+    table
+});
+
 /// The alphabet an SMS is sent in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum SmsEncoding {
@@ -49,10 +63,19 @@ pub struct SmsShape {
 /// The septets of one character: one for the basic alphabet, escape plus one for the extension
 /// table, none if GSM-7 cannot carry it.
 fn septets(c: char) -> Option<([u8; 2], usize)> {
+    let basic = if c.is_ascii() {
+        // Most texts are ASCII: one table lookup instead of a walk through the alphabet.
+        Some(ASCII_SEPTETS[c as usize]).filter(|&septet| septet != NOT_BASIC)
+    } else {
+        GSM7_BASIC
+            .chars()
+            .position(|g| g == c)
+            .map(|index| index as u8)
+    };
     if c != '\u{1b}'
-        && let Some(index) = GSM7_BASIC.chars().position(|g| g == c)
+        && let Some(septet) = basic
     {
-        return Some(([index as u8, 0], 1));
+        return Some(([septet, 0], 1));
     }
     GSM7_EXTENSION
         .iter()
