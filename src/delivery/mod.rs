@@ -20,8 +20,8 @@ use crate::domain::{
 };
 use crate::providers::ProviderReceipt;
 use crate::store::{
-    AttemptEnd, Claim, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome, StoreError,
-    TargetUpdate,
+    AttemptEnd, Claim, DecideOutcome, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome,
+    StoreError, TargetUpdate,
 };
 
 pub use breaker::{BreakerSnapshot, CircuitState};
@@ -256,9 +256,12 @@ impl DeliveryService {
         };
         progress.changed();
         let verdict = self.dispatcher.dispatch(job, &prior, &progress).await?;
-        let report = self.ledger.report(key).await?;
-        let outcome = decide(&report, verdict);
-        let report = self.close(key, report, outcome).await?;
+        let report = self
+            .close(
+                key,
+                Arc::new(move |report: &Report| decide(report, verdict)),
+            )
+            .await?;
         if let Verdict::Deferred(until) = verdict
             && report.status == DeliveryStatus::Deferred
         {
@@ -277,40 +280,21 @@ impl DeliveryService {
     async fn conclude(
         &self,
         key: DeliveryKey,
-        report: Report,
         status: DeliveryStatus,
         reason: Option<FailureReason>,
     ) -> Result<Report, StoreError> {
-        let summary = summarize(status, reason, report.expires_at, &report.targets);
-        self.close(
-            key,
-            report,
-            Outcome {
-                status,
-                reason,
-                summary,
-            },
-        )
-        .await
+        let outcome = move |report: &Report| Outcome {
+            status,
+            reason,
+            summary: summarize(status, reason, report.expires_at, &report.targets),
+        };
+        self.close(key, Arc::new(outcome)).await
     }
 
-    /// Writes the final outcome and returns the final report (derived from `report`, the one
-    /// just loaded, rather than read again).
-    async fn close(
-        &self,
-        key: DeliveryKey,
-        mut report: Report,
-        outcome: Outcome,
-    ) -> Result<Report, StoreError> {
-        // The ledger keeps microseconds: the report published must match the one stored.
-        let now = self.clock.now();
-        let now = Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now);
-        self.ledger.finish(key, &outcome, now).await?;
-        report.status = outcome.status;
-        report.reason = outcome.reason;
-        report.hint = outcome.reason.map(FailureReason::hint);
-        report.summary = outcome.summary;
-        report.updated_at = now;
+    /// Writes the final outcome `decide` draws from the report as the ledger holds it, and
+    /// returns the final report.
+    async fn close(&self, key: DeliveryKey, decide: DecideOutcome) -> Result<Report, StoreError> {
+        let report = self.ledger.finish(key, self.clock.now(), decide).await?;
         let _ = self.changes.send(report.delivery_id.clone());
         Ok(report)
     }
@@ -378,13 +362,12 @@ impl DeliveryService {
         self.ledger
             .update_target(key, index as u32, &update, now)
             .await?;
-        let report = self.ledger.report(key).await?;
         let status = if ack == Acknowledgement::Shown {
             DeliveryStatus::Delivered
         } else {
             DeliveryStatus::Failed
         };
-        let report = self.conclude(key, report, status, reason).await?;
+        let report = self.conclude(key, status, reason).await?;
         Ok(AckOutcome::Finished(report))
     }
 
@@ -448,7 +431,7 @@ impl DeliveryService {
             ),
         };
         Ok(ReceiptApplied::Concluded(Box::new(
-            self.conclude(key, report, status, reason).await?,
+            self.conclude(key, status, reason).await?,
         )))
     }
 

@@ -174,6 +174,10 @@ pub struct Outcome {
     pub summary: String,
 }
 
+/// Draws a delivery's final outcome from its report as the ledger holds it (see
+/// [`Ledger::finish`]).
+pub type DecideOutcome = std::sync::Arc<dyn Fn(&Report) -> Outcome + Send + Sync>;
+
 /// Filters and paging for [`Ledger::list`].
 #[derive(Debug, Clone)]
 pub struct ListQuery {
@@ -273,13 +277,15 @@ pub trait Ledger: Send + Sync + 'static {
     /// The internal key of a delivery, if known.
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError>;
 
-    /// Marks the delivery terminal.
+    /// Marks the delivery terminal with the outcome `decide` draws from its report, read in the
+    /// same transaction (an acknowledgement or receipt recorded meanwhile is not missed), and
+    /// returns the final report.
     async fn finish(
         &self,
         key: DeliveryKey,
-        outcome: &Outcome,
         now: Timestamp,
-    ) -> Result<(), StoreError>;
+        decide: DecideOutcome,
+    ) -> Result<Report, StoreError>;
 
     /// The report of one delivery by its internal key.
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError>;

@@ -3,10 +3,12 @@
 //! group-commit writer thread ([`GroupWriter`]); reads run on the caller's thread on reader
 //! connections ([`Readers`]). sqlx only brings the schema up to date.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -17,8 +19,8 @@ use super::sqlite_reads::{self as reads, Readers};
 use super::sqlite_writes::{self as writes, Claimed, PolicyTable, micros, timestamp};
 use super::writer::GroupWriter;
 use super::{
-    AttemptEnd, AttemptKey, AttemptStart, Claim, DeliveryKey, Ledger, ListPage, ListQuery,
-    NewDelivery, Outcome, PolicyStore, StoreError, TargetUpdate,
+    AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, Ledger, ListPage,
+    ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate,
 };
 use crate::domain::{
     Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetResult, TargetStatus,
@@ -70,6 +72,67 @@ fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
 pub struct SqliteLedger {
     readers: Arc<Readers>,
     writer: GroupWriter,
+    rules: Arc<RulesCache>,
+}
+
+/// How long a tenant's rate-limit and quiet-hours rules are served from memory. A rule written
+/// through this ledger applies at once (the cache is emptied); one written by another process
+/// sharing the file applies within this time.
+const RULES_TTL: Duration = Duration::from_secs(1);
+
+/// Tenants whose rules are kept at most (beyond, the cache starts again empty).
+const RULES_CACHED_TENANTS: usize = 10_000;
+
+/// Rules of one kind by tenant (`None`: every tenant's), with when they were read.
+type RulesByTenant<T> = Mutex<HashMap<Option<String>, (Instant, Vec<T>)>>;
+
+/// The rules every job reads, kept in memory: they change rarely, and every job needs them.
+#[derive(Debug, Default)]
+struct RulesCache {
+    /// Counts rule writes, so a read that raced one is not kept.
+    generation: AtomicU64,
+    rate_limits: RulesByTenant<RateLimitRule>,
+    quiet_hours: RulesByTenant<QuietHoursRule>,
+}
+
+impl RulesCache {
+    /// The rules of `tenant` from memory, or from `read` (kept unless a write came meanwhile).
+    fn get<T: Clone>(
+        &self,
+        rules: &RulesByTenant<T>,
+        tenant: Option<&str>,
+        read: impl FnOnce() -> Result<Vec<T>, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let key = tenant.map(str::to_owned);
+        if let Some((at, found)) = rules.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+            && at.elapsed() < RULES_TTL
+        {
+            return Ok(found.clone());
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        let found = read()?;
+        let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::Acquire) == generation {
+            if rules.len() >= RULES_CACHED_TENANTS {
+                rules.clear();
+            }
+            rules.insert(key, (Instant::now(), found.clone()));
+        }
+        Ok(found)
+    }
+
+    /// Forgets every cached rule (after a rule was written).
+    fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.rate_limits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.quiet_hours
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
 }
 
 impl SqliteLedger {
@@ -98,7 +161,11 @@ impl SqliteLedger {
         let path = options.get_filename();
         let writer = GroupWriter::start(path)?;
         let readers = Arc::new(Readers::open(path)?);
-        Ok(SqliteLedger { readers, writer })
+        Ok(SqliteLedger {
+            readers,
+            writer,
+            rules: Arc::default(),
+        })
     }
 
     /// How many group transactions the writer has committed (each is one fsync, however many
@@ -245,12 +312,15 @@ impl Ledger for SqliteLedger {
     async fn finish(
         &self,
         key: DeliveryKey,
-        outcome: &Outcome,
         now: Timestamp,
-    ) -> Result<(), StoreError> {
-        let outcome = outcome.clone();
+        decide: DecideOutcome,
+    ) -> Result<Report, StoreError> {
+        // The ledger keeps microseconds: the report returned must match the one stored.
+        let now = timestamp(micros(now))?;
+        // Read and decided on the writer's connection, whose pages are warm: a reader would
+        // have to fetch them again after every commit.
         self.writer
-            .write(move |conn| writes::finish(conn, key, &outcome, now))
+            .write(move |conn| writes::finish(conn, key, now, &decide))
             .await
     }
 
@@ -279,45 +349,60 @@ impl Ledger for SqliteLedger {
 impl PolicyStore for SqliteLedger {
     async fn set_quiet_hours(&self, rule: &QuietHoursRule) -> Result<QuietHoursRule, StoreError> {
         let owned = rule.clone();
-        self.writer
+        let stored = self
+            .writer
             .write(move |conn| writes::set_quiet_hours(conn, &owned))
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("quiet-hours rule #{}", rule.id)))
+            .await;
+        self.rules.invalidate();
+        stored?.ok_or_else(|| StoreError::NotFound(format!("quiet-hours rule #{}", rule.id)))
     }
 
     async fn remove_quiet_hours(&self, id: i64) -> Result<bool, StoreError> {
-        self.writer
+        let removed = self
+            .writer
             .write(move |conn| writes::remove(conn, PolicyTable::QuietRules, id))
-            .await
+            .await;
+        self.rules.invalidate();
+        removed
     }
 
     async fn list_quiet_hours(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<QuietHoursRule>, StoreError> {
-        self.readers
-            .with(|conn| reads::list_quiet_hours(conn, tenant))
+        self.rules.get(&self.rules.quiet_hours, tenant, || {
+            self.readers
+                .with(|conn| reads::list_quiet_hours(conn, tenant))
+        })
     }
 
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
         let rule = rule.clone();
-        self.writer
+        let stored = self
+            .writer
             .write(move |conn| writes::set_rate_limit(conn, &rule))
-            .await
+            .await;
+        self.rules.invalidate();
+        stored
     }
 
     async fn remove_rate_limit(&self, id: i64) -> Result<bool, StoreError> {
-        self.writer
+        let removed = self
+            .writer
             .write(move |conn| writes::remove(conn, PolicyTable::RateLimitRules, id))
-            .await
+            .await;
+        self.rules.invalidate();
+        removed
     }
 
     async fn list_rate_limits(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<RateLimitRule>, StoreError> {
-        self.readers
-            .with(|conn| reads::list_rate_limits(conn, tenant))
+        self.rules.get(&self.rules.rate_limits, tenant, || {
+            self.readers
+                .with(|conn| reads::list_rate_limits(conn, tenant))
+        })
     }
 
     async fn peek(
@@ -481,14 +566,15 @@ mod tests {
             )
             .await
             .unwrap();
-        let outcome = Outcome {
+        let sent = |report: &Report| crate::store::Outcome {
             status: DeliveryStatus::Sent,
             reason: None,
-            summary: "done".into(),
+            summary: format!("done with {} targets", report.targets.len()),
         };
-        ledger.finish(key, &outcome, now).await.unwrap();
+        let finished = ledger.finish(key, now, Arc::new(sent)).await.unwrap();
+        assert_eq!(finished.targets[1].status, TargetStatus::Sent);
         assert!(
-            matches!(ledger.claim(&new, "w3", true, now).await.unwrap(), Claim::Finished(r) if r.summary == "done")
+            matches!(ledger.claim(&new, "w3", true, now).await.unwrap(), Claim::Finished(r) if r.summary == "done with 2 targets")
         );
     }
 
@@ -605,6 +691,80 @@ mod tests {
         assert!(
             ledger.get(&new_delivery("j0").id).await.unwrap().is_some(),
             "only ACCEPTED ones go"
+        );
+    }
+
+    #[tokio::test]
+    async fn rules_are_served_from_memory_yet_a_change_applies_to_the_next_read() {
+        use crate::policy::{QuietAction, RateScope};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger(&dir).await;
+        // Read (and kept) while there are none.
+        assert!(
+            ledger
+                .list_rate_limits(Some("acme"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            ledger
+                .list_quiet_hours(Some("acme"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        let limit = ledger
+            .set_rate_limit(&RateLimitRule {
+                id: 0,
+                tenant: Some("acme".into()),
+                scope: RateScope::Account,
+                prefix: String::new(),
+                limit: 3,
+                window: Duration::from_secs(60),
+            })
+            .await
+            .unwrap();
+        let quiet = ledger
+            .set_quiet_hours(&QuietHoursRule {
+                id: 0,
+                tenant: None,
+                account: None,
+                channels: vec![Channel::Sms],
+                start: jiff::civil::time(22, 0, 0, 0),
+                end: jiff::civil::time(7, 0, 0, 0),
+                days: Vec::new(),
+                action: QuietAction::Defer,
+                default_zone: "Europe/Berlin".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            ledger.list_rate_limits(Some("acme")).await.unwrap(),
+            std::slice::from_ref(&limit)
+        );
+        assert_eq!(
+            ledger.list_quiet_hours(Some("acme")).await.unwrap(),
+            std::slice::from_ref(&quiet),
+            "a global rule applies to every tenant"
+        );
+
+        assert!(ledger.remove_rate_limit(limit.id).await.unwrap());
+        assert!(ledger.remove_quiet_hours(quiet.id).await.unwrap());
+        assert!(
+            ledger
+                .list_rate_limits(Some("acme"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            ledger
+                .list_quiet_hours(Some("acme"))
+                .await
+                .unwrap()
+                .is_empty()
         );
     }
 }

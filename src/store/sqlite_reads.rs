@@ -1,5 +1,5 @@
 //! The SQLite ledger's reads: plain functions of a reader connection (rusqlite, cached
-//! statements), and the row mappers the writes share for `RETURNING *`. A reader connection is
+//! statements), and the row mappers the writes share for `RETURNING`. A reader connection is
 //! used on the calling thread: these are indexed lookups of a few rows, cheaper than handing
 //! them to another thread and back (which is what bounded the gateway before).
 
@@ -21,6 +21,42 @@ use crate::policy::{
     BlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited, parse_time_of_day,
     parse_weekday,
 };
+
+/// The columns each mapper below reads, in its order (rows are read by position: looking
+/// columns up by name costs a walk through the names for every value).
+macro_rules! delivery_columns {
+    () => {
+        "tenant, job_id, account, purpose, status, reason, summary, created_at, updated_at, expires_at"
+    };
+}
+macro_rules! target_columns {
+    () => {
+        "idx, channel, label, platform, status, reason, detail, ack"
+    };
+}
+macro_rules! attempt_columns {
+    () => {
+        "target_idx, provider, channel, masked_target, started_at, ended_at, outcome, reason, provider_code,
+         provider_message, retry, provider_message_id, next_retry_at, token_invalid_since, sms_encoding,
+         sms_segments"
+    };
+}
+macro_rules! block_columns {
+    () => {
+        "id, tenant, kind, pattern, source, note, created_at, expires_at"
+    };
+}
+macro_rules! rule_columns {
+    () => {
+        "id, tenant, scope, prefix, max_sends, window_ms"
+    };
+}
+macro_rules! quiet_columns {
+    () => {
+        "id, tenant, account, channels, start_time, end_time, days, action, default_zone"
+    };
+}
+pub(super) use {block_columns, quiet_columns, rule_columns};
 
 /// The stored form of "every tenant".
 pub(super) const ALL_TENANTS: &str = "*";
@@ -83,17 +119,19 @@ fn parse_opt<T: FromStr<Err = String>>(text: Option<String>) -> Result<Option<T>
     text.as_deref().map(parse).transpose()
 }
 
-fn column<T: rusqlite::types::FromSql>(row: &Row<'_>, name: &str) -> Result<T, StoreError> {
-    Ok(row.get(name)?)
+fn column<T: rusqlite::types::FromSql>(row: &Row<'_>, index: usize) -> Result<T, StoreError> {
+    Ok(row.get(index)?)
 }
 
-fn opt_timestamp(row: &Row<'_>, name: &str) -> Result<Option<Timestamp>, StoreError> {
-    column::<Option<i64>>(row, name)?.map(timestamp).transpose()
+fn opt_timestamp(row: &Row<'_>, index: usize) -> Result<Option<Timestamp>, StoreError> {
+    column::<Option<i64>>(row, index)?
+        .map(timestamp)
+        .transpose()
 }
 
 /// `None` for "every tenant".
-fn tenant_of(row: &Row<'_>) -> Result<Option<String>, StoreError> {
-    let tenant: String = column(row, "tenant")?;
+fn tenant_of(row: &Row<'_>, index: usize) -> Result<Option<String>, StoreError> {
+    let tenant: String = column(row, index)?;
     Ok((tenant != ALL_TENANTS).then_some(tenant))
 }
 
@@ -108,11 +146,12 @@ pub(super) fn key_of(
         .optional()?)
 }
 
+/// An attempt row ([`attempt_columns`]) and the index of its target.
 fn attempt_from_row(row: &Row<'_>) -> Result<(u32, Attempt), StoreError> {
-    let target = column::<i64>(row, "target_idx")? as u32;
+    let target = column::<i64>(row, 0)? as u32;
     let sms = match (
-        parse_opt::<SmsEncoding>(column(row, "sms_encoding")?)?,
-        column::<Option<i64>>(row, "sms_segments")?,
+        parse_opt::<SmsEncoding>(column(row, 14)?)?,
+        column::<Option<i64>>(row, 15)?,
     ) {
         (Some(encoding), Some(segments)) => Some(SmsShape {
             encoding,
@@ -121,78 +160,90 @@ fn attempt_from_row(row: &Row<'_>) -> Result<(u32, Attempt), StoreError> {
         _ => None,
     };
     let attempt = Attempt {
-        provider: column(row, "provider")?,
-        channel: parse(&column::<String>(row, "channel")?)?,
-        target: column(row, "masked_target")?,
-        started_at: timestamp(column(row, "started_at")?)?,
-        ended_at: opt_timestamp(row, "ended_at")?,
-        outcome: parse(&column::<String>(row, "outcome")?)?,
-        reason: parse_opt(column(row, "reason")?)?,
-        provider_code: column(row, "provider_code")?,
-        provider_message: column(row, "provider_message")?,
-        retry: column::<i64>(row, "retry")? as u32,
-        provider_message_id: column(row, "provider_message_id")?,
-        next_retry_at: opt_timestamp(row, "next_retry_at")?,
-        token_invalid_since: opt_timestamp(row, "token_invalid_since")?,
+        provider: column(row, 1)?,
+        channel: parse(&column::<String>(row, 2)?)?,
+        target: column(row, 3)?,
+        started_at: timestamp(column(row, 4)?)?,
+        ended_at: opt_timestamp(row, 5)?,
+        outcome: parse(&column::<String>(row, 6)?)?,
+        reason: parse_opt(column(row, 7)?)?,
+        provider_code: column(row, 8)?,
+        provider_message: column(row, 9)?,
+        retry: column::<i64>(row, 10)? as u32,
+        provider_message_id: column(row, 11)?,
+        next_retry_at: opt_timestamp(row, 12)?,
+        token_invalid_since: opt_timestamp(row, 13)?,
         sms,
     };
     Ok((target, attempt))
 }
 
+/// A target row ([`target_columns`]), without its attempts.
 fn target_from_row(row: &Row<'_>) -> Result<TargetResult, StoreError> {
-    let reason: Option<FailureReason> = parse_opt(column(row, "reason")?)?;
+    let reason: Option<FailureReason> = parse_opt(column(row, 5)?)?;
     Ok(TargetResult {
-        index: column::<i64>(row, "idx")? as u32,
-        channel: parse(&column::<String>(row, "channel")?)?,
-        target: column(row, "label")?,
-        platform: parse_opt(column(row, "platform")?)?,
-        status: parse::<TargetStatus>(&column::<String>(row, "status")?)?,
+        index: column::<i64>(row, 0)? as u32,
+        channel: parse(&column::<String>(row, 1)?)?,
+        target: column(row, 2)?,
+        platform: parse_opt(column(row, 3)?)?,
+        status: parse::<TargetStatus>(&column::<String>(row, 4)?)?,
         reason,
         hint: reason.map(FailureReason::hint),
-        detail: column(row, "detail")?,
-        acknowledgement: parse_opt(column(row, "ack")?)?,
+        detail: column(row, 6)?,
+        acknowledgement: parse_opt(column(row, 7)?)?,
         attempts: Vec::new(),
     })
 }
 
+/// A delivery row ([`delivery_columns`]), without its targets.
 fn report_from_row(row: &Row<'_>) -> Result<Report, StoreError> {
-    let tenant: String = column(row, "tenant")?;
-    let job_id: String = column(row, "job_id")?;
-    let reason: Option<FailureReason> = parse_opt(column(row, "reason")?)?;
+    let tenant: String = column(row, 0)?;
+    let job_id: String = column(row, 1)?;
+    let reason: Option<FailureReason> = parse_opt(column(row, 5)?)?;
     Ok(Report {
         delivery_id: format!("{tenant}/{job_id}"),
         tenant,
         job_id,
-        account: column(row, "account")?,
-        purpose: column(row, "purpose")?,
-        status: parse(&column::<String>(row, "status")?)?,
+        account: column(row, 2)?,
+        purpose: column(row, 3)?,
+        status: parse(&column::<String>(row, 4)?)?,
         reason,
         hint: reason.map(FailureReason::hint),
-        summary: column(row, "summary")?,
-        created_at: timestamp(column(row, "created_at")?)?,
-        updated_at: timestamp(column(row, "updated_at")?)?,
-        expires_at: timestamp(column(row, "expires_at")?)?,
+        summary: column(row, 6)?,
+        created_at: timestamp(column(row, 7)?)?,
+        updated_at: timestamp(column(row, 8)?)?,
+        expires_at: timestamp(column(row, 9)?)?,
         targets: Vec::new(),
     })
 }
 
 /// The report of one delivery: its row, its targets and every attempt, if known.
 pub(super) fn load(conn: &Connection, key: DeliveryKey) -> Result<Option<Report>, StoreError> {
-    let mut statement = conn.prepare_cached("SELECT * FROM deliveries WHERE id = ?")?;
+    let mut statement = conn.prepare_cached(concat!(
+        "SELECT ",
+        delivery_columns!(),
+        " FROM deliveries WHERE id = ?"
+    ))?;
     let mut rows = statement.query([key])?;
     let Some(row) = rows.next()? else {
         return Ok(None);
     };
     let mut report = report_from_row(row)?;
     drop(rows);
-    let mut statement =
-        conn.prepare_cached("SELECT * FROM targets WHERE delivery = ? ORDER BY idx")?;
+    let mut statement = conn.prepare_cached(concat!(
+        "SELECT ",
+        target_columns!(),
+        " FROM targets WHERE delivery = ? ORDER BY idx"
+    ))?;
     let mut rows = statement.query([key])?;
     while let Some(row) = rows.next()? {
         report.targets.push(target_from_row(row)?);
     }
-    let mut statement =
-        conn.prepare_cached("SELECT * FROM attempts WHERE delivery = ? ORDER BY id")?;
+    let mut statement = conn.prepare_cached(concat!(
+        "SELECT ",
+        attempt_columns!(),
+        " FROM attempts WHERE delivery = ? ORDER BY id"
+    ))?;
     let mut rows = statement.query([key])?;
     while let Some(row) = rows.next()? {
         let (index, attempt) = attempt_from_row(row)?;
@@ -253,60 +304,63 @@ pub(super) fn list(conn: &Connection, query: &ListQuery) -> Result<ListPage, Sto
     Ok(ListPage { reports, next })
 }
 
+/// A block entry row ([`block_columns`]).
 pub(super) fn block_from_row(row: &Row<'_>) -> Result<BlockEntry, StoreError> {
     Ok(BlockEntry {
-        id: column(row, "id")?,
-        tenant: tenant_of(row)?,
-        kind: parse(&column::<String>(row, "kind")?)?,
-        pattern: column(row, "pattern")?,
-        source: parse(&column::<String>(row, "source")?)?,
-        note: column(row, "note")?,
-        created_at: timestamp(column(row, "created_at")?)?,
-        expires_at: opt_timestamp(row, "expires_at")?,
+        id: column(row, 0)?,
+        tenant: tenant_of(row, 1)?,
+        kind: parse(&column::<String>(row, 2)?)?,
+        pattern: column(row, 3)?,
+        source: parse(&column::<String>(row, 4)?)?,
+        note: column(row, 5)?,
+        created_at: timestamp(column(row, 6)?)?,
+        expires_at: opt_timestamp(row, 7)?,
     })
 }
 
+/// A rate-limit rule row ([`rule_columns`]).
 pub(super) fn rule_from_row(row: &Row<'_>) -> Result<RateLimitRule, StoreError> {
     Ok(RateLimitRule {
-        id: column(row, "id")?,
-        tenant: tenant_of(row)?,
-        scope: parse(&column::<String>(row, "scope")?)?,
-        prefix: column(row, "prefix")?,
-        limit: column::<i64>(row, "max_sends")? as u32,
-        window: Duration::from_millis(column::<i64>(row, "window_ms")? as u64),
+        id: column(row, 0)?,
+        tenant: tenant_of(row, 1)?,
+        scope: parse(&column::<String>(row, 2)?)?,
+        prefix: column(row, 3)?,
+        limit: column::<i64>(row, 4)? as u32,
+        window: Duration::from_millis(column::<i64>(row, 5)? as u64),
     })
 }
 
+/// A quiet-hours rule row ([`quiet_columns`]).
 pub(super) fn quiet_from_row(row: &Row<'_>) -> Result<QuietHoursRule, StoreError> {
-    let list = |name: &str| -> Result<Vec<String>, StoreError> {
-        let text: String = column(row, name)?;
+    let list = |index: usize| -> Result<Vec<String>, StoreError> {
+        let text: String = column(row, index)?;
         Ok(text
             .split(',')
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect())
     };
-    let time = |name: &str| -> Result<jiff::civil::Time, StoreError> {
-        let text: String = column(row, name)?;
+    let time = |index: usize, name: &str| -> Result<jiff::civil::Time, StoreError> {
+        let text: String = column(row, index)?;
         parse_time_of_day(&text).ok_or_else(|| StoreError::Corrupt(format!("{name} `{text}`")))
     };
-    let account: String = column(row, "account")?;
+    let account: String = column(row, 2)?;
     Ok(QuietHoursRule {
-        id: column(row, "id")?,
-        tenant: tenant_of(row)?,
+        id: column(row, 0)?,
+        tenant: tenant_of(row, 1)?,
         account: (!account.is_empty()).then_some(account),
-        channels: list("channels")?
+        channels: list(3)?
             .iter()
             .map(|c| parse(c))
             .collect::<Result<_, _>>()?,
-        start: time("start_time")?,
-        end: time("end_time")?,
-        days: list("days")?
+        start: time(4, "start_time")?,
+        end: time(5, "end_time")?,
+        days: list(6)?
             .iter()
             .map(|d| parse_weekday(d).ok_or_else(|| StoreError::Corrupt(format!("day `{d}`"))))
             .collect::<Result<_, _>>()?,
-        action: parse(&column::<String>(row, "action")?)?,
-        default_zone: column(row, "default_zone")?,
+        action: parse(&column::<String>(row, 7)?)?,
+        default_zone: column(row, 8)?,
     })
 }
 
@@ -333,7 +387,11 @@ pub(super) fn list_quiet_hours(
 ) -> Result<Vec<QuietHoursRule>, StoreError> {
     all(
         conn,
-        "SELECT * FROM quiet_rules WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id",
+        concat!(
+            "SELECT ",
+            quiet_columns!(),
+            " FROM quiet_rules WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id"
+        ),
         [tenant],
         quiet_from_row,
     )
@@ -346,7 +404,11 @@ pub(super) fn list_rate_limits(
 ) -> Result<Vec<RateLimitRule>, StoreError> {
     all(
         conn,
-        "SELECT * FROM rate_limit_rules WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id",
+        concat!(
+            "SELECT ",
+            rule_columns!(),
+            " FROM rate_limit_rules WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id"
+        ),
         [tenant],
         rule_from_row,
     )
@@ -359,7 +421,11 @@ pub(super) fn list_blocks(
 ) -> Result<Vec<BlockEntry>, StoreError> {
     all(
         conn,
-        "SELECT * FROM block_entries WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id DESC",
+        concat!(
+            "SELECT ",
+            block_columns!(),
+            " FROM block_entries WHERE (?1 IS NULL OR tenant = ?1 OR tenant = '*') ORDER BY id DESC"
+        ),
         [tenant],
         block_from_row,
     )
@@ -374,12 +440,17 @@ pub(super) fn block_candidates(
     now: Timestamp,
 ) -> Result<Vec<BlockEntry>, StoreError> {
     let placeholders = vec!["?"; patterns.len().max(1)].join(", ");
-    // Only placeholders are interpolated: the values are bound. The statement is cached per
-    // number of patterns.
+    // Two indexed lookups: the tenant's prefix entries, and the entries naming a pattern (one
+    // `OR` would have SQLite walk every entry of the tenant). Only placeholders are
+    // interpolated: the values are bound. The statement is cached per number of patterns.
     let sql = format!(
-        "SELECT * FROM block_entries
-         WHERE tenant IN (?, '*') AND (expires_at IS NULL OR expires_at > ?)
-           AND (kind = 'PREFIX' OR pattern IN ({placeholders}))"
+        "SELECT {columns} FROM block_entries
+         WHERE tenant IN (?1, '*') AND kind = 'PREFIX' AND (expires_at IS NULL OR expires_at > ?2)
+         UNION ALL
+         SELECT {columns} FROM block_entries
+         WHERE pattern IN ({placeholders}) AND kind <> 'PREFIX' AND tenant IN (?1, '*')
+           AND (expires_at IS NULL OR expires_at > ?2)",
+        columns = block_columns!()
     );
     let now = micros(now);
     let mut values: Vec<&dyn rusqlite::ToSql> = vec![&tenant, &now];

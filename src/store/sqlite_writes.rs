@@ -5,12 +5,15 @@
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::sqlite_reads::{ALL_TENANTS, block_from_row, quiet_from_row, rule_from_row};
+use super::sqlite_reads::{
+    ALL_TENANTS, block_columns, block_from_row, load, quiet_columns, quiet_from_row, rule_columns,
+    rule_from_row,
+};
 use super::{
-    AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, NewDelivery, Outcome, StoreError,
+    AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, NewDelivery, StoreError,
     TargetUpdate,
 };
-use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, TargetStatus};
+use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus};
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
 };
@@ -48,31 +51,28 @@ pub(super) fn insert(
     worker: Option<&str>,
     now: Timestamp,
 ) -> Result<Option<DeliveryKey>, StoreError> {
-    let key: Option<i64> = conn
+    // No RETURNING: SQLite would collect its rows in a temporary table first.
+    let inserted = conn
         .prepare_cached(
             "INSERT INTO deliveries (tenant, job_id, account, purpose, status, owner, expires_at, created_at, updated_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (tenant, job_id) DO NOTHING
-             RETURNING id",
+             ON CONFLICT (tenant, job_id) DO NOTHING",
         )?
-        .query_row(
-            params![
-                new.id.tenant,
-                new.id.job_id,
-                new.account,
-                new.purpose,
-                status.as_str(),
-                worker,
-                micros(new.expires_at),
-                micros(now),
-                micros(now),
-            ],
-            |row| row.get(0),
-        )
-        .optional()?;
-    let Some(key) = key else {
+        .execute(params![
+            new.id.tenant,
+            new.id.job_id,
+            new.account,
+            new.purpose,
+            status.as_str(),
+            worker,
+            micros(new.expires_at),
+            micros(now),
+            micros(now),
+        ])?;
+    if inserted == 0 {
         return Ok(None);
-    };
+    }
+    let key = conn.last_insert_rowid();
     let mut target = conn.prepare_cached(
         "INSERT INTO targets (delivery, idx, channel, label, platform, status) VALUES (?, ?, ?, ?, ?, ?)",
     )?;
@@ -176,26 +176,23 @@ pub(super) fn start_attempt(
     key: DeliveryKey,
     start: &AttemptStart,
 ) -> Result<AttemptKey, StoreError> {
-    Ok(conn
-        .prepare_cached(
-            "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry,
-                                   sms_encoding, sms_segments)
-             VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?, ?, ?) RETURNING id",
-        )?
-        .query_row(
-            params![
-                key,
-                start.target as i64,
-                start.provider,
-                start.channel.as_str(),
-                start.masked_target,
-                micros(start.started_at),
-                start.retry as i64,
-                start.sms.map(|s| s.encoding.as_str()),
-                start.sms.map(|s| s.segments as i64),
-            ],
-            |row| row.get(0),
-        )?)
+    conn.prepare_cached(
+        "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry,
+                               sms_encoding, sms_segments)
+         VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?, ?, ?)",
+    )?
+    .execute(params![
+        key,
+        start.target as i64,
+        start.provider,
+        start.channel.as_str(),
+        start.masked_target,
+        micros(start.started_at),
+        start.retry as i64,
+        start.sms.map(|s| s.encoding.as_str()),
+        start.sms.map(|s| s.segments as i64),
+    ])?;
+    Ok(conn.last_insert_rowid())
 }
 
 /// Records how a provider call ended, and its target's new state.
@@ -305,13 +302,17 @@ pub(super) fn record_ack(
     touch(conn, key, now)
 }
 
-/// Marks the delivery terminal.
+/// Marks the delivery terminal with the outcome `decide` draws from its report as it stands
+/// in this transaction; the final report.
 pub(super) fn finish(
     conn: &Connection,
     key: DeliveryKey,
-    outcome: &Outcome,
     now: Timestamp,
-) -> Result<(), StoreError> {
+    decide: &DecideOutcome,
+) -> Result<Report, StoreError> {
+    let mut report =
+        load(conn, key)?.ok_or_else(|| StoreError::NotFound(format!("delivery #{key}")))?;
+    let outcome = decide(&report);
     conn.prepare_cached(
         "UPDATE deliveries SET status = ?, reason = ?, summary = ?, updated_at = ? WHERE id = ?",
     )?
@@ -322,7 +323,12 @@ pub(super) fn finish(
         micros(now),
         key,
     ])?;
-    Ok(())
+    report.status = outcome.status;
+    report.reason = outcome.reason;
+    report.hint = outcome.reason.map(FailureReason::hint);
+    report.summary = outcome.summary;
+    report.updated_at = now;
+    Ok(report)
 }
 
 /// Counts one send under every key unless one of them is at its limit (then nothing is
@@ -368,12 +374,18 @@ pub(super) fn set_quiet_hours(
     let channels: Vec<&str> = rule.channels.iter().map(|c| c.as_str()).collect();
     let days: Vec<&str> = rule.days.iter().map(|d| weekday_name(*d)).collect();
     let sql = if rule.id == 0 {
-        "INSERT INTO quiet_rules (tenant, account, channels, start_time, end_time, days, action, default_zone)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING *"
+        concat!(
+            "INSERT INTO quiet_rules (tenant, account, channels, start_time, end_time, days, action, default_zone)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING ",
+            quiet_columns!()
+        )
     } else {
-        "UPDATE quiet_rules SET tenant = ?1, account = ?2, channels = ?3, start_time = ?4, end_time = ?5,
-                                days = ?6, action = ?7, default_zone = ?8
-         WHERE id = ?9 RETURNING *"
+        concat!(
+            "UPDATE quiet_rules SET tenant = ?1, account = ?2, channels = ?3, start_time = ?4, end_time = ?5,
+                                    days = ?6, action = ?7, default_zone = ?8
+             WHERE id = ?9 RETURNING ",
+            quiet_columns!()
+        )
     };
     let tenant = rule.tenant.as_deref().unwrap_or(ALL_TENANTS);
     let account = rule.account.as_deref().unwrap_or_default();
@@ -398,7 +410,7 @@ pub(super) fn set_quiet_hours(
     returning(conn, sql, values.as_slice(), quiet_from_row)
 }
 
-/// The row a `RETURNING *` statement gave, mapped.
+/// The row a `RETURNING` statement gave, mapped.
 fn returning<T>(
     conn: &Connection,
     sql: &str,
@@ -435,9 +447,12 @@ pub(super) fn set_rate_limit(
 ) -> Result<RateLimitRule, StoreError> {
     returning(
         conn,
-        "INSERT INTO rate_limit_rules (tenant, scope, prefix, max_sends, window_ms) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (tenant, scope, prefix) DO UPDATE SET max_sends = excluded.max_sends, window_ms = excluded.window_ms
-         RETURNING *",
+        concat!(
+            "INSERT INTO rate_limit_rules (tenant, scope, prefix, max_sends, window_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (tenant, scope, prefix) DO UPDATE SET max_sends = excluded.max_sends, window_ms = excluded.window_ms
+             RETURNING ",
+            rule_columns!()
+        ),
         params![
             rule.tenant.as_deref().unwrap_or(ALL_TENANTS),
             rule.scope.as_str(),
@@ -474,9 +489,11 @@ pub(super) fn add_block(
             entry.expires_at.map(micros),
         ])?
         == 1;
-    let mut statement = conn.prepare_cached(
-        "SELECT * FROM block_entries WHERE tenant = ? AND kind = ? AND pattern = ?",
-    )?;
+    let mut statement = conn.prepare_cached(concat!(
+        "SELECT ",
+        block_columns!(),
+        " FROM block_entries WHERE tenant = ? AND kind = ? AND pattern = ?"
+    ))?;
     let mut rows = statement.query(params![tenant, entry.kind.as_str(), entry.pattern])?;
     let row = rows
         .next()?
