@@ -275,6 +275,15 @@ impl Default for RetryConfig {
     }
 }
 
+/// The default of `providers.NAME.max_concurrent_calls`: enough for `delivery.max_in_flight`
+/// at its default many times over, few enough that an HTTP/1.1 provider (one connection per
+/// call) is not flooded with connections, nor this process with their buffers.
+pub const DEFAULT_MAX_CONCURRENT_CALLS: u32 = 1000;
+
+fn default_max_concurrent_calls() -> u32 {
+    DEFAULT_MAX_CONCURRENT_CALLS
+}
+
 /// Circuit-breaker settings of one provider (and of each of its prefix routes).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -328,6 +337,9 @@ pub enum ProviderConfig {
         /// Circuit breaking.
         #[serde(default)]
         breaker: BreakerConfig,
+        /// Calls open at once.
+        #[serde(default = "default_max_concurrent_calls")]
+        max_concurrent_calls: u32,
     },
     /// A Twilio account (SMS through Messages, voice through Calls).
     Twilio(TwilioProviderConfig),
@@ -367,6 +379,9 @@ pub struct TwilioProviderConfig {
     /// Circuit breaking.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
+    #[serde(default = "default_max_concurrent_calls")]
+    pub max_concurrent_calls: u32,
 }
 
 /// Which APNs environment a credential's pushes go to.
@@ -413,6 +428,9 @@ pub struct ApnsProviderConfig {
     /// Circuit breaking.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
+    #[serde(default = "default_max_concurrent_calls")]
+    pub max_concurrent_calls: u32,
 }
 
 impl ApnsProviderConfig {
@@ -453,6 +471,9 @@ pub struct FcmProviderConfig {
     /// Circuit breaking.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
+    #[serde(default = "default_max_concurrent_calls")]
+    pub max_concurrent_calls: u32,
 }
 
 fn default_push_category() -> String {
@@ -503,6 +524,9 @@ pub struct SmppProviderConfig {
     /// Circuit breaking.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
+    #[serde(default = "default_max_concurrent_calls")]
+    pub max_concurrent_calls: u32,
 }
 
 fn default_smpp_window() -> u32 {
@@ -568,6 +592,9 @@ pub struct HttpProviderConfig {
     /// Circuit breaking.
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
+    #[serde(default = "default_max_concurrent_calls")]
+    pub max_concurrent_calls: u32,
 }
 
 fn default_method() -> String {
@@ -631,6 +658,22 @@ impl ProviderConfig {
             ProviderConfig::Smpp(smpp) => &smpp.retry,
             ProviderConfig::Apns(apns) => &apns.retry,
             ProviderConfig::Fcm(fcm) => &fcm.retry,
+        }
+    }
+
+    /// The most calls open to it at once (over HTTP/1.1, connections); a call beyond waits for
+    /// one to end, up to the provider timeout, and the next provider is tried after that.
+    pub fn max_concurrent_calls(&self) -> u32 {
+        match self {
+            ProviderConfig::Sandbox {
+                max_concurrent_calls,
+                ..
+            } => *max_concurrent_calls,
+            ProviderConfig::Twilio(twilio) => twilio.max_concurrent_calls,
+            ProviderConfig::Http(http) => http.max_concurrent_calls,
+            ProviderConfig::Smpp(smpp) => smpp.max_concurrent_calls,
+            ProviderConfig::Apns(apns) => apns.max_concurrent_calls,
+            ProviderConfig::Fcm(fcm) => fcm.max_concurrent_calls,
         }
     }
 
@@ -1044,6 +1087,12 @@ impl Config {
             self.validate_route(&key, channel, self.routes.for_channel(channel))?;
         }
         for (name, provider) in &self.providers {
+            if provider.max_concurrent_calls() == 0 {
+                return Err(invalid(
+                    format!("providers.{name}.max_concurrent_calls"),
+                    "must be at least 1",
+                ));
+            }
             match provider {
                 ProviderConfig::Sandbox { outbox, .. } if outbox.as_os_str().is_empty() => {
                     return Err(invalid(format!("providers.{name}.outbox"), "is empty"));
@@ -1241,6 +1290,16 @@ mod tests {
         let err = Config::from_figment(bad).unwrap_err().to_string();
         assert!(
             err.contains("tenants.acme.destinations.sms.allow") && err.contains("Germany"),
+            "{err}"
+        );
+
+        let bad = Figment::from(Toml::string(DEFAULT_TOML)).merge(Serialized::default(
+            "providers.sandbox.max_concurrent_calls",
+            0,
+        ));
+        let err = Config::from_figment(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("providers.sandbox.max_concurrent_calls"),
             "{err}"
         );
 

@@ -874,6 +874,7 @@ impl Dispatcher {
         let route_key = route.prefix.unwrap_or(DEFAULT_ROUTE);
         let mut last_error: Option<(String, ProviderError)> = None;
         let mut skipped_open = Vec::new();
+        let mut skipped_busy = Vec::new();
         let mut stopped_by_deadline = false;
         'providers: for entry in &route.providers {
             let name = entry.name();
@@ -891,6 +892,17 @@ impl Dispatcher {
                     stopped_by_deadline = true;
                     break 'providers;
                 }
+                let Some(slot) = self.call_slot(entry, deadline, progress).await else {
+                    self.cancel_retry(planned_retry.take(), index, channel, progress)
+                        .await?;
+                    tracing::warn!(
+                        provider = name,
+                        max_concurrent_calls = entry.call_limit,
+                        "every call slot of the provider stayed busy: provider skipped"
+                    );
+                    skipped_busy.push(name.to_owned());
+                    continue 'providers;
+                };
                 if !Self::admit(provider_breaker, &route_breaker, Instant::now()) {
                     self.cancel_retry(planned_retry.take(), index, channel, progress)
                         .await?;
@@ -907,6 +919,7 @@ impl Dispatcher {
                     .call(job, index, channel, entry, retry, progress)
                     .await?;
                 let latency = started.elapsed();
+                drop(slot);
                 calls += 1;
                 let verdict = match &result {
                     Err(error) if error.class != RetryClass::PermanentForTarget => {
@@ -987,19 +1000,32 @@ impl Dispatcher {
             };
             return Ok(TargetEnd::Expired { detail });
         }
-        let open = if skipped_open.is_empty() {
-            String::new()
-        } else {
-            format!(" (circuit open, not tried: {})", skipped_open.join(", "))
-        };
+        let mut skipped = String::new();
+        if !skipped_open.is_empty() {
+            skipped += &format!(" (circuit open, not tried: {})", skipped_open.join(", "));
+        }
+        if !skipped_busy.is_empty() {
+            skipped += &format!(
+                " (every call slot busy for {:?}, not tried: {})",
+                self.settings.provider_timeout,
+                skipped_busy.join(", ")
+            );
+        }
         Ok(match (last_error, last) {
             (Some((_, error)), Some(last)) => TargetEnd::Providers {
                 reason: error.reason,
-                detail: format!("every provider failed; last, {last}{open}"),
+                detail: format!("every provider failed; last, {last}{skipped}"),
             },
             _ if !skipped_open.is_empty() => TargetEnd::Providers {
                 reason: FailureReason::ProviderUnavailable,
-                detail: format!("every provider's circuit is open{open}"),
+                detail: format!("every provider's circuit is open{skipped}"),
+            },
+            _ if !skipped_busy.is_empty() => TargetEnd::Providers {
+                reason: FailureReason::ProviderThrottled,
+                detail: format!(
+                    "no provider could be called: as many calls as each allows \
+                     (max_concurrent_calls) were open{skipped}"
+                ),
             },
             _ => TargetEnd::Providers {
                 reason: FailureReason::ProviderMisconfigured,
@@ -1018,6 +1044,29 @@ impl Dispatcher {
                 },
             },
         })
+    }
+
+    /// A slot for one call to `entry` (one of its `max_concurrent_calls`), waiting for a call
+    /// to end while all are open, for at most the provider timeout and never past the deadline;
+    /// `None` when none came free.
+    async fn call_slot(
+        &self,
+        entry: &ProviderEntry,
+        deadline: Timestamp,
+        progress: &Progress<'_>,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(slot) = Arc::clone(&entry.calls).try_acquire_owned() {
+            return Some(slot);
+        }
+        let left = deadline
+            .duration_since(progress.now())
+            .max(SignedDuration::ZERO)
+            .unsigned_abs();
+        let wait = self.settings.provider_timeout.min(left);
+        tokio::time::timeout(wait, Arc::clone(&entry.calls).acquire_owned())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// One provider call, its start recorded; the caller records its end.
@@ -1143,9 +1192,10 @@ impl Dispatcher {
         channel: Channel,
         now: Timestamp,
     ) -> ChannelVerdict {
+        // The number's zones only matter to a quiet-hours rule.
         let zones = match target {
-            Target::Phone(phone) => zones_of(&phone.number),
-            Target::Device(_) => Vec::new(),
+            Target::Phone(phone) if !quiet.is_empty() => zones_of(&phone.number),
+            _ => Vec::new(),
         };
         match quiet_decision(quiet, job, channel, &zones, now) {
             QuietDecision::Clear => {}

@@ -278,6 +278,10 @@ pub struct ProviderEntry {
     pub retry: RetryConfig,
     /// Circuit-breaker settings.
     pub breaker: BreakerConfig,
+    /// One permit per call that may be open at once (`max_concurrent_calls`).
+    pub calls: Arc<tokio::sync::Semaphore>,
+    /// How many permits `calls` has in all.
+    pub call_limit: usize,
 }
 
 impl ProviderEntry {
@@ -360,11 +364,14 @@ impl ProviderRegistry {
                         .map_err(|e| failed(e.to_string()))?,
                 ),
             };
+            let call_limit = settings.max_concurrent_calls() as usize;
             let entry = ProviderEntry {
                 provider,
                 kind: settings.kind(),
                 retry: settings.retry().clone(),
                 breaker: settings.breaker().clone(),
+                calls: Arc::new(tokio::sync::Semaphore::new(call_limit)),
+                call_limit,
             };
             by_name.insert(name.clone(), entry);
         }

@@ -773,6 +773,60 @@ async fn a_hanging_provider_times_out_without_stalling_jobs_routed_elsewhere() {
 }
 
 #[tokio::test]
+async fn calls_beyond_a_providers_limit_wait_for_a_slot_and_are_throttled_when_none_frees_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut primary_settings =
+        provider_settings(dir.path(), "primary", json!({"max_attempts": 1}), json!({}));
+    primary_settings["max_concurrent_calls"] = json!(1);
+    let config = engine_config(
+        dir.path(),
+        json!({"primary": primary_settings}),
+        &[
+            (
+                "routes",
+                json!({"push": ["primary"], "sms": ["primary"], "voice": ["primary"]}),
+            ),
+            ("delivery.provider_timeout", json!("1500ms")),
+        ],
+    );
+    let primary = Scripted::new("primary", vec![], Step::Accept(Duration::from_secs(1)));
+    let service = engine(&config, vec![("primary", primary.clone())]).await;
+
+    // The first job holds the only slot for a second; of the next two, one waits for it (and
+    // gets it in time), the other would have to wait longer than the provider timeout.
+    let first = spawn_delivery(&service, sms_job("first", 60.0, &["+14155550101"]));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = spawn_delivery(&service, sms_job("second", 60.0, &["+14155550102"]));
+    let third = spawn_delivery(&service, sms_job("third", 60.0, &["+14155550103"]));
+    let first = first.await.unwrap();
+    let mut later = [second.await.unwrap(), third.await.unwrap()];
+    later.sort_by_key(|report| report.status != DeliveryStatus::Sent);
+
+    assert_eq!(first.status, DeliveryStatus::Sent);
+    assert_eq!(
+        later[0].status,
+        DeliveryStatus::Sent,
+        "it waited for the slot"
+    );
+    let throttled = &later[1];
+    assert_eq!(throttled.status, DeliveryStatus::Failed);
+    assert_eq!(throttled.reason, Some(FailureReason::ProviderThrottled));
+    assert!(
+        throttled.targets[0].attempts.is_empty(),
+        "the provider was never called for it"
+    );
+    let detail = throttled.targets[0].detail.as_deref().unwrap();
+    assert!(
+        detail.contains("max_concurrent_calls") && detail.contains("not tried: primary"),
+        "{detail}"
+    );
+    // Never two calls open at once.
+    let times = primary.call_times();
+    assert_eq!(times.len(), 2);
+    assert!(times[1] - times[0] >= Duration::from_secs(1), "{times:?}");
+}
+
+#[tokio::test]
 async fn a_provider_level_refusal_fails_over_at_once_with_the_same_code() {
     let dir = tempfile::tempdir().unwrap();
     let three = json!({"max_attempts": 3, "initial_interval": "10ms"});
