@@ -135,7 +135,7 @@ impl JobConsumer {
             Ok(job) => job,
             Err(error) => {
                 tracing::warn!(field = %error.field, problem = %error.problem, "malformed job: dead-lettered");
-                match self.publisher.dead_letter(&delivery, &error).await {
+                match Box::pin(self.publisher.dead_letter(&delivery, &error)).await {
                     Ok(()) => ack(&delivery).await,
                     Err(publish) => {
                         tracing::error!(error = %publish, "could not dead-letter a malformed job: requeued");
@@ -147,11 +147,13 @@ impl JobConsumer {
         };
         let id = job.delivery_id().to_string();
         let _guard = self.enter(&id).await;
-        let report = match self.deliver(&job, delivery.redelivered).await {
+        // The big steps are boxed: a job's task then holds only the step it is in (thousands of
+        // jobs may be in flight, most of them waiting on a provider).
+        let report = match Box::pin(self.deliver(&job, delivery.redelivered)).await {
             Handled::Finished { report, fresh } => {
                 // A redelivered job may have been finished without its event going out.
                 if (fresh || delivery.redelivered)
-                    && let Err(error) = self.publish_outcome(&report).await
+                    && let Err(error) = Box::pin(self.publish_outcome(&report)).await
                 {
                     tracing::warn!(%error, "event not confirmed: job requeued to publish it again");
                     requeue(&delivery).await;
@@ -164,7 +166,7 @@ impl JobConsumer {
                 return;
             }
             Handled::Deferred { report, until } => {
-                if let Err(error) = self.publisher.publish_event(&report).await {
+                if let Err(error) = Box::pin(self.publisher.publish_event(&report)).await {
                     tracing::warn!(%error, "deferral event not confirmed");
                 }
                 let now = self.service.clock().now();
@@ -172,11 +174,7 @@ impl JobConsumer {
                     .duration_since(now)
                     .max(jiff::SignedDuration::ZERO)
                     .unsigned_abs();
-                match self
-                    .publisher
-                    .defer(&delivery, delay, &until.to_string())
-                    .await
-                {
+                match Box::pin(self.publisher.defer(&delivery, delay, &until.to_string())).await {
                     Ok(()) => {
                         tracing::info!(%until, ?delay, "job held in the broker until quiet hours end");
                         ack(&delivery).await;
@@ -192,10 +190,12 @@ impl JobConsumer {
         if let (Some(reply_to), Some(correlation_id)) = (
             delivery.properties.reply_to(),
             delivery.properties.correlation_id(),
-        ) && let Err(error) = self
-            .publisher
-            .publish_reply(reply_to, correlation_id, &report)
-            .await
+        ) && let Err(error) = Box::pin(self.publisher.publish_reply(
+            reply_to,
+            correlation_id,
+            &report,
+        ))
+        .await
         {
             tracing::warn!(%error, "reply not confirmed: job requeued to reply again");
             requeue(&delivery).await;
