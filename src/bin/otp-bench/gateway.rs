@@ -44,6 +44,8 @@ pub struct GatewaySetup<'a> {
     pub max_in_flight: usize,
     pub provider: SmsProvider,
     pub provider_timeout: Duration,
+    /// The local provider's `max_concurrent_calls` (`None`: the default).
+    pub max_concurrent_calls: Option<usize>,
     /// The gRPC port (0: any).
     pub grpc_port: u16,
 }
@@ -72,7 +74,15 @@ impl GatewayProcess {
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("gateway.toml");
         std::fs::write(&config, config_toml(setup, &dir))?;
-        let child = Command::new(std::env::current_exe()?)
+        let mut command = match std::env::var("OTP_BENCH_WRAP") {
+            Ok(wrap) => {
+                let mut c = Command::new(wrap);
+                c.arg(std::env::current_exe()?);
+                c
+            }
+            Err(_) => Command::new(std::env::current_exe()?),
+        };
+        let child = command
             .arg("--serve")
             .arg(&config)
             .stdin(Stdio::null())
@@ -153,9 +163,14 @@ fn config_toml(setup: &GatewaySetup<'_>, dir: &Path) -> String {
         SmsProvider::Http(addr) => (
             "bench",
             format!(
-                "[providers.bench]\nkind = \"http\"\nurl = {}\nbody = {}\nmessage_id_field = \"/id\"\n",
+                "[providers.bench]\nkind = \"http\"\nurl = {}\nbody = {}\nmessage_id_field = \"/id\"\n{}",
                 quoted(&format!("http://{addr}/send")),
                 quoted(r#"{"to": "{{to}}", "text": "{{text}}", "delivery_id": "{{delivery_id}}"}"#),
+                setup
+                    .max_concurrent_calls
+                    .map_or(String::new(), |calls| format!(
+                        "max_concurrent_calls = {calls}\n"
+                    )),
             ),
         ),
     };

@@ -29,7 +29,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use otp_gateway::config::{AmqpConfig, Config};
+use otp_gateway::config::{AmqpConfig, Config, DEFAULT_MAX_CONCURRENT_CALLS};
 use otp_gateway::proto::v1;
 use otp_gateway::queue::Topology;
 
@@ -147,6 +147,7 @@ impl Bench {
             max_in_flight: self.args.max_in_flight,
             provider,
             provider_timeout: Duration::from_secs(10),
+            max_concurrent_calls: None,
             grpc_port: 0,
         }
     }
@@ -192,6 +193,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if bench.wants(Part::Memory) {
         memory(&bench).await?;
     }
+
     bench.connection.close(200, "done".into()).await?;
     Ok(())
 }
@@ -229,9 +231,11 @@ async fn overhead(bench: &Bench) -> anyhow::Result<()> {
     let rounds = bench.args.rounds;
     let mut baseline = Vec::new();
     let mut service = Vec::new();
+    let mut floor = Vec::new();
     let mut rss = None;
     for round in 1..=rounds {
         baseline.push(baseline_round(bench, round).await?);
+        floor.push(floor_round(bench, round).await?);
         let label = format!("gateway {round}/{rounds}");
         let amqp = topology(&bench.prefix("gw", round));
         let drained = drain(
@@ -258,8 +262,14 @@ async fn overhead(bench: &Bench) -> anyhow::Result<()> {
     println!("| bare consumer | {} | {base:.0} |", each(&baseline));
     println!("| gateway | {} | {svc:.0} |", each(&service));
     println!(
-        "\ngateway / bare consumer = {:.3} (target >= 0.5); gateway peak RSS {}",
+        "| broker floor (reference: acks and publishes one confirmed event per job, nothing else) | {} | {:.0} |",
+        each(&floor),
+        median(&floor)
+    );
+    println!(
+        "\ngateway / bare consumer = {:.3} (target >= 0.5); gateway / broker floor = {:.3}; gateway peak RSS {}",
         svc / base,
+        svc / median(&floor),
         mib(rss)
     );
     Ok(())
@@ -732,48 +742,116 @@ fn grpc_job(n: usize) -> v1::SendCodeJob {
 // memory: resident set with thousands of jobs in flight
 
 async fn memory(bench: &Bench) -> anyhow::Result<()> {
-    let target = bench.args.in_flight as usize;
-    let hold = Duration::from_secs(60);
-    let server = provider::start(Behaviour::Hold(hold), false).await?;
-    let amqp = topology(&bench.prefix("mem", 1));
+    let jobs = bench.args.in_flight as usize;
+    let mut rows = Vec::new();
+    // The provider's default call limit, then one high enough for every job to be at the
+    // provider at once (over HTTP/1.1: one connection each).
+    for limit in [None, Some(jobs)] {
+        rows.push((limit, memory_round(bench, jobs, limit).await?));
+    }
+    println!(
+        "\n## memory ({jobs} jobs, every provider call held {} s)\n",
+        MEMORY_HOLD.as_secs()
+    );
+    println!(
+        "| provider max_concurrent_calls | jobs held by the gateway | calls open at the provider | gateway RSS (sampled max) | gateway peak RSS (VmHWM) |"
+    );
+    println!("|---|---|---|---|---|");
+    for (limit, held) in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            limit.map_or("default".to_owned(), |l| l.to_string()),
+            held.jobs,
+            held.calls,
+            mib(Some(held.rss_kib)),
+            mib(held.peak_rss_kib)
+        );
+    }
+    println!("\ntarget: <= 150 MiB with 5,000 jobs in flight");
+    Ok(())
+}
+
+/// How long the provider holds every call in the memory rounds.
+const MEMORY_HOLD: Duration = Duration::from_secs(60);
+
+/// What a memory round saw once every job was in the gateway.
+struct Held {
+    /// Jobs delivered to the gateway and not acked (none can be: every call is held).
+    jobs: usize,
+    /// Calls open at the provider.
+    calls: usize,
+    rss_kib: u64,
+    peak_rss_kib: Option<u64>,
+}
+
+/// `jobs` jobs through a provider that holds every call: the gateway's RSS once the broker has
+/// handed it every job and the provider's open calls stopped growing.
+async fn memory_round(
+    bench: &Bench,
+    jobs: usize,
+    max_concurrent_calls: Option<usize>,
+) -> anyhow::Result<Held> {
+    let server = provider::start(Behaviour::Hold(MEMORY_HOLD), false).await?;
+    let label = format!("memory-{}", max_concurrent_calls.unwrap_or(0));
+    let amqp = topology(&bench.prefix(&label, 1));
     let topology = Topology::from(&amqp);
     topology.declare(&bench.channel).await?;
-    prefill(&bench.channel, &topology, "memory", target).await?;
+    prefill(&bench.channel, &topology, &label, jobs).await?;
     let mut setup = bench.setup(&amqp, SmsProvider::Http(server.addr));
-    setup.prefetch = bench.args.in_flight;
-    setup.max_in_flight = target;
-    setup.provider_timeout = hold + Duration::from_secs(30);
-    let mut gateway = GatewayProcess::start(&setup, &format!("{}-memory", bench.run))?;
+    setup.prefetch = u16::try_from(jobs).unwrap_or(u16::MAX);
+    setup.max_in_flight = jobs;
+    setup.max_concurrent_calls = max_concurrent_calls;
+    setup.provider_timeout = MEMORY_HOLD + Duration::from_secs(30);
+    let mut gateway = GatewayProcess::start(&setup, &format!("{}-{label}", bench.run))?;
     let started = gateway
         .consuming(&bench.channel, &topology.jobs_queue)
         .await?;
+    let limit = max_concurrent_calls.unwrap_or(DEFAULT_MAX_CONCURRENT_CALLS as usize);
+    let expected_calls = limit.min(jobs);
     let mut rss = 0;
-    while server.stats.in_flight() < target && started.elapsed() < hold / 2 {
+    loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         rss = rss.max(gateway.rss_kib().unwrap_or(0));
+        let ready = ready_messages(&bench.channel, &topology.jobs_queue).await?;
+        let open = server.stats.in_flight();
         progress(
-            "memory: jobs in flight",
-            server.stats.in_flight(),
-            target,
+            &format!("{label}: calls open at the provider"),
+            open,
+            expected_calls,
             started,
         );
+        if (ready == 0 && open >= expected_calls) || started.elapsed() > MEMORY_HOLD / 2 {
+            break;
+        }
     }
     // Let it settle with everything in flight.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = server.stats.peak_in_flight();
-    let peak = gateway.peak_rss_kib();
+    rss = rss.max(gateway.rss_kib().unwrap_or(0));
+    let held = Held {
+        jobs: jobs - ready_messages(&bench.channel, &topology.jobs_queue).await? as usize,
+        calls: server.stats.in_flight(),
+        rss_kib: rss,
+        peak_rss_kib: gateway.peak_rss_kib(),
+    };
     eprintln!();
     drop(gateway);
     remove(&bench.channel, &topology, &[]).await;
-    println!(
-        "\n## memory (every provider call held {} s)\n",
-        hold.as_secs()
-    );
-    println!("| jobs in flight | gateway RSS (sampled max) | gateway peak RSS (VmHWM) |");
-    println!("|---|---|---|");
-    println!("| {held} | {} | {} |", mib(Some(rss)), mib(peak));
-    println!("\ntarget: <= 150 MiB with 5,000 jobs in flight");
-    Ok(())
+    Ok(held)
+}
+
+/// Messages ready (not yet delivered) in `queue`.
+async fn ready_messages(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -970,4 +1048,74 @@ async fn remove(channel: &Channel, topology: &Topology, extra_queues: &[&str]) {
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
             .await;
     }
+}
+
+/// The broker's share alone: a consumer that, per job, publishes one persistent confirmed
+/// event and then acks (the gateway's broker traffic with no work in between), on its own
+/// connection with a publishing and a consuming channel, as the gateway has. What it drains
+/// is the most any gateway could on this broker and machine.
+async fn floor_round(bench: &Bench, round: usize) -> anyhow::Result<f64> {
+    let args = &bench.args;
+    let label = format!("floor {round}/{}", args.rounds);
+    let amqp = topology(&bench.prefix("floor", round));
+    let topology = Topology::from(&amqp);
+    topology.declare(&bench.channel).await?;
+    let events = events_queue(&bench.channel, &topology).await?;
+    prefill(&bench.channel, &topology, &label, args.jobs).await?;
+    let connection = Connection::connect(&args.amqp, ConnectionProperties::default()).await?;
+    let publish = connection.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consume = connection.create_channel().await?;
+    consume
+        .basic_qos(args.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut seen = EventWatch::start(&bench.connection, &events).await?;
+    let started = Instant::now();
+    let mut consumer = consume
+        .basic_consume(
+            topology.jobs_queue.as_str().into(),
+            "otp-bench-floor".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let exchange = topology.events_exchange.clone();
+    let jobs = args.jobs;
+    // The size of the gateway's event for these jobs (its report as JSON).
+    let body = vec![b'x'; 930];
+    tokio::spawn(async move {
+        let mut n = 0;
+        while n < jobs {
+            let Some(Ok(delivery)) = consumer.next().await else {
+                break;
+            };
+            n += 1;
+            let publish = publish.clone();
+            let exchange = exchange.clone();
+            let body = body.clone();
+            tokio::spawn(async move {
+                let confirm = publish
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        "delivery.sent".into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await;
+                if let Ok(confirm) = confirm {
+                    let _ = confirm.await;
+                }
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            });
+        }
+    });
+    seen.wait(jobs, &label, started).await?;
+    let elapsed = started.elapsed();
+    seen.close().await;
+    let _ = connection.close(200, "done".into()).await;
+    remove(&bench.channel, &topology, &[&events]).await;
+    Ok(jobs as f64 / elapsed.as_secs_f64())
 }

@@ -91,7 +91,6 @@ pub struct ProviderStats {
     /// gateway's timeout).
     busy_us: AtomicU64,
     in_flight: AtomicUsize,
-    peak_in_flight: AtomicUsize,
     /// (job index, microseconds since `started`) of each first call, when recording.
     arrivals: Mutex<Vec<(usize, u64)>>,
     record: bool,
@@ -121,11 +120,6 @@ impl ProviderStats {
     /// Requests open right now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// The most requests open at once.
-    pub fn peak_in_flight(&self) -> usize {
-        self.peak_in_flight.load(Ordering::Relaxed)
     }
 
     /// When each job's first call arrived, by job index.
@@ -173,7 +167,6 @@ pub async fn start(behaviour: Behaviour, record: bool) -> anyhow::Result<Provide
         hung: AtomicU64::new(0),
         busy_us: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
-        peak_in_flight: AtomicUsize::new(0),
         arrivals: Mutex::new(Vec::new()),
         record,
     });
@@ -225,8 +218,7 @@ async fn send(
     let stats = &*shared.stats;
     let arrived = Instant::now();
     let number = stats.requests.fetch_add(1, Ordering::Relaxed);
-    let open = stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-    stats.peak_in_flight.fetch_max(open, Ordering::Relaxed);
+    stats.in_flight.fetch_add(1, Ordering::Relaxed);
     let _open = Open {
         stats,
         since: arrived,
