@@ -341,6 +341,7 @@ impl Dispatcher {
         &self,
         job: &Job,
         prior: &Report,
+        blocks: &[BlockEntry],
         progress: &Progress<'_>,
     ) -> Result<Verdict, StoreError> {
         let deadline = job.expires_at - self.settings.expiry_margin;
@@ -349,7 +350,6 @@ impl Dispatcher {
             return Ok(Verdict::Failed(Some(FailureReason::CodeExpired)));
         }
         let channels = job.channel_order();
-        let blocks = self.block_candidates(job, progress).await?;
         let rules = self.policy.list_rate_limits(Some(&job.tenant)).await?;
         let quiet = self.policy.list_quiet_hours(Some(&job.tenant)).await?;
         let deferred = Mutex::new(None);
@@ -388,7 +388,7 @@ impl Dispatcher {
                 TargetStatus::Sent | TargetStatus::Delivered => Standing::Reached,
                 TargetStatus::Failed | TargetStatus::Skipped => Standing::Closed,
                 TargetStatus::Pending => {
-                    self.check_eligibility(index, job, target, &channels, &blocks, progress)
+                    self.check_eligibility(index, job, target, &channels, blocks, progress)
                         .await?
                 }
             });
@@ -467,15 +467,6 @@ impl Dispatcher {
         )
         .await?;
         Ok(Verdict::Failed(None))
-    }
-
-    /// The block entries in force that could apply to this job.
-    async fn block_candidates(
-        &self,
-        job: &Job,
-        progress: &Progress<'_>,
-    ) -> Result<Vec<BlockEntry>, StoreError> {
-        self.block_candidates_at(job, progress.now()).await
     }
 
     /// The block entries in force at `at` that could apply to this job.
@@ -705,6 +696,9 @@ impl Dispatcher {
             .max(SignedDuration::ZERO)
             .unsigned_abs();
         let until = Instant::now() + self.settings.push_ack_timeout.min(left);
+        // The accepted pushes are on disk while we wait: a worker that takes over after a
+        // crash waits for the acknowledgement again instead of pushing again.
+        progress.flush().await?;
         let mut changes = progress.subscribe();
         loop {
             let acks = progress.ledger.acknowledgements(progress.key).await?;
@@ -749,6 +743,7 @@ impl Dispatcher {
             return Ok(None);
         }
         let until = Instant::now() + wait;
+        progress.flush().await?;
         let mut changes = progress.subscribe();
         loop {
             let report = progress.ledger.report(progress.key).await?;
@@ -973,6 +968,7 @@ impl Dispatcher {
                     (RetryClass::Transient, Some(_), Some(delay)) => {
                         last_error = Some((name.to_owned(), error));
                         planned_retry = Some((attempt, end));
+                        progress.flush().await?;
                         tokio::time::sleep(delay).await;
                         retry += 1;
                     }
@@ -1129,6 +1125,9 @@ impl Dispatcher {
             )
             .await?;
         progress.changed();
+        // The claim, the policy's counts and this attempt are on disk before the provider hears
+        // of the code.
+        progress.flush().await?;
         let message = OutboundMessage {
             delivery_id: &progress.id,
             channel,

@@ -54,6 +54,9 @@ pub enum Handled {
 /// Runs deliveries and tells watchers when a report changed.
 pub struct DeliveryService {
     ledger: Arc<dyn Ledger>,
+    /// The ledger's staged view: deliveries write through it and flush before anything
+    /// leaves the gateway.
+    staged: Arc<dyn Ledger>,
     dispatcher: Dispatcher,
     clock: Arc<dyn Clock>,
     worker: String,
@@ -80,12 +83,20 @@ pub(crate) struct Progress<'a> {
 impl Progress<'_> {
     /// Tells watchers that the report changed.
     pub(crate) fn changed(&self) {
-        // No receiver is fine: nobody is watching.
-        let _ = self.changes.send(self.id.clone());
+        // Nobody watching (the common case): nothing to announce.
+        if self.changes.receiver_count() > 0 {
+            let _ = self.changes.send(self.id.clone());
+        }
     }
 
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Waits until everything written so far is on disk: before a provider call and before a
+    /// wait, so a crash can only undo what nobody outside the gateway has seen.
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        self.ledger.flush().await
     }
 
     /// Change notices, for waiting on something another task writes (acknowledgements).
@@ -186,6 +197,7 @@ impl DeliveryService {
     ) -> Self {
         let (changes, _) = broadcast::channel(1024);
         DeliveryService {
+            staged: ledger.staged(),
             ledger,
             dispatcher,
             clock,
@@ -229,10 +241,14 @@ impl DeliveryService {
     #[instrument(skip_all, fields(delivery_id = %job.delivery_id()))]
     pub async fn handle(&self, job: &Job, redelivered: bool) -> Result<Handled, StoreError> {
         let new = new_delivery(job);
-        let claim = self
-            .ledger
-            .claim(&new, &self.worker, redelivered, self.clock.now())
-            .await?;
+        // Staged: nothing is sent before the first provider call flushes it (or the outcome's).
+        // The block list is read meanwhile (both ride the ledger writer's next transaction).
+        let now = self.clock.now();
+        let (claim, blocks) = tokio::join!(
+            self.staged.claim(&new, &self.worker, redelivered, now),
+            self.dispatcher.block_candidates_at(job, now)
+        );
+        let claim = claim?;
         let (key, prior) = match claim {
             Claim::Finished(report) => {
                 tracing::info!(status = %report.status, "already finished: nothing sent again");
@@ -250,12 +266,15 @@ impl DeliveryService {
         let progress = Progress {
             key,
             id: new.id.to_string(),
-            ledger: self.ledger.as_ref(),
+            ledger: self.staged.as_ref(),
             clock: self.clock.as_ref(),
             changes: &self.changes,
         };
         progress.changed();
-        let verdict = self.dispatcher.dispatch(job, &prior, &progress).await?;
+        let verdict = self
+            .dispatcher
+            .dispatch(job, &prior, &blocks?, &progress)
+            .await?;
         let report = self
             .close(
                 key,
@@ -292,9 +311,10 @@ impl DeliveryService {
     }
 
     /// Writes the final outcome `decide` draws from the report as the ledger holds it, and
-    /// returns the final report.
+    /// returns the final report once it (and every write before it) is on disk.
     async fn close(&self, key: DeliveryKey, decide: DecideOutcome) -> Result<Report, StoreError> {
-        let report = self.ledger.finish(key, self.clock.now(), decide).await?;
+        let report = self.staged.finish(key, self.clock.now(), decide).await?;
+        self.staged.flush().await?;
         let _ = self.changes.send(report.delivery_id.clone());
         Ok(report)
     }

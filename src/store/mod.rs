@@ -202,9 +202,19 @@ pub struct ListPage {
     pub next: Option<i64>,
 }
 
-/// The delivery ledger.
+/// The delivery ledger. Its writes return once they are on disk, except through
+/// [`Ledger::staged`].
 #[async_trait]
 pub trait Ledger: Send + Sync + 'static {
+    /// A view of this ledger whose writes return once committed (later reads see them) but
+    /// maybe before they are on disk; [`Ledger::flush`] makes them durable. The delivery engine
+    /// writes through it and flushes before anything leaves the gateway (a provider call, an
+    /// event, an ack) or it waits, so a crash can only undo what nobody outside has seen.
+    fn staged(&self) -> std::sync::Arc<dyn Ledger>;
+
+    /// Waits until every write committed so far is on disk.
+    async fn flush(&self) -> Result<(), StoreError>;
+
     /// Records a delivery as ACCEPTED unless `(tenant, job_id)` is known; returns the report
     /// and whether it was new.
     async fn accept(&self, new: &NewDelivery, now: Timestamp)
@@ -327,7 +337,9 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
     ) -> Result<Vec<RateLimitRule>, StoreError>;
 
     /// Counts one send under every key, atomically, unless one of them is at its limit: then
-    /// nothing is counted and the limit (with when it frees up) is returned.
+    /// nothing is counted and the limit (with when it frees up) is returned. The count is
+    /// committed on return and on disk with the ledger's next [`Ledger::flush`], which the
+    /// engine makes before it sends (a crash before then undoes the send and its count alike).
     async fn consume(
         &self,
         keys: &[RateKey<'_>],

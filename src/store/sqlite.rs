@@ -1,7 +1,7 @@
-//! The SQLite ledger: the embedded default. WAL journal with `synchronous = FULL`, so every
-//! committed outcome is on disk before the job message is acked. Writes go through one
-//! group-commit writer thread ([`GroupWriter`]); reads run on the caller's thread on reader
-//! connections ([`Readers`]). sqlx only brings the schema up to date.
+//! The SQLite ledger: the embedded default. WAL journal, every write fsynced before it counts
+//! as durable, so every outcome is on disk before the job message is acked. Writes go through
+//! one group-commit writer thread and its syncer ([`GroupWriter`]); reads run on the caller's
+//! thread on reader connections ([`Readers`]). sqlx only brings the schema up to date.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -73,6 +73,9 @@ pub struct SqliteLedger {
     readers: Arc<Readers>,
     writer: GroupWriter,
     rules: Arc<RulesCache>,
+    /// Whether its ledger writes return only once on disk (else once committed: the staged
+    /// view).
+    durable: bool,
 }
 
 /// How long a tenant's rate-limit and quiet-hours rules are served from memory. A rule written
@@ -165,13 +168,32 @@ impl SqliteLedger {
             readers,
             writer,
             rules: Arc::default(),
+            durable: true,
         })
     }
 
-    /// How many group transactions the writer has committed (each is one fsync, however many
-    /// deliveries' writes it carried).
+    /// How many group transactions the writer has committed (each carries the writes of many
+    /// deliveries; one fsync makes several of them durable).
     pub fn group_commits(&self) -> u64 {
         self.writer.commits()
+    }
+
+    /// How many committed group transactions are not known to be on disk yet.
+    pub fn unsynced_commits(&self) -> u64 {
+        self.writer.unsynced()
+    }
+
+    /// Runs a ledger write: returns once it is on disk, or for the staged view once committed.
+    async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Clone + Send + 'static,
+    {
+        if self.durable {
+            self.writer.write(op).await
+        } else {
+            self.writer.stage(op).await
+        }
     }
 
     fn load(&self, key: DeliveryKey) -> Result<Report, StoreError> {
@@ -183,6 +205,17 @@ impl SqliteLedger {
 
 #[async_trait]
 impl Ledger for SqliteLedger {
+    fn staged(&self) -> Arc<dyn Ledger> {
+        Arc::new(SqliteLedger {
+            durable: false,
+            ..self.clone()
+        })
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.writer.flush().await
+    }
+
     async fn accept(
         &self,
         new: &NewDelivery,
@@ -190,7 +223,6 @@ impl Ledger for SqliteLedger {
     ) -> Result<(Report, bool), StoreError> {
         let new = new.clone();
         let (key, inserted) = self
-            .writer
             .write(move |conn| writes::accept(conn, &new, now))
             .await?;
         Ok((self.load(key)?, inserted))
@@ -198,8 +230,7 @@ impl Ledger for SqliteLedger {
 
     async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError> {
         let id = id.clone();
-        self.writer
-            .write(move |conn| writes::forget_accepted(conn, &id))
+        self.write(move |conn| writes::forget_accepted(conn, &id))
             .await
     }
 
@@ -215,7 +246,6 @@ impl Ledger for SqliteLedger {
         let owned = new.clone();
         let worker = worker.to_owned();
         let claimed = self
-            .writer
             .write(move |conn| writes::claim(conn, &owned, &worker, takeover, now))
             .await?;
         Ok(match claimed {
@@ -239,8 +269,7 @@ impl Ledger for SqliteLedger {
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
         let start = start.clone();
-        self.writer
-            .write(move |conn| writes::start_attempt(conn, key, &start))
+        self.write(move |conn| writes::start_attempt(conn, key, &start))
             .await
     }
 
@@ -254,8 +283,7 @@ impl Ledger for SqliteLedger {
     ) -> Result<(), StoreError> {
         let end = end.clone();
         let update = update.clone();
-        self.writer
-            .write(move |conn| writes::finish_attempt(conn, key, attempt, &end, target, &update))
+        self.write(move |conn| writes::finish_attempt(conn, key, attempt, &end, target, &update))
             .await
     }
 
@@ -267,8 +295,7 @@ impl Ledger for SqliteLedger {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         let update = update.clone();
-        self.writer
-            .write(move |conn| writes::set_target(conn, key, index, &update, now))
+        self.write(move |conn| writes::set_target(conn, key, index, &update, now))
             .await
     }
 
@@ -281,8 +308,7 @@ impl Ledger for SqliteLedger {
         let provider = provider.to_owned();
         let message_id = message_id.to_owned();
         let end = end.clone();
-        self.writer
-            .write(move |conn| writes::apply_receipt(conn, &provider, &message_id, &end))
+        self.write(move |conn| writes::apply_receipt(conn, &provider, &message_id, &end))
             .await
     }
 
@@ -293,8 +319,7 @@ impl Ledger for SqliteLedger {
         ack: Acknowledgement,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        self.writer
-            .write(move |conn| writes::record_ack(conn, key, index, ack.as_str(), now))
+        self.write(move |conn| writes::record_ack(conn, key, index, ack.as_str(), now))
             .await
     }
 
@@ -319,8 +344,7 @@ impl Ledger for SqliteLedger {
         let now = timestamp(micros(now))?;
         // Read and decided on the writer's connection, whose pages are warm: a reader would
         // have to fetch them again after every commit.
-        self.writer
-            .write(move |conn| writes::finish(conn, key, now, &decide))
+        self.write(move |conn| writes::finish(conn, key, now, &decide))
             .await
     }
 
@@ -425,8 +449,9 @@ impl PolicyStore for SqliteLedger {
             .iter()
             .map(|k| (k.rule.clone(), k.key.clone()))
             .collect();
+        // Staged: the engine flushes the ledger before it sends (see `PolicyStore::consume`).
         self.writer
-            .write(move |conn| writes::consume(conn, &keys, now))
+            .stage(move |conn| writes::consume(conn, &keys, now))
             .await
     }
 
@@ -457,8 +482,16 @@ impl PolicyStore for SqliteLedger {
         patterns: &[&str],
         now: Timestamp,
     ) -> Result<Vec<BlockEntry>, StoreError> {
-        self.readers
-            .with(|conn| reads::block_candidates(conn, tenant, patterns, now))
+        // On the writer's connection: its pages are warm, where a reader's cache is dropped
+        // whenever the ledger changed since its last read (every read, on a busy gateway).
+        let tenant = tenant.to_owned();
+        let patterns: Vec<String> = patterns.iter().map(|p| (*p).to_owned()).collect();
+        self.writer
+            .stage(move |conn| {
+                let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+                reads::block_candidates(conn, &tenant, &patterns, now)
+            })
+            .await
     }
 }
 

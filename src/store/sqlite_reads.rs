@@ -242,7 +242,7 @@ pub(super) fn load(conn: &Connection, key: DeliveryKey) -> Result<Option<Report>
     let mut statement = conn.prepare_cached(concat!(
         "SELECT ",
         attempt_columns!(),
-        " FROM attempts WHERE delivery = ? ORDER BY id"
+        " FROM attempts WHERE delivery = ? ORDER BY target_idx, id"
     ))?;
     let mut rows = statement.query([key])?;
     while let Some(row) = rows.next()? {

@@ -1,31 +1,47 @@
-//! Group commit for the SQLite ledger: every ledger write goes to one writer thread that owns
-//! one connection, runs the writes waiting at that moment inside one transaction and commits
-//! them with a single fsync. A caller hears back only after that commit, so "written" still
-//! means "on disk". The thread runs the statements itself (rusqlite, cached statements): no
-//! hop between threads per statement, which is what bounded the ledger before.
+//! Group commit for the SQLite ledger, in two stages on two threads.
+//!
+//! - The writer thread owns the one write connection. It takes every write waiting, runs them
+//!   in one transaction and commits it without waiting for the disk: the commit writes its WAL
+//!   frames and the writes are visible to readers at once. Callers hear back then.
+//! - The syncer thread makes commits durable: it fsyncs the WAL file, and every commit made
+//!   before that fsync began is on disk when it returns. [`GroupWriter::write`] waits for that;
+//!   [`GroupWriter::stage`] does not (its caller calls [`GroupWriter::flush`] before anything
+//!   that must not be undone by a crash leaves the process).
+//!
+//! So the writer never stops for the disk, and one fsync covers every commit made while the
+//! previous one ran. This is `synchronous = FULL` with the fsync moved off the writer:
+//! SQLite's FULL mode is NORMAL plus a WAL fsync at each commit, and in NORMAL mode SQLite
+//! still syncs the WAL before each checkpoint copies it into the database, and the database
+//! after. The statements run on the writer thread itself (rusqlite, cached statements): no hop
+//! between threads per statement.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::StoreError;
 
-/// The most writes committed together. Large enough that a busy gateway pays one fsync for
-/// hundreds of writes, small enough that one transaction never holds the lock for long.
+/// The most writes committed together. Large enough that a busy gateway commits hundreds of
+/// writes at once, small enough that one transaction never holds the lock for long.
 const MAX_BATCH: usize = 1024;
 
 /// How many times a write is run again after being rolled back with a failing neighbour.
 const MAX_RERUNS: usize = 3;
 
+/// The number of a committed group transaction (1, 2, …); 0 is "none yet".
+type CommitSeq = u64;
+
 /// How a group transaction ended, as told to each write in it.
 #[derive(Clone, Copy)]
 enum Fate<'a> {
-    /// Committed: the write is on disk.
-    Committed,
+    /// Committed as this group transaction (visible to readers; durable once synced).
+    Committed(CommitSeq),
     /// Rolled back because another write in the group failed: the write must run again.
     Undone,
     /// The commit itself failed.
@@ -34,7 +50,7 @@ enum Fate<'a> {
 
 /// What a caller hears.
 enum Answer<T> {
-    Done(Result<T, StoreError>),
+    Done(Result<(T, CommitSeq), StoreError>),
     /// Rolled back with a failing neighbour, or never run: submit it again.
     Again,
 }
@@ -46,42 +62,145 @@ type Reply = Box<dyn FnOnce(Fate<'_>) + Send>;
 /// the reply.
 type WriteOp = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
 
+/// How far the commits are on disk.
+#[derive(Debug, Clone)]
+enum Durable {
+    /// Every commit up to this one.
+    Upto(CommitSeq),
+    /// An fsync failed: what is on disk is unknown, so nothing more is called durable.
+    Failed(Arc<str>),
+}
+
+/// What the writer tells the syncer.
+#[derive(Debug, Default)]
+struct SyncWanted {
+    /// The last commit made.
+    committed: CommitSeq,
+    /// The writer has stopped (after its last commit).
+    stopped: bool,
+}
+
+/// The commit sequence, shared by the writer, the syncer and the handles.
+#[derive(Debug)]
+struct Commits {
+    /// The last commit made (readers can see it).
+    committed: AtomicU64,
+    wanted: Mutex<SyncWanted>,
+    wake_syncer: Condvar,
+}
+
 /// The handle callers write through; cheap to clone.
 #[derive(Debug, Clone)]
 pub(super) struct GroupWriter {
     ops: mpsc::UnboundedSender<WriteOp>,
-    commits: Arc<AtomicU64>,
+    commits: Arc<Commits>,
+    durable: watch::Receiver<Durable>,
 }
 
 impl GroupWriter {
     /// Opens the writer's own connection to the (migrated) database at `path` and starts its
-    /// thread.
+    /// thread and the syncer's.
     pub(super) fn start(path: &Path) -> Result<Self, StoreError> {
         let connection = Connection::open(path)?;
         connection.busy_timeout(Duration::from_secs(10))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
-        connection.pragma_update(None, "synchronous", "FULL")?;
+        // The syncer thread fsyncs the WAL (see the module documentation).
+        connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.set_prepared_statement_cache_capacity(64);
         let (ops, queue) = mpsc::unbounded_channel();
-        let commits = Arc::<AtomicU64>::default();
-        let counted = Arc::clone(&commits);
+        let commits = Arc::new(Commits {
+            committed: AtomicU64::new(0),
+            wanted: Mutex::default(),
+            wake_syncer: Condvar::new(),
+        });
+        let (durable, durable_rx) = watch::channel(Durable::Upto(0));
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        let syncing = Arc::clone(&commits);
+        std::thread::Builder::new()
+            .name("ledger-sync".into())
+            .spawn(move || sync(&wal, &syncing, &durable))
+            .map_err(|e| StoreError::Corrupt(format!("cannot start the ledger syncer: {e}")))?;
+        let writing = Arc::clone(&commits);
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || run(connection, queue, counted))
+            .spawn(move || run(connection, queue, &writing))
             .map_err(|e| StoreError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
-        Ok(GroupWriter { ops, commits })
+        Ok(GroupWriter {
+            ops,
+            commits,
+            durable: durable_rx,
+        })
     }
 
     /// How many group transactions have been committed.
     pub(super) fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
+        self.commits.committed.load(Ordering::Acquire)
+    }
+
+    /// How many of them are not known to be on disk yet.
+    pub(super) fn unsynced(&self) -> u64 {
+        let committed = self.commits();
+        match &*self.durable.borrow() {
+            Durable::Upto(synced) => committed.saturating_sub(*synced),
+            Durable::Failed(_) => committed,
+        }
     }
 
     /// Runs `op` in the next group transaction and returns its result once that transaction
-    /// is committed (or the error that undid it). A write rolled back because another write in
-    /// its group failed runs again (hence `Clone`): one bad write never fails its neighbours.
+    /// is committed and on disk (or the error that undid it).
     pub(super) async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
+    {
+        let (value, seq) = self.commit(op).await?;
+        self.durable(seq).await?;
+        Ok(value)
+    }
+
+    /// Runs `op` in the next group transaction and returns its result once that transaction
+    /// is committed: readers see it, but a crash may still undo it until [`Self::flush`].
+    pub(super) async fn stage<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
+    {
+        Ok(self.commit(op).await?.0)
+    }
+
+    /// Waits until every transaction committed so far is on disk.
+    pub(super) async fn flush(&self) -> Result<(), StoreError> {
+        self.durable(self.commits()).await
+    }
+
+    /// Waits until commit `seq` is on disk.
+    async fn durable(&self, seq: CommitSeq) -> Result<(), StoreError> {
+        if seq == 0 {
+            return Ok(());
+        }
+        let mut durable = self.durable.clone();
+        let state = durable
+            .wait_for(|state| match state {
+                Durable::Upto(synced) => *synced >= seq,
+                Durable::Failed(_) => true,
+            })
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        match &*state {
+            Durable::Upto(_) => Ok(()),
+            Durable::Failed(error) => Err(StoreError::Commit(format!(
+                "the ledger could not be synced to disk ({error}); restart the gateway once the disk is healthy"
+            ))),
+        }
+    }
+
+    /// Runs `op` in the next group transaction; its result and the transaction's number once
+    /// committed. A write rolled back because another write in its group failed runs again
+    /// (hence `Clone`): one bad write never fails its neighbours.
+    async fn commit<T, F>(&self, op: F) -> Result<(T, CommitSeq), StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
@@ -95,7 +214,7 @@ impl GroupWriter {
                 let reply: Reply = Box::new(move |fate: Fate<'_>| {
                     let _ = reply.send(match (result, fate) {
                         (Err(error), _) => Answer::Done(Err(error)),
-                        (Ok(value), Fate::Committed) => Answer::Done(Ok(value)),
+                        (Ok(value), Fate::Committed(seq)) => Answer::Done(Ok((value, seq))),
                         (Ok(_), Fate::Undone) => Answer::Again,
                         (Ok(_), Fate::Failed(error)) => {
                             Answer::Done(Err(StoreError::Commit(error.to_owned())))
@@ -120,14 +239,11 @@ impl GroupWriter {
 }
 
 /// The writer thread: waits for a write, takes every other write already waiting, and commits
-/// them together. Ends when every handle is gone.
-fn run(
-    connection: Connection,
-    mut queue: mpsc::UnboundedReceiver<WriteOp>,
-    commits: Arc<AtomicU64>,
-) {
+/// them together; tells the syncer. Ends when every handle is gone.
+fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, commits: &Commits) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
+    let mut seq = 0;
     while let Some(first) = queue.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -139,8 +255,12 @@ fn run(
         let ended = commit_batch(&connection, &mut batch, &mut replies);
         let fate = match &ended {
             Ok(true) => {
-                commits.fetch_add(1, Ordering::Relaxed);
-                Fate::Committed
+                seq += 1;
+                commits.committed.store(seq, Ordering::Release);
+                let mut wanted = commits.wanted.lock().unwrap_or_else(|p| p.into_inner());
+                wanted.committed = seq;
+                commits.wake_syncer.notify_one();
+                Fate::Committed(seq)
             }
             Ok(false) => {
                 let _ = connection.execute_batch("ROLLBACK");
@@ -156,6 +276,12 @@ fn run(
             reply(fate);
         }
     }
+    commits
+        .wanted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .stopped = true;
+    commits.wake_syncer.notify_one();
 }
 
 /// Runs the batch in one transaction: true when committed, false when a write failed (the
@@ -184,4 +310,93 @@ fn commit_batch(
         .execute_batch("COMMIT")
         .map(|_| true)
         .map_err(|e| e.to_string())
+}
+
+/// The syncer thread: whenever commits are newer than the last fsync, fsyncs the WAL file and
+/// announces every commit made before it began as durable. Ends after the writer, once its
+/// last commit is synced; an fsync failure ends it at once (nothing is called durable after).
+fn sync(wal: &Path, commits: &Commits, durable: &watch::Sender<Durable>) {
+    let mut file: Option<(File, u64)> = None;
+    let mut synced = 0;
+    loop {
+        let target = {
+            let mut wanted = commits.wanted.lock().unwrap_or_else(|p| p.into_inner());
+            while wanted.committed <= synced && !wanted.stopped {
+                wanted = commits
+                    .wake_syncer
+                    .wait(wanted)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            if wanted.committed <= synced {
+                return;
+            }
+            wanted.committed
+        };
+        if let Err(error) = sync_wal(wal, &mut file) {
+            tracing::error!(%error, wal = %wal.display(), "cannot sync the ledger's WAL to disk: nothing more is acknowledged until the gateway restarts");
+            durable.send_replace(Durable::Failed(error.to_string().into()));
+            return;
+        }
+        synced = target;
+        durable.send_replace(Durable::Upto(synced));
+    }
+}
+
+/// fdatasync of the WAL file, (re)opened when it is not open yet or is another file now.
+fn sync_wal(path: &Path, file: &mut Option<(File, u64)>) -> std::io::Result<()> {
+    let inode = std::fs::metadata(path)?.ino();
+    if file.as_ref().is_none_or(|(_, open)| *open != inode) {
+        *file = Some((File::open(path)?, inode));
+    }
+    match file {
+        Some((open, _)) => open.sync_data(),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(dir: &tempfile::TempDir) -> GroupWriter {
+        let path = dir.path().join("writer.db");
+        let connection = Connection::open(&path).unwrap();
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (v INTEGER);")
+            .unwrap();
+        GroupWriter::start(&path).unwrap()
+    }
+
+    fn insert(value: i64) -> impl FnOnce(&Connection) -> Result<i64, StoreError> + Clone {
+        move |conn| {
+            conn.execute("INSERT INTO t (v) VALUES (?)", [value])?;
+            Ok(conn.last_insert_rowid())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_return_once_synced_and_staged_ones_once_committed_until_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer(&dir);
+        for value in 0..20 {
+            writer.write(insert(value)).await.unwrap();
+            assert_eq!(
+                writer.unsynced(),
+                0,
+                "a write returned before the WAL was synced"
+            );
+        }
+        let staged: Vec<_> = (0..50).map(|value| writer.stage(insert(value))).collect();
+        for id in futures_util::future::join_all(staged).await {
+            id.unwrap();
+        }
+        // Committed: a reader sees them all.
+        let reader = Connection::open(dir.path().join("writer.db")).unwrap();
+        let count: i64 = reader
+            .query_row("SELECT count(*) FROM t", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(count, 70);
+        writer.flush().await.unwrap();
+        assert_eq!(writer.unsynced(), 0);
+    }
 }

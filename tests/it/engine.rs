@@ -826,6 +826,79 @@ async fn calls_beyond_a_providers_limit_wait_for_a_slot_and_are_throttled_when_n
     assert!(times[1] - times[0] >= Duration::from_secs(1), "{times:?}");
 }
 
+/// A provider that notes, at each call, how many ledger commits were not on disk yet.
+struct Watching {
+    ledger: Arc<SqliteLedger>,
+    unsynced: Mutex<Vec<u64>>,
+}
+
+#[async_trait]
+impl Provider for Watching {
+    fn name(&self) -> &str {
+        "primary"
+    }
+
+    async fn send(&self, _: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
+        self.unsynced
+            .lock()
+            .unwrap()
+            .push(self.ledger.unsynced_commits());
+        Ok(ProviderAccept {
+            message_id: Some(uuid::Uuid::new_v4().to_string()),
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_provider_hears_of_a_code_only_once_its_claim_and_attempt_are_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"primary": provider_settings(dir.path(), "primary", json!({}), json!({}))}),
+        &[(
+            "routes",
+            json!({"push": ["primary"], "sms": ["primary"], "voice": ["primary"]}),
+        )],
+    );
+    let ledger = Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap());
+    let watching = Arc::new(Watching {
+        ledger: Arc::clone(&ledger),
+        unsynced: Mutex::default(),
+    });
+    let registry = ProviderRegistry::from_config_with(
+        &config,
+        BTreeMap::from([("primary".to_owned(), watching.clone() as Arc<dyn Provider>)]),
+    )
+    .await
+    .unwrap();
+    let dispatcher = Dispatcher::new(
+        registry,
+        ledger.clone(),
+        EngineSettings::from_config(&config),
+    );
+    let service = DeliveryService::new(
+        ledger.clone(),
+        dispatcher,
+        Arc::new(SystemClock),
+        "test-worker".into(),
+    );
+    // One job at a time: the only commits are the job's own.
+    for n in 0..10 {
+        let report = deliver(
+            &service,
+            &sms_job(&format!("synced-{n}"), 60.0, &["+14155550101"]),
+        )
+        .await;
+        assert_eq!(report.status, DeliveryStatus::Sent);
+        assert_eq!(
+            ledger.unsynced_commits(),
+            0,
+            "the outcome is on disk when the delivery is handed back for its ack"
+        );
+    }
+    assert_eq!(*watching.unsynced.lock().unwrap(), [0; 10]);
+}
+
 #[tokio::test]
 async fn a_provider_level_refusal_fails_over_at_once_with_the_same_code() {
     let dir = tempfile::tempdir().unwrap();
