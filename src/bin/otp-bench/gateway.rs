@@ -128,6 +128,18 @@ impl GatewayProcess {
         proc_status_kib(self.pid, "VmHWM:")
     }
 
+    /// CPU time it has used so far (user and system, every thread).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        // The fields after the command name (which is in parentheses and may hold spaces):
+        // utime and stime are the 14th and 15th fields of the line, in clock ticks.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: u64 =
+            fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // Linux reports them in USER_HZ, 100 per second on every architecture it exports.
+        Some(Duration::from_millis(ticks * 10))
+    }
+
     /// Resident set now (VmRSS), in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
         proc_status_kib(self.pid, "VmRSS:")

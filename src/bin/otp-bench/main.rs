@@ -232,6 +232,7 @@ async fn overhead(bench: &Bench) -> anyhow::Result<()> {
     let mut baseline = Vec::new();
     let mut service = Vec::new();
     let mut floor = Vec::new();
+    let mut cpu_per_job = Vec::new();
     let mut rss = None;
     for round in 1..=rounds {
         baseline.push(baseline_round(bench, round).await?);
@@ -247,6 +248,9 @@ async fn overhead(bench: &Bench) -> anyhow::Result<()> {
         .await?;
         rss = rss.max(drained.peak_rss_kib);
         service.push(drained.jobs_per_sec);
+        if let Some(cpu) = drained.cpu_per_job {
+            cpu_per_job.push(cpu.as_secs_f64() * 1e6);
+        }
     }
     let (base, svc) = (median(&baseline), median(&service));
     let each = |rates: &[f64]| {
@@ -267,9 +271,15 @@ async fn overhead(bench: &Bench) -> anyhow::Result<()> {
         median(&floor)
     );
     println!(
-        "\ngateway / bare consumer = {:.3} (target >= 0.5); gateway / broker floor = {:.3}; gateway peak RSS {}",
+        "\ngateway / bare consumer = {:.3} (target >= 0.5); gateway / broker floor = {:.3}; gateway CPU per job {} µs (rounds: {}); gateway peak RSS {}",
         svc / base,
         svc / median(&floor),
+        if cpu_per_job.is_empty() {
+            "unknown".to_owned()
+        } else {
+            format!("{:.0}", median(&cpu_per_job))
+        },
+        each(&cpu_per_job),
         mib(rss)
     );
     Ok(())
@@ -329,6 +339,8 @@ async fn bare_consumer(
 /// What a gateway drain measured.
 struct Drained {
     jobs_per_sec: f64,
+    /// The gateway's CPU time per job (every thread, user and system).
+    cpu_per_job: Option<Duration>,
     /// Between 5 % and 95 % of the jobs done: without the start and the drain's tail.
     steady_jobs_per_sec: f64,
     peak_rss_kib: Option<u64>,
@@ -357,8 +369,13 @@ async fn drain(
     let started = gateway
         .consuming(&bench.channel, &topology.jobs_queue)
         .await?;
+    let cpu_before = gateway.cpu_time();
     seen.wait(jobs, label, started).await?;
     let elapsed = started.elapsed();
+    let cpu_per_job = gateway
+        .cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before) / jobs as u32);
     let peak_rss_kib = gateway.peak_rss_kib();
     gateway.stop().await;
     seen.close().await;
@@ -374,6 +391,7 @@ async fn drain(
     };
     Ok(Drained {
         jobs_per_sec: jobs as f64 / elapsed.as_secs_f64(),
+        cpu_per_job,
         steady_jobs_per_sec,
         peak_rss_kib,
         elapsed,
