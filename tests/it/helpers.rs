@@ -410,6 +410,20 @@ impl Broker {
             .message_count()
     }
 
+    /// Messages of `queue` delivered to a consumer and not acked yet (as `rabbitmqctl` says).
+    pub fn unacked(&self, queue: &str) -> Option<u32> {
+        let output = std::process::Command::new("rabbitmqctl")
+            .args(["list_queues", "-q", "name", "messages_unacknowledged"])
+            .output()
+            .expect("rabbitmqctl runs (it ships with the broker)");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| {
+                let (name, count) = line.split_once('\t')?;
+                (name == queue).then(|| count.trim().parse().ok())?
+            })
+    }
+
     /// Removes everything the test declared.
     pub async fn cleanup(self) {
         let ch = &self.channel;

@@ -1,10 +1,17 @@
 //! Jobs published to RabbitMQ by any producer: delivered, deduplicated, dead-lettered or
 //! reported as failed, with events, replies and acks.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use lapin::BasicProperties;
 use otp_gateway::proto::{timestamp_to_proto, v1};
+use otp_gateway::providers::{
+    OutboundMessage, Provider, ProviderAccept, ProviderError, ProviderRegistry, Recipient,
+    SandboxProvider,
+};
 use prost::Message;
 use serde_json::json;
 
@@ -297,5 +304,89 @@ async fn malformed_messages_are_dead_lettered_and_undeliverable_jobs_reported() 
 
     gateway.stop().await;
     assert_eq!(broker.ready(&names.jobs_queue).await, 0);
+    broker.cleanup().await;
+}
+
+/// The sandbox, except that one number's calls hang.
+struct OneNumberHangs {
+    inner: SandboxProvider,
+    number: &'static str,
+}
+
+#[async_trait]
+impl Provider for OneNumberHangs {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
+        if matches!(message.recipient, Recipient::Phone(number) if number == self.number) {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+        }
+        self.inner.send(message).await
+    }
+}
+
+#[tokio::test]
+async fn a_slow_job_holds_back_no_other_jobs_ack_and_a_stop_acks_every_finished_job() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("acks");
+    let mut broker = Broker::connect(&names).await;
+    let settings = config(
+        &names,
+        dir.path(),
+        &[("delivery.shutdown_grace", json!("1s"))],
+    );
+    let slow: Arc<dyn Provider> = Arc::new(OneNumberHangs {
+        inner: SandboxProvider::open("sandbox", &dir.path().join("outbox.jsonl"))
+            .await
+            .unwrap(),
+        number: "+14155550000",
+    });
+    let providers = ProviderRegistry::from_config_with(
+        &settings,
+        BTreeMap::from([("sandbox".to_owned(), slow)]),
+    )
+    .await
+    .unwrap();
+    let gateway = Gateway::start_with(settings, providers).await;
+
+    // The first job hangs at the provider; the ten after it go through.
+    let mut first = job("hangs", "111111");
+    first["targets"] = json!([{"phone": {"number": "+14155550000"}}]);
+    broker.publish_json(&first).await;
+    for i in 1..=10 {
+        let mut job = job(&format!("quick-{i}"), "222222");
+        job["targets"] = json!([{"phone": {"number": format!("+141555500{i:02}")}}]);
+        broker.publish_json(&job).await;
+    }
+    for _ in 0..10 {
+        let (_, report) = broker.next_event(WAIT).await;
+        assert_eq!(report["status"], "SENT");
+    }
+    // Their acks went out although the job before them is still at the provider.
+    let queue = names.jobs_queue.clone();
+    eventually(WAIT, "only the hanging job unacked", || {
+        broker.unacked(&queue) == Some(1)
+    })
+    .await;
+
+    // A stop leaves the hanging job to the broker (past the grace period) and nothing else.
+    gateway.stop().await;
+    assert_eq!(broker.ready(&names.jobs_queue).await, 1);
+    let (_, redelivered) = broker
+        .get(&names.jobs_queue)
+        .await
+        .map(|m| {
+            (
+                (),
+                serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap(),
+            )
+        })
+        .unwrap();
+    assert_eq!(redelivered["job_id"], "hangs");
     broker.cleanup().await;
 }
