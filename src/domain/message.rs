@@ -280,6 +280,7 @@ impl MessageTemplates {
             ("*", &lang),
         ]
         .into_iter()
+        .filter(|_| !self.overrides.is_empty())
         .find_map(|(p, l)| {
             let found = self.overrides.get(&(p.to_owned(), l.clone()))?;
             Some((found.for_channel(channel)?, l.clone()))
@@ -315,12 +316,13 @@ impl MessageTemplates {
             / 60;
         let code = context.code.expose();
         let separator = if chosen_lang == "ja" { "、" } else { ", " };
-        let spoken: Vec<String> = code.chars().map(|c| c.to_string()).collect();
-        let spoken = spoken.join(separator);
         let what = what_for(&chosen_lang, purpose);
         let mut text = fill_placeholders(template, |name| match name {
             "code" => Some(code.to_owned()),
-            "code_spoken" => Some(spoken.clone()),
+            "code_spoken" => {
+                let digits: Vec<String> = code.chars().map(|c| c.to_string()).collect();
+                Some(digits.join(separator))
+            }
             "app_name" => Some(context.app_name.to_owned()),
             "minutes" => Some(minutes.to_string()),
             "what" => Some(what.to_owned()),

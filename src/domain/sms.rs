@@ -119,16 +119,17 @@ fn count_segments(units: impl Iterator<Item = usize> + Clone, single: usize, mul
 
 /// The encoding `text` needs and the segments it takes.
 pub fn measure(text: &str) -> SmsShape {
-    let gsm: Option<Vec<usize>> = text.chars().map(|c| septets(c).map(|(_, n)| n)).collect();
-    match gsm {
-        Some(units) => SmsShape {
+    let gsm = |c: char| septets(c).map_or(0, |(_, n)| n);
+    if text.chars().all(|c| septets(c).is_some()) {
+        SmsShape {
             encoding: SmsEncoding::Gsm7,
-            segments: count_segments(units.into_iter(), 160, 153),
-        },
-        None => SmsShape {
+            segments: count_segments(text.chars().map(gsm), 160, 153),
+        }
+    } else {
+        SmsShape {
             encoding: SmsEncoding::Ucs2,
             segments: count_segments(text.chars().map(char::len_utf16), 70, 67),
-        },
+        }
     }
 }
 
