@@ -1109,8 +1109,10 @@ impl Dispatcher {
                 now: started_at,
             },
         );
+        // On disk before the provider hears of the code, with everything written before it
+        // (the claim, the policy's counts).
         let attempt = progress
-            .ledger
+            .durable
             .start_attempt(
                 progress.key,
                 &AttemptStart {
@@ -1125,9 +1127,6 @@ impl Dispatcher {
             )
             .await?;
         progress.changed();
-        // The claim, the policy's counts and this attempt are on disk before the provider hears
-        // of the code.
-        progress.flush().await?;
         let message = OutboundMessage {
             delivery_id: &progress.id,
             channel,

@@ -75,7 +75,10 @@ impl std::fmt::Debug for DeliveryService {
 pub(crate) struct Progress<'a> {
     pub(crate) key: DeliveryKey,
     pub(crate) id: String,
+    /// The staged view: writes return once committed; see [`Progress::flush`].
     pub(crate) ledger: &'a dyn Ledger,
+    /// The same ledger, writes returning once on disk (with everything before them).
+    pub(crate) durable: &'a dyn Ledger,
     pub(crate) clock: &'a dyn Clock,
     changes: &'a broadcast::Sender<String>,
 }
@@ -267,6 +270,7 @@ impl DeliveryService {
             key,
             id: new.id.to_string(),
             ledger: self.staged.as_ref(),
+            durable: self.ledger.as_ref(),
             clock: self.clock.as_ref(),
             changes: &self.changes,
         };
@@ -313,8 +317,7 @@ impl DeliveryService {
     /// Writes the final outcome `decide` draws from the report as the ledger holds it, and
     /// returns the final report once it (and every write before it) is on disk.
     async fn close(&self, key: DeliveryKey, decide: DecideOutcome) -> Result<Report, StoreError> {
-        let report = self.staged.finish(key, self.clock.now(), decide).await?;
-        self.staged.flush().await?;
+        let report = self.ledger.finish(key, self.clock.now(), decide).await?;
         let _ = self.changes.send(report.delivery_id.clone());
         Ok(report)
     }

@@ -60,7 +60,14 @@ type Reply = Box<dyn FnOnce(Fate<'_>) + Send>;
 
 /// One write: runs its statements inside the open transaction; whether they succeeded, and
 /// the reply.
-type WriteOp = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+type Run = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+
+/// A write and when its caller hears back.
+struct WriteOp {
+    run: Run,
+    /// Once on disk (the syncer answers), rather than once committed.
+    durable: bool,
+}
 
 /// How far the commits are on disk.
 #[derive(Debug, Clone)]
@@ -72,12 +79,27 @@ enum Durable {
 }
 
 /// What the writer tells the syncer.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct SyncWanted {
     /// The last commit made.
     committed: CommitSeq,
+    /// Durable writes committed, to answer once their commit is on disk.
+    replies: Vec<(CommitSeq, Reply)>,
+    /// Why syncing stopped, if it failed (durable writes are answered with it at once).
+    failed: Option<Arc<str>>,
     /// The writer has stopped (after its last commit).
     stopped: bool,
+}
+
+impl std::fmt::Debug for SyncWanted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncWanted")
+            .field("committed", &self.committed)
+            .field("replies", &self.replies.len())
+            .field("failed", &self.failed)
+            .field("stopped", &self.stopped)
+            .finish()
+    }
 }
 
 /// The commit sequence, shared by the writer, the syncer and the handles.
@@ -156,9 +178,8 @@ impl GroupWriter {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
     {
-        let (value, seq) = self.commit(op).await?;
-        self.durable(seq).await?;
-        Ok(value)
+        // Answered by the syncer once on disk: the caller wakes once.
+        Ok(self.commit(op, true).await?.0)
     }
 
     /// Runs `op` in the next group transaction and returns its result once that transaction
@@ -168,7 +189,7 @@ impl GroupWriter {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
     {
-        Ok(self.commit(op).await?.0)
+        Ok(self.commit(op, false).await?.0)
     }
 
     /// Waits until every transaction committed so far is on disk.
@@ -191,16 +212,14 @@ impl GroupWriter {
             .map_err(|_| StoreError::WriterStopped)?;
         match &*state {
             Durable::Upto(_) => Ok(()),
-            Durable::Failed(error) => Err(StoreError::Commit(format!(
-                "the ledger could not be synced to disk ({error}); restart the gateway once the disk is healthy"
-            ))),
+            Durable::Failed(error) => Err(StoreError::Commit(sync_failure(error))),
         }
     }
 
     /// Runs `op` in the next group transaction; its result and the transaction's number once
-    /// committed. A write rolled back because another write in its group failed runs again
-    /// (hence `Clone`): one bad write never fails its neighbours.
-    async fn commit<T, F>(&self, op: F) -> Result<(T, CommitSeq), StoreError>
+    /// committed (or, `durable`, once on disk too). A write rolled back because another write in
+    /// its group failed runs again (hence `Clone`): one bad write never fails its neighbours.
+    async fn commit<T, F>(&self, op: F, durable: bool) -> Result<(T, CommitSeq), StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
@@ -208,7 +227,7 @@ impl GroupWriter {
         for _ in 0..=MAX_RERUNS {
             let (reply, answer) = oneshot::channel();
             let op = op.clone();
-            let boxed: WriteOp = Box::new(move |connection| {
+            let run: Run = Box::new(move |connection| {
                 let result = op(connection);
                 let ok = result.is_ok();
                 let reply: Reply = Box::new(move |fate: Fate<'_>| {
@@ -224,7 +243,7 @@ impl GroupWriter {
                 (ok, reply)
             });
             self.ops
-                .send(boxed)
+                .send(WriteOp { run, durable })
                 .map_err(|_| StoreError::WriterStopped)?;
             // A write dropped unrun (its group was rolled back before it) has no answer.
             match answer.await.unwrap_or(Answer::Again) {
@@ -259,7 +278,22 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
                 commits.committed.store(seq, Ordering::Release);
                 let mut wanted = commits.wanted.lock().unwrap_or_else(|p| p.into_inner());
                 wanted.committed = seq;
-                commits.wake_syncer.notify_one();
+                match wanted.failed.clone() {
+                    // Nothing is called durable any more: durable writes hear it at once.
+                    Some(error) => {
+                        drop(wanted);
+                        for (_, reply) in replies.drain(..).filter(|(durable, _)| *durable) {
+                            reply(Fate::Failed(&sync_failure(&error)));
+                        }
+                    }
+                    None => {
+                        let durable = replies.extract_if(.., |(durable, _)| *durable);
+                        wanted
+                            .replies
+                            .extend(durable.map(|(_, reply)| (seq, reply)));
+                        commits.wake_syncer.notify_one();
+                    }
+                }
                 Fate::Committed(seq)
             }
             Ok(false) => {
@@ -272,7 +306,7 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
                 Fate::Failed(error)
             }
         };
-        for reply in replies.drain(..) {
+        for (_, reply) in replies.drain(..) {
             reply(fate);
         }
     }
@@ -291,7 +325,7 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
 fn commit_batch(
     connection: &Connection,
     batch: &mut Vec<WriteOp>,
-    replies: &mut Vec<Reply>,
+    replies: &mut Vec<(bool, Reply)>,
 ) -> Result<bool, String> {
     // IMMEDIATE: the write lock is taken up front, so a reader upgrading cannot deadlock us.
     if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
@@ -300,8 +334,8 @@ fn commit_batch(
         return Err(error.to_string());
     }
     for op in batch.drain(..) {
-        let (ok, reply) = op(connection);
-        replies.push(reply);
+        let (ok, reply) = (op.run)(connection);
+        replies.push((op.durable, reply));
         if !ok {
             return Ok(false);
         }
@@ -318,6 +352,7 @@ fn commit_batch(
 fn sync(wal: &Path, commits: &Commits, durable: &watch::Sender<Durable>) {
     let mut file: Option<(File, u64)> = None;
     let mut synced = 0;
+    let mut answered = Vec::new();
     loop {
         let target = {
             let mut wanted = commits.wanted.lock().unwrap_or_else(|p| p.into_inner());
@@ -332,14 +367,35 @@ fn sync(wal: &Path, commits: &Commits, durable: &watch::Sender<Durable>) {
             }
             wanted.committed
         };
-        if let Err(error) = sync_wal(wal, &mut file) {
+        let result = sync_wal(wal, &mut file);
+        let mut wanted = commits.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = result {
             tracing::error!(%error, wal = %wal.display(), "cannot sync the ledger's WAL to disk: nothing more is acknowledged until the gateway restarts");
-            durable.send_replace(Durable::Failed(error.to_string().into()));
+            let error: Arc<str> = error.to_string().into();
+            wanted.failed = Some(Arc::clone(&error));
+            let replies = std::mem::take(&mut wanted.replies);
+            drop(wanted);
+            durable.send_replace(Durable::Failed(Arc::clone(&error)));
+            for (_, reply) in replies {
+                reply(Fate::Failed(&sync_failure(&error)));
+            }
             return;
         }
         synced = target;
+        answered.extend(wanted.replies.extract_if(.., |(seq, _)| *seq <= synced));
+        drop(wanted);
         durable.send_replace(Durable::Upto(synced));
+        for (seq, reply) in answered.drain(..) {
+            reply(Fate::Committed(seq));
+        }
     }
+}
+
+/// What a write hears when its commit could not be made durable.
+fn sync_failure(error: &str) -> String {
+    format!(
+        "the ledger could not be synced to disk ({error}); restart the gateway once the disk is healthy"
+    )
 }
 
 /// fdatasync of the WAL file, (re)opened when it is not open yet or is another file now.
