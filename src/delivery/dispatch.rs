@@ -1112,19 +1112,15 @@ impl Dispatcher {
         // On disk before the provider hears of the code, with everything written before it
         // (the claim, the policy's counts).
         let attempt = progress
-            .durable
-            .start_attempt(
-                progress.key,
-                &AttemptStart {
-                    target: index as u32,
-                    provider: provider.name().to_owned(),
-                    channel,
-                    masked_target: masked.clone(),
-                    started_at,
-                    retry,
-                    sms: rendered.sms,
-                },
-            )
+            .start_attempt(&AttemptStart {
+                target: index as u32,
+                provider: provider.name().to_owned(),
+                channel,
+                masked_target: masked.clone(),
+                started_at,
+                retry,
+                sms: rendered.sms,
+            })
             .await?;
         progress.changed();
         let message = OutboundMessage {
@@ -1173,8 +1169,7 @@ impl Dispatcher {
     ) -> Result<(), StoreError> {
         let update = TargetUpdate::after(channel, end);
         progress
-            .ledger
-            .finish_attempt(progress.key, attempt, end, index as u32, &update)
+            .finish_attempt(attempt, end, index, &update)
             .await?;
         progress.changed();
         Ok(())
@@ -1449,10 +1444,7 @@ impl Dispatcher {
             reason,
             detail,
         };
-        progress
-            .ledger
-            .update_target(progress.key, index as u32, &update, progress.now())
-            .await?;
+        progress.update_target(index, &update).await?;
         progress.changed();
         Ok(())
     }

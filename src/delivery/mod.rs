@@ -8,20 +8,20 @@ mod dispatch;
 mod explain;
 mod retry;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
 use tokio::sync::broadcast;
 use tracing::instrument;
 
 use crate::domain::{
-    Acknowledgement, Channel, Clock, DeliveryId, DeliveryStatus, FailureReason, Job, Report,
-    Target, TargetStatus, headline_reason, mask_phone, summarize,
+    Acknowledgement, Attempt, AttemptOutcome, Channel, Clock, DeliveryId, DeliveryStatus,
+    FailureReason, Job, Report, Target, TargetStatus, headline_reason, mask_phone, summarize,
 };
 use crate::providers::ProviderReceipt;
 use crate::store::{
-    AttemptEnd, Claim, DecideOutcome, DeliveryKey, Ledger, NewDelivery, NewTarget, Outcome,
-    StoreError, TargetUpdate,
+    AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
+    NewDelivery, NewTarget, Outcome, StoreError, TargetUpdate,
 };
 
 pub use breaker::{BreakerSnapshot, CircuitState};
@@ -79,6 +79,10 @@ pub(crate) struct Progress<'a> {
     pub(crate) ledger: &'a dyn Ledger,
     /// The same ledger, writes returning once on disk (with everything before them).
     pub(crate) durable: &'a dyn Ledger,
+    /// The report as this delivery's own writes left it, and the revision they brought it to.
+    known: Mutex<KnownReport>,
+    /// Where each attempt this delivery started sits in `known`: its key, target and position.
+    attempts: Mutex<Vec<(AttemptKey, usize, usize)>>,
     pub(crate) clock: &'a dyn Clock,
     changes: &'a broadcast::Sender<String>,
 }
@@ -94,6 +98,85 @@ impl Progress<'_> {
 
     pub(crate) fn now(&self) -> Timestamp {
         self.clock.now()
+    }
+
+    /// Records that a provider call is starting, on disk (with everything written before it)
+    /// when this returns: the provider must not hear of a code the ledger could forget.
+    pub(crate) async fn start_attempt(
+        &self,
+        start: &AttemptStart,
+    ) -> Result<AttemptKey, StoreError> {
+        let attempt = self.durable.start_attempt(self.key, start).await?;
+        let mut known = lock(&self.known);
+        let index = start.target as usize;
+        if let Some(target) = known.report.targets.get_mut(index) {
+            target.attempts.push(Attempt {
+                provider: start.provider.clone(),
+                channel: start.channel,
+                target: start.masked_target.clone(),
+                started_at: micro(start.started_at),
+                ended_at: None,
+                outcome: AttemptOutcome::InFlight,
+                reason: None,
+                provider_code: None,
+                provider_message: None,
+                retry: start.retry,
+                provider_message_id: None,
+                next_retry_at: None,
+                token_invalid_since: None,
+                sms: start.sms,
+            });
+            lock(&self.attempts).push((attempt, index, target.attempts.len() - 1));
+        }
+        Ok(attempt)
+    }
+
+    /// Records how a provider call ended and its target's new state.
+    pub(crate) async fn finish_attempt(
+        &self,
+        attempt: AttemptKey,
+        end: &AttemptEnd,
+        index: usize,
+        update: &TargetUpdate,
+    ) -> Result<(), StoreError> {
+        self.ledger
+            .finish_attempt(self.key, attempt, end, index as u32, update)
+            .await?;
+        let mut known = lock(&self.known);
+        known.revision += 1;
+        let place = lock(&self.attempts)
+            .iter()
+            .find(|(key, _, _)| *key == attempt)
+            .map(|&(_, target, position)| (target, position));
+        if let Some((target, position)) = place
+            && let Some(started) = known.report.targets[target].attempts.get_mut(position)
+        {
+            started.ended_at = Some(micro(end.ended_at));
+            started.outcome = end.outcome;
+            started.reason = end.reason;
+            started.provider_code = end.provider_code.clone();
+            started.provider_message = end.provider_message.clone();
+            started.provider_message_id = end.provider_message_id.clone();
+            started.next_retry_at = end.next_retry_at.map(micro);
+            started.token_invalid_since = end.token_invalid_since.map(micro);
+        }
+        apply_update(&mut known.report, index, update);
+        Ok(())
+    }
+
+    /// Updates one target.
+    pub(crate) async fn update_target(
+        &self,
+        index: usize,
+        update: &TargetUpdate,
+    ) -> Result<(), StoreError> {
+        self.ledger
+            .update_target(self.key, index as u32, update, self.now())
+            .await?;
+        let mut known = lock(&self.known);
+        known.revision += 1;
+        apply_update(&mut known.report, index, update);
+        Ok(())
     }
 
     /// Waits until everything written so far is on disk: before a provider call and before a
@@ -117,6 +200,26 @@ impl Progress<'_> {
                 Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
             }
         }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `at` as the ledger keeps it (microseconds).
+fn micro(at: Timestamp) -> Timestamp {
+    Timestamp::from_microsecond(at.as_microsecond()).unwrap_or(at)
+}
+
+/// A target as the ledger has it after `update`.
+fn apply_update(report: &mut Report, index: usize, update: &TargetUpdate) {
+    if let Some(target) = report.targets.get_mut(index) {
+        target.channel = update.channel;
+        target.status = update.status;
+        target.reason = update.reason;
+        target.hint = update.reason.map(FailureReason::hint);
+        target.detail = update.detail.clone();
     }
 }
 
@@ -264,7 +367,7 @@ impl DeliveryService {
                 tracing::info!("another worker is delivering it: nothing sent");
                 return Ok(Handled::HeldElsewhere(report));
             }
-            Claim::Started(key, report) | Claim::Resumed(key, report) => (key, report),
+            Claim::Started(key, known) | Claim::Resumed(key, known) => (key, known),
         };
         let progress = Progress {
             key,
@@ -273,16 +376,23 @@ impl DeliveryService {
             durable: self.ledger.as_ref(),
             clock: self.clock.as_ref(),
             changes: &self.changes,
+            known: Mutex::new(prior.clone()),
+            attempts: Mutex::default(),
         };
         progress.changed();
         let verdict = self
             .dispatcher
-            .dispatch(job, &prior, &blocks?, &progress)
+            .dispatch(job, &prior.report, &blocks?, &progress)
             .await?;
+        let known = progress
+            .known
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
         let report = self
             .close(
                 key,
                 Arc::new(move |report: &Report| decide(report, verdict)),
+                Some(known),
             )
             .await?;
         if let Verdict::Deferred(until) = verdict
@@ -311,13 +421,22 @@ impl DeliveryService {
             reason,
             summary: summarize(status, reason, report.expires_at, &report.targets),
         };
-        self.close(key, Arc::new(outcome)).await
+        self.close(key, Arc::new(outcome), None).await
     }
 
-    /// Writes the final outcome `decide` draws from the report as the ledger holds it, and
-    /// returns the final report once it (and every write before it) is on disk.
-    async fn close(&self, key: DeliveryKey, decide: DecideOutcome) -> Result<Report, StoreError> {
-        let report = self.ledger.finish(key, self.clock.now(), decide).await?;
+    /// Writes the final outcome `decide` draws from the report as the ledger holds it (`known`,
+    /// unless something else wrote), and returns the final report once it (and every write
+    /// before it) is on disk.
+    async fn close(
+        &self,
+        key: DeliveryKey,
+        decide: DecideOutcome,
+        known: Option<KnownReport>,
+    ) -> Result<Report, StoreError> {
+        let report = self
+            .ledger
+            .finish(key, self.clock.now(), decide, known)
+            .await?;
         let _ = self.changes.send(report.delivery_id.clone());
         Ok(report)
     }

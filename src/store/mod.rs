@@ -78,14 +78,30 @@ pub struct NewTarget {
     pub platform: Option<Platform>,
 }
 
+/// How many writes have changed a delivery's row or its targets: every write of this ledger
+/// that does counts one (the claim, [`Ledger::update_target`], [`Ledger::finish_attempt`],
+/// [`Ledger::apply_receipt`], [`Ledger::record_ack`], [`Ledger::finish`]); an attempt's start
+/// does not.
+pub type Revision = u64;
+
+/// A delivery's report as the writes of its engine left it, and the revision they brought it
+/// to: when the ledger's revision is still that, nothing else wrote and the report is exact.
+#[derive(Debug, Clone)]
+pub struct KnownReport {
+    /// The report.
+    pub report: Report,
+    /// The delivery's revision after the engine's last write.
+    pub revision: Revision,
+}
+
 /// The result of [`Ledger::claim`].
 #[derive(Debug, Clone)]
 pub enum Claim {
     /// This worker now owns the delivery, which had not started.
-    Started(DeliveryKey, Report),
+    Started(DeliveryKey, KnownReport),
     /// This worker took over a delivery whose previous worker went away; attempts it left
     /// unanswered are closed as interrupted.
-    Resumed(DeliveryKey, Report),
+    Resumed(DeliveryKey, KnownReport),
     /// The delivery is finished: nothing more to do.
     Finished(Report),
     /// Another worker is on it (a duplicate publish arrived while it runs).
@@ -287,14 +303,16 @@ pub trait Ledger: Send + Sync + 'static {
     /// The internal key of a delivery, if known.
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError>;
 
-    /// Marks the delivery terminal with the outcome `decide` draws from its report, read in the
-    /// same transaction (an acknowledgement or receipt recorded meanwhile is not missed), and
-    /// returns the final report.
+    /// Marks the delivery terminal with the outcome `decide` draws from its report as it stands
+    /// in the same transaction (an acknowledgement or receipt recorded meanwhile is not
+    /// missed), and returns the final report. `known` spares reading the report when the
+    /// delivery is still at its revision.
     async fn finish(
         &self,
         key: DeliveryKey,
         now: Timestamp,
         decide: DecideOutcome,
+        known: Option<KnownReport>,
     ) -> Result<Report, StoreError>;
 
     /// The report of one delivery by its internal key.

@@ -19,8 +19,8 @@ use super::sqlite_reads::{self as reads, Readers};
 use super::sqlite_writes::{self as writes, Claimed, PolicyTable, micros, timestamp};
 use super::writer::GroupWriter;
 use super::{
-    AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, Ledger, ListPage,
-    ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate,
+    AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
+    ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate,
 };
 use crate::domain::{
     Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetResult, TargetStatus,
@@ -248,10 +248,13 @@ impl Ledger for SqliteLedger {
         let claimed = self
             .write(move |conn| writes::claim(conn, &owned, &worker, takeover, now))
             .await?;
+        let known = |report, revision| KnownReport { report, revision };
         Ok(match claimed {
-            Claimed::Inserted(key) => Claim::Started(key, fresh_report(new, now)),
-            Claimed::Taken(key) => Claim::Started(key, self.load(key)?),
-            Claimed::TakenOver(key) => Claim::Resumed(key, self.load(key)?),
+            Claimed::Inserted(key) => Claim::Started(key, known(fresh_report(new, now), 0)),
+            Claimed::Taken(key, revision) => Claim::Started(key, known(self.load(key)?, revision)),
+            Claimed::TakenOver(key, revision) => {
+                Claim::Resumed(key, known(self.load(key)?, revision))
+            }
             Claimed::Refused(key) => {
                 let report = self.load(key)?;
                 if report.status.is_terminal() {
@@ -339,13 +342,20 @@ impl Ledger for SqliteLedger {
         key: DeliveryKey,
         now: Timestamp,
         decide: DecideOutcome,
+        known: Option<KnownReport>,
     ) -> Result<Report, StoreError> {
         // The ledger keeps microseconds: the report returned must match the one stored.
         let now = timestamp(micros(now))?;
-        // Read and decided on the writer's connection, whose pages are warm: a reader would
-        // have to fetch them again after every commit.
-        self.write(move |conn| writes::finish(conn, key, now, &decide))
-            .await
+        // Taken by the first run of the write (one rolled back with a neighbour and run again
+        // reads the report instead).
+        let known = Arc::new(Mutex::new(known));
+        // Decided on the writer's connection, whose pages are warm: a reader would have to
+        // fetch them again after every commit.
+        self.write(move |conn| {
+            let known = known.lock().unwrap_or_else(|p| p.into_inner()).take();
+            writes::finish(conn, key, now, &decide, known)
+        })
+        .await
     }
 
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError> {
@@ -539,7 +549,8 @@ mod tests {
         let now = Timestamp::UNIX_EPOCH;
         let new = new_delivery("j1");
 
-        let Claim::Started(key, report) = ledger.claim(&new, "w1", false, now).await.unwrap()
+        let Claim::Started(key, KnownReport { report, .. }) =
+            ledger.claim(&new, "w1", false, now).await.unwrap()
         else {
             panic!("first claim starts");
         };
@@ -569,7 +580,9 @@ mod tests {
             .await
             .unwrap();
         // The worker dies here; the broker redelivers to w2, which takes over.
-        let Claim::Resumed(_, report) = ledger.claim(&new, "w2", true, now).await.unwrap() else {
+        let Claim::Resumed(_, KnownReport { report, .. }) =
+            ledger.claim(&new, "w2", true, now).await.unwrap()
+        else {
             panic!("takeover resumes");
         };
         let interrupted = &report.targets[1].attempts[0];
@@ -604,7 +617,7 @@ mod tests {
             reason: None,
             summary: format!("done with {} targets", report.targets.len()),
         };
-        let finished = ledger.finish(key, now, Arc::new(sent)).await.unwrap();
+        let finished = ledger.finish(key, now, Arc::new(sent), None).await.unwrap();
         assert_eq!(finished.targets[1].status, TargetStatus::Sent);
         assert!(
             matches!(ledger.claim(&new, "w3", true, now).await.unwrap(), Claim::Finished(r) if r.summary == "done with 2 targets")
@@ -643,7 +656,7 @@ mod tests {
         let claimed: Vec<(DeliveryKey, Report)> = claims
             .into_iter()
             .map(|claim| match claim.unwrap() {
-                Claim::Started(key, report) => (key, report),
+                Claim::Started(key, known) => (key, known.report),
                 other => panic!("a new delivery starts: {other:?}"),
             })
             .collect();

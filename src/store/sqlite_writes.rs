@@ -10,8 +10,8 @@ use super::sqlite_reads::{
     rule_from_row,
 };
 use super::{
-    AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, NewDelivery, StoreError,
-    TargetUpdate,
+    AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, KnownReport, NewDelivery,
+    Revision, StoreError, TargetUpdate,
 };
 use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus};
 use crate::policy::{
@@ -25,12 +25,12 @@ pub(super) const INTERRUPTED: &str =
 /// What a claim did in the ledger (the report is read after the commit).
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Claimed {
-    /// A new delivery, inserted as this worker's.
+    /// A new delivery, inserted as this worker's (at revision 0).
     Inserted(DeliveryKey),
-    /// An ACCEPTED or DEFERRED delivery, now this worker's.
-    Taken(DeliveryKey),
-    /// An IN_PROGRESS delivery taken over from a worker that went away.
-    TakenOver(DeliveryKey),
+    /// An ACCEPTED or DEFERRED delivery, now this worker's, at this revision.
+    Taken(DeliveryKey, Revision),
+    /// An IN_PROGRESS delivery taken over from a worker that went away, at this revision.
+    TakenOver(DeliveryKey, Revision),
     /// Finished, or held by another worker.
     Refused(DeliveryKey),
 }
@@ -146,7 +146,7 @@ pub(super) fn claim(
     // Only one worker's UPDATE matches.
     let claimed = conn
         .prepare_cached(
-            "UPDATE deliveries SET status = 'IN_PROGRESS', owner = ?, updated_at = ?
+            "UPDATE deliveries SET status = 'IN_PROGRESS', owner = ?, updated_at = ?, revision = revision + 1
              WHERE id = ? AND (status IN ('ACCEPTED', 'DEFERRED')
                                OR (status = 'IN_PROGRESS' AND (? OR owner = ? OR owner IS NULL)))",
         )?
@@ -155,8 +155,9 @@ pub(super) fn claim(
     if !claimed {
         return Ok(Claimed::Refused(key));
     }
+    let revision = revision(conn, key)?;
     if status != DeliveryStatus::InProgress {
-        return Ok(Claimed::Taken(key));
+        return Ok(Claimed::Taken(key, revision));
     }
     tracing::info!(
         previous_worker = owner.as_deref().unwrap_or("-"),
@@ -167,7 +168,15 @@ pub(super) fn claim(
          WHERE delivery = ? AND outcome = 'IN_FLIGHT'",
     )?
     .execute(params![micros(now), INTERRUPTED, key])?;
-    Ok(Claimed::TakenOver(key))
+    Ok(Claimed::TakenOver(key, revision))
+}
+
+/// A delivery's revision.
+fn revision(conn: &Connection, key: DeliveryKey) -> Result<Revision, StoreError> {
+    let revision: i64 = conn
+        .prepare_cached("SELECT revision FROM deliveries WHERE id = ?")?
+        .query_row([key], |row| row.get(0))?;
+    Ok(revision as Revision)
 }
 
 /// Records that a provider call is starting.
@@ -245,10 +254,13 @@ pub(super) fn set_target(
     touch(conn, key, now)
 }
 
-/// Marks the delivery as changed at `now` (watchers and lists order by it).
+/// Marks the delivery as changed at `now` (watchers and lists order by it), counting one
+/// revision.
 fn touch(conn: &Connection, key: DeliveryKey, now: Timestamp) -> Result<(), StoreError> {
-    conn.prepare_cached("UPDATE deliveries SET updated_at = ? WHERE id = ?")?
-        .execute(params![micros(now), key])?;
+    conn.prepare_cached(
+        "UPDATE deliveries SET updated_at = ?, revision = revision + 1 WHERE id = ?",
+    )?
+    .execute(params![micros(now), key])?;
     Ok(())
 }
 
@@ -309,12 +321,16 @@ pub(super) fn finish(
     key: DeliveryKey,
     now: Timestamp,
     decide: &DecideOutcome,
+    known: Option<KnownReport>,
 ) -> Result<Report, StoreError> {
-    let mut report =
-        load(conn, key)?.ok_or_else(|| StoreError::NotFound(format!("delivery #{key}")))?;
+    let mut report = match known {
+        Some(known) if known.revision == revision(conn, key)? => known.report,
+        _ => load(conn, key)?.ok_or_else(|| StoreError::NotFound(format!("delivery #{key}")))?,
+    };
     let outcome = decide(&report);
     conn.prepare_cached(
-        "UPDATE deliveries SET status = ?, reason = ?, summary = ?, updated_at = ? WHERE id = ?",
+        "UPDATE deliveries SET status = ?, reason = ?, summary = ?, updated_at = ?, revision = revision + 1
+         WHERE id = ?",
     )?
     .execute(params![
         outcome.status.as_str(),

@@ -206,10 +206,23 @@ pub fn job(job_id: &str, expires_in_secs: f64, channels: &[&str], targets: Value
 }
 
 pub async fn deliver(service: &DeliveryService, job: &Job) -> Report {
-    match service.handle(job, false).await.unwrap() {
+    let report = match service.handle(job, false).await.unwrap() {
         Handled::Finished { report, .. } | Handled::Deferred { report, .. } => report,
         Handled::HeldElsewhere(_) => panic!("nobody else holds it"),
-    }
+    };
+    // The report handed back (and published) is the one stored, to the microsecond.
+    let stored = service
+        .ledger()
+        .get(&job.delivery_id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&report).unwrap(),
+        serde_json::to_value(&stored).unwrap(),
+        "the report handed back differs from the one stored"
+    );
+    report
 }
 
 /// Delivers `job` in the background (while the test acknowledges, aborts, …).
