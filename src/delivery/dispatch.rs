@@ -1109,8 +1109,7 @@ impl Dispatcher {
                 now: started_at,
             },
         );
-        // On disk before the provider hears of the code, with everything written before it
-        // (the claim, the policy's counts).
+        // Committed before the provider hears of the code (see `Progress::start_attempt`).
         let attempt = progress
             .start_attempt(&AttemptStart {
                 target: index as u32,

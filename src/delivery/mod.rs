@@ -54,8 +54,9 @@ pub enum Handled {
 /// Runs deliveries and tells watchers when a report changed.
 pub struct DeliveryService {
     ledger: Arc<dyn Ledger>,
-    /// The ledger's staged view: deliveries write through it and flush before anything
-    /// leaves the gateway.
+    /// The ledger's staged view: deliveries write through it; their writes are flushed before
+    /// a retry's sleep or a wait for a device, and by [`DeliveryService::flush`] before the
+    /// job is acked.
     staged: Arc<dyn Ledger>,
     dispatcher: Dispatcher,
     clock: Arc<dyn Clock>,
@@ -77,8 +78,6 @@ pub(crate) struct Progress<'a> {
     pub(crate) id: String,
     /// The staged view: writes return once committed; see [`Progress::flush`].
     pub(crate) ledger: &'a dyn Ledger,
-    /// The same ledger, writes returning once on disk (with everything before them).
-    pub(crate) durable: &'a dyn Ledger,
     /// The report as this delivery's own writes left it, and the revision they brought it to.
     known: Mutex<KnownReport>,
     /// Where each attempt this delivery started sits in `known`: its key, target and position.
@@ -100,13 +99,16 @@ impl Progress<'_> {
         self.clock.now()
     }
 
-    /// Records that a provider call is starting, on disk (with everything written before it)
-    /// when this returns: the provider must not hear of a code the ledger could forget.
+    /// Records that a provider call is starting: committed (visible, and kept if the process
+    /// dies) when this returns, on disk with the next flush. Not fsynced before the call: a
+    /// power cut could forget an attempt that was made, but it could not stop a second send
+    /// either way (a taken-over attempt that was in flight is tried again), and an fsync
+    /// before every call would add its latency to every code.
     pub(crate) async fn start_attempt(
         &self,
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
-        let attempt = self.durable.start_attempt(self.key, start).await?;
+        let attempt = self.ledger.start_attempt(self.key, start).await?;
         let mut known = lock(&self.known);
         let index = start.target as usize;
         if let Some(target) = known.report.targets.get_mut(index) {
@@ -327,6 +329,12 @@ impl DeliveryService {
         self.changes.subscribe()
     }
 
+    /// Waits until every ledger write committed so far (the deliveries' staged ones included)
+    /// is on disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.ledger.flush().await
+    }
+
     /// Records a job submitted over gRPC as ACCEPTED (or finds it); true when it is new.
     pub async fn accept(&self, job: &Job) -> Result<(Report, bool), StoreError> {
         let accepted = self
@@ -344,6 +352,11 @@ impl DeliveryService {
 
     /// Delivers `job` unless the ledger says it is done or held by another worker.
     /// `redelivered` (the broker's flag) lets this worker take over an interrupted delivery.
+    ///
+    /// What it returns is committed (readers see it, a crash of the process keeps it) but may
+    /// not be on disk yet: [`DeliveryService::flush`] before the job is acked, so the broker
+    /// never forgets a job whose outcome a power cut could undo. (The outcome's event can go
+    /// out meanwhile: events are at least once, a redelivered job announces its outcome again.)
     #[instrument(skip_all, fields(delivery_id = %job.delivery_id()))]
     pub async fn handle(&self, job: &Job, redelivered: bool) -> Result<Handled, StoreError> {
         let new = new_delivery(job);
@@ -373,7 +386,6 @@ impl DeliveryService {
             key,
             id: new.id.to_string(),
             ledger: self.staged.as_ref(),
-            durable: self.ledger.as_ref(),
             clock: self.clock.as_ref(),
             changes: &self.changes,
             known: Mutex::new(prior.clone()),
@@ -390,6 +402,7 @@ impl DeliveryService {
             .unwrap_or_else(|p| p.into_inner());
         let report = self
             .close(
+                self.staged.as_ref(),
                 key,
                 Arc::new(move |report: &Report| decide(report, verdict)),
                 Some(known),
@@ -421,22 +434,22 @@ impl DeliveryService {
             reason,
             summary: summarize(status, reason, report.expires_at, &report.targets),
         };
-        self.close(key, Arc::new(outcome), None).await
+        self.close(self.ledger.as_ref(), key, Arc::new(outcome), None)
+            .await
     }
 
     /// Writes the final outcome `decide` draws from the report as the ledger holds it (`known`,
-    /// unless something else wrote), and returns the final report once it (and every write
-    /// before it) is on disk.
+    /// unless something else wrote), and returns the final report once `ledger` has it: on
+    /// disk (with every write before it) through the durable ledger, committed through the
+    /// staged one.
     async fn close(
         &self,
+        ledger: &dyn Ledger,
         key: DeliveryKey,
         decide: DecideOutcome,
         known: Option<KnownReport>,
     ) -> Result<Report, StoreError> {
-        let report = self
-            .ledger
-            .finish(key, self.clock.now(), decide, known)
-            .await?;
+        let report = ledger.finish(key, self.clock.now(), decide, known).await?;
         let _ = self.changes.send(report.delivery_id.clone());
         Ok(report)
     }

@@ -20,6 +20,7 @@ use super::decode::decode_job;
 use super::publisher::{PublishError, Publisher};
 use crate::delivery::{DeliveryService, Handled};
 use crate::domain::{Job, Report};
+use crate::store::StoreError;
 
 /// How long to wait before handing a job back to the broker when its outcome could not be
 /// published, so a failing broker is not hammered.
@@ -151,10 +152,20 @@ impl JobConsumer {
         // jobs may be in flight, most of them waiting on a provider).
         let report = match Box::pin(self.deliver(&job, delivery.redelivered)).await {
             Handled::Finished { report, fresh } => {
-                // A redelivered job may have been finished without its event going out.
-                if (fresh || delivery.redelivered)
-                    && let Err(error) = Box::pin(self.publish_outcome(&report)).await
-                {
+                // A redelivered job may have been finished without its event going out. The
+                // event goes out while the outcome is synced to disk; the ack waits for both.
+                let publish = async {
+                    if fresh || delivery.redelivered {
+                        Box::pin(self.publish_outcome(&report)).await
+                    } else {
+                        Ok(())
+                    }
+                };
+                let (published, synced) = tokio::join!(publish, self.service.flush());
+                if !on_disk(synced, &delivery).await {
+                    return;
+                }
+                if let Err(error) = published {
                     tracing::warn!(%error, "event not confirmed: job requeued to publish it again");
                     requeue(&delivery).await;
                     return;
@@ -166,7 +177,14 @@ impl JobConsumer {
                 return;
             }
             Handled::Deferred { report, until } => {
-                if let Err(error) = Box::pin(self.publisher.publish_event(&report)).await {
+                let (published, synced) = tokio::join!(
+                    Box::pin(self.publisher.publish_event(&report)),
+                    self.service.flush()
+                );
+                if !on_disk(synced, &delivery).await {
+                    return;
+                }
+                if let Err(error) = published {
                     tracing::warn!(%error, "deferral event not confirmed");
                 }
                 let now = self.service.clock().now();
@@ -252,6 +270,19 @@ impl JobConsumer {
             if let Some(mut done) = busy {
                 let _ = done.wait_for(|finished| *finished).await;
             }
+        }
+    }
+}
+
+/// Whether the job's ledger writes are on disk (`synced`); if they are not, the job is
+/// requeued: it is acked only once its outcome could survive a power cut.
+async fn on_disk(synced: Result<(), StoreError>, delivery: &Delivery) -> bool {
+    match synced {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%error, "the outcome is not on disk: job requeued");
+            requeue(delivery).await;
+            false
         }
     }
 }

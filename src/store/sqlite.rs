@@ -178,11 +178,6 @@ impl SqliteLedger {
         self.writer.commits()
     }
 
-    /// How many committed group transactions are not known to be on disk yet.
-    pub fn unsynced_commits(&self) -> u64 {
-        self.writer.unsynced()
-    }
-
     /// Runs a ledger write: returns once it is on disk, or for the staged view once committed.
     async fn write<T, F>(&self, op: F) -> Result<T, StoreError>
     where

@@ -163,7 +163,8 @@ impl GroupWriter {
     }
 
     /// How many of them are not known to be on disk yet.
-    pub(super) fn unsynced(&self) -> u64 {
+    #[cfg(test)]
+    fn unsynced(&self) -> u64 {
         let committed = self.commits();
         match &*self.durable.borrow() {
             Durable::Upto(synced) => committed.saturating_sub(*synced),
@@ -279,10 +280,11 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
                 let mut wanted = commits.wanted.lock().unwrap_or_else(|p| p.into_inner());
                 wanted.committed = seq;
                 match wanted.failed.clone() {
-                    // Nothing is called durable any more: durable writes hear it at once.
+                    // Nothing is called durable any more: durable writes hear it at once
+                    // (staged ones are committed, as they hear below).
                     Some(error) => {
                         drop(wanted);
-                        for (_, reply) in replies.drain(..).filter(|(durable, _)| *durable) {
+                        for (_, reply) in replies.extract_if(.., |(durable, _)| *durable) {
                             reply(Fate::Failed(&sync_failure(&error)));
                         }
                     }
@@ -454,5 +456,24 @@ mod tests {
         assert_eq!(count, 70);
         writer.flush().await.unwrap();
         assert_eq!(writer.unsynced(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_sync_durable_writes_and_flushes_fail_and_staged_ones_still_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer(&dir);
+        writer.write(insert(1)).await.unwrap();
+        // The disk fails: the WAL can no longer be synced.
+        std::fs::remove_file(dir.path().join("writer.db-wal")).unwrap();
+        writer.stage(insert(2)).await.unwrap();
+        let error = writer.flush().await.unwrap_err().to_string();
+        assert!(error.contains("could not be synced"), "{error}");
+        let error = writer.write(insert(3)).await.unwrap_err().to_string();
+        assert!(error.contains("could not be synced"), "{error}");
+        // Committed, not durable: a staged write is answered as such.
+        for value in 4..8 {
+            writer.stage(insert(value)).await.unwrap();
+        }
+        assert!(writer.flush().await.is_err());
     }
 }

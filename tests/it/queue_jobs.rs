@@ -390,3 +390,41 @@ async fn a_slow_job_holds_back_no_other_jobs_ack_and_a_stop_acks_every_finished_
     assert_eq!(redelivered["job_id"], "hangs");
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_job_is_acked_only_once_its_outcome_is_on_disk() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("on-disk");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let queue = names.jobs_queue.clone();
+
+    broker.publish_json(&job("before", "333333")).await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["status"], "SENT");
+    // Its ack follows the event at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The disk fails: the ledger's log can no longer be synced.
+    std::fs::remove_file(dir.path().join("ledger.db-wal")).unwrap();
+    broker.publish_json(&job("after", "444444")).await;
+    // The outcome is committed and announced (the event goes out while the sync runs)...
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["delivery_id"], "acme/after");
+    assert_eq!(report["status"], "SENT");
+    // ...but the job stays with the broker, unacked, long after an ack would have gone out:
+    // a power cut could still undo its outcome.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gateway.stop().await;
+    let left = broker
+        .get(&queue)
+        .await
+        .expect("the job is back in the queue");
+    let left: serde_json::Value = serde_json::from_slice(&left.delivery.data).unwrap();
+    assert_eq!(left["job_id"], "after");
+    assert_eq!(broker.ready(&queue).await, 0, "the job before it was acked");
+    broker.cleanup().await;
+}
