@@ -697,7 +697,7 @@ impl Dispatcher {
             .unsigned_abs();
         let until = Instant::now() + self.settings.push_ack_timeout.min(left);
         // The accepted pushes are on disk while we wait: a worker that takes over after a
-        // crash waits for the acknowledgement again instead of pushing again.
+        // power cut waits for the acknowledgement again instead of pushing again.
         progress.flush().await?;
         let mut changes = progress.subscribe();
         loop {
@@ -1121,7 +1121,6 @@ impl Dispatcher {
                 sms: rendered.sms,
             })
             .await?;
-        progress.changed();
         let message = OutboundMessage {
             delivery_id: &progress.id,
             channel,
@@ -1167,11 +1166,7 @@ impl Dispatcher {
         progress: &Progress<'_>,
     ) -> Result<(), StoreError> {
         let update = TargetUpdate::after(channel, end);
-        progress
-            .finish_attempt(attempt, end, index, &update)
-            .await?;
-        progress.changed();
-        Ok(())
+        progress.finish_attempt(attempt, end, index, &update).await
     }
 
     /// What quiet hours and destination permissions say about sending to `target` on
@@ -1443,9 +1438,7 @@ impl Dispatcher {
             reason,
             detail,
         };
-        progress.update_target(index, &update).await?;
-        progress.changed();
-        Ok(())
+        progress.update_target(index, &update).await
     }
 
     /// Settles every target never tried: SKIPPED (no reason) or FAILED with `reason`, saying why.

@@ -21,7 +21,7 @@ use crate::domain::{
 use crate::providers::ProviderReceipt;
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
-    NewDelivery, NewTarget, Outcome, StoreError, TargetUpdate,
+    NewDelivery, NewTarget, Outcome, StoreError, TargetUpdate, as_stored,
 };
 
 pub use breaker::{BreakerSnapshot, CircuitState};
@@ -99,7 +99,7 @@ impl Progress<'_> {
         self.clock.now()
     }
 
-    /// Records that a provider call is starting: committed (visible, and kept if the process
+    /// Records that a provider call is starting (and tells watchers): committed (visible, and kept if the process
     /// dies) when this returns, on disk with the next flush. Not fsynced before the call: a
     /// power cut could forget an attempt that was made, but it could not stop a second send
     /// either way (a taken-over attempt that was in flight is tried again), and an fsync
@@ -116,7 +116,7 @@ impl Progress<'_> {
                 provider: start.provider.clone(),
                 channel: start.channel,
                 target: start.masked_target.clone(),
-                started_at: micro(start.started_at),
+                started_at: as_stored(start.started_at),
                 ended_at: None,
                 outcome: AttemptOutcome::InFlight,
                 reason: None,
@@ -130,10 +130,12 @@ impl Progress<'_> {
             });
             lock(&self.attempts).push((attempt, index, target.attempts.len() - 1));
         }
+        drop(known);
+        self.changed();
         Ok(attempt)
     }
 
-    /// Records how a provider call ended and its target's new state.
+    /// Records how a provider call ended and its target's new state, and tells watchers.
     pub(crate) async fn finish_attempt(
         &self,
         attempt: AttemptKey,
@@ -153,20 +155,22 @@ impl Progress<'_> {
         if let Some((target, position)) = place
             && let Some(started) = known.report.targets[target].attempts.get_mut(position)
         {
-            started.ended_at = Some(micro(end.ended_at));
+            started.ended_at = Some(as_stored(end.ended_at));
             started.outcome = end.outcome;
             started.reason = end.reason;
             started.provider_code = end.provider_code.clone();
             started.provider_message = end.provider_message.clone();
             started.provider_message_id = end.provider_message_id.clone();
-            started.next_retry_at = end.next_retry_at.map(micro);
-            started.token_invalid_since = end.token_invalid_since.map(micro);
+            started.next_retry_at = end.next_retry_at.map(as_stored);
+            started.token_invalid_since = end.token_invalid_since.map(as_stored);
         }
         apply_update(&mut known.report, index, update);
+        drop(known);
+        self.changed();
         Ok(())
     }
 
-    /// Updates one target.
+    /// Updates one target, and tells watchers.
     pub(crate) async fn update_target(
         &self,
         index: usize,
@@ -178,11 +182,13 @@ impl Progress<'_> {
         let mut known = lock(&self.known);
         known.revision += 1;
         apply_update(&mut known.report, index, update);
+        drop(known);
+        self.changed();
         Ok(())
     }
 
-    /// Waits until everything written so far is on disk: before a provider call and before a
-    /// wait, so a crash can only undo what nobody outside the gateway has seen.
+    /// Waits until everything written so far is on disk: before a retry's back-off and before
+    /// waiting for a device, so a worker that takes over after a power cut finds what was sent.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
         self.ledger.flush().await
     }
@@ -207,11 +213,6 @@ impl Progress<'_> {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// `at` as the ledger keeps it (microseconds).
-fn micro(at: Timestamp) -> Timestamp {
-    Timestamp::from_microsecond(at.as_microsecond()).unwrap_or(at)
 }
 
 /// A target as the ledger has it after `update`.
@@ -360,8 +361,8 @@ impl DeliveryService {
     #[instrument(skip_all, fields(delivery_id = %job.delivery_id()))]
     pub async fn handle(&self, job: &Job, redelivered: bool) -> Result<Handled, StoreError> {
         let new = new_delivery(job);
-        // Staged: nothing is sent before the first provider call flushes it (or the outcome's).
-        // The block list is read meanwhile (both ride the ledger writer's next transaction).
+        // Staged, like every write of the delivery (see above). The block list is read meanwhile
+        // (both ride the ledger writer's next transaction).
         let now = self.clock.now();
         let (claim, blocks) = tokio::join!(
             self.staged.claim(&new, &self.worker, redelivered, now),

@@ -20,7 +20,6 @@ use super::decode::decode_job;
 use super::publisher::{PublishError, Publisher};
 use crate::delivery::{DeliveryService, Handled};
 use crate::domain::{Job, Report};
-use crate::store::StoreError;
 
 /// How long to wait before handing a job back to the broker when its outcome could not be
 /// published, so a failing broker is not hammered.
@@ -161,10 +160,9 @@ impl JobConsumer {
                         Ok(())
                     }
                 };
-                let (published, synced) = tokio::join!(publish, self.service.flush());
-                if !on_disk(synced, &delivery).await {
+                let Some(published) = self.while_syncing(publish, &delivery).await else {
                     return;
-                }
+                };
                 if let Err(error) = published {
                     tracing::warn!(%error, "event not confirmed: job requeued to publish it again");
                     requeue(&delivery).await;
@@ -177,13 +175,10 @@ impl JobConsumer {
                 return;
             }
             Handled::Deferred { report, until } => {
-                let (published, synced) = tokio::join!(
-                    Box::pin(self.publisher.publish_event(&report)),
-                    self.service.flush()
-                );
-                if !on_disk(synced, &delivery).await {
+                let publish = Box::pin(self.publisher.publish_event(&report));
+                let Some(published) = self.while_syncing(publish, &delivery).await else {
                     return;
-                }
+                };
                 if let Err(error) = published {
                     tracing::warn!(%error, "deferral event not confirmed");
                 }
@@ -220,6 +215,23 @@ impl JobConsumer {
             return;
         }
         ack(&delivery).await;
+    }
+
+    /// Runs `publish` while the job's ledger writes are synced to disk, and gives its result
+    /// once both are done. If they could not be synced, the job is requeued and nothing is
+    /// given: it is acked only once its outcome could survive a power cut.
+    async fn while_syncing<T>(
+        &self,
+        publish: impl Future<Output = T>,
+        delivery: &Delivery,
+    ) -> Option<T> {
+        let (published, synced) = tokio::join!(publish, self.service.flush());
+        if let Err(error) = synced {
+            tracing::error!(%error, "the outcome is not on disk: job requeued");
+            requeue(delivery).await;
+            return None;
+        }
+        Some(published)
     }
 
     /// The delivery's event, then `device.invalidated` for each device whose token a provider
@@ -270,19 +282,6 @@ impl JobConsumer {
             if let Some(mut done) = busy {
                 let _ = done.wait_for(|finished| *finished).await;
             }
-        }
-    }
-}
-
-/// Whether the job's ledger writes are on disk (`synced`); if they are not, the job is
-/// requeued: it is acked only once its outcome could survive a power cut.
-async fn on_disk(synced: Result<(), StoreError>, delivery: &Delivery) -> bool {
-    match synced {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::error!(%error, "the outcome is not on disk: job requeued");
-            requeue(delivery).await;
-            false
         }
     }
 }

@@ -84,6 +84,12 @@ pub struct NewTarget {
 /// does not.
 pub type Revision = u64;
 
+/// `at` as the ledger keeps it: to the microsecond. A report built in memory uses it to match
+/// the one stored.
+pub fn as_stored(at: Timestamp) -> Timestamp {
+    Timestamp::from_microsecond(at.as_microsecond()).unwrap_or(at)
+}
+
 /// A delivery's report as the writes of its engine left it, and the revision they brought it
 /// to: when the ledger's revision is still that, nothing else wrote and the report is exact.
 #[derive(Debug, Clone)]
@@ -222,10 +228,11 @@ pub struct ListPage {
 /// [`Ledger::staged`].
 #[async_trait]
 pub trait Ledger: Send + Sync + 'static {
-    /// A view of this ledger whose writes return once committed (later reads see them) but
-    /// maybe before they are on disk; [`Ledger::flush`] makes them durable. The delivery engine
-    /// writes through it and flushes before anything leaves the gateway (a provider call, an
-    /// event, an ack) or it waits, so a crash can only undo what nobody outside has seen.
+    /// A view of this ledger whose writes return once committed (later reads see them, a
+    /// crash of the process keeps them) but maybe before they are on disk; [`Ledger::flush`]
+    /// makes them durable. The delivery engine writes through it and flushes before it waits
+    /// (a retry's back-off, a device's acknowledgement) and before its job is acked, so a power
+    /// cut can only undo the writes of a job the broker still holds and hands out again.
     fn staged(&self) -> std::sync::Arc<dyn Ledger>;
 
     /// Waits until every write committed so far is on disk.
@@ -356,8 +363,9 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
 
     /// Counts one send under every key, atomically, unless one of them is at its limit: then
     /// nothing is counted and the limit (with when it frees up) is returned. The count is
-    /// committed on return and on disk with the ledger's next [`Ledger::flush`], which the
-    /// engine makes before it sends (a crash before then undoes the send and its count alike).
+    /// committed on return and on disk with the ledger's next [`Ledger::flush`], made before
+    /// the job is acked (a power cut before then undoes it with the job's other writes, and
+    /// the broker hands the job out again).
     async fn consume(
         &self,
         keys: &[RateKey<'_>],

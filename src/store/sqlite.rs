@@ -16,11 +16,11 @@ use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
 use super::sqlite_reads::{self as reads, Readers};
-use super::sqlite_writes::{self as writes, Claimed, PolicyTable, micros, timestamp};
+use super::sqlite_writes::{self as writes, Claimed, PolicyTable};
 use super::writer::GroupWriter;
 use super::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
-    ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate,
+    ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate, as_stored,
 };
 use crate::domain::{
     Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetResult, TargetStatus,
@@ -44,7 +44,7 @@ fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
         summary: String::new(),
         created_at: now,
         updated_at: now,
-        expires_at: Timestamp::from_microsecond(micros(new.expires_at)).unwrap_or(new.expires_at),
+        expires_at: as_stored(new.expires_at),
         targets: new
             .targets
             .iter()
@@ -236,8 +236,8 @@ impl Ledger for SqliteLedger {
         takeover: bool,
         now: Timestamp,
     ) -> Result<Claim, StoreError> {
-        // The ledger keeps microseconds: the report built here must match the one stored.
-        let now = timestamp(micros(now))?;
+        // The report built here must match the one stored.
+        let now = as_stored(now);
         let owned = new.clone();
         let worker = worker.to_owned();
         let claimed = self
@@ -339,8 +339,8 @@ impl Ledger for SqliteLedger {
         decide: DecideOutcome,
         known: Option<KnownReport>,
     ) -> Result<Report, StoreError> {
-        // The ledger keeps microseconds: the report returned must match the one stored.
-        let now = timestamp(micros(now))?;
+        // The report returned must match the one stored.
+        let now = as_stored(now);
         // Taken by the first run of the write (one rolled back with a neighbour and run again
         // reads the report instead).
         let known = Arc::new(Mutex::new(known));
@@ -454,7 +454,7 @@ impl PolicyStore for SqliteLedger {
             .iter()
             .map(|k| (k.rule.clone(), k.key.clone()))
             .collect();
-        // Staged: the engine flushes the ledger before it sends (see `PolicyStore::consume`).
+        // Staged (see `PolicyStore::consume`).
         self.writer
             .stage(move |conn| writes::consume(conn, &keys, now))
             .await
@@ -735,12 +735,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn rules_are_served_from_memory_yet_a_change_applies_to_the_next_read() {
-        use crate::policy::{QuietAction, RateScope};
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = ledger(&dir).await;
-        // Read (and kept) while there are none.
+    /// Acme has no rate limits and no quiet hours.
+    async fn no_rules(ledger: &SqliteLedger) {
         assert!(
             ledger
                 .list_rate_limits(Some("acme"))
@@ -755,6 +751,15 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn rules_are_served_from_memory_yet_a_change_applies_to_the_next_read() {
+        use crate::policy::{QuietAction, RateScope};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = ledger(&dir).await;
+        // Read (and kept) while there are none.
+        no_rules(&ledger).await;
 
         let limit = ledger
             .set_rate_limit(&RateLimitRule {
@@ -793,19 +798,6 @@ mod tests {
 
         assert!(ledger.remove_rate_limit(limit.id).await.unwrap());
         assert!(ledger.remove_quiet_hours(quiet.id).await.unwrap());
-        assert!(
-            ledger
-                .list_rate_limits(Some("acme"))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            ledger
-                .list_quiet_hours(Some("acme"))
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        no_rules(&ledger).await;
     }
 }

@@ -5,8 +5,8 @@
 //!   frames and the writes are visible to readers at once. Callers hear back then.
 //! - The syncer thread makes commits durable: it fsyncs the WAL file, and every commit made
 //!   before that fsync began is on disk when it returns. [`GroupWriter::write`] waits for that;
-//!   [`GroupWriter::stage`] does not (its caller calls [`GroupWriter::flush`] before anything
-//!   that must not be undone by a crash leaves the process).
+//!   [`GroupWriter::stage`] does not (its caller calls [`GroupWriter::flush`] before it tells
+//!   anyone that must not see the write undone by a power cut: the gateway, before the ack).
 //!
 //! So the writer never stops for the disk, and one fsync covers every commit made while the
 //! previous one ran. This is `synchronous = FULL` with the fsync moved off the writer:
@@ -18,7 +18,6 @@
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -105,8 +104,6 @@ impl std::fmt::Debug for SyncWanted {
 /// The commit sequence, shared by the writer, the syncer and the handles.
 #[derive(Debug)]
 struct Commits {
-    /// The last commit made (readers can see it).
-    committed: AtomicU64,
     wanted: Mutex<SyncWanted>,
     wake_syncer: Condvar,
 }
@@ -132,7 +129,6 @@ impl GroupWriter {
         connection.set_prepared_statement_cache_capacity(64);
         let (ops, queue) = mpsc::unbounded_channel();
         let commits = Arc::new(Commits {
-            committed: AtomicU64::new(0),
             wanted: Mutex::default(),
             wake_syncer: Condvar::new(),
         });
@@ -159,7 +155,11 @@ impl GroupWriter {
 
     /// How many group transactions have been committed.
     pub(super) fn commits(&self) -> u64 {
-        self.commits.committed.load(Ordering::Acquire)
+        self.commits
+            .wanted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .committed
     }
 
     /// How many of them are not known to be on disk yet.
@@ -276,7 +276,6 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
         let fate = match &ended {
             Ok(true) => {
                 seq += 1;
-                commits.committed.store(seq, Ordering::Release);
                 let mut wanted = commits.wanted.lock().unwrap_or_else(|p| p.into_inner());
                 wanted.committed = seq;
                 match wanted.failed.clone() {

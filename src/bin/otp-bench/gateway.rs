@@ -7,8 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lapin::Channel;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use otp_gateway::config::{AmqpConfig, Config};
 use tokio_util::sync::CancellationToken;
 
@@ -97,17 +95,7 @@ impl GatewayProcess {
     /// Waits until the gateway's consumer is attached to `queue`; that instant is returned.
     pub async fn consuming(&mut self, channel: &Channel, queue: &str) -> anyhow::Result<Instant> {
         loop {
-            let declared = channel
-                .queue_declare(
-                    queue.into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            if declared.consumer_count() > 0 {
+            if super::queue_state(channel, queue).await?.consumer_count() > 0 {
                 return Ok(Instant::now());
             }
             if let Some(status) = self

@@ -518,15 +518,15 @@ async fn latency(bench: &Bench) -> anyhow::Result<()> {
         "| path | p50 per round | p99 per round | median p50 | median p99 | added p99 (medians, vs bare consumer) |"
     );
     println!("|---|---|---|---|---|---|");
-    for (path, pairs) in [
-        ("bare consumer: publish -> delivered", &bare),
-        ("gateway: publish -> provider call", &call),
-        ("gateway: publish -> ack (event)", &ack),
+    for (path, pairs, gateway) in [
+        ("bare consumer: publish -> delivered", &bare, false),
+        ("gateway: publish -> provider call", &call, true),
+        ("gateway: publish -> ack (event)", &ack, true),
     ] {
-        let added = if std::ptr::eq(pairs, &bare) {
-            "-".to_owned()
-        } else {
+        let added = if gateway {
             ms(med(pairs, p99).saturating_sub(bare_p99))
+        } else {
+            "-".to_owned()
         };
         println!(
             "| {path} | {} | {} | {} | {} | {added} |",
@@ -869,7 +869,9 @@ async fn memory_round(
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         rss = rss.max(gateway.rss_kib().unwrap_or(0));
-        let ready = ready_messages(&bench.channel, &topology.jobs_queue).await?;
+        let ready = queue_state(&bench.channel, &topology.jobs_queue)
+            .await?
+            .message_count();
         let open = server.stats.in_flight();
         progress(
             &format!("{label}: calls open at the provider"),
@@ -885,7 +887,10 @@ async fn memory_round(
     tokio::time::sleep(Duration::from_secs(2)).await;
     rss = rss.max(gateway.rss_kib().unwrap_or(0));
     let held = Held {
-        jobs: jobs - ready_messages(&bench.channel, &topology.jobs_queue).await? as usize,
+        jobs: jobs
+            - queue_state(&bench.channel, &topology.jobs_queue)
+                .await?
+                .message_count() as usize,
         calls: server.stats.in_flight(),
         rss_kib: rss,
         peak_rss_kib: gateway.peak_rss_kib(),
@@ -896,9 +901,9 @@ async fn memory_round(
     Ok(held)
 }
 
-/// Messages ready (not yet delivered) in `queue`.
-async fn ready_messages(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
-    let declared = channel
+/// `queue` as the broker has it now: its ready messages and its consumers.
+async fn queue_state(channel: &Channel, queue: &str) -> anyhow::Result<lapin::Queue> {
+    Ok(channel
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -907,8 +912,7 @@ async fn ready_messages(channel: &Channel, queue: &str) -> anyhow::Result<u32> {
             },
             FieldTable::default(),
         )
-        .await?;
-    Ok(declared.message_count())
+        .await?)
 }
 
 // ---------------------------------------------------------------------------------------------
