@@ -410,6 +410,24 @@ impl Broker {
             .message_count()
     }
 
+    /// Waits until `queue` holds `count` ready messages. A quorum queue takes jobs back from a
+    /// closed channel through its log, a moment after the close, so a count right after a
+    /// gateway stops may still be behind.
+    pub async fn wait_ready(&self, queue: &str, count: u32, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ready = self.ready(queue).await;
+            if ready == count {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{queue} holds {ready} ready messages, not {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Messages of `queue` delivered to a consumer and not acked yet (as `rabbitmqctl` says).
     pub fn unacked(&self, queue: &str) -> Option<u32> {
         let output = std::process::Command::new("rabbitmqctl")

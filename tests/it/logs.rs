@@ -105,13 +105,9 @@ async fn logs_never_contain_a_code_and_mask_numbers() {
         .await;
     let events = broker.events_for(2, Duration::from_secs(20)).await;
     assert!(events.contains_key("acme/logged"));
-    for _ in 0..100 {
-        if broker.ready(&names.dead_letter_queue).await == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(broker.ready(&names.dead_letter_queue).await, 2);
+    broker
+        .wait_ready(&names.dead_letter_queue, 2, Duration::from_secs(10))
+        .await;
 
     // SIGTERM, as docker or systemd would send it.
     let terminated = Command::new("kill")

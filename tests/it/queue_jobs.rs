@@ -376,7 +376,7 @@ async fn a_slow_job_holds_back_no_other_jobs_ack_and_a_stop_acks_every_finished_
 
     // A stop leaves the hanging job to the broker (past the grace period) and nothing else.
     gateway.stop().await;
-    assert_eq!(broker.ready(&names.jobs_queue).await, 1);
+    broker.wait_ready(&names.jobs_queue, 1, WAIT).await;
     let (_, redelivered) = broker
         .get(&names.jobs_queue)
         .await
@@ -419,6 +419,7 @@ async fn a_job_is_acked_only_once_its_outcome_is_on_disk() {
     // a power cut could still undo its outcome.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     gateway.stop().await;
+    broker.wait_ready(&queue, 1, WAIT).await;
     let left = broker
         .get(&queue)
         .await
