@@ -405,8 +405,11 @@ async fn a_job_is_acked_only_once_its_outcome_is_on_disk() {
     broker.publish_json(&job("before", "333333")).await;
     let (_, report) = broker.next_event(WAIT).await;
     assert_eq!(report["status"], "SENT");
-    // Its ack follows the event at once.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its ack follows the event.
+    eventually(WAIT, "the first job acked", || {
+        broker.unacked(&queue) == Some(0)
+    })
+    .await;
 
     // The disk fails: the ledger's log can no longer be synced.
     std::fs::remove_file(dir.path().join("ledger.db-wal")).unwrap();
