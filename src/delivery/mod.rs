@@ -78,12 +78,17 @@ pub(crate) struct Progress<'a> {
     pub(crate) id: String,
     /// The staged view: writes return once committed; see [`Progress::flush`].
     pub(crate) ledger: &'a dyn Ledger,
-    /// The report as this delivery's own writes left it, and the revision they brought it to.
-    known: Mutex<KnownReport>,
-    /// Where each attempt this delivery started sits in `known`: its key, target and position.
-    attempts: Mutex<Vec<(AttemptKey, usize, usize)>>,
+    own: Mutex<OwnWrites>,
     pub(crate) clock: &'a dyn Clock,
     changes: &'a broadcast::Sender<String>,
+}
+
+/// What a delivery's own writes made of its report.
+struct OwnWrites {
+    /// The report as they left it, and the revision they brought it to.
+    known: KnownReport,
+    /// Where each attempt they started sits in `known`: its key, target and position.
+    attempts: Vec<(AttemptKey, usize, usize)>,
 }
 
 impl Progress<'_> {
@@ -109,7 +114,8 @@ impl Progress<'_> {
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
         let attempt = self.ledger.start_attempt(self.key, start).await?;
-        let mut known = lock(&self.known);
+        let mut own = lock(&self.own);
+        let OwnWrites { known, attempts } = &mut *own;
         let index = start.target as usize;
         if let Some(target) = known.report.targets.get_mut(index) {
             target.attempts.push(Attempt {
@@ -128,9 +134,9 @@ impl Progress<'_> {
                 token_invalid_since: None,
                 sms: start.sms,
             });
-            lock(&self.attempts).push((attempt, index, target.attempts.len() - 1));
+            attempts.push((attempt, index, target.attempts.len() - 1));
         }
-        drop(known);
+        drop(own);
         self.changed();
         Ok(attempt)
     }
@@ -146,13 +152,10 @@ impl Progress<'_> {
         self.ledger
             .finish_attempt(self.key, attempt, end, index as u32, update)
             .await?;
-        let mut known = lock(&self.known);
+        let mut own = lock(&self.own);
+        let OwnWrites { known, attempts } = &mut *own;
         known.revision += 1;
-        let place = lock(&self.attempts)
-            .iter()
-            .find(|(key, _, _)| *key == attempt)
-            .map(|&(_, target, position)| (target, position));
-        if let Some((target, position)) = place
+        if let Some(&(_, target, position)) = attempts.iter().find(|(key, _, _)| *key == attempt)
             && let Some(started) = known.report.targets[target].attempts.get_mut(position)
         {
             started.ended_at = Some(as_stored(end.ended_at));
@@ -165,7 +168,7 @@ impl Progress<'_> {
             started.token_invalid_since = end.token_invalid_since.map(as_stored);
         }
         apply_update(&mut known.report, index, update);
-        drop(known);
+        drop(own);
         self.changed();
         Ok(())
     }
@@ -179,10 +182,10 @@ impl Progress<'_> {
         self.ledger
             .update_target(self.key, index as u32, update, self.now())
             .await?;
-        let mut known = lock(&self.known);
-        known.revision += 1;
-        apply_update(&mut known.report, index, update);
-        drop(known);
+        let mut own = lock(&self.own);
+        own.known.revision += 1;
+        apply_update(&mut own.known.report, index, update);
+        drop(own);
         self.changed();
         Ok(())
     }
@@ -389,8 +392,10 @@ impl DeliveryService {
             ledger: self.staged.as_ref(),
             clock: self.clock.as_ref(),
             changes: &self.changes,
-            known: Mutex::new(prior.clone()),
-            attempts: Mutex::default(),
+            own: Mutex::new(OwnWrites {
+                known: prior.clone(),
+                attempts: Vec::new(),
+            }),
         };
         progress.changed();
         let verdict = self
@@ -398,9 +403,10 @@ impl DeliveryService {
             .dispatch(job, &prior.report, &blocks?, &progress)
             .await?;
         let known = progress
-            .known
+            .own
             .into_inner()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(|p| p.into_inner())
+            .known;
         let report = self
             .close(
                 self.staged.as_ref(),

@@ -39,8 +39,8 @@ type CommitSeq = u64;
 /// How a group transaction ended, as told to each write in it.
 #[derive(Clone, Copy)]
 enum Fate<'a> {
-    /// Committed as this group transaction (visible to readers; durable once synced).
-    Committed(CommitSeq),
+    /// Committed (visible to readers; for a durable write, on disk too).
+    Committed,
     /// Rolled back because another write in the group failed: the write must run again.
     Undone,
     /// The commit itself failed.
@@ -49,7 +49,7 @@ enum Fate<'a> {
 
 /// What a caller hears.
 enum Answer<T> {
-    Done(Result<(T, CommitSeq), StoreError>),
+    Done(Result<T, StoreError>),
     /// Rolled back with a failing neighbour, or never run: submit it again.
     Again,
 }
@@ -180,7 +180,7 @@ impl GroupWriter {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
     {
         // Answered by the syncer once on disk: the caller wakes once.
-        Ok(self.commit(op, true).await?.0)
+        self.commit(op, true).await
     }
 
     /// Runs `op` in the next group transaction and returns its result once that transaction
@@ -190,16 +190,12 @@ impl GroupWriter {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
     {
-        Ok(self.commit(op, false).await?.0)
+        self.commit(op, false).await
     }
 
     /// Waits until every transaction committed so far is on disk.
     pub(super) async fn flush(&self) -> Result<(), StoreError> {
-        self.durable(self.commits()).await
-    }
-
-    /// Waits until commit `seq` is on disk.
-    async fn durable(&self, seq: CommitSeq) -> Result<(), StoreError> {
+        let seq = self.commits();
         if seq == 0 {
             return Ok(());
         }
@@ -217,10 +213,10 @@ impl GroupWriter {
         }
     }
 
-    /// Runs `op` in the next group transaction; its result and the transaction's number once
-    /// committed (or, `durable`, once on disk too). A write rolled back because another write in
-    /// its group failed runs again (hence `Clone`): one bad write never fails its neighbours.
-    async fn commit<T, F>(&self, op: F, durable: bool) -> Result<(T, CommitSeq), StoreError>
+    /// Runs `op` in the next group transaction; its result once committed (or, `durable`, once
+    /// on disk too). A write rolled back because another write in its group failed runs again
+    /// (hence `Clone`): one bad write never fails its neighbours.
+    async fn commit<T, F>(&self, op: F, durable: bool) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
@@ -234,7 +230,7 @@ impl GroupWriter {
                 let reply: Reply = Box::new(move |fate: Fate<'_>| {
                     let _ = reply.send(match (result, fate) {
                         (Err(error), _) => Answer::Done(Err(error)),
-                        (Ok(value), Fate::Committed(seq)) => Answer::Done(Ok((value, seq))),
+                        (Ok(value), Fate::Committed) => Answer::Done(Ok(value)),
                         (Ok(_), Fate::Undone) => Answer::Again,
                         (Ok(_), Fate::Failed(error)) => {
                             Answer::Done(Err(StoreError::Commit(error.to_owned())))
@@ -295,7 +291,7 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
                         commits.wake_syncer.notify_one();
                     }
                 }
-                Fate::Committed(seq)
+                Fate::Committed
             }
             Ok(false) => {
                 let _ = connection.execute_batch("ROLLBACK");
@@ -386,8 +382,8 @@ fn sync(wal: &Path, commits: &Commits, durable: &watch::Sender<Durable>) {
         answered.extend(wanted.replies.extract_if(.., |(seq, _)| *seq <= synced));
         drop(wanted);
         durable.send_replace(Durable::Upto(synced));
-        for (seq, reply) in answered.drain(..) {
-            reply(Fate::Committed(seq));
+        for (_, reply) in answered.drain(..) {
+            reply(Fate::Committed);
         }
     }
 }
@@ -402,12 +398,14 @@ fn sync_failure(error: &str) -> String {
 /// fdatasync of the WAL file, (re)opened when it is not open yet or is another file now.
 fn sync_wal(path: &Path, file: &mut Option<(File, u64)>) -> std::io::Result<()> {
     let inode = std::fs::metadata(path)?.ino();
-    if file.as_ref().is_none_or(|(_, open)| *open != inode) {
-        *file = Some((File::open(path)?, inode));
-    }
     match file {
-        Some((open, _)) => open.sync_data(),
-        None => Ok(()),
+        Some((open, open_inode)) if *open_inode == inode => open.sync_data(),
+        _ => {
+            let open = File::open(path)?;
+            open.sync_data()?;
+            *file = Some((open, inode));
+            Ok(())
+        }
     }
 }
 

@@ -839,7 +839,8 @@ async fn calls_beyond_a_providers_limit_wait_for_a_slot_and_are_throttled_when_n
     assert!(times[1] - times[0] >= Duration::from_secs(1), "{times:?}");
 }
 
-/// A provider that notes, at each call, whether the ledger already shows the call in flight.
+/// A provider that notes, at each call, whether the ledger (read on a connection of its own)
+/// already shows the call in flight.
 struct Watching {
     ledger: Arc<SqliteLedger>,
     in_flight_when_called: Mutex<Vec<bool>>,
@@ -884,28 +885,11 @@ async fn the_ledger_shows_a_call_before_the_provider_hears_of_it() {
             json!({"push": ["primary"], "sms": ["primary"], "voice": ["primary"]}),
         )],
     );
-    let ledger = Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap());
     let watching = Arc::new(Watching {
-        ledger: Arc::clone(&ledger),
+        ledger: Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap()),
         in_flight_when_called: Mutex::default(),
     });
-    let registry = ProviderRegistry::from_config_with(
-        &config,
-        BTreeMap::from([("primary".to_owned(), watching.clone() as Arc<dyn Provider>)]),
-    )
-    .await
-    .unwrap();
-    let dispatcher = Dispatcher::new(
-        registry,
-        ledger.clone(),
-        EngineSettings::from_config(&config),
-    );
-    let service = DeliveryService::new(
-        ledger.clone(),
-        dispatcher,
-        Arc::new(SystemClock),
-        "test-worker".into(),
-    );
+    let service = engine(&config, vec![("primary", watching.clone())]).await;
     for n in 0..10 {
         let job = sms_job(&format!("watched-{n}"), 60.0, &["+14155550101"]);
         let report = deliver(&service, &job).await;

@@ -377,16 +377,12 @@ async fn a_slow_job_holds_back_no_other_jobs_ack_and_a_stop_acks_every_finished_
     // A stop leaves the hanging job to the broker (past the grace period) and nothing else.
     gateway.stop().await;
     broker.wait_ready(&names.jobs_queue, 1, WAIT).await;
-    let (_, redelivered) = broker
+    let redelivered = broker
         .get(&names.jobs_queue)
         .await
-        .map(|m| {
-            (
-                (),
-                serde_json::from_slice::<serde_json::Value>(&m.delivery.data).unwrap(),
-            )
-        })
-        .unwrap();
+        .expect("the hanging job is back in the queue");
+    let redelivered: serde_json::Value =
+        serde_json::from_slice(&redelivered.delivery.data).unwrap();
     assert_eq!(redelivered["job_id"], "hangs");
     broker.cleanup().await;
 }

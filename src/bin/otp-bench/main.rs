@@ -507,9 +507,7 @@ async fn latency(bench: &Bench) -> anyhow::Result<()> {
             .join(", ")
     };
     let med = |pairs: &[Quantiles], pick: fn(&Quantiles) -> Duration| {
-        let mut values: Vec<Duration> = pairs.iter().map(pick).collect();
-        values.sort_unstable();
-        values[values.len() / 2]
+        quantile(&mut pairs.iter().map(pick).collect::<Vec<_>>(), 0.5)
     };
     let p50 = |pair: &Quantiles| pair.0;
     let p99 = |pair: &Quantiles| pair.1;
