@@ -124,7 +124,7 @@ impl Application {
             self.config.delivery.shutdown_grace,
         )?;
         let api_stop = CancellationToken::new();
-        tracing::info!(grpc = %self.grpc_addr, "otp-gateway serving");
+        tracing::info!(grpc = %self.grpc_addr, receipts = %self.receipts_addr, "otp-gateway serving");
         let api = tokio::spawn(crate::grpc::serve(
             self.listener,
             Arc::clone(&self.service),
@@ -153,6 +153,7 @@ impl Application {
                 publisher: self.publisher.clone(),
                 twilio_tokens,
                 public_url,
+                stop: api_stop.clone(),
             },
             api_stop.clone(),
         ));

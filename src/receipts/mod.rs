@@ -32,6 +32,8 @@ pub struct ReceiptsState {
     pub twilio_tokens: BTreeMap<String, SecretString>,
     /// The base URL providers call (signatures cover the full URL as the provider saw it).
     pub public_url: String,
+    /// Cut short the callbacks held for a message not recorded yet.
+    pub stop: CancellationToken,
 }
 
 /// Serves the receipt endpoints on `listener` until `stop`.
@@ -72,12 +74,23 @@ async fn twilio_callback(
     let Some(receipt) = twilio::receipt(&provider, &params) else {
         return StatusCode::NO_CONTENT;
     };
-    match apply(&state.service, Some(&state.publisher), &receipt).await {
-        Ok(_) => StatusCode::NO_CONTENT,
-        Err(error) => {
-            tracing::error!(%error, "receipt not applied: Twilio will retry");
+    // Twilio can call back before its own answer to the send (the message SID) is written
+    // down: the callback is held and tried again for a few seconds.
+    match apply_patiently(
+        &state.service,
+        Some(&state.publisher),
+        &receipt,
+        &state.stop,
+    )
+    .await
+    {
+        Applied::Yes => StatusCode::NO_CONTENT,
+        Applied::UnknownMessage => {
+            // Answered with a server error so that Twilio (where its retry is enabled) tries
+            // again; nothing is lost on our side either way.
             StatusCode::SERVICE_UNAVAILABLE
         }
+        Applied::Stopped => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -103,13 +116,50 @@ pub async fn apply(
 }
 
 /// How often, and how far apart, a receipt for a message not recorded yet is tried again: a
-/// carrier may answer on its session before the send's own answer has been written down.
+/// carrier may answer on its session (or Twilio call back) before the send's own answer has
+/// been written down.
 const UNKNOWN_RETRIES: u32 = 20;
 const UNKNOWN_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Applies the receipts providers receive on their own sessions (SMPP deliver_sm) until `stop`.
-/// A receipt whose message is not recorded yet is tried again for a few seconds, then dropped
-/// with a log line; a ledger failure is retried the same way.
+/// What [`apply_patiently`] made of a receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied to the attempt waiting for it.
+    Yes,
+    /// No attempt waits for this message id, even after a few seconds (logged).
+    UnknownMessage,
+    /// The gateway is stopping.
+    Stopped,
+}
+
+/// Applies `receipt`, trying again for a few seconds while its message is not recorded yet
+/// (or the ledger fails). A receipt that matches nothing in the end is logged, not applied.
+pub async fn apply_patiently(
+    service: &DeliveryService,
+    events: Option<&Publisher>,
+    receipt: &ProviderReceipt,
+    stop: &CancellationToken,
+) -> Applied {
+    for attempt in 0..=UNKNOWN_RETRIES {
+        match apply(service, events, receipt).await {
+            Ok(true) => return Applied::Yes,
+            Ok(false) if attempt == UNKNOWN_RETRIES => break,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "receipt not applied yet; trying again"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Applied::Stopped,
+            _ = tokio::time::sleep(UNKNOWN_RETRY_DELAY) => {}
+        }
+    }
+    tracing::warn!(provider = %receipt.provider, message_id = %receipt.message_id,
+        outcome = %receipt.outcome,
+        "receipt matches no attempt waiting for one (unknown message id, or its attempt is already final): not applied");
+    Applied::UnknownMessage
+}
+
+/// Applies the receipts providers receive on their own sessions (SMPP deliver_sm) until `stop`,
+/// each with [`apply_patiently`].
 pub async fn forward(
     mut receipts: mpsc::UnboundedReceiver<ProviderReceipt>,
     service: Arc<DeliveryService>,
@@ -127,22 +177,7 @@ pub async fn forward(
         };
         let (service, events, stop) = (Arc::clone(&service), events.clone(), stop.clone());
         pending.spawn(async move {
-            for attempt in 0..=UNKNOWN_RETRIES {
-                match apply(&service, events.as_ref(), &receipt).await {
-                    Ok(true) => return,
-                    Ok(false) if attempt == UNKNOWN_RETRIES => {
-                        tracing::info!(provider = %receipt.provider, message_id = %receipt.message_id,
-                            "receipt for an unknown message ignored");
-                        return;
-                    }
-                    Ok(false) => {}
-                    Err(error) => tracing::warn!(%error, "receipt not applied yet; trying again"),
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(UNKNOWN_RETRY_DELAY) => {}
-                }
-            }
+            apply_patiently(&service, events.as_ref(), &receipt, &stop).await;
         });
     }
     pending.close();

@@ -283,8 +283,10 @@ pub trait Ledger: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<(), StoreError>;
 
-    /// Applies a provider's delivery receipt to the attempt it sent as `message_id`: the
-    /// attempt's outcome and the target's status. Returns the delivery's key when found.
+    /// Applies a provider's delivery receipt to the newest attempt it sent as `message_id` that
+    /// still waits for a receipt (outcome SENT): the attempt's outcome and the target's status.
+    /// Returns the delivery's key when found; an attempt already final is never matched
+    /// (providers reuse message ids).
     async fn apply_receipt(
         &self,
         provider: &str,

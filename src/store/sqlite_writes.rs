@@ -264,8 +264,9 @@ fn touch(conn: &Connection, key: DeliveryKey, now: Timestamp) -> Result<(), Stor
     Ok(())
 }
 
-/// Applies a delivery receipt to the attempt sent as `message_id`; the delivery's key when
-/// found.
+/// Applies a delivery receipt to the newest attempt `provider` sent as `message_id` that still
+/// waits for one (outcome SENT); the delivery's key when found. Providers reuse message ids (an
+/// SMSC after a restart), so an attempt already final is never matched.
 pub(super) fn apply_receipt(
     conn: &Connection,
     provider: &str,
@@ -274,7 +275,9 @@ pub(super) fn apply_receipt(
 ) -> Result<Option<DeliveryKey>, StoreError> {
     let found: Option<(i64, i64, i64, String)> = conn
         .prepare_cached(
-            "SELECT id, delivery, target_idx, channel FROM attempts WHERE provider = ? AND provider_message_id = ?",
+            "SELECT id, delivery, target_idx, channel FROM attempts
+             WHERE provider = ? AND provider_message_id = ? AND outcome = 'SENT'
+             ORDER BY id DESC LIMIT 1",
         )?
         .query_row(params![provider, message_id], |row| {
             Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))

@@ -55,6 +55,11 @@ impl SmscState {
     pub fn max_outstanding(&self) -> u32 {
         self.outstanding.lock().unwrap().1
     }
+
+    /// Numbers message ids from the start again, as an SMSC does after a restart.
+    pub fn renumber(&self) {
+        *self.next_id.lock().unwrap() = 0;
+    }
 }
 
 /// A running SMSC; dropping it (or `stop`) closes the port and every session.
@@ -682,4 +687,101 @@ async fn two_binds_are_two_named_providers_in_one_route() {
     );
     assert_eq!(attempts[1].provider, "carrier-b");
     assert_eq!(attempts[1].outcome, AttemptOutcome::Delivered);
+}
+
+#[tokio::test]
+async fn a_receipt_settles_only_the_newest_attempt_still_waiting_for_its_reused_message_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let smsc = Smsc::start().await;
+    let (port, state) = (smsc.port, Arc::clone(&smsc.state));
+    let service = engine(&smpp_config(dir.path(), &smsc.address(), "secret"), vec![]).await;
+    let first = deliver(&service, &sms_job("reuse-a", "en", &["+14155550100"])).await;
+    assert_eq!(first.status, DeliveryStatus::Delivered);
+    assert_eq!(
+        first.targets[0].attempts[0].provider_message_id.as_deref(),
+        Some("A001")
+    );
+
+    // The SMSC restarts and numbers its messages from the start: job B's first number gets
+    // A001 again, and an UNDELIV receipt for it.
+    drop(smsc);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    state.renumber();
+    let _smsc = Smsc::start_on(port, Arc::clone(&state)).await;
+    crate::helpers::eventually(Duration::from_secs(5), "bound again", || {
+        state.binds.lock().unwrap().len() >= 2
+    })
+    .await;
+    let second = deliver(
+        &service,
+        &sms_job("reuse-b", "en", &["+14155550666", "+14155550100"]),
+    )
+    .await;
+    assert_eq!(second.status, DeliveryStatus::Delivered, "{second:#?}");
+    assert_eq!(
+        second.targets[0].attempts[0].provider_message_id.as_deref(),
+        Some("A001")
+    );
+    assert_eq!(second.targets[0].status, TargetStatus::Failed);
+    assert_eq!(second.targets[0].reason, Some(FailureReason::Undeliverable));
+    assert_eq!(second.targets[1].status, TargetStatus::Delivered);
+
+    // Job A's report is as it was: its attempt was final and is not rewritten.
+    let first_now = service
+        .ledger()
+        .get(&sms_job("reuse-a", "en", &[]).delivery_id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first_now.status, DeliveryStatus::Delivered);
+    assert_eq!(first_now.targets[0].status, TargetStatus::Delivered);
+    assert_eq!(
+        first_now.targets[0].attempts[0].outcome,
+        AttemptOutcome::Delivered
+    );
+}
+
+#[tokio::test]
+async fn a_burst_of_two_thousand_sms_through_one_wide_bind_all_arrive_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let smsc = Smsc::start().await;
+    let mut config = smpp_config(dir.path(), &smsc.address(), "secret");
+    let Some(otp_gateway::config::ProviderConfig::Smpp(smpp)) = config.providers.get_mut("smpp")
+    else {
+        panic!("an SMPP provider");
+    };
+    // Window 256, no throughput cap to speak of, and enquire_link at its default (30 s): a
+    // submit must never wait for the SMSC to speak first.
+    smpp.window = 256;
+    smpp.throughput = 1_000_000.0;
+    smpp.enquire_link_interval = jiff::SignedDuration::from_secs(30);
+    smpp.response_timeout = jiff::SignedDuration::from_secs(5);
+    let service = engine(&config, vec![]).await;
+    let started = std::time::Instant::now();
+    let jobs: Vec<_> = (0..2_000)
+        .map(|i| sms_job(&format!("burst-{i}"), "en", &["+14155550100"]))
+        .collect();
+    let reports = futures_util::future::join_all(jobs.iter().map(|job| {
+        let service = Arc::clone(&service);
+        async move {
+            match service.handle(job, false).await.unwrap() {
+                otp_gateway::delivery::Handled::Finished { report, .. } => report,
+                other => panic!("{other:?}"),
+            }
+        }
+    }))
+    .await;
+    let took = started.elapsed();
+    let delivered = reports
+        .iter()
+        .filter(|r| r.status == DeliveryStatus::Delivered)
+        .count();
+    let failed: Vec<_> = reports
+        .iter()
+        .filter(|r| r.status != DeliveryStatus::Delivered)
+        .take(3)
+        .collect();
+    assert_eq!(delivered, 2_000, "{took:?}; not delivered: {failed:#?}");
+    assert_eq!(smsc.submits().len(), 2_000);
+    println!("2,000 SMS through one bind (window 256) in {took:?}");
 }

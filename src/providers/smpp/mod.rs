@@ -1,4 +1,5 @@
-//! SMPP 3.4 carrier binds, on the `rusmppc` client (PDUs and framing from `rusmpp`).
+//! SMPP 3.4 carrier binds: PDUs and framing from `rusmpp`, the session loop our own
+//! ([`session`]).
 //!
 //! Each configured bind is one transceiver session kept up by a supervisor task: it binds with
 //! system_id and password, keeps the session alive with enquire_link, re-binds with back-off when
@@ -8,28 +9,28 @@
 //! UCS-2 (data_coding 8), in short_message or, beyond 254 octets, in the message_payload TLV.
 //! Errors are classified from the command_status; the adapter never retries.
 
+mod session;
+
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use backoff::backoff::Backoff;
-use futures_util::{Stream, StreamExt};
 use jiff::Timestamp;
-use rusmpp::pdus::{BindTransceiver, DeliverSm, DeliverSmResp, SubmitSm};
+use rusmpp::Pdu;
+use rusmpp::pdus::{BindTransceiver, DeliverSm, SubmitSm};
 use rusmpp::tlvs::{MessageSubmissionRequestTlvValue, TlvValue};
 use rusmpp::types::{AnyOctetString, COctetString, OctetString};
 use rusmpp::values::{
     DataCoding, EsmClass, InterfaceVersion, MessagePayload, MessageState, MessageType, Npi,
     RegisteredDelivery, ServiceType, Ton,
 };
-use rusmpp::{CommandId, Pdu};
-use rusmppc::error::Error as SmppError;
-use rusmppc::{Client, ConnectionBuilder, Event};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use self::session::{RequestError, Session, SessionTiming};
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, ProviderReceipt, Recipient};
 use crate::config::SmppProviderConfig;
 use crate::domain::{
@@ -42,23 +43,27 @@ const SHORT_MESSAGE_MAX: usize = 254;
 
 /// The state of the bind, as sends see it.
 #[derive(Clone)]
-enum Session {
-    /// Not bound; why (the last bind error), for the sends that find it down.
+enum BindState {
+    /// The first bind is under way: sends wait for it (up to the response timeout).
+    Binding,
+    /// Not bound; why (the last bind error). Sends fail at once: the supervisor knows.
     Down(ProviderError),
     /// Bound as a transceiver.
-    Bound(Client),
+    Bound(Session),
 }
 
 /// What the supervisor and the sends share.
 struct Shared {
     name: String,
     settings: SmppProviderConfig,
-    session: watch::Sender<Session>,
+    state: watch::Sender<BindState>,
+    /// Wakes the supervisor from its re-bind back-off when a send found the bind down.
+    rebind_now: Notify,
     window: Semaphore,
     /// The earliest instant the next submit may go out (throughput pacing).
     next_slot: Mutex<Instant>,
     interval: Duration,
-    response_timeout: Duration,
+    timing: SessionTiming,
     receipts: mpsc::UnboundedSender<ProviderReceipt>,
 }
 
@@ -94,19 +99,22 @@ impl SmppProvider {
         let duration = |value: jiff::SignedDuration, fallback| {
             crate::config::positive("smpp", value).unwrap_or(fallback)
         };
-        let response_timeout = duration(settings.response_timeout, Duration::from_secs(5));
-        let (session, _) = watch::channel(Session::Down(ProviderError::new(
-            FailureReason::ProviderUnavailable,
-            None,
-            "not bound yet",
-        )));
+        let timing = SessionTiming {
+            response_timeout: duration(settings.response_timeout, Duration::from_secs(5)),
+            enquire_link_interval: duration(
+                settings.enquire_link_interval,
+                Duration::from_secs(30),
+            ),
+        };
+        let (state, _) = watch::channel(BindState::Binding);
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             window: Semaphore::new(settings.window.max(1) as usize),
             next_slot: Mutex::new(Instant::now()),
             interval: Duration::from_secs_f64(1.0 / settings.throughput.max(f64::MIN_POSITIVE)),
-            response_timeout,
-            session,
+            timing,
+            state,
+            rebind_now: Notify::new(),
             settings,
             receipts,
         });
@@ -119,32 +127,52 @@ impl SmppProvider {
         SmppProvider { shared, stop }
     }
 
-    /// The bound session, waiting up to the response timeout for a (re-)bind.
-    async fn bound_client(&self) -> Result<Client, ProviderError> {
-        let mut session = self.shared.session.subscribe();
+    /// The bound session. While the first bind is under way it is awaited (up to the response
+    /// timeout); a bind known to be down fails at once with why, and asks the supervisor to
+    /// re-bind now rather than at the end of its back-off.
+    async fn bound_session(&self) -> Result<Session, ProviderError> {
+        let mut state = self.shared.state.subscribe();
         let wait = async {
             loop {
-                if let Session::Bound(client) = &*session.borrow_and_update()
-                    && client.is_active()
-                {
-                    return Some(client.clone());
+                match &*state.borrow_and_update() {
+                    BindState::Bound(session) if !session.is_over() => {
+                        return Ok(session.clone());
+                    }
+                    BindState::Bound(_) => {
+                        return Err(ProviderError::new(
+                            FailureReason::ProviderUnavailable,
+                            None,
+                            "the SMPP session is closing",
+                        ));
+                    }
+                    BindState::Down(why) => return Err(why.clone()),
+                    BindState::Binding => {}
                 }
-                if session.changed().await.is_err() {
-                    return None;
+                if state.changed().await.is_err() {
+                    return Err(ProviderError::new(
+                        FailureReason::ProviderUnavailable,
+                        None,
+                        "the SMPP provider is stopping",
+                    ));
                 }
             }
         };
-        if let Ok(Some(client)) = tokio::time::timeout(self.shared.response_timeout, wait).await {
-            return Ok(client);
+        let result = tokio::time::timeout(self.shared.timing.response_timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::new(
+                    FailureReason::ProviderUnavailable,
+                    None,
+                    format!(
+                        "not bound to the SMSC at {} yet (waited {:?})",
+                        self.shared.settings.address, self.shared.timing.response_timeout
+                    ),
+                ))
+            });
+        if result.is_err() {
+            self.shared.rebind_now.notify_one();
         }
-        Err(match &*self.shared.session.borrow() {
-            Session::Down(why) => why.clone(),
-            Session::Bound(_) => ProviderError::new(
-                FailureReason::ProviderUnavailable,
-                None,
-                "the SMPP session is closing",
-            ),
-        })
+        result
     }
 
     /// Waits for this submit's slot under the throughput limit.
@@ -188,7 +216,7 @@ impl Provider for SmppProvider {
             ));
         }
         let submit = submit_sm(&self.shared.settings, number, message, Timestamp::now())?;
-        let client = self.bound_client().await?;
+        let session = self.bound_session().await?;
         let _permit = self
             .shared
             .window
@@ -196,13 +224,24 @@ impl Provider for SmppProvider {
             .await
             .expect("the window semaphore is never closed");
         self.pace().await;
-        match client.submit_sm(submit).await {
-            Ok(response) => Ok(ProviderAccept {
-                message_id: Some(response.message_id().as_str().to_owned())
-                    .filter(|id| !id.is_empty()),
-            }),
-            Err(e) => Err(classify_error(e)),
+        let response = session
+            .request(
+                submit,
+                "submit_sm_resp",
+                self.shared.timing.response_timeout,
+            )
+            .await
+            .map_err(classify_error)?;
+        if response.status != 0 {
+            return Err(classify_status(response.status));
         }
+        let message_id = match response.pdu {
+            Some(Pdu::SubmitSmResp(resp)) => Some(resp.message_id().as_str().to_owned()),
+            _ => None,
+        };
+        Ok(ProviderAccept {
+            message_id: message_id.filter(|id| !id.is_empty()),
+        })
     }
 
     fn sends_receipts(&self, channel: Channel) -> bool {
@@ -405,81 +444,91 @@ pub fn classify_status(status: u32) -> ProviderError {
     error
 }
 
-/// What a failed request means: the SMSC's answer, a timeout, or a lost session.
-fn classify_error(e: SmppError) -> ProviderError {
+/// What a request that got no answer means: a timeout, or a lost session.
+fn classify_error(e: RequestError) -> ProviderError {
     match e {
-        SmppError::UnexpectedResponse { response } => classify_status(response.status().into()),
-        SmppError::ResponseTimeout { timeout, .. } => ProviderError::new(
-            FailureReason::ProviderTimeout,
-            None,
-            format!("no submit_sm_resp within {timeout:?}"),
-        ),
-        SmppError::Encode(e) => ProviderError::new(
-            FailureReason::ProviderRejected,
-            None,
-            format!("the submit_sm could not be encoded: {e}"),
-        ),
-        other => ProviderError::new(
-            FailureReason::ProviderUnavailable,
-            None,
-            format!("the SMPP session failed: {other}"),
-        ),
+        RequestError::Timeout { .. } => {
+            ProviderError::new(FailureReason::ProviderTimeout, None, e.to_string())
+        }
+        RequestError::Closed(_) => {
+            ProviderError::new(FailureReason::ProviderUnavailable, None, e.to_string())
+        }
     }
 }
 
-/// Keeps the bind up until `stop`: bind, serve the session, and re-bind with back-off.
+/// Keeps the bind up until `stop`: bind, watch the session, and re-bind with back-off (cut
+/// short when a send finds the bind down).
 async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
     let (mut backoff, max) = crate::config::reconnect_backoff(
         shared.settings.reconnect_initial,
         shared.settings.reconnect_max,
     );
-    loop {
-        let bound = tokio::select! {
-            _ = stop.cancelled() => return,
-            bound = bind(&shared) => bound,
-        };
-        match bound {
-            Ok((client, events)) => {
-                backoff.reset();
-                tracing::info!(address = %shared.settings.address, "SMPP bound (transceiver)");
-                shared.session.send_replace(Session::Bound(client.clone()));
-                let lost = tokio::select! {
-                    _ = stop.cancelled() => {
-                        let _ = tokio::time::timeout(shared.response_timeout, client.unbind()).await;
-                        let _ = client.close().await;
-                        return;
-                    }
-                    lost = serve(&shared, &client, events) => lost,
-                };
-                let _ = client.close().await;
-                tracing::warn!(address = %shared.settings.address, why = %lost, "SMPP bind lost; re-binding");
-                shared
-                    .session
-                    .send_replace(Session::Down(ProviderError::new(
-                        FailureReason::ProviderUnavailable,
-                        None,
-                        format!("the SMPP bind was lost ({lost}) and is being re-established"),
-                    )));
-            }
-            Err(why) => {
-                tracing::warn!(address = %shared.settings.address, reason = %why.reason,
-                    code = why.raw_code.as_deref(), problem = %why.raw_message, "SMPP bind failed");
-                shared.session.send_replace(Session::Down(why));
+    let (delivered_tx, mut delivered) = mpsc::unbounded_channel::<DeliverSm>();
+    let receipts = {
+        let shared = Arc::clone(&shared);
+        async move {
+            while let Some(deliver) = delivered.recv().await {
+                forward_receipt(&shared, &deliver);
             }
         }
-        let delay = backoff.next_backoff().unwrap_or(max);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+    };
+    let work = async {
+        loop {
+            let bound = tokio::select! {
+                _ = stop.cancelled() => return,
+                bound = bind(&shared, delivered_tx.clone()) => bound,
+            };
+            match bound {
+                Ok(session) => {
+                    backoff.reset();
+                    tracing::info!(address = %shared.settings.address, "SMPP bound (transceiver)");
+                    shared.state.send_replace(BindState::Bound(session.clone()));
+                    let lost = tokio::select! {
+                        _ = stop.cancelled() => {
+                            let _ = session
+                                .request(Pdu::Unbind, "unbind_resp", shared.timing.response_timeout)
+                                .await;
+                            session.close("unbound: the gateway is stopping");
+                            return;
+                        }
+                        lost = session.ended() => lost,
+                    };
+                    tracing::warn!(address = %shared.settings.address, why = %lost, "SMPP bind lost; re-binding");
+                    shared
+                        .state
+                        .send_replace(BindState::Down(ProviderError::new(
+                            FailureReason::ProviderUnavailable,
+                            None,
+                            format!("the SMPP bind was lost ({lost}) and is being re-established"),
+                        )));
+                }
+                Err(why) => {
+                    tracing::warn!(address = %shared.settings.address, reason = %why.reason,
+                        code = why.raw_code.as_deref(), problem = %why.raw_message, "SMPP bind failed");
+                    shared.state.send_replace(BindState::Down(why));
+                }
+            }
+            let delay = backoff.next_backoff().unwrap_or(max);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+                _ = shared.rebind_now.notified() => {}
+            }
         }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = receipts => {}
     }
 }
 
 /// Connects and binds as a transceiver.
 async fn bind(
     shared: &Shared,
-) -> Result<(Client, impl Stream<Item = Event> + Unpin + 'static), ProviderError> {
+    delivered: mpsc::UnboundedSender<DeliverSm>,
+) -> Result<Session, ProviderError> {
     let settings = &shared.settings;
+    let timeout = shared.timing.response_timeout;
     let unreachable = |problem: String| {
         ProviderError::new(
             FailureReason::ProviderUnavailable,
@@ -487,27 +536,11 @@ async fn bind(
             format!("cannot reach the SMSC at {}: {problem}", settings.address),
         )
     };
-    let stream = tokio::time::timeout(
-        shared.response_timeout,
-        tokio::net::TcpStream::connect(&settings.address),
-    )
-    .await
-    .map_err(|_| {
-        unreachable(format!(
-            "no connection within {:?}",
-            shared.response_timeout
-        ))
-    })?
-    .map_err(|e| unreachable(e.to_string()))?;
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&settings.address))
+        .await
+        .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?
+        .map_err(|e| unreachable(e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    let enquire = crate::config::positive("smpp", settings.enquire_link_interval)
-        .unwrap_or(Duration::from_secs(30));
-    let (client, events) = ConnectionBuilder::new()
-        .enquire_link_interval(enquire)
-        .enquire_link_response_timeout(shared.response_timeout)
-        .response_timeout(shared.response_timeout)
-        .disable_interface_version_check()
-        .connected(stream);
     let misconfigured = |field: &str| {
         ProviderError::new(
             FailureReason::ProviderMisconfigured,
@@ -532,72 +565,39 @@ async fn bind(
         .addr_npi(Npi::Unknown)
         .address_range(COctetString::empty())
         .build();
-    match client.bind_transceiver(request).await {
-        Ok(_) => Ok((client, events)),
-        Err(e) => {
-            let _ = client.close().await;
-            Err(match e {
-                SmppError::UnexpectedResponse { response } => {
-                    let status: u32 = response.status().into();
-                    let mut why = classify_status(status);
-                    // Any refused bind is the account's settings, whatever the SMSC calls it.
-                    why.reason = FailureReason::ProviderMisconfigured;
-                    why.class = RetryClass::PermanentForProvider;
-                    why.raw_message = format!(
-                        "bind_transceiver refused as system_id `{}`: {}",
-                        settings.system_id, why.raw_message
-                    );
-                    why
-                }
-                other => classify_error(other),
-            })
+    let session = Session::start(stream, shared.timing, delivered);
+    let refused = match session
+        .request(request, "bind_transceiver_resp", timeout)
+        .await
+    {
+        Ok(response) if response.status == 0 => return Ok(session),
+        Ok(response) => {
+            let mut why = classify_status(response.status);
+            // Any refused bind is the account's settings, whatever the SMSC calls it.
+            why.reason = FailureReason::ProviderMisconfigured;
+            why.class = RetryClass::PermanentForProvider;
+            why.raw_message = format!(
+                "bind_transceiver refused as system_id `{}`: {}",
+                settings.system_id, why.raw_message
+            );
+            why
         }
-    }
+        Err(e) => classify_error(e),
+    };
+    session.close("the bind failed");
+    Err(refused)
 }
 
-/// Serves a bound session until it ends: answers deliver_sm (forwarding receipts) and unbind.
-/// Returns why it ended.
-async fn serve(
-    shared: &Shared,
-    client: &Client,
-    mut events: impl Stream<Item = Event> + Unpin,
-) -> String {
-    let mut last_error = None;
-    while let Some(event) = events.next().await {
-        match event {
-            Event::Incoming(command) => match command.pdu() {
-                Some(Pdu::DeliverSm(deliver)) => {
-                    let receipt = parse_receipt(&shared.name, deliver);
-                    if let Err(e) = client
-                        .deliver_sm_resp(command.sequence_number(), DeliverSmResp::default())
-                        .await
-                    {
-                        return format!("answering deliver_sm failed: {e}");
-                    }
-                    match receipt {
-                        Some(receipt) => {
-                            tracing::info!(message_id = %receipt.message_id, outcome = %receipt.outcome,
-                                reason = receipt.reason.map(|r| r.as_str()), "SMPP delivery receipt");
-                            let _ = shared.receipts.send(receipt);
-                        }
-                        None => {
-                            tracing::debug!("deliver_sm that is not a delivery receipt ignored")
-                        }
-                    }
-                }
-                _ if command.id() == CommandId::Unbind => {
-                    let _ = client.unbind_resp(command.sequence_number()).await;
-                    return "the SMSC unbound".to_owned();
-                }
-                _ => tracing::debug!(command = ?command.id(), "SMPP command ignored"),
-            },
-            Event::Error(e) => {
-                tracing::debug!(error = %e, "SMPP session error");
-                last_error = Some(e.to_string());
-            }
+/// Turns a deliver_sm into a receipt for the delivery layer (other deliver_sm are ignored).
+fn forward_receipt(shared: &Shared, deliver: &DeliverSm) {
+    match parse_receipt(&shared.name, deliver) {
+        Some(receipt) => {
+            tracing::info!(message_id = %receipt.message_id, outcome = %receipt.outcome,
+                reason = receipt.reason.map(|r| r.as_str()), "SMPP delivery receipt");
+            let _ = shared.receipts.send(receipt);
         }
+        None => tracing::debug!("deliver_sm that is not a delivery receipt ignored"),
     }
-    last_error.unwrap_or_else(|| "the connection closed".to_owned())
 }
 
 /// The value after `key:` in a receipt text (`id:123 sub:001 … stat:DELIVRD err:000 text:…`),
