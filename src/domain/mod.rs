@@ -13,7 +13,7 @@ pub use clock::{Clock, SystemClock};
 pub use job::{
     Channel, Code, DeliveryId, DeviceTarget, Job, JobError, PhoneTarget, Platform, Target, is_e164,
 };
-pub use mask::{mask_phone, mask_token};
+pub use mask::{mask_phone, mask_token, scrub};
 pub use message::{
     Autofill, ChannelTemplates, MessageContext, MessageTemplates, RenderedMessage, TemplateError,
     fill_placeholders,

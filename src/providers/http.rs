@@ -124,7 +124,7 @@ impl HttpProvider {
             reason,
             class,
             raw_code: Some(code.unwrap_or_else(|| status.as_u16().to_string())),
-            raw_message: message,
+            raw_message: crate::domain::scrub(&message),
             retry_after,
             token_invalid_since: None,
         }

@@ -120,7 +120,7 @@ impl ProviderError {
             reason,
             class: reason.retry_class(),
             raw_code: raw_code.map(str::to_owned),
-            raw_message: raw_message.into(),
+            raw_message: crate::domain::scrub(&raw_message.into()),
             retry_after: None,
             token_invalid_since: None,
         }

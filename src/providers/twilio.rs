@@ -179,7 +179,7 @@ fn error_from_response(
         reason,
         class,
         raw_code: Some(code.map_or_else(|| status.as_u16().to_string(), |c| c.to_string())),
-        raw_message: message,
+        raw_message: crate::domain::scrub(&message),
         retry_after,
         token_invalid_since: None,
     }

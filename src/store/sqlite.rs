@@ -72,6 +72,8 @@ fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
 pub struct SqliteLedger {
     readers: Arc<Readers>,
     writer: GroupWriter,
+    /// Keys rate-limit counters (see [`RateCounterKey`]).
+    counter_key: Arc<RateCounterKey>,
     rules: Arc<RulesCache>,
     /// Whether its ledger writes return only once on disk (else once committed: the staged
     /// view).
@@ -138,6 +140,49 @@ impl RulesCache {
     }
 }
 
+/// The key rate-limit counters are stored under: an HMAC-SHA256 of the counter's key (a
+/// number, token, account, …) under a random secret kept in the ledger, so the counters hold no
+/// send history of a person in clear.
+pub(super) struct RateCounterKey(ring::hmac::Key);
+
+impl std::fmt::Debug for RateCounterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RateCounterKey(redacted)")
+    }
+}
+
+impl RateCounterKey {
+    /// The stored form of `key` (128 bits of the HMAC, hex).
+    pub(super) fn of(&self, key: &str) -> String {
+        let tag = ring::hmac::sign(&self.0, key.as_bytes());
+        tag.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// The ledger's rate-counter secret, made (32 random bytes) the first time.
+async fn rate_counter_key(conn: &mut sqlx::SqliteConnection) -> Result<RateCounterKey, StoreError> {
+    const NAME: &str = "rate_counter_key";
+    let mut fresh = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
+        .map_err(|_| StoreError::Corrupt("no randomness for the rate-counter key".to_owned()))?;
+    sqlx::query("INSERT OR IGNORE INTO ledger_secrets (name, value) VALUES (?, ?)")
+        .bind(NAME)
+        .bind(&fresh[..])
+        .execute(&mut *conn)
+        .await?;
+    let secret: Vec<u8> = sqlx::query_scalar("SELECT value FROM ledger_secrets WHERE name = ?")
+        .bind(NAME)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(RateCounterKey(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &secret,
+    )))
+}
+
 impl SqliteLedger {
     /// Opens (creating if needed) the database at `url` (`sqlite://PATH`) and migrates it.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -160,6 +205,7 @@ impl SqliteLedger {
         sqlx::migrate!("src/store/migrations/sqlite")
             .run(&mut migrating)
             .await?;
+        let counter_key = rate_counter_key(&mut migrating).await?;
         sqlx::Connection::close(migrating).await?;
         let path = options.get_filename();
         let writer = GroupWriter::start(path)?;
@@ -167,6 +213,7 @@ impl SqliteLedger {
         Ok(SqliteLedger {
             readers,
             writer,
+            counter_key: Arc::new(counter_key),
             rules: Arc::default(),
             durable: true,
         })
@@ -439,7 +486,11 @@ impl PolicyStore for SqliteLedger {
         keys: &[RateKey<'_>],
         now: Timestamp,
     ) -> Result<Option<RateLimited>, StoreError> {
-        self.readers.with(|conn| reads::peek(conn, keys, now))
+        let keys: Vec<(RateLimitRule, String)> = keys
+            .iter()
+            .map(|k| (k.rule.clone(), self.counter_key.of(&k.key)))
+            .collect();
+        self.readers.with(|conn| reads::peek(conn, &keys, now))
     }
 
     async fn consume(
@@ -452,7 +503,7 @@ impl PolicyStore for SqliteLedger {
         }
         let keys: Vec<(RateLimitRule, String)> = keys
             .iter()
-            .map(|k| (k.rule.clone(), k.key.clone()))
+            .map(|k| (k.rule.clone(), self.counter_key.of(&k.key)))
             .collect();
         // Staged (see `PolicyStore::consume`).
         self.writer

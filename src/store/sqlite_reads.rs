@@ -18,8 +18,7 @@ use crate::domain::{
     SmsShape, TargetResult, TargetStatus,
 };
 use crate::policy::{
-    BlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited, parse_time_of_day,
-    parse_weekday,
+    BlockEntry, QuietHoursRule, RateLimitRule, RateLimited, parse_time_of_day, parse_weekday,
 };
 
 /// The columns each mapper below reads, in its order (rows are read by position: looking
@@ -466,13 +465,13 @@ pub(super) fn block_candidates(
 /// Whether a send under these keys would be limited at `now`, without counting it.
 pub(super) fn peek(
     conn: &Connection,
-    keys: &[RateKey<'_>],
+    keys: &[(RateLimitRule, String)],
     now: Timestamp,
 ) -> Result<Option<RateLimited>, StoreError> {
     let mut statement = conn.prepare_cached(
         "SELECT count(*), min(at) FROM rate_hits WHERE rule = ? AND key = ? AND at > ?",
     )?;
-    for RateKey { rule, key } in keys {
+    for (rule, key) in keys {
         let since = micros(now) - rule.window.as_micros() as i64;
         let (hits, oldest): (i64, Option<i64>) = statement
             .query_row(params![rule.id, key, since], |row| {
@@ -482,7 +481,7 @@ pub(super) fn peek(
             let window =
                 jiff::SignedDuration::try_from(rule.window).unwrap_or(jiff::SignedDuration::MAX);
             return Ok(Some(RateLimited {
-                rule: (*rule).clone(),
+                rule: rule.clone(),
                 allowed_at: oldest.map(timestamp).transpose()?.unwrap_or(now) + window,
             }));
         }

@@ -222,7 +222,35 @@ async fn twilio_errors_are_explained_with_their_code_and_message() {
         assert_eq!(target.reason, Some(reason), "{number}");
         let attempt = target.attempts.last().unwrap();
         assert_eq!(attempt.provider_code.as_deref(), Some(code), "{number}");
-        assert!(!attempt.provider_message.as_deref().unwrap().is_empty());
+        let message = attempt.provider_message.as_deref().unwrap();
+        assert!(!message.is_empty());
+        // Twilio quotes the number in its own text: it is masked like every other number.
+        let digits = &number[1..];
+        assert!(
+            !message.contains(digits) && !report.summary.contains(digits),
+            "{message} / {}",
+            report.summary
+        );
+    }
+    let quoted = deliver(
+        &service,
+        &job("quoted", 300.0, &["sms"], to("+15005550001")),
+    )
+    .await;
+    assert_eq!(
+        quoted.targets[0].attempts[0].provider_message.as_deref(),
+        Some("The 'To' number +1500•••0001 is not a valid phone number.")
+    );
+    // Nowhere in the ledger's files either (the database and its write-ahead log).
+    service.flush().await.unwrap();
+    for file in ["ledger.db", "ledger.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+        for number in ["15005550001", "15005550003"] {
+            assert!(
+                !bytes.windows(number.len()).any(|w| w == number.as_bytes()),
+                "{number} in {file}"
+            );
+        }
     }
     // 503 is transient: retried once (max_attempts 2) before giving up.
     let outage_calls = fake
