@@ -1,5 +1,5 @@
 //! The gRPC API: `otpgateway.v1.CodeDelivery`, `otpgateway.v1.Providers`, `otpgateway.v1.PolicyAdmin`, `grpc.health.v1.Health` (NOT_SERVING while the
-//! broker is unreachable) and server reflection. Services decode, call the delivery layer or
+//! broker is unreachable) and server reflection (v1 and v1alpha). Services decode, call the delivery layer or
 //! the store, and encode; errors map to statuses in one place (`status`).
 
 mod code_delivery;
@@ -49,17 +49,26 @@ pub async fn serve(
     let initial = *link_state.borrow();
     set_health(&reporter, initial).await;
     tokio::spawn(report_health(reporter, link_state, stop.clone()));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: grpcurl and current tools speak v1, grpcio-reflection's own
+    // client, older grpcurl and several GUIs only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let providers = ProvidersApi::new(Arc::clone(&service));
     let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()));
     let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL);
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(CodeDeliveryServer::new(api))
         .add_service(ProvidersServer::new(providers))
         .add_service(PolicyAdminServer::new(policy_admin))

@@ -238,7 +238,7 @@ async fn bad_requests_and_unknown_ids_get_clear_statuses() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let serving = health
         .check(tonic_health::pb::HealthCheckRequest {
             service: "otpgateway.v1.CodeDelivery".into(),
@@ -250,6 +250,63 @@ async fn bad_requests_and_unknown_ids_get_clear_statuses() {
         serving.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+
+    // Reflection answers in both versions (grpcurl speaks v1; grpcio-reflection and older
+    // tools v1alpha) and lists the API's services.
+    {
+        use tonic_reflection::pb::v1;
+        let mut reflection =
+            v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let request = v1::ServerReflectionRequest {
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+            ..Default::default()
+        };
+        let mut answers = reflection
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answer.message_response
+        else {
+            panic!("v1 reflection did not list services: {answer:?}");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.iter().any(|n| n == "otpgateway.v1.CodeDelivery"),
+            "{names:?}"
+        );
+    }
+    {
+        use tonic_reflection::pb::v1alpha;
+        let mut reflection =
+            v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+        let request = v1alpha::ServerReflectionRequest {
+            message_request: Some(
+                v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+            ),
+            ..Default::default()
+        };
+        let mut answers = reflection
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answer.message_response
+        else {
+            panic!("v1alpha reflection did not list services: {answer:?}");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.iter().any(|n| n == "otpgateway.v1.PolicyAdmin"),
+            "{names:?}"
+        );
+    }
 
     assert!(
         outbox(dir.path()).is_empty(),
