@@ -243,8 +243,8 @@ enum StageEnd {
 enum TargetEnd {
     /// A provider took the message; `receipt` when it will report the message's fate later.
     Accepted { receipt: bool },
-    /// The recipient cannot be reached this way (already settled on the target).
-    Recipient,
+    /// The recipient cannot be reached this way, for `reason` (already settled on the target).
+    Recipient { reason: FailureReason },
     /// Every provider failed or was skipped.
     Providers {
         reason: FailureReason,
@@ -591,7 +591,7 @@ impl Dispatcher {
             standing[index] = Standing::Closed;
             match end? {
                 TargetEnd::Accepted { .. } => accepted.push(index),
-                TargetEnd::Recipient => {}
+                TargetEnd::Recipient { .. } => {}
                 TargetEnd::Providers { reason, detail } => {
                     self.fail(index, Channel::Push, reason, detail, progress)
                         .await?;
@@ -810,18 +810,13 @@ impl Dispatcher {
                         // The carrier could not deliver it: on to the next number, or to the
                         // next channel for this one unless the number itself is wrong.
                         tracing::info!(target = index, %reason, "failure receipt: the chain goes on");
-                        standing[index] = match reason {
-                            FailureReason::InvalidRecipient | FailureReason::RecipientUnknown => {
-                                Standing::Closed
-                            }
-                            _ => Standing::Tried,
-                        };
+                        standing[index] = standing_after(reason);
                         continue;
                     }
                     standing[index] = Standing::Reached;
                     return Ok(StageEnd::Reached);
                 }
-                TargetEnd::Recipient => standing[index] = Standing::Closed,
+                TargetEnd::Recipient { reason } => standing[index] = standing_after(reason),
                 TargetEnd::Providers { reason, detail } => {
                     // The next number may route elsewhere; this one may work on the next channel.
                     standing[index] = Standing::Tried;
@@ -963,7 +958,9 @@ impl Dispatcher {
                 match (error.class, retry_in_time, delay) {
                     (RetryClass::PermanentForTarget, _, _) => {
                         self.learn_from(job, index, name, &error, progress).await?;
-                        return Ok(TargetEnd::Recipient);
+                        return Ok(TargetEnd::Recipient {
+                            reason: error.reason,
+                        });
                     }
                     (RetryClass::Transient, Some(_), Some(delay)) => {
                         last_error = Some((name.to_owned(), error));
@@ -1544,6 +1541,16 @@ fn local_time(at: &jiff::Zoned) -> String {
         at.time_zone().iana_name().unwrap_or("local"),
         at.timestamp()
     )
+}
+
+/// Where a number stands after `reason` failed it on one channel: closed for the job, or open
+/// to the next channel (a landline can take a call).
+fn standing_after(reason: FailureReason) -> Standing {
+    if reason.closes_number_for_every_channel() {
+        Standing::Closed
+    } else {
+        Standing::Tried
+    }
 }
 
 fn channel_of(target: &Target) -> Channel {

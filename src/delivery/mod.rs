@@ -29,6 +29,10 @@ pub use dispatch::{Dispatcher, EngineSettings, ProviderHealth, Verdict};
 pub use explain::{ChannelPlan, Explanation, ProviderChoice, TargetPlan};
 pub use retry::RetryPolicy;
 
+/// How long `AcknowledgeDelivery` on a running delivery waits for its engine to act, so that
+/// the answer shows the outcome the acknowledgement led to.
+const ACK_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What became of a job handed to [`DeliveryService::handle`].
 #[derive(Debug, Clone)]
 pub enum Handled {
@@ -245,6 +249,18 @@ pub enum AckError {
         delivery: String,
         /// The device id given.
         device: String,
+    },
+    /// The device got no push to show: SHOWN cannot be true.
+    #[error(
+        "device `{device}` got no push in delivery {delivery} ({why}): it cannot have shown the code"
+    )]
+    NotPushed {
+        /// The delivery.
+        delivery: String,
+        /// The device id given.
+        device: String,
+        /// Why no push reached it (the target's reason).
+        why: String,
     },
     /// The delivery cannot take an acknowledgement now.
     #[error("delivery {delivery} is {status}: {why}")]
@@ -496,12 +512,34 @@ impl DeliveryService {
             }
             DeliveryStatus::InProgress | DeliveryStatus::Deferred | DeliveryStatus::Sent => {}
         }
+        // SHOWN only from a device a push was handed to (one still in flight counts: the device
+        // can show it before the provider's answer is written down). DENIED from any device of
+        // the delivery stops the chain: it is a security signal.
+        let target = &report.targets[index];
+        let pushed = target
+            .attempts
+            .iter()
+            .any(|a| a.outcome != AttemptOutcome::Failed);
+        if ack == Acknowledgement::Shown && !pushed {
+            let why = match target.reason {
+                Some(reason) => format!("its push ended {reason}"),
+                None => "no push was sent to it".to_owned(),
+            };
+            return Err(AckError::NotPushed {
+                delivery: id.to_string(),
+                device: device_id.to_owned(),
+                why,
+            });
+        }
         let now = self.clock.now();
+        let mut changes = self.changes.subscribe();
         self.ledger.record_ack(key, index as u32, ack, now).await?;
         tracing::info!(delivery_id = %id, device = device_id, acknowledgement = %ack, "device acknowledgement");
         if report.status != DeliveryStatus::Sent {
             let _ = self.changes.send(id.to_string());
-            return Ok(AckOutcome::Recorded(self.ledger.report(key).await?));
+            return Ok(AckOutcome::Recorded(
+                self.after_engine_acted(key, id, &mut changes).await?,
+            ));
         }
         let (target_status, reason, detail) = match ack {
             Acknowledgement::Shown => (
@@ -531,6 +569,33 @@ impl DeliveryService {
         };
         let report = self.conclude(key, status, reason).await?;
         Ok(AckOutcome::Finished(report))
+    }
+
+    /// The report once the running engine has acted on an acknowledgement (its status left
+    /// IN_PROGRESS), or as it stands after [`ACK_ANSWER_WAIT`] (an engine past its push stage
+    /// decides at the end of the stage it is in).
+    async fn after_engine_acted(
+        &self,
+        key: DeliveryKey,
+        id: &DeliveryId,
+        changes: &mut broadcast::Receiver<String>,
+    ) -> Result<Report, StoreError> {
+        let id = id.to_string();
+        let waited = tokio::time::timeout(ACK_ANSWER_WAIT, async {
+            loop {
+                match changes.recv().await {
+                    Ok(changed) if changed != id => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
+                match self.ledger.report(key).await {
+                    Ok(report) if report.status == DeliveryStatus::InProgress => {}
+                    _ => return,
+                }
+            }
+        });
+        let _ = waited.await;
+        self.ledger.report(key).await
     }
 
     /// The plan for `job` at `at` (default now): nothing sent, written or counted.

@@ -153,6 +153,19 @@ impl FailureReason {
         }
     }
 
+    /// Whether this failure of a phone number on one channel closes the number for every
+    /// channel of the job. A malformed number, one the carrier does not know, and one whose
+    /// owner opted out (a STOP also blocks the number for later jobs) are closed; a landline
+    /// (not mobile), a carrier's SMS filter, an undeliverable message or an unreachable handset
+    /// close only the channel that failed: voice may still reach the number.
+    pub fn closes_number_for_every_channel(self) -> bool {
+        use FailureReason::*;
+        matches!(
+            self,
+            InvalidRecipient | RecipientUnknown | RecipientOptedOut
+        )
+    }
+
     /// One line a support agent can read out: what to do about it.
     pub fn hint(self) -> &'static str {
         use FailureReason::*;
@@ -271,6 +284,28 @@ mod tests {
             FailureReason::RecipientUnknown.retry_class(),
             RetryClass::PermanentForTarget
         );
+    }
+
+    #[test]
+    fn only_a_wrong_unknown_or_opted_out_number_is_closed_for_every_channel() {
+        use FailureReason::*;
+        let closing: Vec<_> = FailureReason::ALL
+            .iter()
+            .copied()
+            .filter(|r| r.closes_number_for_every_channel())
+            .collect();
+        assert_eq!(
+            closing,
+            [InvalidRecipient, RecipientOptedOut, RecipientUnknown]
+        );
+        for channel_only in [
+            NotMobileNumber,
+            CarrierFiltered,
+            Undeliverable,
+            RecipientUnreachable,
+        ] {
+            assert!(!channel_only.closes_number_for_every_channel());
+        }
     }
 
     #[test]

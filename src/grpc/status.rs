@@ -47,7 +47,9 @@ impl From<AckError> for Status {
                     .insert("x-otp-field", "device_id".parse().expect("ascii"));
                 status
             }
-            AckError::NotAwaiting { .. } => Status::failed_precondition(error.to_string()),
+            AckError::NotAwaiting { .. } | AckError::NotPushed { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
         }
     }
 }

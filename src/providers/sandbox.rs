@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient};
-use crate::domain::FailureReason;
+use crate::domain::{Channel, FailureReason};
 
 /// Appends messages to an outbox file.
 #[derive(Debug)]
@@ -63,8 +63,9 @@ impl SandboxProvider {
     }
 }
 
-/// What the sandbox does for Twilio's magic test numbers and tagged tokens.
-fn scripted_failure(recipient: Recipient<'_>) -> Option<ProviderError> {
+/// What the sandbox does for Twilio's magic test numbers and tagged tokens (`+15005550009` is
+/// a landline: SMS to it fails, a call goes through).
+fn scripted_failure(recipient: Recipient<'_>, channel: Channel) -> Option<ProviderError> {
     let (reason, code, message) = match recipient {
         Recipient::Phone("+15005550001") => (
             FailureReason::InvalidRecipient,
@@ -81,7 +82,7 @@ fn scripted_failure(recipient: Recipient<'_>) -> Option<ProviderError> {
             "21610",
             "Attempt to send to unsubscribed recipient",
         ),
-        Recipient::Phone("+15005550009") => (
+        Recipient::Phone("+15005550009") if channel == Channel::Sms => (
             FailureReason::NotMobileNumber,
             "21614",
             "'To' number is not a valid mobile number",
@@ -104,7 +105,7 @@ impl Provider for SandboxProvider {
     }
 
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
-        if let Some(failure) = scripted_failure(message.recipient) {
+        if let Some(failure) = scripted_failure(message.recipient, message.channel) {
             return Err(failure);
         }
         let message_id = format!("SB{}", uuid::Uuid::new_v4().simple());

@@ -1298,3 +1298,130 @@ async fn a_job_that_sends_nothing_uses_up_no_account_quota() {
     );
     assert_eq!(sms.call_times().len(), 1);
 }
+
+#[tokio::test]
+async fn a_number_sms_cannot_reach_is_called_unless_the_reason_closes_it_for_every_channel() {
+    use FailureReason::*;
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("+14155550201", NotMobileNumber, true),
+        ("+14155550202", CarrierFiltered, true),
+        ("+14155550203", Undeliverable, true),
+        ("+14155550204", RecipientUnreachable, true),
+        ("+14155550205", InvalidRecipient, false),
+        ("+14155550206", RecipientUnknown, false),
+        ("+14155550207", RecipientOptedOut, false),
+    ];
+    let by_recipient = cases
+        .iter()
+        .map(|(number, reason, _)| {
+            (
+                number.to_string(),
+                ProviderError::new(*reason, Some("x"), "refused"),
+            )
+        })
+        .collect();
+    let texts = Scripted::with_recipients("texts", vec![], ok(), by_recipient);
+    let calls = Scripted::new("calls", vec![], ok());
+    let config = engine_config(
+        dir.path(),
+        json!({
+            "texts": provider_settings(dir.path(), "texts", json!({}), json!({})),
+            "calls": provider_settings(dir.path(), "calls", json!({}), json!({})),
+        }),
+        &[(
+            "routes",
+            json!({"push": ["texts"], "sms": ["texts"], "voice": ["calls"]}),
+        )],
+    );
+    let service = engine(
+        &config,
+        vec![("texts", texts.clone()), ("calls", calls.clone())],
+    )
+    .await;
+    for (i, (number, reason, called)) in cases.into_iter().enumerate() {
+        let report = deliver(
+            &service,
+            &job(
+                &format!("channel-{i}"),
+                300.0,
+                &["sms", "voice"],
+                json!([{"phone": {"number": number}}]),
+            ),
+        )
+        .await;
+        let was_called = calls
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, to)| to == number);
+        assert_eq!(was_called, called, "{reason}: {report:#?}");
+        let attempts = &report.targets[0].attempts;
+        assert_eq!(attempts[0].reason, Some(reason));
+        if called {
+            assert_eq!(report.status, DeliveryStatus::Sent, "{reason}");
+            assert_eq!(attempts.len(), 2, "{reason}");
+        } else {
+            assert_eq!(report.status, DeliveryStatus::Failed, "{reason}");
+            assert_eq!(report.reason, Some(reason));
+        }
+    }
+}
+
+#[tokio::test]
+async fn shown_counts_only_from_a_device_that_got_a_push_and_the_answer_shows_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, sms) = push_then_sms(dir.path(), "10s").await;
+    let targets = json!([
+        {"device": {"id": "watch", "platform": "apns", "token": "c3d4e5f6a7b8c9d0", "can_display_code": false}},
+        device("old-phone", "unregistered-a1b2c3d4e5f6"),
+        device("ipad-1", "a1b2c3d4e5f6a7b8"),
+        phone("+14155550101")
+    ]);
+    let running = spawn_delivery(
+        &service,
+        job("never-pushed", 60.0, &["push", "sms"], targets),
+    );
+    pushes_sent(&service, "never-pushed", 1).await;
+    let id = "acme/never-pushed".parse().unwrap();
+    for (device, why) in [
+        ("watch", "DEVICE_CANNOT_DISPLAY_CODE"),
+        ("old-phone", "DEVICE_UNREGISTERED"),
+    ] {
+        let refused = service
+            .acknowledge(&id, device, Acknowledgement::Shown)
+            .await
+            .unwrap_err();
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{device}");
+        assert!(
+            status.message().contains(why) && status.message().contains("no push"),
+            "{device}: {}",
+            status.message()
+        );
+    }
+    let stored = service.ledger().get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.status, DeliveryStatus::InProgress);
+    assert_eq!(
+        stored.targets[0].reason,
+        Some(FailureReason::DeviceCannotDisplayCode),
+        "the refused acknowledgements rewrote nothing"
+    );
+    assert_eq!(stored.targets[0].acknowledgement, None);
+
+    // DENIED from any device of the delivery still stops the chain, and the answer is the
+    // report after the engine acted on it.
+    let AckOutcome::Recorded(answer) = service
+        .acknowledge(&id, "watch", Acknowledgement::Denied)
+        .await
+        .unwrap()
+    else {
+        panic!("recorded on a running delivery");
+    };
+    assert_eq!(answer.status, DeliveryStatus::Failed, "{answer:#?}");
+    assert_eq!(answer.reason, Some(FailureReason::UserDenied));
+    let report = running.await.unwrap();
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert!(sms.call_times().is_empty());
+}
