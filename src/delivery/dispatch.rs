@@ -347,7 +347,17 @@ impl Dispatcher {
         let deadline = job.expires_at - self.settings.expiry_margin;
         if progress.now() >= deadline {
             tracing::info!(expires_at = %job.expires_at, "code expired before delivery started");
-            return Ok(Verdict::Failed(Some(FailureReason::CodeExpired)));
+            // Targets never tried say why, rather than reading as if they might still be.
+            let mut standing: Vec<Standing> = (0..job.targets.len())
+                .map(|index| match prior.targets.get(index).map(|t| t.status) {
+                    None | Some(TargetStatus::Pending) => Standing::Open,
+                    Some(_) => Standing::Closed,
+                })
+                .collect();
+            let reason = Some(FailureReason::CodeExpired);
+            self.close_untried(&mut standing, job, reason, EXPIRED_UNTRIED, progress)
+                .await?;
+            return Ok(Verdict::Failed(reason));
         }
         let channels = job.channel_order();
         let rules = self.policy.list_rate_limits(Some(&job.tenant)).await?;

@@ -334,6 +334,11 @@ pub fn summarize(
                 format!("{how} to {who} failed{via} ({reason}){why}.")
             }
         };
+        // A provider's text that ends a sentence of its own does not make it end twice.
+        let mut sentence = sentence;
+        while sentence.ends_with("..") {
+            sentence.pop();
+        }
         let mut chars = sentence.chars();
         let capitalised = match chars.next() {
             Some(first) => first.to_uppercase().collect::<String>() + chars.as_str(),
@@ -393,6 +398,22 @@ mod tests {
         assert_eq!(
             text,
             "SMS to +1415•••0101 failed (INVALID_RECIPIENT): not a valid E.164 number."
+        );
+    }
+
+    #[test]
+    fn a_provider_text_ending_in_a_period_ends_the_sentence_once() {
+        let mut failed = target(TargetStatus::Failed, Some(FailureReason::InvalidRecipient));
+        failed.detail = Some("The 'To' number +1415•••0101 is not a valid phone number.".into());
+        let text = summarize(
+            DeliveryStatus::Failed,
+            Some(FailureReason::InvalidRecipient),
+            Timestamp::UNIX_EPOCH,
+            &[failed],
+        );
+        assert!(
+            text.ends_with("phone number.") && !text.contains(".."),
+            "{text}"
         );
     }
 }

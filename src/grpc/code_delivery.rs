@@ -8,6 +8,7 @@ use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
@@ -37,15 +38,25 @@ pub struct CodeDeliveryApi {
     service: Arc<DeliveryService>,
     publisher: Publisher,
     watch_poll: Duration,
+    /// Ends open `WatchDelivery` streams (UNAVAILABLE: reconnect) when the server stops, so
+    /// that a watching client never holds the process up past its grace period.
+    stop: CancellationToken,
 }
 
 impl CodeDeliveryApi {
-    /// A service submitting through `publisher` and reading `service`'s ledger.
-    pub fn new(service: Arc<DeliveryService>, publisher: Publisher, watch_poll: Duration) -> Self {
+    /// A service submitting through `publisher` and reading `service`'s ledger; its streams end
+    /// when `stop` is cancelled.
+    pub fn new(
+        service: Arc<DeliveryService>,
+        publisher: Publisher,
+        watch_poll: Duration,
+        stop: CancellationToken,
+    ) -> Self {
         CodeDeliveryApi {
             service,
             publisher,
             watch_poll,
+            stop,
         }
     }
 
@@ -137,6 +148,14 @@ impl CodeDelivery for CodeDeliveryApi {
             while !last.status.is_terminal() {
                 tokio::select! {
                     _ = sender.closed() => return,
+                    _ = this.stop.cancelled() => {
+                        let _ = sender
+                            .send(Err(Status::unavailable(
+                                "the gateway is shutting down: reconnect and watch again (the delivery goes on)",
+                            )))
+                            .await;
+                        return;
+                    }
                     _ = tokio::time::sleep(this.watch_poll) => {}
                     change = changes.recv() => match change {
                         Ok(changed) if changed != key => continue,

@@ -64,7 +64,7 @@ pub async fn serve(
         .expect("the embedded descriptor sets are valid");
     let providers = ProvidersApi::new(Arc::clone(&service));
     let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()));
-    let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL);
+    let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL, stop.clone());
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection_v1)

@@ -28,10 +28,18 @@ impl From<StoreError> for Status {
 }
 
 impl From<PublishError> for Status {
+    /// Says only what is known: a job the broker may have taken must be retried with the same
+    /// job_id (idempotent), never with a new one (that would send a second code).
     fn from(error: PublishError) -> Self {
-        Status::unavailable(format!(
-            "the job could not be queued, nothing was sent; retry later ({error})"
-        ))
+        if error.surely_not_queued() {
+            Status::unavailable(format!(
+                "the job was not queued and nothing was sent; retry later ({error})"
+            ))
+        } else {
+            Status::unavailable(format!(
+                "the job may have been queued: retry with the same job_id, which is safe (a job id is sent at most once), never with a new one ({error})"
+            ))
+        }
     }
 }
 
@@ -50,6 +58,44 @@ impl From<AckError> for Status {
             AckError::NotAwaiting { .. } | AckError::NotPushed { .. } => {
                 Status::failed_precondition(error.to_string())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_publish_says_only_what_is_known() {
+        for surely_not in [
+            PublishError::Unavailable,
+            PublishError::Unroutable {
+                exchange: "otp.jobs".into(),
+                routing_key: "send-code".into(),
+            },
+        ] {
+            let status = Status::from(surely_not);
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(
+                status
+                    .message()
+                    .starts_with("the job was not queued and nothing was sent")
+            );
+        }
+        for maybe in [
+            PublishError::Nacked,
+            PublishError::Timeout(std::time::Duration::from_secs(10)),
+        ] {
+            let status = Status::from(maybe);
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(
+                status.message().contains("may have been queued")
+                    && status.message().contains("same job_id")
+                    && !status.message().contains("nothing was sent"),
+                "{}",
+                status.message()
+            );
         }
     }
 }

@@ -51,6 +51,18 @@ pub enum PublishError {
     },
 }
 
+impl PublishError {
+    /// Whether the broker certainly did not take the message: nothing reached it (no
+    /// connection), or it returned the message as unroutable. After any other failure (the
+    /// connection lost while the confirm was awaited, a timeout, a nack) it may have queued it.
+    pub fn surely_not_queued(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Unavailable | PublishError::Unroutable { .. }
+        )
+    }
+}
+
 /// Publishes jobs, events, replies and dead letters with publisher confirms.
 #[derive(Debug, Clone)]
 pub struct Publisher {

@@ -456,3 +456,66 @@ async fn acknowledge_delivery_denied_stops_escalation_and_the_event_says_so() {
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_stop_ends_open_watch_streams_with_unavailable_at_the_end_of_the_grace_period() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("grpc-watch-stop");
+    let broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(
+        &names,
+        dir.path(),
+        &[
+            ("delivery.push_ack_timeout", serde_json::json!("60s")),
+            ("delivery.shutdown_grace", serde_json::json!("1s")),
+        ],
+    ))
+    .await;
+    let mut client = gateway.client().await;
+    let mut job = grpc_job("watched", "+14155550101");
+    job.targets.insert(
+        0,
+        v1::Target {
+            kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
+                id: "ipad-1".into(),
+                platform: v1::Platform::Apns as i32,
+                token: "a1b2c3d4e5f6a7b8c9d0".into(),
+                ..Default::default()
+            })),
+        },
+    );
+    client
+        .send_code(v1::SendCodeRequest { job: Some(job) })
+        .await
+        .unwrap();
+    let mut stream = client
+        .watch_delivery(v1::WatchDeliveryRequest {
+            delivery_id: "acme/watched".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(!otp_gateway::proto::is_terminal(&first));
+
+    // The client keeps watching (a delivery waiting a minute for its device); the process
+    // still ends once the grace period is over, and the stream says to reconnect.
+    let stopped = tokio::time::timeout(Duration::from_secs(15), gateway.stop()).await;
+    assert!(stopped.is_ok(), "the gateway stopped with a stream open");
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the stream ends")
+        {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    let status = ended.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("reconnect"), "{status:?}");
+    broker.cleanup().await;
+}

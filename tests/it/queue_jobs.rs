@@ -241,6 +241,11 @@ async fn malformed_messages_are_dead_lettered_and_undeliverable_jobs_reported() 
     let events = broker.events_for(5, WAIT).await;
     assert_eq!(events["acme/expired"]["status"], "FAILED");
     assert_eq!(events["acme/expired"]["reason"], "CODE_EXPIRED");
+    // Its targets say they were never tried because the code expired (not PENDING).
+    let untried = &events["acme/expired"]["targets"][0];
+    assert_eq!(untried["status"], "FAILED", "{untried}");
+    assert_eq!(untried["reason"], "CODE_EXPIRED");
+    assert_eq!(untried["detail"], "the code expired before it was tried");
     assert_eq!(events["acme/bad-number"]["status"], "FAILED");
     assert_eq!(events["acme/bad-number"]["reason"], "INVALID_RECIPIENT");
     assert_eq!(
