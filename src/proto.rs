@@ -74,7 +74,10 @@ pub fn job_from_proto(job: v1::SendCodeJob) -> Result<Job, JobError> {
         .enumerate()
         .map(|(i, value)| {
             channel_from_proto(*value).ok_or_else(|| {
-                JobError::new(format!("channels[{i}]"), format!("unknown channel {value}"))
+                JobError::new(
+                    format!("channels[{i}]"),
+                    format!("unknown channel {value}, expected PUSH, SMS or VOICE"),
+                )
             })
         })
         .collect::<Result<Vec<_>, _>>()?;

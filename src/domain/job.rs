@@ -8,12 +8,29 @@ use serde::{Deserialize, Serialize};
 
 use super::string_enum;
 
-/// Longest accepted `job_id`.
-const MAX_JOB_ID_LEN: usize = 128;
+/// Longest accepted `job_id` (bytes; every limit below is in bytes of UTF-8).
+pub const MAX_JOB_ID_LEN: usize = 128;
 /// Longest accepted `tenant`.
-const MAX_TENANT_LEN: usize = 64;
+pub const MAX_TENANT_LEN: usize = 64;
+/// Longest accepted `account`.
+pub const MAX_ACCOUNT_LEN: usize = 256;
+/// Longest accepted `purpose`.
+pub const MAX_PURPOSE_LEN: usize = 64;
+/// Longest accepted `locale` (BCP 47 tags in use are far shorter).
+pub const MAX_LOCALE_LEN: usize = 35;
+/// Longest accepted `timezone` (IANA names are at most about 30).
+pub const MAX_TIMEZONE_LEN: usize = 64;
+/// Longest accepted device `id`.
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+/// Longest accepted device `token` (APNs tokens are 64 hex digits, FCM tokens about 160).
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// Longest accepted device `topic` (a bundle id or Firebase project).
+pub const MAX_TOPIC_LEN: usize = 255;
+/// Longest accepted phone `number` as given (E.164 has at most 16 characters; a longer but
+/// bounded one gets a report with INVALID_RECIPIENT).
+pub const MAX_NUMBER_LEN: usize = 64;
 /// Most targets one job may carry.
-const MAX_TARGETS: usize = 32;
+pub const MAX_TARGETS: usize = 32;
 
 /// A delivery channel; a job's channel list is its escalation order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -182,7 +199,12 @@ impl JobError {
 impl Job {
     /// Parses and validates a JSON job body.
     pub fn from_json(body: &[u8]) -> Result<Job, JobError> {
-        let job: Job = serde_json::from_slice(body).map_err(json_error)?;
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let job: Job =
+            serde_path_to_error::deserialize(&mut deserializer).map_err(|e| json_error(e, body))?;
+        deserializer.end().map_err(|e| {
+            JobError::new("body", format!("not valid JSON: {}", without_position(&e)))
+        })?;
         job.validate()?;
         Ok(job)
     }
@@ -218,13 +240,22 @@ impl Job {
         check_identifier("tenant", &self.tenant, MAX_TENANT_LEN, |c| {
             c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
         })?;
-        check_identifier("account", &self.account, 256, |c| !c.is_control())?;
+        check_identifier("account", &self.account, MAX_ACCOUNT_LEN, |c| {
+            !c.is_control()
+        })?;
         let code = self.code.expose();
         if !(4..=16).contains(&code.len()) || !code.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(JobError::new("code", "must be 4 to 16 letters or digits"));
         }
-        if self.purpose.is_empty() || self.purpose.len() > 64 {
-            return Err(JobError::new("purpose", "must be 1 to 64 characters"));
+        if self.purpose.is_empty() || self.purpose.len() > MAX_PURPOSE_LEN {
+            return Err(JobError::new(
+                "purpose",
+                format!("must be 1 to {MAX_PURPOSE_LEN} bytes"),
+            ));
+        }
+        check_length("locale", &self.locale, MAX_LOCALE_LEN)?;
+        if let Some(zone) = &self.timezone {
+            check_length("timezone", zone, MAX_TIMEZONE_LEN)?;
         }
         if self.targets.len() > MAX_TARGETS {
             return Err(JobError::new(
@@ -236,7 +267,20 @@ impl Job {
             ));
         }
         for (index, target) in self.targets.iter().enumerate() {
+            if let Target::Phone(phone) = target {
+                check_length(
+                    &format!("targets[{index}].phone.number"),
+                    &phone.number,
+                    MAX_NUMBER_LEN,
+                )?;
+            }
             if let Target::Device(device) = target {
+                let field = |name: &str| format!("targets[{index}].device.{name}");
+                check_length(&field("id"), &device.id, MAX_DEVICE_ID_LEN)?;
+                check_length(&field("token"), &device.token, MAX_TOKEN_LEN)?;
+                if let Some(topic) = &device.topic {
+                    check_length(&field("topic"), topic, MAX_TOPIC_LEN)?;
+                }
                 if device.id.trim().is_empty() {
                     return Err(JobError::new(
                         format!("targets[{index}].device.id"),
@@ -255,6 +299,20 @@ impl Job {
     }
 }
 
+/// Refuses a value longer than `max_len` bytes (saying so, never echoing it).
+fn check_length(field: &str, value: &str, max_len: usize) -> Result<(), JobError> {
+    if value.len() > max_len {
+        return Err(JobError::new(
+            field,
+            format!(
+                "is {} bytes long; at most {max_len} are accepted",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_identifier(
     field: &str,
     value: &str,
@@ -264,12 +322,7 @@ fn check_identifier(
     if value.trim().is_empty() {
         return Err(JobError::new(field, "is missing or empty"));
     }
-    if value.len() > max_len {
-        return Err(JobError::new(
-            field,
-            format!("is longer than {max_len} bytes"),
-        ));
-    }
+    check_length(field, value, max_len)?;
     if let Some(bad) = value.chars().find(|c| !allowed(*c)) {
         return Err(JobError::new(
             field,
@@ -279,30 +332,60 @@ fn check_identifier(
     Ok(())
 }
 
-/// Turns serde's message into a [`JobError`] that names the field when serde does. Values that
-/// serde quotes are cut out: a misplaced code must not reach a log line through an error.
-fn json_error(error: serde_json::Error) -> JobError {
+/// Turns serde's error into a [`JobError`] naming the field where it arose (`channels[1]`,
+/// `targets[0].device.platform`, `code`; `body` for JSON that does not parse). Values that
+/// serde quotes are cut out (a misplaced code must not reach a log line through an error);
+/// what was expected is kept.
+fn json_error(error: serde_path_to_error::Error<serde_json::Error>, body: &[u8]) -> JobError {
+    let path = error.path().to_string();
+    let inner = error.inner();
+    let message = without_position(inner);
+    if inner.is_syntax() || inner.is_eof() {
+        // Valid JSON of the wrong shape can read as a syntax error to a typed parser (a
+        // target with two keys): then the place is what matters.
+        let valid_json = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+        if !valid_json || path == "." || path.is_empty() {
+            return JobError::new("body", format!("not valid JSON: {message}"));
+        }
+        let problem = if path.starts_with("targets[") && path.ends_with(']') {
+            "must hold exactly one of `device` or `phone`".to_owned()
+        } else {
+            format!("has an unexpected shape ({})", redact_quoted(&message))
+        };
+        return JobError::new(path, problem);
+    }
+    // A missing field is named by serde, the path is its parent.
+    let field = match message.strip_prefix("missing field `") {
+        Some(rest) => {
+            let name = rest.split('`').next().unwrap_or_default();
+            match path.as_str() {
+                "." | "" => name.to_owned(),
+                parent => format!("{parent}.{name}"),
+            }
+        }
+        None if path == "." || path.is_empty() => "body".to_owned(),
+        None => path,
+    };
+    let problem = match message.split_once(", expected") {
+        Some((what, expected)) => format!("{}, expected{expected}", redact_quoted(what)),
+        None => redact_quoted(&message),
+    };
+    let problem = match problem.as_str() {
+        "expected map with a single key" => {
+            "must hold exactly one of `device` or `phone`".to_owned()
+        }
+        _ => problem,
+    };
+    JobError::new(field, problem)
+}
+
+/// serde_json's message without its ` at line L column C` (the field path says where).
+fn without_position(error: &serde_json::Error) -> String {
     let message = error.to_string();
-    let names_a_field = ["missing field", "unknown field", "duplicate field"]
-        .iter()
-        .any(|prefix| message.starts_with(prefix));
-    let field = message
-        .split('`')
-        .nth(1)
-        .filter(|_| names_a_field)
-        .unwrap_or("body")
-        .to_owned();
-    let message = if names_a_field {
-        message
-    } else {
-        redact_quoted(&message)
-    };
-    let problem = if error.is_syntax() || error.is_eof() {
-        format!("not valid JSON: {message}")
-    } else {
-        message
-    };
-    JobError { field, problem }
+    match message.rfind(" at line ") {
+        Some(at) => message[..at].to_owned(),
+        None => message,
+    }
 }
 
 /// Replaces every `quoted` or "quoted" fragment with `…`.
@@ -357,6 +440,17 @@ impl FromStr for DeliveryId {
     type Err = JobError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > MAX_TENANT_LEN + 1 + MAX_JOB_ID_LEN {
+            // Never echoed: an error must not carry a long input back.
+            return Err(JobError::new(
+                "delivery_id",
+                format!(
+                    "is {} bytes long; a delivery id has at most {}",
+                    s.len(),
+                    MAX_TENANT_LEN + 1 + MAX_JOB_ID_LEN
+                ),
+            ));
+        }
         match s.split_once('/') {
             Some((tenant, job_id)) if !tenant.is_empty() && !job_id.is_empty() => Ok(DeliveryId {
                 tenant: tenant.to_owned(),
@@ -430,6 +524,69 @@ mod tests {
                 .field,
             "tenant"
         );
+    }
+
+    #[test]
+    fn type_errors_name_the_field_and_what_was_expected() {
+        let refused = |change: &dyn Fn(&mut serde_json::Value)| {
+            let mut json = body();
+            change(&mut json);
+            Job::from_json(json.to_string().as_bytes()).unwrap_err()
+        };
+        let err = refused(&|j| j["channels"] = serde_json::json!(["sms", "fax"]));
+        assert_eq!(err.field, "channels[1]");
+        assert!(
+            err.problem.contains("push") && err.problem.contains("voice"),
+            "{err}"
+        );
+        let err = refused(&|j| j["targets"][0]["device"]["platform"] = "webpush".into());
+        assert_eq!(err.field, "targets[0].device.platform");
+        assert!(
+            err.problem.contains("apns") && err.problem.contains("fcm"),
+            "{err}"
+        );
+        let err = refused(&|j| j["code"] = 482913.into());
+        assert_eq!(err.field, "code");
+        assert!(!err.to_string().contains("482913"), "{err}");
+        let err = refused(&|j| j["expires_at"] = "tomorrow".into());
+        assert_eq!(err.field, "expires_at");
+        assert!(!err.problem.starts_with("not valid JSON"), "{err}");
+        let err = refused(&|j| {
+            j["targets"][1] = serde_json::json!({"phone": {"number": "+14155550101"},
+                "device": {"id": "x", "platform": "apns", "token": "ab"}})
+        });
+        assert_eq!(err.field, "targets[1]");
+        assert!(err.problem.contains("exactly one of"), "{err}");
+        let err = refused(&|j| {
+            j["targets"][0]["device"]
+                .as_object_mut()
+                .unwrap()
+                .remove("token");
+        });
+        assert_eq!(err.field, "targets[0].device.token");
+        assert!(err.problem.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn every_string_is_bounded_and_never_echoed() {
+        let long = "x".repeat(5 * 1024 * 1024);
+        for (path, field) in [
+            ("/locale", "locale"),
+            ("/timezone", "timezone"),
+            ("/account", "account"),
+            ("/targets/0/device/id", "targets[0].device.id"),
+            ("/targets/0/device/topic", "targets[0].device.topic"),
+            ("/targets/0/device/token", "targets[0].device.token"),
+            ("/targets/1/phone/number", "targets[1].phone.number"),
+        ] {
+            let mut json = body();
+            *json.pointer_mut(path).unwrap() = long.clone().into();
+            let err = Job::from_json(json.to_string().as_bytes()).unwrap_err();
+            assert_eq!(err.field, field);
+            assert!(err.to_string().len() < 200, "{field}: not echoed");
+        }
+        let err = long.parse::<DeliveryId>().unwrap_err();
+        assert!(err.to_string().len() < 200);
     }
 
     #[test]

@@ -222,6 +222,31 @@ async fn malformed_messages_are_dead_lettered_and_undeliverable_jobs_reported() 
         )
         .await;
 
+    // JSON that parses but does not fit: the dead letter names the field.
+    let fits_not = |id: &str, change: &dyn Fn(&mut serde_json::Value)| {
+        let mut bad = job(id, "000000");
+        change(&mut bad);
+        bad
+    };
+    for bad in [
+        fits_not("fax", &|j| j["channels"] = json!(["sms", "fax"])),
+        fits_not(
+            "platform",
+            &|j| {
+                j["targets"] =
+                    json!([{"device": {"id": "d", "platform": "webpush", "token": "ab"}}])
+            },
+        ),
+        fits_not("numeric-code", &|j| j["code"] = json!(482913)),
+        fits_not("tomorrow", &|j| j["expires_at"] = json!("tomorrow")),
+        fits_not("both", &|j| {
+            j["targets"] = json!([{"phone": {"number": "+14155550101"},
+                "device": {"id": "d", "platform": "apns", "token": "ab"}}])
+        }),
+    ] {
+        broker.publish_json(&bad).await;
+    }
+
     // Reported as FAILED: the job is well-formed but cannot be delivered.
     let mut expired = job("expired", "111111");
     expired["expires_at"] = json!(in_minutes(-1));
@@ -284,7 +309,20 @@ async fn malformed_messages_are_dead_lettered_and_undeliverable_jobs_reported() 
         ));
     }
     dead.sort();
-    assert_eq!(dead.len(), 4, "{dead:?}");
+    assert_eq!(dead.len(), 9, "{dead:?}");
+    for (field, expected) in [
+        ("channels[1]", "push"),
+        ("targets[0].device.platform", "apns"),
+        ("code", "expected a string"),
+        ("expires_at", ""),
+        ("targets[0]", "exactly one of"),
+    ] {
+        assert!(
+            dead.iter()
+                .any(|(f, why)| f == field && why.contains(expected) && !why.contains("482913")),
+            "{field}: {dead:?}"
+        );
+    }
     assert_eq!(
         dead.iter().filter(|(field, _)| field == "body").count(),
         2,
