@@ -1363,10 +1363,9 @@ impl Dispatcher {
             (Target::Phone(phone), FailureReason::RecipientOptedOut) => {
                 (BlockKind::Number, phone.number.clone(), BlockSource::OptOut)
             }
-            (
-                Target::Device(device),
-                FailureReason::DeviceUnregistered | FailureReason::DeviceTokenInvalid,
-            ) => (
+            // Only a token the push service called dead (unregistered) is blocked: an invalid
+            // one often means the wrong environment or app (our configuration), not the device.
+            (Target::Device(device), FailureReason::DeviceUnregistered) => (
                 BlockKind::DeviceToken,
                 device.token.clone(),
                 BlockSource::ProviderFeedback,

@@ -421,6 +421,11 @@ pub fn is_e164(number: &str) -> bool {
         && !digits.starts_with('0')
 }
 
+/// Whether `token` can be an APNs device token: hexadecimal digits (64 today).
+pub fn is_apns_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// `(tenant, job_id)`: the idempotency key and the delivery id, written `tenant/job_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeliveryId {

@@ -228,12 +228,14 @@ impl Report {
             .iter()
             .filter_map(|target| {
                 let platform = target.platform?;
-                let attempt = target.attempts.iter().rev().find(|a| {
-                    matches!(
-                        a.reason,
-                        Some(FailureReason::DeviceUnregistered | FailureReason::DeviceTokenInvalid)
-                    )
-                })?;
+                // Only what a push service said is dead: an invalid token may be the gateway's
+                // wrong environment or app, and a token refused before any request was never
+                // judged by a push service at all.
+                let attempt = target
+                    .attempts
+                    .iter()
+                    .rev()
+                    .find(|a| a.reason == Some(FailureReason::DeviceUnregistered))?;
                 let reason = attempt.reason?;
                 Some(DeviceInvalidated {
                     tenant: self.tenant.clone(),

@@ -347,9 +347,11 @@ impl Provider for ApnsProvider {
             )));
         };
         // APNs device tokens are hexadecimal; anything else would not even make a valid path.
-        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // A local refusal is an input error of this target, not what APNs said: it teaches
+        // the block list nothing and announces no `device.invalidated`.
+        if !crate::domain::is_apns_token(token) {
             return Err(ProviderError::new(
-                FailureReason::DeviceTokenInvalid,
+                FailureReason::InvalidRecipient,
                 None,
                 "not an APNs device token (hexadecimal): not sent",
             ));

@@ -458,6 +458,20 @@ async fn apns_answers_become_reasons_retries_and_a_new_provider_token() {
         bad.targets[0].attempts[0].provider_code.as_deref(),
         Some("BadDeviceToken")
     );
+    // A token the adapter refuses before any request is the job's input, not APNs' word.
+    let local = deliver(&service, &one("local", "not-hex-at-all".into())).await;
+    assert_eq!(
+        local.targets[0].reason,
+        Some(FailureReason::InvalidRecipient)
+    );
+    assert!(local.targets[0].attempts[0].provider_code.is_none());
+    // Neither an invalid token (often the wrong environment or app: our configuration) nor a
+    // local refusal announces the device dead; only the dead one does (and only it is blocked,
+    // below).
+    for report in [&bad, &local] {
+        assert!(report.invalidated_devices().is_empty(), "{report:#?}");
+    }
+    assert_eq!(dead.invalidated_devices().len(), 1);
 
     let throttled = deliver(&service, &one("throttled", apns_token("0429", 1))).await;
     assert_eq!(throttled.status, DeliveryStatus::Sent);
@@ -518,7 +532,8 @@ async fn apns_answers_become_reasons_retries_and_a_new_provider_token() {
     );
     assert_eq!(apns.violations(), Vec::<String>::new());
 
-    // The dead and the invalid token are on the tenant's block list, from provider feedback.
+    // Only the dead token is on the tenant's block list, from provider feedback: not the
+    // invalid one, not the one refused locally.
     let store = SqliteLedger::connect(&config.store.url).await.unwrap();
     let blocks = store.list_blocks(Some("acme")).await.unwrap();
     let blocked: HashSet<_> = blocks
@@ -526,10 +541,7 @@ async fn apns_answers_become_reasons_retries_and_a_new_provider_token() {
         .filter(|b| b.kind == BlockKind::DeviceToken && b.source == BlockSource::ProviderFeedback)
         .map(|b| b.pattern.clone())
         .collect();
-    assert_eq!(
-        blocked,
-        HashSet::from([apns_token("dead", 1), apns_token("bad0", 1)])
-    );
+    assert_eq!(blocked, HashSet::from([apns_token("dead", 1)]));
     // A later job to the dead token is refused before any call.
     let again = deliver(&service, &one("dead-again", apns_token("dead", 1))).await;
     assert_eq!(
