@@ -869,8 +869,10 @@ impl Dispatcher {
         deadline: Timestamp,
         progress: &Progress<'_>,
     ) -> Result<TargetEnd, StoreError> {
-        let recipient = Recipient::of(&job.targets[index]);
-        let route = self.providers.route(channel, &recipient);
+        let route = self
+            .providers
+            .route(channel, &Recipient::of(&job.targets[index]));
+        let recipient = route.recipient(Recipient::of(&job.targets[index]));
         let route_key = route.prefix.unwrap_or(DEFAULT_ROUTE);
         let mut last_error: Option<(String, ProviderError)> = None;
         let mut skipped_open = Vec::new();

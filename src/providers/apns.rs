@@ -334,6 +334,10 @@ impl Provider for ApnsProvider {
         }
     }
 
+    fn default_app(&self) -> Option<&str> {
+        self.settings.topics.first().map(String::as_str)
+    }
+
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
         let Recipient::Device {
             platform: Platform::Apns,

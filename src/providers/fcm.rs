@@ -376,6 +376,10 @@ impl Provider for FcmProvider {
         }
     }
 
+    fn default_app(&self) -> Option<&str> {
+        Some(&self.project_id)
+    }
+
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
         let Recipient::Device {
             platform: Platform::Fcm,

@@ -151,6 +151,12 @@ pub trait Provider: Send + Sync + 'static {
         true
     }
 
+    /// The app a device without a topic is pushed under by this credential (APNs: its first
+    /// topic; FCM: its project); `None` for providers that are not app credentials.
+    fn default_app(&self) -> Option<&str> {
+        None
+    }
+
     /// Hands one message to the provider.
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError>;
 
@@ -297,6 +303,34 @@ pub struct Route<'a> {
     pub prefix: Option<&'a str>,
     /// Providers, in the order to try them.
     pub providers: Vec<&'a ProviderEntry>,
+    /// For a device without a topic: the app it is pushed under (the first serving
+    /// credential's default app); every provider in the route serves that app.
+    pub app: Option<&'a str>,
+}
+
+impl<'a> Route<'a> {
+    /// The recipient as the route's providers must address it (a topic-less device under the
+    /// route's app).
+    pub fn recipient<'r>(&self, recipient: Recipient<'r>) -> Recipient<'r>
+    where
+        'a: 'r,
+    {
+        match (recipient, self.app) {
+            (
+                Recipient::Device {
+                    platform,
+                    token,
+                    topic: None,
+                },
+                Some(app),
+            ) => Recipient::Device {
+                platform,
+                token,
+                topic: Some(app),
+            },
+            _ => recipient,
+        }
+    }
 }
 
 /// The configured providers by name, and the routes per channel and destination prefix.
@@ -416,13 +450,40 @@ impl ProviderRegistry {
             Some((prefix, names)) => (Some(prefix.as_str()), names.as_slice()),
             None => (None, self.routes.for_channel(channel)),
         };
-        Route {
-            prefix,
-            providers: names
+        let serving = |recipient: &Recipient<'_>| -> Vec<&ProviderEntry> {
+            names
                 .iter()
                 .filter_map(|name| self.by_name.get(name))
                 .filter(|entry| entry.provider.serves(recipient))
-                .collect(),
+                .collect()
+        };
+        let providers = serving(recipient);
+        // A device without a topic belongs to one app all the same: the platform's default
+        // app, that of the first credential in the route serving the platform. Failover stays
+        // within credentials of that app (another app's key would be refused by the push
+        // service as DeviceTokenNotForTopic / SENDER_ID_MISMATCH).
+        if let Recipient::Device {
+            platform,
+            token,
+            topic: None,
+        } = *recipient
+            && let Some(app) = providers.first().and_then(|e| e.provider.default_app())
+        {
+            let scoped = Recipient::Device {
+                platform,
+                token,
+                topic: Some(app),
+            };
+            return Route {
+                prefix,
+                providers: serving(&scoped),
+                app: Some(app),
+            };
+        }
+        Route {
+            prefix,
+            providers,
+            app: None,
         }
     }
 

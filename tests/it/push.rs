@@ -1158,3 +1158,52 @@ async fn a_dead_token_is_reported_upstream_and_the_code_falls_back_to_sms() {
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_without_a_topic_fails_over_only_within_its_apps_credentials() {
+    let apns_a = FakeApns::start().await;
+    let apns_a2 = FakeApns::start().await;
+    let apns_b = FakeApns::start().await;
+    let PushEngine { service, _dir, .. } = push_engine(&[
+        ("apns-a", apns_a.provider(&["com.example.app"])),
+        ("apns-b", apns_b.provider(&["com.example.b"])),
+        (
+            "apns-a2",
+            apns_a2.provider(&["com.example.c", "com.example.app"]),
+        ),
+    ])
+    .await;
+    // The first credential (apns-a) is down for this token; the topic-less device belongs to
+    // its default app, so the other app's key (apns-b) is never used, and the second key of the
+    // same app (apns-a2) pushes under that app's topic.
+    let job = job(
+        "topicless",
+        300.0,
+        &["push"],
+        json!([apns_device("iphone", &apns_token("0503", 1), None)]),
+    );
+    let plan = service.explain(&job, None).await.unwrap();
+    let planned: Vec<&str> = plan.targets[0].channels[0]
+        .providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(planned, ["apns-a", "apns-a2"]);
+    let report = deliver(&service, &job).await;
+    let providers: Vec<&str> = report.targets[0]
+        .attempts
+        .iter()
+        .map(|a| a.provider.as_str())
+        .collect();
+    assert!(!providers.contains(&"apns-b"), "{providers:?}");
+    assert!(apns_b.pushes().is_empty(), "another app's key was used");
+    assert_eq!(providers.last(), Some(&"apns-a2"), "{providers:?}");
+    assert!(
+        apns_a2
+            .pushes()
+            .iter()
+            .all(|p| p.topic == "com.example.app"),
+        "pushed under the device's app"
+    );
+    assert!(!apns_a.pushes().is_empty());
+}
