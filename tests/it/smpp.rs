@@ -785,3 +785,41 @@ async fn a_burst_of_two_thousand_sms_through_one_wide_bind_all_arrive_within_sec
     assert_eq!(smsc.submits().len(), 2_000);
     println!("2,000 SMS through one bind (window 256) in {took:?}");
 }
+
+#[tokio::test]
+async fn a_bind_known_to_be_down_fails_over_at_once_instead_of_waiting_out_the_response_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there: every bind is refused at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let mut down = smpp_provider(&address, "secret");
+    down["response_timeout"] = json!("30s");
+    let config = engine_config(
+        dir.path(),
+        json!({"carrier": down, "sandbox": {"kind": "sandbox", "outbox": dir.path().join("outbox.jsonl")}}),
+        &[(
+            "routes",
+            json!({"push": ["sandbox"], "sms": ["carrier", "sandbox"], "voice": ["sandbox"]}),
+        )],
+    );
+    let service = engine(&config, vec![]).await;
+    let started = std::time::Instant::now();
+    let report = deliver(&service, &sms_job("down", "en", &["+14155550100"])).await;
+    let took = started.elapsed();
+    assert_eq!(report.status, DeliveryStatus::Sent, "{report:#?}");
+    let attempts = &report.targets[0].attempts;
+    assert_eq!(attempts[0].provider, "carrier");
+    assert_eq!(attempts[0].reason, Some(FailureReason::ProviderUnavailable));
+    assert!(
+        attempts[0]
+            .provider_message
+            .as_deref()
+            .unwrap()
+            .contains("cannot reach the SMSC"),
+        "{attempts:?}"
+    );
+    assert_eq!(attempts.last().unwrap().provider, "sandbox");
+    // Against a 30 s response timeout (twice, with one retry), the failover took no wait.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

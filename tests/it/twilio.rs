@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use otp_gateway::domain::{DeliveryStatus, FailureReason, TargetStatus};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::engine::{deliver, engine, engine_config, job};
 
@@ -28,6 +28,12 @@ struct Call {
 pub struct FakeTwilio {
     calls: Mutex<Vec<Call>>,
     throttled_once: Mutex<bool>,
+    /// When set (the gateway's callback URL, its auth token): each accepted message's
+    /// `delivered` callback is posted before the create request is answered, as real Twilio
+    /// can do within milliseconds.
+    early_callback: Mutex<Option<(String, String)>>,
+    /// What the gateway answered those callbacks.
+    pub callback_answers: Mutex<Vec<u16>>,
 }
 
 fn twilio_error(status: StatusCode, code: i64, message: &str) -> Response {
@@ -84,6 +90,29 @@ async fn create(
         _ => {
             let prefix = if resource == "Calls.json" { "CA" } else { "SM" };
             let sid = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+            let early = fake.early_callback.lock().unwrap().clone();
+            if let Some((url, token)) = early {
+                let params = vec![
+                    ("MessageSid".to_owned(), sid.clone()),
+                    ("MessageStatus".to_owned(), "delivered".to_owned()),
+                ];
+                let signature = otp_gateway::receipts::twilio::signature(&token, &url, &params);
+                let fake = Arc::clone(&fake);
+                tokio::spawn(async move {
+                    let _ = rustls::crypto::ring::default_provider().install_default();
+                    let answer = reqwest::Client::new()
+                        .post(&url)
+                        .header("X-Twilio-Signature", signature)
+                        .form(&params)
+                        .send()
+                        .await
+                        .unwrap()
+                        .status();
+                    fake.callback_answers.lock().unwrap().push(answer.as_u16());
+                });
+                // The callback is on its way before the SID reaches the gateway.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             (
                 StatusCode::CREATED,
                 axum::Json(json!({"sid": sid, "status": "queued"})),
@@ -550,4 +579,46 @@ async fn a_failure_callback_while_the_code_is_valid_moves_on_to_the_next_number(
         .map(|(_, f)| f["To"].clone())
         .collect();
     assert_eq!(numbers, ["+14155550101", "+14155550102"]);
+}
+
+#[tokio::test]
+async fn a_status_callback_that_overtakes_the_send_s_answer_is_held_and_applied() {
+    use crate::helpers::{Broker, Gateway, Names, broker_available, config};
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (url, fake) = fake_twilio().await;
+    let names = Names::new("early-callback");
+    let mut broker = Broker::connect(&names).await;
+    let twilio = json!({"kind": "twilio", "base_url": url, "account_sid": "ACtest", "auth_token": "secret", "from": "+15005550006"});
+    let overrides = [
+        ("providers.twilio", twilio),
+        (
+            "routes",
+            json!({"push": ["sandbox"], "sms": ["twilio"], "voice": ["twilio"]}),
+        ),
+    ];
+    let gateway = Gateway::start(config(&names, dir.path(), &overrides)).await;
+    *fake.early_callback.lock().unwrap() = Some((
+        format!("http://{}/receipts/twilio/twilio", gateway.receipts_addr),
+        "secret".to_owned(),
+    ));
+    let mut job = crate::helpers::job("early", "482913");
+    job["targets"] = json!([{"phone": {"number": "+14155550101"}}]);
+    broker.publish_json(&job).await;
+    let (first, _) = broker.next_event(Duration::from_secs(20)).await;
+    let (routing_key, report) = if first == "delivery.sent" {
+        broker.next_event(Duration::from_secs(20)).await
+    } else {
+        (first, Value::Null)
+    };
+    assert_eq!(routing_key, "delivery.delivered", "{report}");
+    crate::helpers::eventually(Duration::from_secs(10), "the callback answered", || {
+        !fake.callback_answers.lock().unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(*fake.callback_answers.lock().unwrap(), [204]);
+    gateway.stop().await;
+    broker.cleanup().await;
 }
