@@ -142,7 +142,22 @@ impl Application {
             .providers
             .iter()
             .filter_map(|(name, provider)| match provider {
-                ProviderConfig::Twilio(twilio) => Some((name.clone(), twilio.auth_token.clone())),
+                ProviderConfig::Twilio(twilio) => {
+                    let expected = crate::providers::twilio_callback_url(&public_url, name);
+                    match &twilio.status_callback {
+                        Some(set) if *set != expected => tracing::warn!(
+                            provider = %name, status_callback = %set, verified_at = %expected,
+                            "Twilio's status_callback is not the URL the receipts listener verifies signatures against: every genuine callback will be refused (403) and deliveries stay SENT. Leave status_callback unset (it is derived from receipts.public_url) or make them agree"
+                        ),
+                        Some(_) => {}
+                        None if self.config.receipts.public_url.is_empty() => tracing::info!(
+                            provider = %name,
+                            "Twilio status callbacks are off: set receipts.public_url (the base URL Twilio reaches the receipts listener at) to get delivery receipts"
+                        ),
+                        None => {}
+                    }
+                    Some((name.clone(), twilio.auth_token.clone()))
+                }
                 _ => None,
             })
             .collect();

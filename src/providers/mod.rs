@@ -28,7 +28,9 @@ pub use fcm::FcmProvider;
 pub use http::HttpProvider;
 pub use sandbox::SandboxProvider;
 pub use smpp::SmppProvider;
-pub use twilio::{TwilioProvider, classify as classify_twilio};
+pub use twilio::{
+    TwilioProvider, callback_url as twilio_callback_url, classify as classify_twilio,
+};
 
 /// Who a message goes to, unmasked: only adapters see this.
 #[derive(Debug, Clone, Copy)]
@@ -393,10 +395,19 @@ impl ProviderRegistry {
                 (None, ProviderConfig::Http(http)) => Arc::new(
                     HttpProvider::new(name, http.clone(), provider_timeout).map_err(failed)?,
                 ),
-                (None, ProviderConfig::Twilio(twilio)) => Arc::new(
-                    TwilioProvider::new(name, twilio.clone(), provider_timeout)
-                        .map_err(|e| failed(e.to_string()))?,
-                ),
+                (None, ProviderConfig::Twilio(twilio)) => {
+                    // Unless set, the status callback is the receipts listener's own URL for
+                    // this provider (when its public URL is known): then signatures verify.
+                    let mut twilio = twilio.clone();
+                    let public_url = &config.receipts.public_url;
+                    if twilio.status_callback.is_none() && !public_url.is_empty() {
+                        twilio.status_callback = Some(twilio::callback_url(public_url, name));
+                    }
+                    Arc::new(
+                        TwilioProvider::new(name, twilio, provider_timeout)
+                            .map_err(|e| failed(e.to_string()))?,
+                    )
+                }
             };
             let call_limit = settings.max_concurrent_calls() as usize;
             let entry = ProviderEntry {

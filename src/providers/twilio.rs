@@ -148,6 +148,15 @@ impl TwilioProvider {
     }
 }
 
+/// The status-callback URL of Twilio provider `provider` under the receipts listener's public
+/// base URL: where Twilio posts, and the URL its signatures cover.
+pub fn callback_url(public_url: &str, provider: &str) -> String {
+    format!(
+        "{}/receipts/twilio/{provider}",
+        public_url.trim_end_matches('/')
+    )
+}
+
 /// Classifies an HTTP error answer from Twilio.
 fn error_from_response(
     status: reqwest::StatusCode,

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::decode::decode_job;
+use super::decode::{decode_job, identify};
 use super::publisher::{PublishError, Publisher};
 use crate::delivery::{DeliveryService, Handled};
 use crate::domain::{Job, Report};
@@ -134,7 +134,9 @@ impl JobConsumer {
         let job = match decode_job(content_type, &delivery.data) {
             Ok(job) => job,
             Err(error) => {
-                tracing::warn!(field = %error.field, problem = %error.problem, "malformed job: dead-lettered");
+                let (tenant, job_id) = identify(content_type, &delivery.data);
+                tracing::warn!(tenant, job_id, field = %error.field, problem = %error.problem,
+                    "malformed job: dead-lettered");
                 match Box::pin(self.publisher.dead_letter(&delivery, &error)).await {
                     Ok(()) => ack(&delivery).await,
                     Err(publish) => {

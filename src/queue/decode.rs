@@ -43,6 +43,32 @@ pub fn decode_job(content_type: Option<&str>, body: &[u8]) -> Result<Job, JobErr
     }
 }
 
+/// What a job that failed to decode says about itself, for the log line of its dead letter:
+/// its `tenant` and `job_id` when they can be read (short strings only; nothing else of the
+/// body, which may hold the code).
+pub fn identify(content_type: Option<&str>, body: &[u8]) -> (Option<String>, Option<String>) {
+    const LONGEST: usize = 128;
+    let short = |s: String| Some(s).filter(|s| !s.is_empty() && s.len() <= LONGEST);
+    if let Ok(job) = v1::SendCodeJob::decode(body)
+        && content_type.is_some_and(|ct| ct.contains("protobuf"))
+    {
+        return (short(job.tenant), short(job.job_id));
+    }
+    #[derive(serde::Deserialize)]
+    struct Identity {
+        tenant: Option<serde_json::Value>,
+        job_id: Option<serde_json::Value>,
+    }
+    let text = |v: Option<serde_json::Value>| match v {
+        Some(serde_json::Value::String(s)) => short(s),
+        _ => None,
+    };
+    match serde_json::from_slice::<Identity>(body) {
+        Ok(identity) => (text(identity.tenant), text(identity.job_id)),
+        Err(_) => (None, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +87,15 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "code");
+    }
+
+    #[test]
+    fn a_malformed_job_is_identified_by_tenant_and_job_id_only() {
+        let body = br#"{"tenant":"acme","job_id":"j-1","code":482913,"channels":["fax"]}"#;
+        assert_eq!(
+            identify(None, body),
+            (Some("acme".into()), Some("j-1".into()))
+        );
+        assert_eq!(identify(None, b"{not json"), (None, None));
     }
 }

@@ -59,16 +59,14 @@ async fn twilio_callback(
     let Some(token) = state.twilio_tokens.get(&provider) else {
         return StatusCode::NOT_FOUND;
     };
-    let url = format!(
-        "{}/receipts/twilio/{provider}",
-        state.public_url.trim_end_matches('/')
-    );
+    let url = crate::providers::twilio_callback_url(&state.public_url, &provider);
     let claimed = headers
         .get("x-twilio-signature")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     if !twilio::verify(token.expose(), &url, &params, claimed) {
-        tracing::warn!(%provider, "Twilio callback with a wrong signature refused");
+        tracing::warn!(%provider, checked_against = %url,
+            "Twilio callback with a wrong signature refused: Twilio signs the URL it called, which must be this one (set receipts.public_url to the base URL Twilio reaches, and leave the provider's status_callback unset or equal to it)");
         return StatusCode::FORBIDDEN;
     }
     let Some(receipt) = twilio::receipt(&provider, &params) else {

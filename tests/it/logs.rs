@@ -44,6 +44,33 @@ async fn logs_never_contain_a_code_and_mask_numbers() {
             dir.path().join("outbox.jsonl").display().to_string(),
         ),
         ("RUST_LOG".to_owned(), "debug".to_owned()),
+        // A Twilio account whose status_callback disagrees with the receipts listener's
+        // public URL: its callbacks could never verify, and the start says so.
+        (
+            "OTP_GATEWAY_RECEIPTS__PUBLIC_URL".to_owned(),
+            "http://127.0.0.1:8088".to_owned(),
+        ),
+        (
+            "OTP_GATEWAY_PROVIDERS__TWILIO__KIND".to_owned(),
+            "twilio".to_owned(),
+        ),
+        (
+            "OTP_GATEWAY_PROVIDERS__TWILIO__ACCOUNT_SID".to_owned(),
+            "ACtest".to_owned(),
+        ),
+        (
+            "OTP_GATEWAY_PROVIDERS__TWILIO__AUTH_TOKEN".to_owned(),
+            "secret".to_owned(),
+        ),
+        (
+            "OTP_GATEWAY_PROVIDERS__TWILIO__FROM".to_owned(),
+            // Quoted: figment reads an unquoted +15005550006 as a number.
+            r#""+15005550006""#.to_owned(),
+        ),
+        (
+            "OTP_GATEWAY_PROVIDERS__TWILIO__STATUS_CALLBACK".to_owned(),
+            "http://localhost:8088/receipts/twilio/twilio".to_owned(),
+        ),
     ]);
     let child = Command::new(binary)
         .args(["serve", "--log-json"])
@@ -129,6 +156,23 @@ async fn logs_never_contain_a_code_and_mask_numbers() {
     assert!(
         logs.contains("malformed job"),
         "the dead letters were logged:\n{logs}"
+    );
+    assert!(
+        logs.lines().any(|l| l.contains("malformed job")
+            && l.contains(r#""job_id":"numeric""#)
+            && l.contains(r#""tenant":"acme""#)),
+        "a dead letter's log line names its job:\n{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("otp-gateway serving") && l.contains(r#""receipts":"127.0.0.1:"#)),
+        "the receipts listener's address is logged at start:\n{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("not the URL the receipts listener verifies")
+                && l.contains("http://127.0.0.1:8088/receipts/twilio/twilio")),
+        "a status_callback that can never verify is warned about:\n{logs}"
     );
     for line in logs.lines() {
         serde_json::from_str::<serde_json::Value>(line)

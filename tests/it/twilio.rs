@@ -622,3 +622,42 @@ async fn a_status_callback_that_overtakes_the_send_s_answer_is_held_and_applied(
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_status_callback_is_derived_from_the_receipts_public_url_unless_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, fake) = fake_twilio().await;
+    let mut config = twilio_config(dir.path(), &url, "secret");
+    let Some(otp_gateway::config::ProviderConfig::Twilio(twilio)) =
+        config.providers.get_mut("twilio")
+    else {
+        panic!("a Twilio provider");
+    };
+    twilio.status_callback = None;
+    config.receipts.public_url = "https://otp.example.com/".into();
+    let service = engine(&config, vec![]).await;
+    deliver(
+        &service,
+        &job("derived", 300.0, &["sms"], to("+14155550101")),
+    )
+    .await;
+    let (_, form) = fake.calls().pop().unwrap();
+    assert_eq!(
+        form.get("StatusCallback").map(String::as_str),
+        Some("https://otp.example.com/receipts/twilio/twilio"),
+        "the URL the receipts listener verifies signatures against"
+    );
+
+    // Without a public URL there is none to derive: no callbacks are asked for.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = twilio_config(dir.path(), &url, "secret");
+    if let Some(otp_gateway::config::ProviderConfig::Twilio(twilio)) =
+        config.providers.get_mut("twilio")
+    {
+        twilio.status_callback = None;
+    }
+    let service = engine(&config, vec![]).await;
+    deliver(&service, &job("none", 300.0, &["sms"], to("+14155550101"))).await;
+    let (_, form) = fake.calls().pop().unwrap();
+    assert!(!form.contains_key("StatusCallback"));
+}
