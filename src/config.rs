@@ -210,6 +210,9 @@ pub struct DeliveryConfig {
     /// How long an SMS or call accepted by a provider that sends receipts waits for a failure
     /// receipt (to go on with the next number or channel) before the job is let go; 0: never.
     pub receipt_wait: SignedDuration,
+    /// How long a target whose every provider has its circuit open waits for a probe to close
+    /// one (or another provider to take calls), never past the code's expiry; 0: fail at once.
+    pub circuit_wait: SignedDuration,
 }
 
 /// Providers per channel, in the order they are tried.
@@ -1221,6 +1224,9 @@ impl Config {
         }
         positive("delivery.push_ack_timeout", self.delivery.push_ack_timeout)?;
         positive("delivery.retry_after_max", self.delivery.retry_after_max)?;
+        if self.delivery.circuit_wait.is_negative() {
+            return Err(invalid("delivery.circuit_wait", "must not be negative"));
+        }
         if self.delivery.receipt_wait.is_negative() {
             return Err(invalid("delivery.receipt_wait", "must not be negative"));
         }

@@ -86,6 +86,9 @@ pub struct CircuitBreaker {
     settings: BreakerConfig,
     cool_down: Duration,
     figures: Mutex<Figures>,
+    /// Woken when the circuit opens, closes, or gives back an unused probe: jobs waiting for
+    /// a route to take calls again look once more.
+    changed: tokio::sync::Notify,
 }
 
 impl CircuitBreaker {
@@ -102,7 +105,32 @@ impl CircuitBreaker {
                 latencies: VecDeque::new(),
                 last_error: None,
             }),
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether a call would be admitted now (without taking a probe).
+    pub fn takes_calls(&self, now: Instant) -> bool {
+        match self.lock().phase {
+            Phase::Closed | Phase::HalfOpen { probing: false } => true,
+            Phase::Open { until } => now >= until,
+            Phase::HalfOpen { probing: true } => false,
+        }
+    }
+
+    /// While open: how long until a probe is let through (`None` while a probe is under way:
+    /// only its result changes anything).
+    pub fn next_chance(&self, now: Instant) -> Option<Duration> {
+        match self.lock().phase {
+            Phase::Open { until } => Some(until.saturating_duration_since(now)),
+            Phase::HalfOpen { probing: true } => None,
+            Phase::Closed | Phase::HalfOpen { probing: false } => Some(Duration::ZERO),
+        }
+    }
+
+    /// Resolves at the next change of state (opened, closed, probe given back).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Figures> {
@@ -133,6 +161,8 @@ impl CircuitBreaker {
         let mut figures = self.lock();
         if let Phase::HalfOpen { probing: true } = figures.phase {
             figures.phase = Phase::HalfOpen { probing: false };
+            drop(figures);
+            self.changed.notify_waiters();
         }
     }
 
@@ -159,6 +189,9 @@ impl CircuitBreaker {
             if matches!(figures.phase, Phase::HalfOpen { .. }) {
                 figures.phase = Phase::Closed;
                 figures.window.clear();
+                drop(figures);
+                // The probe worked: the jobs waiting for this route go now.
+                self.changed.notify_waiters();
             }
             return false;
         }
@@ -179,6 +212,8 @@ impl CircuitBreaker {
             figures.phase = Phase::Open {
                 until: now + self.cool_down,
             };
+            drop(figures);
+            self.changed.notify_waiters();
         }
         open_now
     }

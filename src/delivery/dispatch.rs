@@ -7,7 +7,7 @@
 //! Nothing is attempted past the deadline (the code's expiry less a margin). Every attempt is
 //! written to the ledger as it starts and ends.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,12 +30,15 @@ use crate::policy::{
     target_keys, zones_of,
 };
 use crate::providers::{
-    OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient,
+    OutboundMessage, ProviderEntry, ProviderError, ProviderRegistry, Recipient, Route,
 };
 use crate::store::{AttemptEnd, AttemptStart, PolicyStore, StoreError, TargetUpdate};
 
 /// The route key of a channel's default route (prefix routes use their prefix).
 const DEFAULT_ROUTE: &str = "*";
+/// The longest a job waiting for a blocked route sleeps before it looks again (a change of
+/// any circuit wakes it sooner).
+const ROUTE_WAIT_SLICE: Duration = Duration::from_secs(1);
 /// How often a push stage re-reads the ledger for acknowledgements that arrived at another
 /// replica (acknowledgements made here wake it at once).
 const ACK_POLL: Duration = Duration::from_millis(250);
@@ -73,6 +76,9 @@ pub struct EngineSettings {
     pub retry_after_max: Duration,
     /// How long an accepted SMS or call waits for a failure receipt before the job is let go.
     pub receipt_wait: Duration,
+    /// How long a target whose every provider has its circuit open waits for one to take calls
+    /// again (never past the code's expiry); zero: it fails at once.
+    pub circuit_wait: Duration,
     /// Tenants whose push stage does not wait for acknowledgements.
     pub tenants_without_ack: HashSet<String>,
     /// Countries each tenant may send SMS and voice to.
@@ -109,6 +115,7 @@ impl EngineSettings {
                 Duration::from_secs(30),
             ),
             receipt_wait: delivery.receipt_wait.unsigned_abs(),
+            circuit_wait: delivery.circuit_wait.unsigned_abs(),
             tenants_without_ack: tenants
                 .iter()
                 .filter(|(_, tenant)| !tenant.push_acknowledgement)
@@ -878,114 +885,131 @@ impl Dispatcher {
         let mut skipped_open = Vec::new();
         let mut skipped_busy = Vec::new();
         let mut stopped_by_deadline = false;
-        'providers: for entry in &route.providers {
-            let name = entry.name();
-            let policy = &self.policies[name];
-            let provider_breaker = &self.breakers.providers[name];
-            let route_breaker = self.route_breaker(entry, channel, route_key);
-            let mut retry = earlier_tries(prior, index, name, channel);
-            let mut calls = 0;
-            // The last failed call, while its planned retry has not happened yet.
-            let mut planned_retry: Option<(crate::store::AttemptKey, AttemptEnd)> = None;
-            loop {
-                if progress.now() >= deadline {
-                    self.cancel_retry(planned_retry.take(), index, channel, progress)
-                        .await?;
-                    stopped_by_deadline = true;
-                    break 'providers;
-                }
-                let Some(slot) = self.call_slot(entry, deadline, progress).await else {
-                    self.cancel_retry(planned_retry.take(), index, channel, progress)
-                        .await?;
-                    tracing::warn!(
-                        provider = name,
-                        max_concurrent_calls = entry.call_limit,
-                        "every call slot of the provider stayed busy: provider skipped"
-                    );
-                    skipped_busy.push(name.to_owned());
-                    continue 'providers;
-                };
-                if !Self::admit(provider_breaker, &route_breaker, Instant::now()) {
-                    self.cancel_retry(planned_retry.take(), index, channel, progress)
-                        .await?;
-                    tracing::info!(
-                        provider = name,
-                        route = route_key,
-                        "circuit open: provider skipped"
-                    );
-                    skipped_open.push(name.to_owned());
-                    continue 'providers;
-                }
-                let started = Instant::now();
-                let (attempt, result) = self
-                    .call(job, index, channel, entry, retry, progress)
-                    .await?;
-                let latency = started.elapsed();
-                drop(slot);
-                calls += 1;
-                let verdict = match &result {
-                    Err(error) if error.class != RetryClass::PermanentForTarget => {
-                        CallResult::Failure
+        // Calls made by this run per provider (a later round numbers its retries on).
+        let mut tried_here: HashMap<&str, u32> = HashMap::new();
+        let mut waiting_since = None;
+        'rounds: loop {
+            skipped_open.clear();
+            skipped_busy.clear();
+            'providers: for entry in &route.providers {
+                let name = entry.name();
+                let policy = &self.policies[name];
+                let provider_breaker = &self.breakers.providers[name];
+                let route_breaker = self.route_breaker(entry, channel, route_key);
+                let mut retry = earlier_tries(prior, index, name, channel)
+                    + tried_here.get(name).copied().unwrap_or(0);
+                let mut calls = 0;
+                // The last failed call, while its planned retry has not happened yet.
+                let mut planned_retry: Option<(crate::store::AttemptKey, AttemptEnd)> = None;
+                loop {
+                    if progress.now() >= deadline {
+                        self.cancel_retry(planned_retry.take(), index, channel, progress)
+                            .await?;
+                        stopped_by_deadline = true;
+                        break 'providers;
                     }
-                    _ => CallResult::Success,
-                };
-                let message = result.as_ref().err().map(ToString::to_string);
-                for (breaker, scope) in [
-                    (provider_breaker.as_ref(), "*"),
-                    (route_breaker.as_ref(), route_key),
-                ] {
-                    if breaker.record(Instant::now(), verdict, latency, message.as_deref()) {
+                    let Some(slot) = self.call_slot(entry, deadline, progress).await else {
+                        self.cancel_retry(planned_retry.take(), index, channel, progress)
+                            .await?;
                         tracing::warn!(
                             provider = name,
-                            route = scope,
-                            error = message.as_deref(),
-                            "circuit opened"
+                            max_concurrent_calls = entry.call_limit,
+                            "every call slot of the provider stayed busy: provider skipped"
                         );
-                    }
-                }
-                let error = match result {
-                    Ok(accept) => {
-                        let receipt =
-                            accept.message_id.is_some() && entry.provider.sends_receipts(channel);
-                        let end = AttemptEnd::sent(progress.now(), accept.message_id);
-                        self.finish_call(attempt, &end, index, channel, progress)
+                        skipped_busy.push(name.to_owned());
+                        continue 'providers;
+                    };
+                    if !Self::admit(provider_breaker, &route_breaker, Instant::now()) {
+                        self.cancel_retry(planned_retry.take(), index, channel, progress)
                             .await?;
-                        return Ok(TargetEnd::Accepted { receipt });
-                    }
-                    Err(error) => error,
-                };
-                let delay = (error.class == RetryClass::Transient && calls < policy.max_attempts())
-                    .then(|| policy.delay(calls, error.retry_after, self.settings.retry_after_max))
-                    .flatten();
-                let now = progress.now();
-                let next_retry_at =
-                    delay.map(|d| now + SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX));
-                let retry_in_time = next_retry_at.filter(|at| *at < deadline);
-                if next_retry_at.is_some() && retry_in_time.is_none() {
-                    stopped_by_deadline = true;
-                }
-                let end = AttemptEnd::failed(now, &error, retry_in_time);
-                self.finish_call(attempt, &end, index, channel, progress)
-                    .await?;
-                match (error.class, retry_in_time, delay) {
-                    (RetryClass::PermanentForTarget, _, _) => {
-                        self.learn_from(job, index, name, &error, progress).await?;
-                        return Ok(TargetEnd::Recipient {
-                            reason: error.reason,
-                        });
-                    }
-                    (RetryClass::Transient, Some(_), Some(delay)) => {
-                        last_error = Some((name.to_owned(), error));
-                        planned_retry = Some((attempt, end));
-                        progress.flush().await?;
-                        tokio::time::sleep(delay).await;
-                        retry += 1;
-                    }
-                    _ => {
-                        last_error = Some((name.to_owned(), error));
+                        tracing::info!(
+                            provider = name,
+                            route = route_key,
+                            "circuit open: provider skipped"
+                        );
+                        skipped_open.push(name.to_owned());
                         continue 'providers;
                     }
+                    let started = Instant::now();
+                    *tried_here.entry(name).or_default() += 1;
+                    let (attempt, result) = self
+                        .call(job, index, channel, entry, retry, progress)
+                        .await?;
+                    let latency = started.elapsed();
+                    drop(slot);
+                    calls += 1;
+                    let verdict = match &result {
+                        Err(error) if error.class != RetryClass::PermanentForTarget => {
+                            CallResult::Failure
+                        }
+                        _ => CallResult::Success,
+                    };
+                    let message = result.as_ref().err().map(ToString::to_string);
+                    for (breaker, scope) in [
+                        (provider_breaker.as_ref(), "*"),
+                        (route_breaker.as_ref(), route_key),
+                    ] {
+                        if breaker.record(Instant::now(), verdict, latency, message.as_deref()) {
+                            tracing::warn!(
+                                provider = name,
+                                route = scope,
+                                error = message.as_deref(),
+                                "circuit opened"
+                            );
+                        }
+                    }
+                    let error = match result {
+                        Ok(accept) => {
+                            let receipt = accept.message_id.is_some()
+                                && entry.provider.sends_receipts(channel);
+                            let end = AttemptEnd::sent(progress.now(), accept.message_id);
+                            self.finish_call(attempt, &end, index, channel, progress)
+                                .await?;
+                            return Ok(TargetEnd::Accepted { receipt });
+                        }
+                        Err(error) => error,
+                    };
+                    let delay = (error.class == RetryClass::Transient
+                        && calls < policy.max_attempts())
+                    .then(|| policy.delay(calls, error.retry_after, self.settings.retry_after_max))
+                    .flatten();
+                    let now = progress.now();
+                    let next_retry_at = delay
+                        .map(|d| now + SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX));
+                    let retry_in_time = next_retry_at.filter(|at| *at < deadline);
+                    if next_retry_at.is_some() && retry_in_time.is_none() {
+                        stopped_by_deadline = true;
+                    }
+                    let end = AttemptEnd::failed(now, &error, retry_in_time);
+                    self.finish_call(attempt, &end, index, channel, progress)
+                        .await?;
+                    match (error.class, retry_in_time, delay) {
+                        (RetryClass::PermanentForTarget, _, _) => {
+                            self.learn_from(job, index, name, &error, progress).await?;
+                            return Ok(TargetEnd::Recipient {
+                                reason: error.reason,
+                            });
+                        }
+                        (RetryClass::Transient, Some(_), Some(delay)) => {
+                            last_error = Some((name.to_owned(), error));
+                            planned_retry = Some((attempt, end));
+                            progress.flush().await?;
+                            tokio::time::sleep(delay).await;
+                            retry += 1;
+                        }
+                        _ => {
+                            last_error = Some((name.to_owned(), error));
+                            continue 'providers;
+                        }
+                    }
                 }
+            }
+            if stopped_by_deadline
+                || !self
+                    .wait_for_route(&route, channel, deadline, &mut waiting_since, progress)
+                    .await
+            {
+                break 'rounds;
             }
         }
         let last = last_error.as_ref().map(|(name, e)| {
@@ -1049,6 +1073,77 @@ impl Dispatcher {
                 },
             },
         })
+    }
+
+    /// When no provider of `route` takes calls (every one's circuit is open, or probing) but
+    /// the code has time left: waits for a circuit to let a call through again (its cool-down
+    /// ending, a probe's success) and returns true to go round the route once more. Waits are
+    /// bounded by `circuit_wait` in all (from `waiting_since`) and never pass the deadline.
+    async fn wait_for_route(
+        &self,
+        route: &Route<'_>,
+        channel: Channel,
+        deadline: Timestamp,
+        waiting_since: &mut Option<Instant>,
+        progress: &Progress<'_>,
+    ) -> bool {
+        if route.providers.is_empty() || self.settings.circuit_wait.is_zero() {
+            return false;
+        }
+        let route_key = route.prefix.unwrap_or(DEFAULT_ROUTE);
+        let now = Instant::now();
+        let breakers: Vec<[Arc<CircuitBreaker>; 2]> = route
+            .providers
+            .iter()
+            .map(|entry| {
+                [
+                    Arc::clone(&self.breakers.providers[entry.name()]),
+                    self.route_breaker(entry, channel, route_key),
+                ]
+            })
+            .collect();
+        // A provider whose circuits take calls failed on its own: nothing to wait for.
+        if breakers
+            .iter()
+            .any(|pair| pair.iter().all(|b| b.takes_calls(now)))
+        {
+            return false;
+        }
+        let left = deadline.duration_since(progress.now());
+        if !left.is_positive() {
+            return false;
+        }
+        let since = *waiting_since.get_or_insert_with(|| {
+            tracing::info!(channel = %channel, "every provider's circuit is open: waiting for one to take calls again");
+            now
+        });
+        let until = (since + self.settings.circuit_wait).min(now + left.unsigned_abs());
+        if now >= until {
+            return false;
+        }
+        // A provider takes calls when both its circuits do: the later of their chances. A
+        // probe under way has none of its own (its result wakes us).
+        let next = breakers
+            .iter()
+            .filter_map(|pair| {
+                let [a, b] = pair;
+                Some(a.next_chance(now)?.max(b.next_chance(now)?))
+            })
+            .min()
+            .unwrap_or(ROUTE_WAIT_SLICE)
+            .min(ROUTE_WAIT_SLICE)
+            .min(until - now);
+        let changes = futures_util::future::select_all(
+            breakers
+                .iter()
+                .flatten()
+                .map(|breaker| Box::pin(breaker.changed())),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = changes => {}
+        }
+        true
     }
 
     /// A slot for one call to `entry` (one of its `max_concurrent_calls`), waiting for a call

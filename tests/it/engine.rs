@@ -1425,3 +1425,96 @@ async fn shown_counts_only_from_a_device_that_got_a_push_and_the_answer_shows_th
     assert_eq!(report.status, DeliveryStatus::Failed);
     assert!(sms.call_times().is_empty());
 }
+
+#[tokio::test]
+async fn jobs_wait_out_an_open_circuit_while_their_codes_are_valid_and_a_probe_releases_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = json!({"max_attempts": 1});
+    let breaker = json!({"consecutive_failures": 3, "cool_down": "500ms"});
+    let config = engine_config(
+        dir.path(),
+        json!({"only": provider_settings(dir.path(), "only", once, breaker)}),
+        &[
+            (
+                "routes",
+                json!({"push": ["only"], "sms": ["only"], "voice": ["only"]}),
+            ),
+            ("delivery.circuit_wait", json!("20s")),
+        ],
+    );
+    // A short outage: three calls fail, then the provider is back.
+    let only = Scripted::new(
+        "only",
+        vec![
+            fail(unavailable()),
+            fail(unavailable()),
+            fail(unavailable()),
+        ],
+        ok(),
+    );
+    let service = engine(&config, vec![("only", only.clone())]).await;
+    for i in 0..2 {
+        let report = deliver(
+            &service,
+            &sms_job(&format!("before-{i}"), 60.0, &["+14155550101"]),
+        )
+        .await;
+        assert_eq!(
+            report.status,
+            DeliveryStatus::Failed,
+            "the circuit was closed: a plain failure"
+        );
+    }
+    // The third failure opens the circuit; the jobs arriving meanwhile find it open. None
+    // fails: they wait for the cool-down's probe, and its success lets them all go.
+    let jobs: Vec<_> = (0..6)
+        .map(|i| {
+            spawn_delivery(
+                &service,
+                sms_job(&format!("during-{i}"), 60.0, &["+14155550101"]),
+            )
+        })
+        .collect();
+    for job in jobs {
+        let report = job.await.unwrap();
+        assert_eq!(report.status, DeliveryStatus::Sent, "{report:#?}");
+        let attempts = &report.targets[0].attempts;
+        assert_eq!(
+            attempts.last().unwrap().outcome,
+            AttemptOutcome::Sent,
+            "{attempts:?}"
+        );
+    }
+    assert_eq!(
+        only.call_times().len(),
+        3 + 6,
+        "no call while the circuit was open: three failures, then one success per job"
+    );
+
+    // With the wait off, a job that finds every circuit open fails at once, as before.
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"only": provider_settings(dir.path(), "only", json!({"max_attempts": 1}), json!({"consecutive_failures": 1, "cool_down": "30s"}))}),
+        &[
+            (
+                "routes",
+                json!({"push": ["only"], "sms": ["only"], "voice": ["only"]}),
+            ),
+            ("delivery.circuit_wait", json!("0s")),
+        ],
+    );
+    let only = Scripted::new("only", vec![fail(unavailable())], ok());
+    let service = engine(&config, vec![("only", only.clone())]).await;
+    deliver(&service, &sms_job("opens", 60.0, &["+14155550101"])).await;
+    let report = deliver(&service, &sms_job("finds-it-open", 60.0, &["+14155550101"])).await;
+    assert_eq!(report.status, DeliveryStatus::Failed);
+    assert!(
+        report.targets[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("circuit is open"),
+        "{report:#?}"
+    );
+}
