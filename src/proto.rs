@@ -188,6 +188,7 @@ fn outcome_to_proto(outcome: AttemptOutcome) -> v1::AttemptOutcome {
         AttemptOutcome::Sent => v1::AttemptOutcome::Sent,
         AttemptOutcome::Delivered => v1::AttemptOutcome::Delivered,
         AttemptOutcome::Failed => v1::AttemptOutcome::Failed,
+        AttemptOutcome::Interrupted => v1::AttemptOutcome::Interrupted,
     }
 }
 

@@ -79,6 +79,9 @@ pub enum AttemptOutcome {
     Delivered,
     /// The provider refused or failed.
     Failed,
+    /// The gateway stopped (a crash, a kill) while the call was open: whether the provider
+    /// took the message is not known. A replica that takes the delivery over records this.
+    Interrupted,
 }
 
 string_enum!(AttemptOutcome {
@@ -86,6 +89,7 @@ string_enum!(AttemptOutcome {
     Sent => "SENT",
     Delivered => "DELIVERED",
     Failed => "FAILED",
+    Interrupted => "INTERRUPTED",
 });
 
 /// What a device said about a pushed code (`AcknowledgeDelivery`).

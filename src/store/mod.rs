@@ -174,7 +174,7 @@ impl TargetUpdate {
             AttemptOutcome::Sent => TargetStatus::Sent,
             AttemptOutcome::Delivered => TargetStatus::Delivered,
             AttemptOutcome::Failed => TargetStatus::Failed,
-            AttemptOutcome::InFlight => TargetStatus::Pending,
+            AttemptOutcome::InFlight | AttemptOutcome::Interrupted => TargetStatus::Pending,
         };
         TargetUpdate {
             channel,

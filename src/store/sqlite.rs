@@ -632,7 +632,8 @@ mod tests {
             panic!("takeover resumes");
         };
         let interrupted = &report.targets[1].attempts[0];
-        assert_eq!(interrupted.outcome, AttemptOutcome::Failed);
+        assert_eq!(interrupted.outcome, AttemptOutcome::Interrupted);
+        assert_eq!(interrupted.reason, None, "not a timeout: nobody knows");
         assert_eq!(interrupted.provider_message.as_deref(), Some(INTERRUPTED));
         ledger
             .finish_attempt(

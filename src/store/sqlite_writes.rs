@@ -19,8 +19,8 @@ use crate::policy::{
 };
 
 /// What an attempt left unanswered by a worker that went away is recorded as.
-pub(super) const INTERRUPTED: &str =
-    "interrupted: the gateway stopped before the provider answered";
+pub(super) const INTERRUPTED: &str = "interrupted: the gateway stopped while the call was open, \
+     so whether the provider took the message is not known (it may have been sent)";
 
 /// What a claim did in the ledger (the report is read after the commit).
 #[derive(Debug, Clone, Copy)]
@@ -164,7 +164,7 @@ pub(super) fn claim(
         "taking over an interrupted delivery"
     );
     conn.prepare_cached(
-        "UPDATE attempts SET ended_at = ?, outcome = 'FAILED', reason = 'PROVIDER_TIMEOUT', provider_message = ?
+        "UPDATE attempts SET ended_at = ?, outcome = 'INTERRUPTED', reason = NULL, provider_message = ?
          WHERE delivery = ? AND outcome = 'IN_FLIGHT'",
     )?
     .execute(params![micros(now), INTERRUPTED, key])?;
