@@ -32,6 +32,10 @@ struct Cli {
     /// Log as JSON lines instead of readable text.
     #[arg(long, global = true)]
     log_json: bool,
+    /// The gateway's gRPC address for the client commands, before or after the verb
+    /// (default: grpc.listen of the configuration).
+    #[arg(long, global = true, env = "OTP_GATEWAY_SERVER")]
+    server: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,9 +50,6 @@ enum Command {
     Block {
         #[command(subcommand)]
         command: BlockCommand,
-        /// The gateway's gRPC address (default: from grpc.listen).
-        #[arg(long, global = true)]
-        server: Option<String>,
     },
     /// Dry run: what the gateway would do with a JSON job file (nothing is sent or counted).
     Explain {
@@ -57,39 +58,23 @@ enum Command {
         /// Plan for this instant (RFC 3339) instead of now.
         #[arg(long)]
         at: Option<Timestamp>,
-        /// The gateway's gRPC address (default: from grpc.listen).
-        #[arg(long)]
-        server: Option<String>,
     },
     /// Manage quiet-hours rules.
     Quiet {
         #[command(subcommand)]
         command: QuietCommand,
-        /// The gateway's gRPC address (default: from grpc.listen).
-        #[arg(long, global = true)]
-        server: Option<String>,
     },
     /// Manage rate limits.
     Limits {
         #[command(subcommand)]
         command: LimitsCommand,
-        /// The gateway's gRPC address (default: from grpc.listen).
-        #[arg(long, global = true)]
-        server: Option<String>,
     },
     /// Exit 0 if the gateway reports SERVING on gRPC health (for container health checks).
-    Health {
-        /// The gateway's gRPC address (default: from grpc.listen).
-        #[arg(long)]
-        server: Option<String>,
-    },
+    Health,
     /// Print the report of a delivery.
     Status {
         /// The delivery id, "<tenant>/<job_id>".
         id: String,
-        /// The gateway's gRPC address (default: from grpc.listen).
-        #[arg(long)]
-        server: Option<String>,
     },
 }
 
@@ -219,7 +204,8 @@ struct SendArgs {
     /// A trusted phone number (E.164); repeat for several.
     #[arg(long = "to")]
     numbers: Vec<String>,
-    /// A trusted device as PLATFORM:TOKEN (apns or fcm); repeat for several.
+    /// A trusted device as PLATFORM:TOKEN or PLATFORM:TOKEN@TOPIC (apns or fcm; the topic is
+    /// the APNs bundle id or the FCM project); repeat for several.
     #[arg(long = "device")]
     devices: Vec<String>,
     /// The code to send (default: six random digits).
@@ -241,20 +227,25 @@ struct SendArgs {
     /// Follow the delivery and print the final report; exit 1 if it failed.
     #[arg(long)]
     wait: bool,
-    /// The gateway's gRPC address (default: from grpc.listen).
-    #[arg(long)]
-    server: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("otp-gateway: {error}");
-            return ExitCode::from(EXIT_CONFIG);
+    // The client commands need the configuration only to find the gateway when no --server is
+    // given: a server configuration they cannot load never stops them otherwise.
+    let needs_config = matches!(cli.command, Command::Serve) || cli.server.is_none();
+    let config = if needs_config {
+        match Config::load(cli.config.as_deref()) {
+            Ok(config) => Some(config),
+            Err(error) => {
+                eprintln!("otp-gateway: {error}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
         }
+    } else {
+        None
     };
+    let server = server_address(cli.server.as_deref(), config.as_ref());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -262,6 +253,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve => {
+                let config = config.expect("loaded for serve");
                 let format = if cli.log_json {
                     LogFormat::Json
                 } else {
@@ -270,35 +262,45 @@ fn main() -> ExitCode {
                 otp_gateway::telemetry::init(format, &config.log.level);
                 serve(config).await
             }
-            Command::Send(args) => {
-                let server = server_address(args.server.as_deref(), &config);
-                send(args, server).await
-            }
-            Command::Block { command, server } => {
-                block(command, server_address(server.as_deref(), &config)).await
-            }
-            Command::Explain { file, at, server } => {
-                explain(&file, at, server_address(server.as_deref(), &config)).await
-            }
-            Command::Quiet { command, server } => {
-                quiet(command, server_address(server.as_deref(), &config)).await
-            }
-            Command::Limits { command, server } => {
-                limits(command, server_address(server.as_deref(), &config)).await
-            }
-            Command::Health { server } => health(server_address(server.as_deref(), &config)).await,
-            Command::Status { id, server } => {
-                status(&id, server_address(server.as_deref(), &config)).await
-            }
+            Command::Send(args) => send(args, server).await,
+            Command::Block { command } => block(command, server).await,
+            Command::Explain { file, at } => explain(&file, at, server).await,
+            Command::Quiet { command } => quiet(command, server).await,
+            Command::Limits { command } => limits(command, server).await,
+            Command::Health => health(server).await,
+            Command::Status { id } => status(&id, server).await,
         }
     });
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("otp-gateway: {error:#}");
+            // A refusal from the gateway reads as a person would say it, not as a dump.
+            match error.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("otp-gateway: {}", describe_status(status)),
+                None => eprintln!("otp-gateway: {error:#}"),
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// `not found: no delivery acme/nope`: the status code in words, then the gateway's message.
+fn describe_status(status: &tonic::Status) -> String {
+    use tonic::Code;
+    let code = match status.code() {
+        Code::NotFound => "not found",
+        Code::InvalidArgument => "invalid argument",
+        Code::FailedPrecondition => "failed precondition",
+        Code::PermissionDenied => "permission denied",
+        Code::Unauthenticated => "unauthenticated",
+        Code::Unavailable => "unavailable",
+        Code::AlreadyExists => "already exists",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::Unimplemented => "unimplemented",
+        _ => "error",
+    };
+    format!("{code}: {}", status.message())
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
@@ -327,7 +329,7 @@ async fn stop_on_signal(stop: CancellationToken) {
     stop.cancel();
 }
 
-fn server_address(explicit: Option<&str>, config: &Config) -> String {
+fn server_address(explicit: Option<&str>, config: Option<&Config>) -> String {
     if let Some(server) = explicit {
         return if server.contains("://") {
             server.to_owned()
@@ -335,6 +337,9 @@ fn server_address(explicit: Option<&str>, config: &Config) -> String {
             format!("http://{server}")
         };
     }
+    let Some(config) = config else {
+        return "http://127.0.0.1:50051".to_owned();
+    };
     let mut addr = config.grpc.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -386,7 +391,8 @@ async fn send(args: SendArgs, server: String) -> anyhow::Result<ExitCode> {
     for (i, device) in args.devices.iter().enumerate() {
         let (platform, token) = device
             .split_once(':')
-            .context("--device takes PLATFORM:TOKEN, e.g. apns:a1b2c3")?;
+            .context("--device takes PLATFORM:TOKEN[@TOPIC], e.g. apns:a1b2c3@com.example.app")?;
+        let (token, topic) = token.split_once('@').unwrap_or((token, ""));
         let platform =
             v1::Platform::from_str_name(&format!("PLATFORM_{}", platform.to_ascii_uppercase()))
                 .filter(|p| *p != v1::Platform::Unspecified)
@@ -396,6 +402,7 @@ async fn send(args: SendArgs, server: String) -> anyhow::Result<ExitCode> {
                 id: format!("device-{}", i + 1),
                 platform: platform as i32,
                 token: token.to_owned(),
+                topic: topic.to_owned(),
                 ..Default::default()
             })),
         });
@@ -634,9 +641,11 @@ async fn quiet(command: QuietCommand, server: String) -> anyhow::Result<ExitCode
     };
     let line = |rule: &v1::QuietHours| {
         let action = v1::QuietAction::try_from(rule.action).map_or("?".into(), |a| {
+            // As `--action` takes it: allow-user-initiated.
             a.as_str_name()
                 .trim_start_matches("QUIET_ACTION_")
                 .to_ascii_lowercase()
+                .replace('_', "-")
         });
         let tenant = if rule.tenant.is_empty() {
             "*"

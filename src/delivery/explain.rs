@@ -107,11 +107,7 @@ impl Dispatcher {
             };
             let (eligible, reason, decision) = match eligibility(job, target, &stages, &blocks, at)
             {
-                Eligibility::Eligible(_) => (
-                    true,
-                    None,
-                    "eligible: valid and on no block list".to_owned(),
-                ),
+                Eligibility::Eligible(_) => (true, None, "valid and on no block list".to_owned()),
                 Eligibility::NotAsked(detail) => (false, None, detail),
                 Eligibility::Refused { reason, detail, .. } => (false, Some(reason), detail),
             };

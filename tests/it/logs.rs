@@ -117,6 +117,18 @@ async fn logs_never_contain_a_code_and_mask_numbers() {
         printed.contains("via sandbox (sms, GSM_7, 1 segment): SENT"),
         "{printed}"
     );
+    // A client command takes --server before the verb too, never needs the server's
+    // configuration (a broken one does not stop it), and says "not found" as a person would.
+    let unknown = Command::new(binary)
+        .args(["--server", &server, "status", "acme/nope"])
+        .env("OTP_GATEWAY_AMQP__PREFETCH", "0")
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&unknown.stderr),
+        "otp-gateway: not found: no delivery acme/nope\n"
+    );
 
     // A queue job, and malformed ones whose errors would echo the code if they could.
     broker.publish_json(&job("logged", "739164")).await;
