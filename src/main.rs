@@ -277,11 +277,29 @@ fn main() -> ExitCode {
             // A refusal from the gateway reads as a person would say it, not as a dump.
             match error.downcast_ref::<tonic::Status>() {
                 Some(status) => eprintln!("otp-gateway: {}", describe_status(status)),
-                None => eprintln!("otp-gateway: {error:#}"),
+                None => eprintln!("otp-gateway: {}", describe_error(&error)),
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each said once: libraries often repeat their cause in their own
+/// message (sqlx: "error communicating with database: <the io error>"), which the chain
+/// would print again.
+fn describe_error(error: &anyhow::Error) -> String {
+    let mut said = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if said.contains(&text) {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(": ");
+        }
+        said.push_str(&text);
+    }
+    said
 }
 
 /// `not found: no delivery acme/nope`: the status code in words, then the gateway's message.
@@ -308,7 +326,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         Ok(app) => app,
         // A key file that cannot be read or does not hold a key is a configuration error.
         Err(error) if error.is::<otp_gateway::providers::ProviderBuildError>() => {
-            eprintln!("otp-gateway: {error:#}");
+            eprintln!("otp-gateway: {}", describe_error(&error));
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
         Err(error) => return Err(error),

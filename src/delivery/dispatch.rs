@@ -404,10 +404,26 @@ impl Dispatcher {
             standing.push(match previous {
                 TargetStatus::Sent | TargetStatus::Delivered => Standing::Reached,
                 TargetStatus::Failed | TargetStatus::Skipped => Standing::Closed,
-                TargetStatus::Pending => {
-                    self.check_eligibility(index, job, target, &channels, blocks, progress)
-                        .await?
-                }
+                TargetStatus::Pending => match earlier_twin(job, index) {
+                    // The same number or token twice in one job: one send reaches both.
+                    Some(twin) => {
+                        let detail = format!("the same recipient as target {twin}");
+                        self.settle(
+                            index,
+                            channel_of(target),
+                            TargetStatus::Skipped,
+                            None,
+                            Some(detail),
+                            progress,
+                        )
+                        .await?;
+                        Standing::Closed
+                    }
+                    None => {
+                        self.check_eligibility(index, job, target, &channels, blocks, progress)
+                            .await?
+                    }
+                },
             });
         }
         if !resumed_pushes.is_empty() && !standing.contains(&Standing::Reached) {
@@ -945,18 +961,22 @@ impl Dispatcher {
                         _ => CallResult::Success,
                     };
                     let message = result.as_ref().err().map(ToString::to_string);
-                    for (breaker, scope) in [
-                        (provider_breaker.as_ref(), "*"),
-                        (route_breaker.as_ref(), route_key),
-                    ] {
-                        if breaker.record(Instant::now(), verdict, latency, message.as_deref()) {
-                            tracing::warn!(
-                                provider = name,
-                                route = scope,
-                                error = message.as_deref(),
-                                "circuit opened"
-                            );
-                        }
+                    if provider_breaker.record(Instant::now(), verdict, latency, message.as_deref())
+                    {
+                        tracing::warn!(
+                            provider = name,
+                            error = message.as_deref(),
+                            "circuit opened for the provider as a whole (every route)"
+                        );
+                    }
+                    if route_breaker.record(Instant::now(), verdict, latency, message.as_deref()) {
+                        tracing::warn!(
+                            provider = name,
+                            channel = %channel,
+                            route = route_key,
+                            error = message.as_deref(),
+                            "circuit opened for the provider on this route"
+                        );
                     }
                     let error = match result {
                         Ok(accept) => {
@@ -1647,6 +1667,19 @@ fn local_time(at: &jiff::Zoned) -> String {
         at.time_zone().iana_name().unwrap_or("local"),
         at.timestamp()
     )
+}
+
+/// The first earlier target of `job` with the same recipient as target `index` (the same
+/// number, or the same platform and token).
+fn earlier_twin(job: &Job, index: usize) -> Option<usize> {
+    let same = |a: &Target, b: &Target| match (a, b) {
+        (Target::Phone(a), Target::Phone(b)) => a.number == b.number,
+        (Target::Device(a), Target::Device(b)) => a.platform == b.platform && a.token == b.token,
+        _ => false,
+    };
+    job.targets[..index]
+        .iter()
+        .position(|earlier| same(earlier, &job.targets[index]))
 }
 
 /// Where a number stands after `reason` failed it on one channel: closed for the job, or open

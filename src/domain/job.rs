@@ -237,9 +237,7 @@ impl Job {
     /// a malformed phone number still get a report, see `delivery`).
     pub fn validate(&self) -> Result<(), JobError> {
         check_identifier("job_id", &self.job_id, MAX_JOB_ID_LEN, |c| !c.is_control())?;
-        check_identifier("tenant", &self.tenant, MAX_TENANT_LEN, |c| {
-            c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
-        })?;
+        check_tenant("tenant", &self.tenant)?;
         check_identifier("account", &self.account, MAX_ACCOUNT_LEN, |c| {
             !c.is_control()
         })?;
@@ -297,6 +295,14 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// Checks a tenant name as jobs carry it (letters, digits, `-`, `_`, `.`; at most 64 bytes):
+/// an admin rule or entry for a tenant no job could name would never match.
+pub fn check_tenant(field: &str, tenant: &str) -> Result<(), JobError> {
+    check_identifier(field, tenant, MAX_TENANT_LEN, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+    })
 }
 
 /// Refuses a value longer than `max_len` bytes (saying so, never echoing it).

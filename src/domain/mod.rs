@@ -12,7 +12,7 @@ mod sms;
 pub use clock::{Clock, SystemClock};
 pub use job::{
     Channel, Code, DeliveryId, DeviceTarget, Job, JobError, PhoneTarget, Platform, Target,
-    is_apns_token, is_e164,
+    check_tenant, is_apns_token, is_e164,
 };
 pub use mask::{mask_phone, mask_token, scrub};
 pub use message::{

@@ -6,7 +6,8 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use crate::domain::{
-    FailureReason, Job, JobError, Target, is_e164, mask_phone, mask_token, string_enum,
+    FailureReason, Job, JobError, Target, check_tenant, is_e164, mask_phone, mask_token,
+    string_enum,
 };
 
 /// What a block entry matches.
@@ -114,13 +115,14 @@ impl NewBlockEntry {
             }
             _ => {}
         }
-        if let Some(tenant) = &self.tenant
-            && tenant.trim().is_empty()
-        {
-            return Err(JobError::new(
-                "tenant",
-                "is empty (leave it out for a global entry)",
-            ));
+        if let Some(tenant) = &self.tenant {
+            if tenant.trim().is_empty() {
+                return Err(JobError::new(
+                    "tenant",
+                    "is empty (leave it out for a global entry)",
+                ));
+            }
+            check_tenant("tenant", tenant)?;
         }
         if self.expires_at.is_some_and(|at| at <= now) {
             return Err(JobError::new("expires_at", "is in the past"));
@@ -345,5 +347,11 @@ mod tests {
         let mut expired = new(BlockKind::Prefix, "+882");
         expired.expires_at = Some(Timestamp::from_second(10).unwrap());
         assert_eq!(expired.validate(now).unwrap_err().field, "expires_at");
+        // A tenant no job could name would never match.
+        let mut spaced = new(BlockKind::Prefix, "+882");
+        spaced.tenant = Some("bad tenant".into());
+        let refused = spaced.validate(now).unwrap_err();
+        assert_eq!(refused.field, "tenant");
+        assert!(refused.problem.contains("' '"), "{refused}");
     }
 }

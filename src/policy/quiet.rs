@@ -134,6 +134,9 @@ impl QuietHoursRule {
         if self.account.is_some() && self.tenant.is_none() {
             return Err(JobError::new("account", "an account rule needs its tenant"));
         }
+        if let Some(tenant) = &self.tenant {
+            crate::domain::check_tenant("tenant", tenant)?;
+        }
         Ok(())
     }
 

@@ -102,11 +102,14 @@ impl RateLimitRule {
             }
             _ => {}
         }
-        if self.tenant.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            return Err(JobError::new(
-                "tenant",
-                "is empty (leave it out for a global rule)",
-            ));
+        if let Some(tenant) = &self.tenant {
+            if tenant.trim().is_empty() {
+                return Err(JobError::new(
+                    "tenant",
+                    "is empty (leave it out for a global rule)",
+                ));
+            }
+            crate::domain::check_tenant("tenant", tenant)?;
         }
         Ok(())
     }

@@ -159,8 +159,11 @@ pub(super) fn claim(
     if status != DeliveryStatus::InProgress {
         return Ok(Claimed::Taken(key, revision));
     }
+    // Logged on the writer's thread, outside the job's span: it names the delivery itself.
     tracing::info!(
+        delivery_id = %new.id,
         previous_worker = owner.as_deref().unwrap_or("-"),
+        worker,
         "taking over an interrupted delivery"
     );
     conn.prepare_cached(

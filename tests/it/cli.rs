@@ -115,3 +115,32 @@ fn an_unreachable_broker_is_explained_and_sigterm_still_stops_the_service() {
         "the embedded SQLite ledger is the default"
     );
 }
+
+#[test]
+fn a_ledger_that_cannot_be_opened_is_explained_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.db");
+    std::fs::write(
+        &ledger,
+        "this is no SQLite database, but it is long enough to be read as one",
+    )
+    .unwrap();
+    let output = Command::new(BINARY)
+        .arg("serve")
+        .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+        .env(
+            "OTP_GATEWAY_STORE__URL",
+            format!("sqlite://{}", ledger.display()),
+        )
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("opening the ledger"), "{stderr}");
+    assert_eq!(
+        stderr.matches("file is not a database").count(),
+        1,
+        "said once: {stderr}"
+    );
+}

@@ -1518,3 +1518,49 @@ async fn jobs_wait_out_an_open_circuit_while_their_codes_are_valid_and_a_probe_r
         "{report:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_number_listed_twice_is_sent_to_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = HashMap::from([(
+        "+14155550301".to_owned(),
+        ProviderError::new(FailureReason::CarrierFiltered, Some("30007"), "filtered"),
+    )]);
+    let texts = Scripted::with_recipients("texts", vec![], ok(), failing);
+    let config = engine_config(
+        dir.path(),
+        json!({"texts": provider_settings(dir.path(), "texts", json!({}), json!({}))}),
+        &[(
+            "routes",
+            json!({"push": ["texts"], "sms": ["texts"], "voice": ["texts"]}),
+        )],
+    );
+    let service = engine(&config, vec![("texts", texts.clone())]).await;
+    let report = deliver(
+        &service,
+        &sms_job(
+            "twice",
+            60.0,
+            &["+14155550301", "+14155550301", "+14155550302"],
+        ),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent);
+    assert_eq!(report.targets[1].status, TargetStatus::Skipped);
+    assert!(
+        report.targets[1]
+            .detail
+            .as_deref()
+            .unwrap()
+            .contains("same recipient as target 0"),
+        "{report:#?}"
+    );
+    let to: Vec<String> = texts
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, to)| to.clone())
+        .collect();
+    assert_eq!(to, ["+14155550301", "+14155550302"], "one call per number");
+}
