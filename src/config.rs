@@ -385,6 +385,10 @@ pub struct TwilioProviderConfig {
     /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: u32,
+    /// CA certificates (PEM) the provider's server is verified against instead of the system's
+    /// roots: for a provider (or a proxy in front of it) with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Which APNs environment a credential's pushes go to.
@@ -434,6 +438,10 @@ pub struct ApnsProviderConfig {
     /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: u32,
+    /// CA certificates (PEM) the provider's server is verified against instead of the system's
+    /// roots: for a provider (or a proxy in front of it) with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl ApnsProviderConfig {
@@ -477,6 +485,10 @@ pub struct FcmProviderConfig {
     /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: u32,
+    /// CA certificates (PEM) the provider's server is verified against instead of the system's
+    /// roots: for a provider (or a proxy in front of it) with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_push_category() -> String {
@@ -598,6 +610,10 @@ pub struct HttpProviderConfig {
     /// Calls open at once (see [`ProviderConfig::max_concurrent_calls`]).
     #[serde(default = "default_max_concurrent_calls")]
     pub max_concurrent_calls: u32,
+    /// CA certificates (PEM) the provider's server is verified against instead of the system's
+    /// roots: for a provider (or a proxy in front of it) with a private CA.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 fn default_method() -> String {
@@ -677,6 +693,17 @@ impl ProviderConfig {
             ProviderConfig::Smpp(smpp) => smpp.max_concurrent_calls,
             ProviderConfig::Apns(apns) => apns.max_concurrent_calls,
             ProviderConfig::Fcm(fcm) => fcm.max_concurrent_calls,
+        }
+    }
+
+    /// The CA file its HTTPS client trusts instead of the system's roots (HTTP providers).
+    pub fn ca_file(&self) -> Option<&std::path::Path> {
+        match self {
+            ProviderConfig::Twilio(twilio) => twilio.ca_file.as_deref(),
+            ProviderConfig::Http(http) => http.ca_file.as_deref(),
+            ProviderConfig::Apns(apns) => apns.ca_file.as_deref(),
+            ProviderConfig::Fcm(fcm) => fcm.ca_file.as_deref(),
+            ProviderConfig::Sandbox { .. } | ProviderConfig::Smpp(_) => None,
         }
     }
 

@@ -154,7 +154,7 @@ impl ApnsProvider {
         Ok(ApnsProvider {
             name: name.to_owned(),
             key,
-            client: http2_client(timeout)?,
+            client: http2_client(name, settings.ca_file.as_deref(), timeout)?,
             settings,
             tokens: Mutex::default(),
         })

@@ -158,7 +158,7 @@ impl FcmProvider {
             .ok_or_else(|| {
                 format!("providers.{name}.project_id: not set, and the service account names none")
             })?;
-        let token_client = super::http_client_builder()
+        let token_client = super::http_client_builder(name, settings.ca_file.as_deref())?
             .timeout(timeout)
             .build()
             .map_err(|e| e.to_string())?;
@@ -167,7 +167,7 @@ impl FcmProvider {
             project_id,
             account,
             key,
-            client: http2_client(timeout)?,
+            client: http2_client(name, settings.ca_file.as_deref(), timeout)?,
             token_client,
             settings,
             token: Mutex::new(None),

@@ -53,7 +53,7 @@ impl HttpProvider {
             .method
             .parse::<reqwest::Method>()
             .map_err(|e| e.to_string())?;
-        let client = super::http_client_builder()
+        let client = super::http_client_builder(name, settings.ca_file.as_deref())?
             .timeout(timeout)
             .build()
             .map_err(|e| e.to_string())?;

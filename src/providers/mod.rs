@@ -207,17 +207,42 @@ pub(crate) fn unreachable(who: &str, error: reqwest::Error) -> ProviderError {
     ProviderError::new(reason, None, message)
 }
 
-/// An HTTP client builder with TLS on ring (the one crypto library linked in).
-pub(crate) fn http_client_builder() -> reqwest::ClientBuilder {
+/// An HTTP client builder with TLS on ring (the one crypto library linked in), trusting the
+/// certificates in `ca_file` (provider `name`'s setting) instead of the system's roots when set.
+pub(crate) fn http_client_builder(
+    name: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::ClientBuilder, String> {
     // Fails harmlessly once installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder();
+    let Some(path) = ca_file else {
+        return Ok(builder);
+    };
+    let problem = |what: String| format!("providers.{name}.ca_file: {what}");
+    let pem =
+        std::fs::read(path).map_err(|e| problem(format!("cannot read {}: {e}", path.display())))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| problem(format!("{} holds no PEM certificates: {e}", path.display())))?;
+    if certificates.is_empty() {
+        return Err(problem(format!(
+            "{} holds no PEM certificates",
+            path.display()
+        )));
+    }
+    Ok(builder.tls_certs_only(certificates))
 }
 
 /// An HTTP/2-only client: one connection per host carries every request (no handshake per
-/// push), kept open and checked with pings while idle.
-pub(crate) fn http2_client(timeout: Duration) -> Result<reqwest::Client, String> {
-    http_client_builder()
+/// push), kept open and checked with pings while idle. Over `https://` HTTP/2 is agreed in the
+/// TLS handshake (ALPN); over `http://` it is spoken from the first byte (prior knowledge,
+/// "h2c"), which is what a local test server or a TLS-terminating sidecar must accept.
+pub(crate) fn http2_client(
+    name: &str,
+    ca_file: Option<&std::path::Path>,
+    timeout: Duration,
+) -> Result<reqwest::Client, String> {
+    http_client_builder(name, ca_file)?
         .http2_prior_knowledge()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -403,10 +428,7 @@ impl ProviderRegistry {
                     if twilio.status_callback.is_none() && !public_url.is_empty() {
                         twilio.status_callback = Some(twilio::callback_url(public_url, name));
                     }
-                    Arc::new(
-                        TwilioProvider::new(name, twilio, provider_timeout)
-                            .map_err(|e| failed(e.to_string()))?,
-                    )
+                    Arc::new(TwilioProvider::new(name, twilio, provider_timeout).map_err(failed)?)
                 }
             };
             let call_limit = settings.max_concurrent_calls() as usize;

@@ -81,12 +81,12 @@ impl TwilioProvider {
         name: &str,
         settings: TwilioProviderConfig,
         timeout: Duration,
-    ) -> Result<Self, reqwest::Error> {
-        // One process-wide TLS provider (ring); installing it again is a no-op.
-        let client = super::http_client_builder()
+    ) -> Result<Self, String> {
+        let client = super::http_client_builder(name, settings.ca_file.as_deref())?
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            .build()?;
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(TwilioProvider {
             name: name.to_owned(),
             settings,

@@ -125,3 +125,226 @@ async fn an_aggregator_is_driven_by_configuration_alone() {
     assert_eq!(attempt.reason, Some(FailureReason::ProviderUnavailable));
     assert_eq!(attempt.provider_code.as_deref(), Some("503"));
 }
+
+/// A private CA and a certificate for `localhost` it signed, made with openssl in `dir`:
+/// `(ca.pem, server.pem, server.key)`.
+fn private_ca(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (Debian's openssl package) makes the test certificates");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=otp-gateway test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
+}
+
+/// An HTTPS aggregator (HTTP/1.1 over rustls) that accepts every message as `msg-tls`.
+async fn tls_aggregator(cert: &std::path::Path, key: &std::path::Path) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                // Read the request head and its body, then answer and close.
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                loop {
+                    let Ok(n) = tls.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let length = text[..head_end]
+                            .lines()
+                            .find_map(|l| {
+                                let (name, value) = l.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length")
+                                    .then(|| value.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if request.len() >= head_end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let body = r#"{"id": "msg-tls"}"#;
+                let answer = format!(
+                    "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_provider_behind_a_private_ca_is_trusted_through_its_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(dir.path());
+    let port = tls_aggregator(&cert, &key).await;
+    let provider = |ca_file: Option<&std::path::Path>| {
+        let mut provider = json!({
+            "kind": "http", "url": format!("https://localhost:{port}/send"),
+            "body": r#"{"to": "{{to}}", "text": "{{text}}"}"#,
+            "message_id_field": "/id", "retry": {"max_attempts": 1}
+        });
+        if let Some(ca) = ca_file {
+            provider["ca_file"] = json!(ca);
+        }
+        provider
+    };
+    let routes = json!({"push": ["aggregator"], "sms": ["aggregator"], "voice": ["aggregator"]});
+
+    let trusted = engine_config(
+        dir.path(),
+        json!({"aggregator": provider(Some(&ca))}),
+        &[("routes", routes.clone())],
+    );
+    let service = engine(&trusted, vec![]).await;
+    let report = deliver(
+        &service,
+        &job(
+            "tls",
+            300.0,
+            &["sms"],
+            json!([{"phone": {"number": "+14155550101"}}]),
+        ),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Sent, "{report:#?}");
+    assert_eq!(
+        report.targets[0].attempts[0].provider_message_id.as_deref(),
+        Some("msg-tls")
+    );
+
+    // Without it the system's roots do not know the private CA: the call fails, saying why.
+    let dir2 = tempfile::tempdir().unwrap();
+    let untrusted = engine_config(
+        dir2.path(),
+        json!({"aggregator": provider(None)}),
+        &[("routes", routes)],
+    );
+    let service = engine(&untrusted, vec![]).await;
+    let report = deliver(
+        &service,
+        &job(
+            "no-ca",
+            300.0,
+            &["sms"],
+            json!([{"phone": {"number": "+14155550101"}}]),
+        ),
+    )
+    .await;
+    assert_eq!(report.status, DeliveryStatus::Failed, "{report:#?}");
+    let message = report.targets[0].attempts[0]
+        .provider_message
+        .clone()
+        .unwrap();
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+
+    // A ca_file that holds no certificate is a configuration error naming the key.
+    let bad = dir.path().join("not-a-ca.pem");
+    std::fs::write(&bad, "nothing here").unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"aggregator": provider(Some(&bad))}),
+        &[(
+            "routes",
+            json!({"push": ["aggregator"], "sms": ["aggregator"], "voice": ["aggregator"]}),
+        )],
+    );
+    let error = otp_gateway::providers::ProviderRegistry::from_config(&config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("providers.aggregator.ca_file"), "{error}");
+}
