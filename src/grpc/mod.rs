@@ -66,6 +66,9 @@ pub async fn serve(
     let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()));
     let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL, stop.clone());
     tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_is_resource_exhausted,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -74,6 +77,26 @@ pub async fn serve(
         .add_service(PolicyAdminServer::new(policy_admin))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
         .await
+}
+
+/// A request over the message size limit is RESOURCE_EXHAUSTED, as gRPC's conventions (and
+/// every other implementation) say; tonic's decoder answers OUT_OF_RANGE for it.
+fn oversized_is_resource_exhausted<B>(
+    mut response: axum::http::Response<B>,
+) -> axum::http::Response<B> {
+    let headers = response.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("decoded%20message%20length%20too%20large")
+                    || m.contains("decoded message length too large")
+            });
+    if oversized {
+        headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Mirrors the broker link's state into gRPC health: SERVING only while jobs can be queued.

@@ -190,6 +190,45 @@ async fn bad_requests_and_unknown_ids_get_clear_statuses() {
     assert_eq!(malformed_id.code(), Code::InvalidArgument);
     assert!(malformed_id.message().contains("delivery_id"));
 
+    // A 20 KB delivery id is refused without being echoed back (it would overflow the
+    // metadata limit), and a 5 MiB device id, past the message size limit, is
+    // RESOURCE_EXHAUSTED as gRPC's conventions say; a long one within it names its field.
+    let long_id = client
+        .get_delivery(v1::GetDeliveryRequest {
+            delivery_id: format!("acme/{}", "x".repeat(20_000)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(long_id.code(), Code::InvalidArgument);
+    assert!(long_id.message().len() < 200, "{}", long_id.message());
+    let device = |id: String| v1::Target {
+        kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
+            id,
+            platform: v1::Platform::Apns as i32,
+            token: "a1b2c3d4e5f6a7b8c9d0".into(),
+            ..Default::default()
+        })),
+    };
+    let mut huge = grpc_job("g-huge", "+14155550101");
+    huge.targets.push(device("d".repeat(5 * 1024 * 1024)));
+    let too_big = client
+        .send_code(v1::SendCodeRequest { job: Some(huge) })
+        .await
+        .unwrap_err();
+    assert_eq!(too_big.code(), Code::ResourceExhausted, "{too_big:?}");
+    let mut long = grpc_job("g-long", "+14155550101");
+    long.targets.push(device("d".repeat(100_000)));
+    let refused = client
+        .send_code(v1::SendCodeRequest { job: Some(long) })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("targets[1].device.id"),
+        "{refused:?}"
+    );
+    assert!(refused.message().len() < 200);
+
     let mut job = grpc_job("g-bad", "+14155550101");
     job.code = String::new();
     let status = client
