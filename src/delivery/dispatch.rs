@@ -245,11 +245,20 @@ enum StageEnd {
     JobLimited,
 }
 
+/// The receipt an accepted SMS or call will get: from which provider, for which message, and
+/// the attempt it settles.
+#[derive(Debug)]
+struct AwaitedReceipt {
+    provider: String,
+    message_id: String,
+    attempt: crate::store::AttemptKey,
+}
+
 /// How one target's provider chain ended.
 #[derive(Debug)]
 enum TargetEnd {
     /// A provider took the message; `receipt` when it will report the message's fate later.
-    Accepted { receipt: bool },
+    Accepted { receipt: Option<AwaitedReceipt> },
     /// The recipient cannot be reached this way, for `reason` (already settled on the target).
     Recipient { reason: FailureReason },
     /// Every provider failed or was skipped.
@@ -732,7 +741,7 @@ impl Dispatcher {
         // The accepted pushes are on disk while we wait: a worker that takes over after a
         // power cut waits for the acknowledgement again instead of pushing again.
         progress.flush().await?;
-        let mut changes = progress.subscribe();
+        let mut changes = progress.watch();
         loop {
             let acks = progress.ledger.acknowledgements(progress.key).await?;
             let acknowledged = |wanted: Acknowledgement| {
@@ -752,18 +761,22 @@ impl Dispatcher {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return Ok(AckEnd::TimedOut),
                 _ = tokio::time::sleep(ACK_POLL) => {}
-                _ = progress.changed_elsewhere(&mut changes) => {}
+                _ = changes.changed() => {}
             }
         }
     }
 
     /// After a provider that sends receipts accepted an SMS or call: waits up to the receipt
     /// wait (never past the deadline) for its receipt. Returns the reason when a failure receipt
-    /// came in; `None` when it was delivered or nothing came (the job is let go as SENT, and a
-    /// later receipt only updates the report).
+    /// came (the chain goes on), `None` when it was delivered or nothing came in time (a
+    /// later receipt only updates the report). A receipt reaching this process is handed
+    /// straight to this wait and recorded among the engine's own writes; one applied through
+    /// the ledger (before the wait began, or at another replica) is seen on the target.
     async fn await_failure_receipt(
         &self,
         index: usize,
+        channel: Channel,
+        awaited: &AwaitedReceipt,
         deadline: Timestamp,
         progress: &Progress<'_>,
     ) -> Result<Option<FailureReason>, StoreError> {
@@ -776,23 +789,49 @@ impl Dispatcher {
             return Ok(None);
         }
         let until = Instant::now() + wait;
+        let mut handed = progress
+            .receipts
+            .wait_for(&awaited.provider, &awaited.message_id);
         progress.flush().await?;
-        let mut changes = progress.subscribe();
+        let mut changes = progress.watch();
         loop {
-            let report = progress.ledger.report(progress.key).await?;
-            if let Some(target) = report.targets.get(index) {
-                match target.status {
-                    TargetStatus::Delivered => return Ok(None),
-                    TargetStatus::Failed => {
-                        return Ok(Some(target.reason.unwrap_or(FailureReason::Undeliverable)));
-                    }
-                    _ => {}
+            // Only this target's state: a receipt applied through the ledger settles it.
+            match progress
+                .ledger
+                .target_state(progress.key, index as u32)
+                .await?
+            {
+                Some((TargetStatus::Delivered, _)) => return Ok(None),
+                Some((TargetStatus::Failed, reason)) => {
+                    return Ok(Some(reason.unwrap_or(FailureReason::Undeliverable)));
                 }
+                _ => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return Ok(None),
                 _ = tokio::time::sleep(ACK_POLL) => {}
-                _ = progress.changed_elsewhere(&mut changes) => {}
+                _ = changes.changed() => {}
+                receipt = &mut handed.receipt => {
+                    let Ok(receipt) = receipt else { continue };
+                    let end = AttemptEnd {
+                        ended_at: progress.now(),
+                        outcome: receipt.outcome,
+                        reason: receipt.reason,
+                        provider_code: receipt.code,
+                        provider_message: Some(receipt.detail),
+                        provider_message_id: Some(awaited.message_id.clone()),
+                        next_retry_at: None,
+                        token_invalid_since: None,
+                    };
+                    self.finish_call(awaited.attempt, &end, index, channel, progress)
+                        .await?;
+                    return Ok(match receipt.outcome {
+                        AttemptOutcome::Failed => {
+                            Some(receipt.reason.unwrap_or(FailureReason::Undeliverable))
+                        }
+                        _ => None,
+                    });
+                }
             }
         }
     }
@@ -835,9 +874,9 @@ impl Dispatcher {
                 .await?
             {
                 TargetEnd::Accepted { receipt } => {
-                    if receipt
+                    if let Some(awaited) = receipt
                         && let Some(reason) = self
-                            .await_failure_receipt(index, deadline, progress)
+                            .await_failure_receipt(index, channel, &awaited, deadline, progress)
                             .await?
                     {
                         // The carrier could not deliver it: on to the next number, or to the
@@ -980,8 +1019,15 @@ impl Dispatcher {
                     }
                     let error = match result {
                         Ok(accept) => {
-                            let receipt = accept.message_id.is_some()
-                                && entry.provider.sends_receipts(channel);
+                            let receipt = accept
+                                .message_id
+                                .clone()
+                                .filter(|_| entry.provider.sends_receipts(channel))
+                                .map(|message_id| AwaitedReceipt {
+                                    provider: name.to_owned(),
+                                    message_id,
+                                    attempt,
+                                });
                             let end = AttemptEnd::sent(progress.now(), accept.message_id);
                             self.finish_call(attempt, &end, index, channel, progress)
                                 .await?;

@@ -4,14 +4,15 @@
 //! [`DeliveryService::acknowledge`] records what a device said.
 
 mod breaker;
+mod changes;
 mod dispatch;
 mod explain;
+mod receipt_waiters;
 mod retry;
 
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
-use tokio::sync::broadcast;
 use tracing::instrument;
 
 use crate::domain::{
@@ -25,8 +26,10 @@ use crate::store::{
 };
 
 pub use breaker::{BreakerSnapshot, CircuitState};
+pub use changes::{ChangeNotices, ChangeWatch};
 pub use dispatch::{Dispatcher, EngineSettings, ProviderHealth, Verdict};
 pub use explain::{ChannelPlan, Explanation, ProviderChoice, TargetPlan};
+use receipt_waiters::ReceiptWaiters;
 pub use retry::RetryPolicy;
 
 /// How long `AcknowledgeDelivery` on a running delivery waits for its engine to act, so that
@@ -65,7 +68,8 @@ pub struct DeliveryService {
     dispatcher: Dispatcher,
     clock: Arc<dyn Clock>,
     worker: String,
-    changes: broadcast::Sender<String>,
+    changes: Arc<ChangeNotices>,
+    receipts: ReceiptWaiters,
 }
 
 impl std::fmt::Debug for DeliveryService {
@@ -84,7 +88,9 @@ pub(crate) struct Progress<'a> {
     pub(crate) ledger: &'a dyn Ledger,
     own: Mutex<OwnWrites>,
     pub(crate) clock: &'a dyn Clock,
-    changes: &'a broadcast::Sender<String>,
+    changes: &'a Arc<ChangeNotices>,
+    /// Receipts handed to this delivery's engine while it waits for them.
+    pub(crate) receipts: &'a ReceiptWaiters,
 }
 
 /// What a delivery's own writes made of its report.
@@ -96,12 +102,9 @@ struct OwnWrites {
 }
 
 impl Progress<'_> {
-    /// Tells watchers that the report changed.
+    /// Tells this delivery's watchers that its report changed.
     pub(crate) fn changed(&self) {
-        // Nobody watching (the common case): nothing to announce.
-        if self.changes.receiver_count() > 0 {
-            let _ = self.changes.send(self.id.clone());
-        }
+        self.changes.changed(&self.id);
     }
 
     pub(crate) fn now(&self) -> Timestamp {
@@ -200,21 +203,10 @@ impl Progress<'_> {
         self.ledger.flush().await
     }
 
-    /// Change notices, for waiting on something another task writes (acknowledgements).
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<String> {
-        self.changes.subscribe()
-    }
-
-    /// Returns when a change notice for this delivery arrives on `changes` (or some were
-    /// missed); never when the channel is closed.
-    pub(crate) async fn changed_elsewhere(&self, changes: &mut broadcast::Receiver<String>) {
-        loop {
-            match changes.recv().await {
-                Ok(id) if id != self.id => continue,
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => return,
-                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-            }
-        }
+    /// Watches this delivery's changes, for waiting on what another task writes
+    /// (acknowledgements, receipts).
+    pub(crate) fn watch(&self) -> ChangeWatch {
+        self.changes.watch(&self.id)
     }
 }
 
@@ -323,7 +315,8 @@ impl DeliveryService {
         clock: Arc<dyn Clock>,
         worker: String,
     ) -> Self {
-        let (changes, _) = broadcast::channel(1024);
+        let changes = ChangeNotices::new();
+        let receipts = ReceiptWaiters::default();
         DeliveryService {
             staged: ledger.staged(),
             ledger,
@@ -331,6 +324,7 @@ impl DeliveryService {
             clock,
             worker,
             changes,
+            receipts,
         }
     }
 
@@ -344,9 +338,9 @@ impl DeliveryService {
         &self.clock
     }
 
-    /// Delivery ids whose report changed, as they change.
-    pub fn subscribe(&self) -> broadcast::Receiver<String> {
-        self.changes.subscribe()
+    /// Watches delivery `id`: its watch wakes at each change of its report made here.
+    pub fn watch(&self, id: &str) -> ChangeWatch {
+        self.changes.watch(id)
     }
 
     /// Waits until every ledger write committed so far (the deliveries' staged ones included)
@@ -361,7 +355,7 @@ impl DeliveryService {
             .ledger
             .accept(&new_delivery(job), self.clock.now())
             .await?;
-        let _ = self.changes.send(accepted.0.delivery_id.clone());
+        self.changes.changed(&accepted.0.delivery_id);
         Ok(accepted)
     }
 
@@ -408,6 +402,7 @@ impl DeliveryService {
             ledger: self.staged.as_ref(),
             clock: self.clock.as_ref(),
             changes: &self.changes,
+            receipts: &self.receipts,
             own: Mutex::new(OwnWrites {
                 known: prior.clone(),
                 attempts: Vec::new(),
@@ -473,7 +468,7 @@ impl DeliveryService {
         known: Option<KnownReport>,
     ) -> Result<Report, StoreError> {
         let report = ledger.finish(key, self.clock.now(), decide, known).await?;
-        let _ = self.changes.send(report.delivery_id.clone());
+        self.changes.changed(&report.delivery_id);
         Ok(report)
     }
 
@@ -532,13 +527,13 @@ impl DeliveryService {
             });
         }
         let now = self.clock.now();
-        let mut changes = self.changes.subscribe();
+        let mut changes = self.changes.watch(&id.to_string());
         self.ledger.record_ack(key, index as u32, ack, now).await?;
         tracing::info!(delivery_id = %id, device = device_id, acknowledgement = %ack, "device acknowledgement");
         if report.status != DeliveryStatus::Sent {
-            let _ = self.changes.send(id.to_string());
+            self.changes.changed(&id.to_string());
             return Ok(AckOutcome::Recorded(
-                self.after_engine_acted(key, id, &mut changes).await?,
+                self.after_engine_acted(key, &mut changes).await?,
             ));
         }
         let (target_status, reason, detail) = match ack {
@@ -577,17 +572,11 @@ impl DeliveryService {
     async fn after_engine_acted(
         &self,
         key: DeliveryKey,
-        id: &DeliveryId,
-        changes: &mut broadcast::Receiver<String>,
+        changes: &mut ChangeWatch,
     ) -> Result<Report, StoreError> {
-        let id = id.to_string();
         let waited = tokio::time::timeout(ACK_ANSWER_WAIT, async {
             loop {
-                match changes.recv().await {
-                    Ok(changed) if changed != id => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                    _ => {}
-                }
+                changes.changed().await;
                 match self.ledger.report(key).await {
                     Ok(report) if report.status == DeliveryStatus::InProgress => {}
                     _ => return,
@@ -613,7 +602,8 @@ impl DeliveryService {
     /// id. While the engine still holds the job (it waits for receipts after an SMS or call was
     /// accepted), a failure receipt makes it go on with the next number or stage. After that, a
     /// SENT delivery becomes DELIVERED on a delivered receipt, or FAILED when a failed receipt
-    /// leaves no target reached; that final report comes back for publishing.
+    /// leaves no target reached; that final report comes back for publishing (and is on disk).
+    /// The receipt itself is committed, not yet synced: [`DeliveryService::flush`] for that.
     pub async fn apply_receipt(
         &self,
         receipt: &ProviderReceipt,
@@ -628,19 +618,27 @@ impl DeliveryService {
             next_retry_at: None,
             token_invalid_since: None,
         };
-        let Some(key) = self
-            .ledger
+        // The engine holding the job here waits for it: it records the receipt itself.
+        let receipt = match self.receipts.hand_over(receipt.clone()) {
+            Ok(()) => return Ok(ReceiptApplied::Recorded),
+            Err(receipt) => receipt,
+        };
+        // Staged like the engine's own writes: the caller that must know it is on disk before
+        // it answers the provider (an HTTP callback) calls `flush`; an SMPP receipt was
+        // answered on its session already, so waiting would change nothing.
+        let Some((key, id, status)) = self
+            .staged
             .apply_receipt(&receipt.provider, &receipt.message_id, &end)
             .await?
         else {
             return Ok(ReceiptApplied::UnknownMessage);
         };
-        let report = self.ledger.report(key).await?;
-        let _ = self.changes.send(report.delivery_id.clone());
-        if report.status != DeliveryStatus::Sent {
-            // Still running (the engine decides with it) or already final.
+        self.changes.changed(&id.to_string());
+        if status != DeliveryStatus::Sent {
+            // Still running (its engine, just woken, decides with it) or already final.
             return Ok(ReceiptApplied::Recorded);
         }
+        let report = self.ledger.report(key).await?;
         let delivered = report
             .targets
             .iter()

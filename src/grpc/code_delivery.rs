@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -136,12 +136,11 @@ impl CodeDelivery for CodeDeliveryApi {
     ) -> Result<Response<Self::WatchDeliveryStream>, Status> {
         let id = parse_id(&request.into_inner().delivery_id)?;
         // Subscribe before the first read so no change falls in between.
-        let mut changes = self.service.subscribe();
+        let mut changes = self.service.watch(&id.to_string());
         let mut last = self.load(&id).await?;
         let (sender, receiver) = mpsc::channel(16);
         let this = self.clone();
         tokio::spawn(async move {
-            let key = id.to_string();
             if sender.send(Ok(report_to_proto(&last))).await.is_err() {
                 return;
             }
@@ -157,11 +156,7 @@ impl CodeDelivery for CodeDeliveryApi {
                         return;
                     }
                     _ = tokio::time::sleep(this.watch_poll) => {}
-                    change = changes.recv() => match change {
-                        Ok(changed) if changed != key => continue,
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
+                    _ = changes.changed() => {}
                 }
                 let report = match this.load(&id).await {
                     Ok(report) => report,
