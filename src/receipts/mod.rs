@@ -82,7 +82,14 @@ async fn twilio_callback(
     )
     .await
     {
-        Applied::Yes => StatusCode::NO_CONTENT,
+        // Twilio does not call again after a 2xx: the receipt is on disk before it is told.
+        Applied::Yes => match state.service.flush().await {
+            Ok(()) => StatusCode::NO_CONTENT,
+            Err(error) => {
+                tracing::error!(%error, "receipt applied but not synced: answered 503");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        },
         Applied::UnknownMessage => {
             // Answered with a server error so that Twilio (where its retry is enabled) tries
             // again; nothing is lost on our side either way.
@@ -116,7 +123,10 @@ pub async fn apply(
 /// How often, and how far apart, a receipt for a message not recorded yet is tried again: a
 /// carrier may answer on its session (or Twilio call back) before the send's own answer has
 /// been written down.
-const UNKNOWN_RETRIES: u32 = 20;
+/// The first retry comes soon (the send's answer is usually being written that very moment),
+/// later ones back off to [`UNKNOWN_RETRY_DELAY`]; about 5 s in all.
+const UNKNOWN_RETRIES: u32 = 24;
+const UNKNOWN_FIRST_DELAY: std::time::Duration = std::time::Duration::from_millis(10);
 const UNKNOWN_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What [`apply_patiently`] made of a receipt.
@@ -138,6 +148,7 @@ pub async fn apply_patiently(
     receipt: &ProviderReceipt,
     stop: &CancellationToken,
 ) -> Applied {
+    let mut delay = UNKNOWN_FIRST_DELAY;
     for attempt in 0..=UNKNOWN_RETRIES {
         match apply(service, events, receipt).await {
             Ok(true) => return Applied::Yes,
@@ -147,8 +158,9 @@ pub async fn apply_patiently(
         }
         tokio::select! {
             _ = stop.cancelled() => return Applied::Stopped,
-            _ = tokio::time::sleep(UNKNOWN_RETRY_DELAY) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
+        delay = (delay * 2).min(UNKNOWN_RETRY_DELAY);
     }
     tracing::warn!(provider = %receipt.provider, message_id = %receipt.message_id,
         outcome = %receipt.outcome,

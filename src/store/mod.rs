@@ -285,14 +285,14 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Applies a provider's delivery receipt to the newest attempt it sent as `message_id` that
     /// still waits for a receipt (outcome SENT): the attempt's outcome and the target's status.
-    /// Returns the delivery's key when found; an attempt already final is never matched
-    /// (providers reuse message ids).
+    /// Returns the delivery's key, id and status (as the receipt left it) when found; an attempt
+    /// already final is never matched (providers reuse message ids).
     async fn apply_receipt(
         &self,
         provider: &str,
         message_id: &str,
         end: &AttemptEnd,
-    ) -> Result<Option<DeliveryKey>, StoreError>;
+    ) -> Result<Option<(DeliveryKey, DeliveryId, DeliveryStatus)>, StoreError>;
 
     /// Records a device's acknowledgement on target `index`.
     async fn record_ack(
@@ -326,6 +326,14 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// The report of one delivery by its internal key.
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError>;
+
+    /// One target's status and reason (a waiting engine's cheap look, instead of the whole
+    /// report); `None` when there is no such target.
+    async fn target_state(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+    ) -> Result<Option<(TargetStatus, Option<FailureReason>)>, StoreError>;
 
     /// The report of one delivery, if known.
     async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError>;

@@ -349,7 +349,7 @@ impl Ledger for SqliteLedger {
         provider: &str,
         message_id: &str,
         end: &AttemptEnd,
-    ) -> Result<Option<DeliveryKey>, StoreError> {
+    ) -> Result<Option<(DeliveryKey, DeliveryId, DeliveryStatus)>, StoreError> {
         let provider = provider.to_owned();
         let message_id = message_id.to_owned();
         let end = end.clone();
@@ -402,6 +402,15 @@ impl Ledger for SqliteLedger {
 
     async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError> {
         self.load(key)
+    }
+
+    async fn target_state(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+    ) -> Result<Option<(TargetStatus, Option<crate::domain::FailureReason>)>, StoreError> {
+        self.readers
+            .with(|conn| reads::target_state(conn, key, index))
     }
 
     async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError> {

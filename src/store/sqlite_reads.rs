@@ -217,6 +217,22 @@ fn report_from_row(row: &Row<'_>) -> Result<Report, StoreError> {
 }
 
 /// The report of one delivery: its row, its targets and every attempt, if known.
+/// One target's status and reason.
+pub(super) fn target_state(
+    conn: &Connection,
+    key: DeliveryKey,
+    index: u32,
+) -> Result<Option<(TargetStatus, Option<FailureReason>)>, StoreError> {
+    let row: Option<(String, Option<String>)> = conn
+        .prepare_cached("SELECT status, reason FROM targets WHERE delivery = ? AND idx = ?")?
+        .query_row(params![key, index as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .optional()?;
+    row.map(|(status, reason)| Ok((parse(&status)?, parse_opt(reason)?)))
+        .transpose()
+}
+
 pub(super) fn load(conn: &Connection, key: DeliveryKey) -> Result<Option<Report>, StoreError> {
     let mut statement = conn.prepare_cached(concat!(
         "SELECT ",

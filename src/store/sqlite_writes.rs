@@ -275,18 +275,29 @@ pub(super) fn apply_receipt(
     provider: &str,
     message_id: &str,
     end: &AttemptEnd,
-) -> Result<Option<DeliveryKey>, StoreError> {
-    let found: Option<(i64, i64, i64, String)> = conn
+) -> Result<Option<(DeliveryKey, DeliveryId, DeliveryStatus)>, StoreError> {
+    // The attempt and its delivery's identity and status, in one lookup.
+    type Found = (i64, i64, i64, String, String, String, String);
+    let found: Option<Found> = conn
         .prepare_cached(
-            "SELECT id, delivery, target_idx, channel FROM attempts
-             WHERE provider = ? AND provider_message_id = ? AND outcome = 'SENT'
-             ORDER BY id DESC LIMIT 1",
+            "SELECT a.id, a.delivery, a.target_idx, a.channel, d.status, d.tenant, d.job_id
+             FROM attempts a JOIN deliveries d ON d.id = a.delivery
+             WHERE a.provider = ? AND a.provider_message_id = ? AND a.outcome = 'SENT'
+             ORDER BY a.id DESC LIMIT 1",
         )?
         .query_row(params![provider, message_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get(6)?,
+            ))
         })
         .optional()?;
-    let Some((attempt, key, index, channel)) = found else {
+    let Some((attempt, key, index, channel, status, tenant, job_id)) = found else {
         return Ok(None);
     };
     conn.prepare_cached(
@@ -304,7 +315,12 @@ pub(super) fn apply_receipt(
     let channel = channel.parse().map_err(StoreError::Corrupt)?;
     let update = TargetUpdate::after(channel, end);
     set_target(conn, key, index as u32, &update, end.ended_at)?;
-    Ok(Some(key))
+    let id = DeliveryId { tenant, job_id };
+    Ok(Some((
+        key,
+        id,
+        status.parse().map_err(StoreError::Corrupt)?,
+    )))
 }
 
 /// Records a device's acknowledgement on target `index`.

@@ -26,12 +26,21 @@ pub async fn serve(config: &Path) -> anyhow::Result<()> {
     app.run_until_stopped(stop).await
 }
 
+/// The SMPP bind's window in the smpp part (submit_sm awaiting their response at once).
+pub const SMPP_WINDOW: u32 = 256;
+/// The SMPP bind's throughput cap in the smpp part (submits per second): far above what one
+/// process reaches, so that nothing but the bind itself limits it.
+pub const SMPP_THROUGHPUT: f64 = 1_000_000.0;
+
 /// Which provider carries the SMS jobs.
 pub enum SmsProvider {
     /// The built-in sandbox (0 ms, appends to an outbox file).
     Sandbox,
     /// The local provider server at this address, through the generic `http` adapter.
     Http(std::net::SocketAddr),
+    /// The local SMSC at this address, through one SMPP bind (window 256, no throughput cap to
+    /// speak of, enquire_link at its default).
+    Smpp(std::net::SocketAddr),
 }
 
 /// One gateway run's settings.
@@ -171,6 +180,13 @@ fn config_toml(setup: &GatewaySetup<'_>, dir: &Path) -> String {
                     .map_or(String::new(), |calls| format!(
                         "max_concurrent_calls = {calls}\n"
                     )),
+            ),
+        ),
+        SmsProvider::Smpp(addr) => (
+            "bench",
+            format!(
+                "[providers.bench]\nkind = \"smpp\"\naddress = {}\nsystem_id = \"bench\"\npassword = \"bench\"\nsource_addr = \"OTP\"\nwindow = {SMPP_WINDOW}\nthroughput = {SMPP_THROUGHPUT:.1}\n",
+                quoted(&addr.to_string()),
             ),
         ),
     };

@@ -11,11 +11,15 @@
 //!   p50 and p99 per round and their medians.
 //! - grpc: `SendCode` at a fixed rate, p50 and p99.
 //! - memory: the gateway's resident set with thousands of jobs in flight.
+//! - smpp: the same drain through one SMPP bind (window 256, enquire_link at its default) to a
+//!   local SMSC that answers at once and sends its DELIVRD receipt right after, against the
+//!   sandbox drain of the same run; rounds alternated, medians and the ratio.
 //!
 //! `BENCHMARKS.md` has the results and what limits them.
 
 mod gateway;
 mod provider;
+mod smsc;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -84,6 +88,9 @@ struct Args {
     /// Jobs held in flight at once in the memory probe.
     #[arg(long, default_value_t = 5000)]
     in_flight: u16,
+    /// Jobs in the pre-filled queue of each smpp-part round (SMPP and sandbox alike).
+    #[arg(long, default_value_t = 20_000)]
+    smpp_jobs: usize,
     /// Only these parts (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Part>,
@@ -100,6 +107,7 @@ enum Part {
     Latency,
     Grpc,
     Memory,
+    Smpp,
 }
 
 fn main() -> ExitCode {
@@ -197,6 +205,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if bench.wants(Part::Memory) {
         memory(&bench).await?;
+    }
+    if bench.wants(Part::Smpp) {
+        smpp(&bench).await?;
     }
 
     bench.connection.close(200, "done".into()).await?;
@@ -361,7 +372,17 @@ async fn drain(
     amqp: &AmqpConfig,
     setup: GatewaySetup<'_>,
 ) -> anyhow::Result<Drained> {
-    let jobs = bench.args.jobs;
+    drain_jobs(bench, label, amqp, setup, bench.args.jobs).await
+}
+
+/// [`drain`] with `jobs` in the queue.
+async fn drain_jobs(
+    bench: &Bench,
+    label: &str,
+    amqp: &AmqpConfig,
+    setup: GatewaySetup<'_>,
+    jobs: usize,
+) -> anyhow::Result<Drained> {
     let topology = Topology::from(amqp);
     topology.declare(&bench.channel).await?;
     let events = events_queue(&bench.channel, &topology).await?;
@@ -386,7 +407,10 @@ async fn drain(
     seen.close().await;
     remove(&bench.channel, &topology, &[&events]).await;
     if seen.not_sent > 0 {
-        eprintln!("warning: {} jobs did not end SENT", seen.not_sent);
+        eprintln!(
+            "warning: {} jobs did not end SENT or DELIVERED",
+            seen.not_sent
+        );
     }
     let steady_jobs_per_sec = match seen.marks {
         [Some(from), Some(to)] if to > from => {
@@ -402,6 +426,89 @@ async fn drain(
         elapsed,
         not_sent: seen.not_sent,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// smpp: one bind to a local SMSC against the sandbox, same queue size, rounds alternated
+
+async fn smpp(bench: &Bench) -> anyhow::Result<()> {
+    let (rounds, jobs) = (bench.args.rounds, bench.args.smpp_jobs);
+    let smsc = smsc::start().await?;
+    let (mut sandbox, mut bind, mut not_delivered) = (Vec::new(), Vec::new(), 0);
+    let (mut sandbox_cpu, mut bind_cpu) = (Vec::new(), Vec::new());
+    let micros = |cpu: Option<Duration>| cpu.map(|c| c.as_secs_f64() * 1e6);
+    for round in 1..=rounds {
+        let label = format!("smpp sandbox {round}/{rounds}");
+        let amqp = topology(&bench.prefix("smpp-sandbox", round));
+        let drained = drain_jobs(
+            bench,
+            &label,
+            &amqp,
+            bench.setup(&amqp, SmsProvider::Sandbox),
+            jobs,
+        )
+        .await?;
+        sandbox.push(drained.jobs_per_sec);
+        sandbox_cpu.extend(micros(drained.cpu_per_job));
+        let label = format!("smpp bind {round}/{rounds}");
+        let amqp = topology(&bench.prefix("smpp-bind", round));
+        let before = smsc.submits();
+        let drained = drain_jobs(
+            bench,
+            &label,
+            &amqp,
+            bench.setup(&amqp, SmsProvider::Smpp(smsc.addr)),
+            jobs,
+        )
+        .await?;
+        anyhow::ensure!(
+            smsc.submits() - before == jobs as u64,
+            "the SMSC got {} submit_sm for {jobs} jobs",
+            smsc.submits() - before
+        );
+        not_delivered += drained.not_sent;
+        bind.push(drained.jobs_per_sec);
+        bind_cpu.extend(micros(drained.cpu_per_job));
+    }
+    let each = |rates: &[f64]| {
+        rates
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (base, smpp) = (median(&sandbox), median(&bind));
+    println!(
+        "\n## smpp (one bind: window {}, throughput cap {:.0}/s, enquire_link every 30 s; the SMSC answers at once and sends DELIVRD receipts)\n",
+        gateway::SMPP_WINDOW,
+        gateway::SMPP_THROUGHPUT
+    );
+    let cpu = |samples: &[f64]| {
+        if samples.is_empty() {
+            "unknown".to_owned()
+        } else {
+            format!("{:.0}", median(samples))
+        }
+    };
+    println!(
+        "| side | rounds of {jobs} jobs (jobs/s) | median (jobs/s) | gateway CPU per job (µs, median) |"
+    );
+    println!("|---|---|---|---|");
+    println!(
+        "| sandbox | {} | {base:.0} | {} |",
+        each(&sandbox),
+        cpu(&sandbox_cpu)
+    );
+    println!(
+        "| SMPP bind | {} | {smpp:.0} | {} |",
+        each(&bind),
+        cpu(&bind_cpu)
+    );
+    println!(
+        "\nSMPP / sandbox = {:.3} (target >= 0.8); jobs not SENT or DELIVERED: {not_delivered}",
+        smpp / base
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -963,7 +1070,10 @@ impl EventWatch {
                 .map_err(|_| anyhow::anyhow!("no event for 60 s after {} jobs", self.seen))?
                 .ok_or_else(|| anyhow::anyhow!("the events consumer was cancelled"))??;
             let at = Instant::now();
-            if event.routing_key.as_str() != "delivery.sent" {
+            if !matches!(
+                event.routing_key.as_str(),
+                "delivery.sent" | "delivery.delivered"
+            ) {
                 self.not_sent += 1;
             }
             if self.record
