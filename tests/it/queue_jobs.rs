@@ -471,3 +471,28 @@ async fn a_job_is_acked_only_once_its_outcome_is_on_disk() {
     assert_eq!(broker.ready(&queue).await, 0, "the job before it was acked");
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_burst_published_while_the_gateway_starts_is_delivered_whole() {
+    if !broker_available().await {
+        return;
+    }
+    const JOBS: usize = 500;
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("start-burst");
+    let mut broker = Broker::connect(&names).await;
+    // The gateway is starting (not consuming yet) while the producer publishes, with publisher
+    // confirms: every confirmed job must end with exactly one report.
+    let gateway = Gateway::start_unconnected(config(&names, dir.path(), &[])).await;
+    for i in 0..JOBS {
+        broker
+            .publish_json(&job(&format!("burst-{i}"), "482913"))
+            .await;
+    }
+    let events = broker.events_for(JOBS, Duration::from_secs(120)).await;
+    assert_eq!(events.len(), JOBS, "a report for every confirmed job");
+    assert!(events.values().all(|e| e["status"] == "SENT"));
+    assert_eq!(outbox(dir.path()).len(), JOBS, "each sent once");
+    gateway.stop().await;
+    broker.cleanup().await;
+}
