@@ -309,6 +309,20 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_reason_table_says_what_the_code_does() {
+        let readme = include_str!("../../README.md");
+        for reason in FailureReason::ALL {
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}` |", reason.as_str())))
+                .unwrap_or_else(|| panic!("{reason} has a row in the README's reason table"));
+            let closes = row.contains("| every channel |");
+            assert_eq!(closes, reason.closes_number_for_every_channel(), "{row}");
+            assert!(row.contains(reason.hint()), "{row}");
+        }
+    }
+
+    #[test]
     fn user_denied_outranks_everything() {
         let mut reasons = FailureReason::ALL.to_vec();
         reasons.sort_by_key(|r| r.headline_rank());
