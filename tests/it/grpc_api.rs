@@ -8,6 +8,18 @@ use tonic::Code;
 
 use crate::helpers::*;
 
+/// An APNs device target with id `id`.
+fn apns_device(id: String) -> v1::Target {
+    v1::Target {
+        kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
+            id,
+            platform: v1::Platform::Apns as i32,
+            token: "a1b2c3d4e5f6a7b8c9d0".into(),
+            ..Default::default()
+        })),
+    }
+}
+
 fn grpc_job(job_id: &str, number: &str) -> v1::SendCodeJob {
     v1::SendCodeJob {
         job_id: job_id.into(),
@@ -201,23 +213,15 @@ async fn bad_requests_and_unknown_ids_get_clear_statuses() {
         .unwrap_err();
     assert_eq!(long_id.code(), Code::InvalidArgument);
     assert!(long_id.message().len() < 200, "{}", long_id.message());
-    let device = |id: String| v1::Target {
-        kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
-            id,
-            platform: v1::Platform::Apns as i32,
-            token: "a1b2c3d4e5f6a7b8c9d0".into(),
-            ..Default::default()
-        })),
-    };
     let mut huge = grpc_job("g-huge", "+14155550101");
-    huge.targets.push(device("d".repeat(5 * 1024 * 1024)));
+    huge.targets.push(apns_device("d".repeat(5 * 1024 * 1024)));
     let too_big = client
         .send_code(v1::SendCodeRequest { job: Some(huge) })
         .await
         .unwrap_err();
     assert_eq!(too_big.code(), Code::ResourceExhausted, "{too_big:?}");
     let mut long = grpc_job("g-long", "+14155550101");
-    long.targets.push(device("d".repeat(100_000)));
+    long.targets.push(apns_device("d".repeat(100_000)));
     let refused = client
         .send_code(v1::SendCodeRequest { job: Some(long) })
         .await
@@ -372,17 +376,7 @@ async fn acknowledge_delivery_denied_stops_escalation_and_the_event_says_so() {
     let mut client = gateway.client().await;
 
     let mut job = grpc_job("ack-1", "+14155550101");
-    job.targets.insert(
-        0,
-        v1::Target {
-            kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
-                id: "ipad-1".into(),
-                platform: v1::Platform::Apns as i32,
-                token: "a1b2c3d4e5f6a7b8c9d0".into(),
-                ..Default::default()
-            })),
-        },
-    );
+    job.targets.insert(0, apns_device("ipad-1".into()));
     client
         .send_code(v1::SendCodeRequest { job: Some(job) })
         .await
@@ -515,17 +509,7 @@ async fn a_stop_ends_open_watch_streams_with_unavailable_at_the_end_of_the_grace
     .await;
     let mut client = gateway.client().await;
     let mut job = grpc_job("watched", "+14155550101");
-    job.targets.insert(
-        0,
-        v1::Target {
-            kind: Some(v1::target::Kind::Device(v1::DeviceTarget {
-                id: "ipad-1".into(),
-                platform: v1::Platform::Apns as i32,
-                token: "a1b2c3d4e5f6a7b8c9d0".into(),
-                ..Default::default()
-            })),
-        },
-    );
+    job.targets.insert(0, apns_device("ipad-1".into()));
     client
         .send_code(v1::SendCodeRequest { job: Some(job) })
         .await

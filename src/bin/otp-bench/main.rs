@@ -214,6 +214,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Per-round figures, rounded, comma-separated.
+fn each(rates: &[f64]) -> String {
+    rates
+        .iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn mib(kib: Option<u64>) -> String {
     kib.map_or("unknown".into(), |kib| {
         format!("{:.1} MiB", kib as f64 / 1024.0)
@@ -269,13 +278,6 @@ async fn overhead(bench: &Bench) -> anyhow::Result<()> {
         }
     }
     let (base, svc) = (median(&baseline), median(&service));
-    let each = |rates: &[f64]| {
-        rates
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     println!("\n## overhead (sandbox provider, 0 ms)\n");
     println!("| side | rounds (jobs/s) | median (jobs/s) |");
     println!("|---|---|---|");
@@ -470,13 +472,6 @@ async fn smpp(bench: &Bench) -> anyhow::Result<()> {
         bind.push(drained.jobs_per_sec);
         bind_cpu.extend(micros(drained.cpu_per_job));
     }
-    let each = |rates: &[f64]| {
-        rates
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let (base, smpp) = (median(&sandbox), median(&bind));
     println!(
         "\n## smpp (one bind: window {}, throughput cap {:.0}/s, enquire_link every 30 s; the SMSC answers at once and sends DELIVRD receipts)\n",
