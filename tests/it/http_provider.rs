@@ -33,7 +33,7 @@ async fn send(
     match body["to"].as_str().unwrap_or_default() {
         "+15005550001" => (
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({"error": {"code": "INVALID_NUMBER", "message": "no such number"}})),
+            axum::Json(json!({"error": {"code": "INVALID_NUMBER", "message": "no such number: +15005550001"}})),
         )
             .into_response(),
         "+15005550002" => (StatusCode::SERVICE_UNAVAILABLE, "maintenance").into_response(),
@@ -109,7 +109,11 @@ async fn an_aggregator_is_driven_by_configuration_alone() {
     let attempt = &report.targets[0].attempts[0];
     assert_eq!(attempt.reason, Some(FailureReason::InvalidRecipient));
     assert_eq!(attempt.provider_code.as_deref(), Some("INVALID_NUMBER"));
-    assert_eq!(attempt.provider_message.as_deref(), Some("no such number"));
+    // The aggregator quotes the number; the ledger keeps it masked.
+    assert_eq!(
+        attempt.provider_message.as_deref(),
+        Some("no such number: +1500•••0001")
+    );
 
     let report = deliver(
         &service,
