@@ -245,13 +245,14 @@ enum StageEnd {
     JobLimited,
 }
 
-/// The receipt an accepted SMS or call will get: from which provider, for which message, and
-/// the attempt it settles.
+/// The receipt an accepted SMS or call will get: for which message, the attempt it settles,
+/// and the wait registered for it as soon as the provider answered (a fast carrier's receipt
+/// can come while the answer is still being written down).
 #[derive(Debug)]
 struct AwaitedReceipt {
-    provider: String,
     message_id: String,
     attempt: crate::store::AttemptKey,
+    wait: super::receipt_waiters::ReceiptWait,
 }
 
 /// How one target's provider chain ended.
@@ -776,7 +777,7 @@ impl Dispatcher {
         &self,
         index: usize,
         channel: Channel,
-        awaited: &AwaitedReceipt,
+        mut awaited: AwaitedReceipt,
         deadline: Timestamp,
         progress: &Progress<'_>,
     ) -> Result<Option<FailureReason>, StoreError> {
@@ -786,12 +787,10 @@ impl Dispatcher {
             .unsigned_abs();
         let wait = self.settings.receipt_wait.min(left);
         if wait.is_zero() {
-            return Ok(None);
+            return self.take_handed(awaited, index, channel, progress).await;
         }
         let until = Instant::now() + wait;
-        let mut handed = progress
-            .receipts
-            .wait_for(&awaited.provider, &awaited.message_id);
+        let mut handed_open = true;
         progress.flush().await?;
         let mut changes = progress.watch();
         loop {
@@ -808,32 +807,66 @@ impl Dispatcher {
                 _ => {}
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(until) => return Ok(None),
+                _ = tokio::time::sleep_until(until) => {
+                    return self.take_handed(awaited, index, channel, progress).await;
+                }
                 _ = tokio::time::sleep(ACK_POLL) => {}
                 _ = changes.changed() => {}
-                receipt = &mut handed.receipt => {
-                    let Ok(receipt) = receipt else { continue };
-                    let end = AttemptEnd {
-                        ended_at: progress.now(),
-                        outcome: receipt.outcome,
-                        reason: receipt.reason,
-                        provider_code: receipt.code,
-                        provider_message: Some(receipt.detail),
-                        provider_message_id: Some(awaited.message_id.clone()),
-                        next_retry_at: None,
-                        token_invalid_since: None,
-                    };
-                    self.finish_call(awaited.attempt, &end, index, channel, progress)
-                        .await?;
-                    return Ok(match receipt.outcome {
-                        AttemptOutcome::Failed => {
-                            Some(receipt.reason.unwrap_or(FailureReason::Undeliverable))
-                        }
-                        _ => None,
-                    });
-                }
+                receipt = &mut awaited.wait.receipt, if handed_open => match receipt {
+                    Ok(receipt) => {
+                        return self
+                            .record_receipt(receipt, &awaited, index, channel, progress)
+                            .await;
+                    }
+                    Err(_) => handed_open = false,
+                },
             }
         }
+    }
+
+    /// The receipt handed to this wait already, if one was (recorded), as the wait ends.
+    async fn take_handed(
+        &self,
+        mut awaited: AwaitedReceipt,
+        index: usize,
+        channel: Channel,
+        progress: &Progress<'_>,
+    ) -> Result<Option<FailureReason>, StoreError> {
+        match awaited.wait.receipt.try_recv() {
+            Ok(receipt) => {
+                self.record_receipt(receipt, &awaited, index, channel, progress)
+                    .await
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Records a receipt handed to the engine on its attempt and target (among its own writes);
+    /// the reason when it says the message failed.
+    async fn record_receipt(
+        &self,
+        receipt: crate::providers::ProviderReceipt,
+        awaited: &AwaitedReceipt,
+        index: usize,
+        channel: Channel,
+        progress: &Progress<'_>,
+    ) -> Result<Option<FailureReason>, StoreError> {
+        let end = AttemptEnd {
+            ended_at: progress.now(),
+            outcome: receipt.outcome,
+            reason: receipt.reason,
+            provider_code: receipt.code,
+            provider_message: Some(receipt.detail),
+            provider_message_id: Some(awaited.message_id.clone()),
+            next_retry_at: None,
+            token_invalid_since: None,
+        };
+        self.finish_call(awaited.attempt, &end, index, channel, progress)
+            .await?;
+        Ok(match receipt.outcome {
+            AttemptOutcome::Failed => Some(receipt.reason.unwrap_or(FailureReason::Undeliverable)),
+            _ => None,
+        })
     }
 
     /// SMS or voice stage: eligible numbers in order until one accepts.
@@ -876,7 +909,7 @@ impl Dispatcher {
                 TargetEnd::Accepted { receipt } => {
                     if let Some(awaited) = receipt
                         && let Some(reason) = self
-                            .await_failure_receipt(index, channel, &awaited, deadline, progress)
+                            .await_failure_receipt(index, channel, awaited, deadline, progress)
                             .await?
                     {
                         // The carrier could not deliver it: on to the next number, or to the
@@ -1024,7 +1057,7 @@ impl Dispatcher {
                                 .clone()
                                 .filter(|_| entry.provider.sends_receipts(channel))
                                 .map(|message_id| AwaitedReceipt {
-                                    provider: name.to_owned(),
+                                    wait: progress.receipts.wait_for(name, &message_id),
                                     message_id,
                                     attempt,
                                 });

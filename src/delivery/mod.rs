@@ -69,7 +69,7 @@ pub struct DeliveryService {
     clock: Arc<dyn Clock>,
     worker: String,
     changes: Arc<ChangeNotices>,
-    receipts: ReceiptWaiters,
+    receipts: Arc<ReceiptWaiters>,
 }
 
 impl std::fmt::Debug for DeliveryService {
@@ -90,7 +90,7 @@ pub(crate) struct Progress<'a> {
     pub(crate) clock: &'a dyn Clock,
     changes: &'a Arc<ChangeNotices>,
     /// Receipts handed to this delivery's engine while it waits for them.
-    pub(crate) receipts: &'a ReceiptWaiters,
+    pub(crate) receipts: &'a Arc<ReceiptWaiters>,
 }
 
 /// What a delivery's own writes made of its report.
@@ -316,7 +316,7 @@ impl DeliveryService {
         worker: String,
     ) -> Self {
         let changes = ChangeNotices::new();
-        let receipts = ReceiptWaiters::default();
+        let receipts = Arc::new(ReceiptWaiters::default());
         DeliveryService {
             staged: ledger.staged(),
             ledger,

@@ -4,7 +4,7 @@
 //! stays exact; nothing is read back). Otherwise the receipt is applied through the ledger.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
@@ -25,12 +25,12 @@ impl ReceiptWaiters {
     }
 
     /// Waits for the receipt of `message_id` from `provider` (until the wait is dropped).
-    pub(crate) fn wait_for(&self, provider: &str, message_id: &str) -> ReceiptWait<'_> {
+    pub(crate) fn wait_for(self: &Arc<Self>, provider: &str, message_id: &str) -> ReceiptWait {
         let (sender, receipt) = oneshot::channel();
         let key = (provider.to_owned(), message_id.to_owned());
         self.lock().insert(key.clone(), sender);
         ReceiptWait {
-            waiters: self,
+            waiters: Arc::clone(self),
             key,
             receipt,
         }
@@ -49,14 +49,14 @@ impl ReceiptWaiters {
 
 /// One engine's wait for one receipt.
 #[derive(Debug)]
-pub(crate) struct ReceiptWait<'a> {
-    waiters: &'a ReceiptWaiters,
+pub(crate) struct ReceiptWait {
+    waiters: Arc<ReceiptWaiters>,
     key: Key,
     /// Resolves with the receipt.
     pub(crate) receipt: oneshot::Receiver<ProviderReceipt>,
 }
 
-impl Drop for ReceiptWait<'_> {
+impl Drop for ReceiptWait {
     fn drop(&mut self) {
         // No longer waited for (a message id belongs to one call, so the key is this wait's).
         self.waiters.lock().remove(&self.key);
@@ -81,7 +81,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_receipt_goes_to_its_waiter_and_comes_back_when_none_waits() {
-        let waiters = ReceiptWaiters::default();
+        let waiters = Arc::new(ReceiptWaiters::default());
         let mut wait = waiters.wait_for("smsc", "A1");
         assert!(
             waiters.hand_over(receipt("B2")).is_err(),
