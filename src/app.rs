@@ -16,7 +16,7 @@ use crate::domain::{Clock, SystemClock};
 use crate::providers::{ProviderReceipt, ProviderRegistry};
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
 use crate::receipts::ReceiptsState;
-use crate::store::{Ledger, PolicyStore, SqliteLedger};
+use crate::store::PolicyStore;
 
 /// A built, not yet running, gateway.
 #[derive(Debug)]
@@ -47,13 +47,10 @@ impl Application {
         providers: ProviderRegistry,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
-        let store = Arc::new(
-            SqliteLedger::connect(&config.store.url)
+        let crate::store::Stores { ledger, policy } =
+            crate::store::open(&config.store.url)
                 .await
-                .with_context(|| format!("opening the ledger at {}", config.store.url))?,
-        );
-        let ledger: Arc<dyn Ledger> = store.clone();
-        let policy: Arc<dyn PolicyStore> = store;
+                .with_context(|| format!("opening the ledger at {}", config.store.url))?;
         let settings = EngineSettings::from_config(&config);
         let provider_receipts = providers.take_receipts();
         let dispatcher = Dispatcher::new(providers, Arc::clone(&policy), settings);

@@ -1,11 +1,16 @@
-//! Persistence: the delivery ledger behind the [`Ledger`] trait, with SQLite as the embedded
-//! default. Callers hold an `Arc<dyn Ledger>`, so another backend (PostgreSQL) plugs in without
-//! changing them. The code is never stored.
+//! Persistence: the delivery ledger behind the [`Ledger`] trait and the policy rules behind
+//! [`PolicyStore`], with SQLite as the embedded default. Callers hold `Arc<dyn Ledger>` and
+//! `Arc<dyn PolicyStore>` from [`open`], the one place that names a backend; errors are
+//! [`StoreError`]s whatever the backend. The code is never stored.
+//!
+//! - `sqlite/`: the SQLite backend (its group-commit writer, reads, writes, error sorting).
+//! - `rules_cache`: the one-second rules cache, around any [`PolicyStore`].
+//! - `contract` (tests): the rules every backend keeps, written against the traits.
 
+#[cfg(test)]
+pub(crate) mod contract;
+mod rules_cache;
 mod sqlite;
-mod sqlite_reads;
-mod sqlite_writes;
-mod writer;
 
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
@@ -19,37 +24,63 @@ use crate::domain::{
     Report, SmsShape, TargetStatus,
 };
 
+pub use rules_cache::{CachedRules, RULES_TTL};
 pub use sqlite::SqliteLedger;
+
+/// The configured store: the delivery ledger and the policy rules (with its rules cache).
+#[derive(Clone)]
+pub struct Stores {
+    /// The delivery ledger.
+    pub ledger: std::sync::Arc<dyn Ledger>,
+    /// Block entries, rate limits and quiet hours, rules served through the rules cache.
+    pub policy: std::sync::Arc<dyn PolicyStore>,
+}
+
+/// Opens the store at `url` (`sqlite://PATH`), bringing its schema up to date: the one place
+/// that picks a backend by the URL's scheme.
+pub async fn open(url: &str) -> Result<Stores, StoreError> {
+    let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+    match scheme {
+        "sqlite" => {
+            let store = std::sync::Arc::new(SqliteLedger::connect(url).await?);
+            Ok(Stores {
+                ledger: store.clone(),
+                policy: std::sync::Arc::new(CachedRules::new(store)),
+            })
+        }
+        other => Err(StoreError::Unavailable(format!(
+            "no ledger backend for `{other}:` URLs (store.url takes sqlite://PATH)"
+        ))),
+    }
+}
+
+/// What an attempt left unanswered by a worker that went away is recorded as (by every
+/// backend, when another worker takes the delivery over).
+pub const INTERRUPTED: &str = "interrupted: the gateway stopped while the call was open, \
+     so whether the provider took the message is not known (it may have been sent)";
 
 /// The ledger's internal key of a delivery.
 pub type DeliveryKey = i64;
 /// The ledger's key of one attempt.
 pub type AttemptKey = i64;
 
-/// A storage failure.
+/// A storage failure, told apart as a caller needs it; no backend's own types show through
+/// (each backend sorts its errors into these).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database refused or failed.
-    #[error("ledger database: {0}")]
-    Database(#[from] sqlx::Error),
-    /// The schema could not be brought up to date.
-    #[error("ledger migration: {0}")]
-    Migration(#[from] sqlx::migrate::MigrateError),
-    /// A stored value could not be read back.
-    #[error("ledger holds an unreadable value: {0}")]
-    Corrupt(String),
-    /// The writer's connection refused or failed.
-    #[error("ledger database: {0}")]
-    Engine(#[from] rusqlite::Error),
-    /// The group transaction holding the write failed to commit.
-    #[error("ledger commit: {0}")]
-    Commit(String),
-    /// The ledger's writer task is gone (the process is shutting down).
-    #[error("the ledger writer has stopped")]
-    WriterStopped,
-    /// The delivery is not in the ledger.
+    /// What was asked for is not in the store (a delivery, a rule).
     #[error("delivery {0} is not in the ledger")]
     NotFound(String),
+    /// The write collides with what is stored (a constraint the write breaks).
+    #[error("ledger conflict: {0}")]
+    Conflict(String),
+    /// The store cannot serve the request now (unreachable, out of disk, a commit that failed,
+    /// the writer stopped): the same request may succeed later.
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    /// A stored value could not be read back, or the schema is not one this build knows.
+    #[error("ledger holds an unreadable value: {0}")]
+    Corrupt(String),
 }
 
 /// A delivery about to enter the ledger.

@@ -23,7 +23,7 @@ use otp_gateway::policy::{RateLimitRule, RateScope};
 use otp_gateway::providers::{
     OutboundMessage, Provider, ProviderAccept, ProviderError, ProviderRegistry, Recipient,
 };
-use otp_gateway::store::{PolicyStore, SqliteLedger};
+use otp_gateway::store::{Ledger, PolicyStore};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -171,14 +171,10 @@ pub async fn engine(
         .await
         .unwrap();
     let receipts = registry.take_receipts().expect("receipts not taken yet");
-    let ledger = Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap());
-    let dispatcher = Dispatcher::new(
-        registry,
-        ledger.clone(),
-        EngineSettings::from_config(config),
-    );
+    let stores = otp_gateway::store::open(&config.store.url).await.unwrap();
+    let dispatcher = Dispatcher::new(registry, stores.policy, EngineSettings::from_config(config));
     let service = Arc::new(DeliveryService::new(
-        ledger,
+        stores.ledger,
         dispatcher,
         Arc::new(SystemClock),
         "test-worker".into(),
@@ -842,7 +838,7 @@ async fn calls_beyond_a_providers_limit_wait_for_a_slot_and_are_throttled_when_n
 /// A provider that notes, at each call, whether the ledger (read on a connection of its own)
 /// already shows the call in flight.
 struct Watching {
-    ledger: Arc<SqliteLedger>,
+    ledger: Arc<dyn Ledger>,
     in_flight_when_called: Mutex<Vec<bool>>,
 }
 
@@ -858,10 +854,7 @@ impl Provider for Watching {
             tenant: tenant.into(),
             job_id: job_id.into(),
         };
-        let report = otp_gateway::store::Ledger::get(self.ledger.as_ref(), &id)
-            .await
-            .unwrap()
-            .unwrap();
+        let report = self.ledger.get(&id).await.unwrap().unwrap();
         self.in_flight_when_called.lock().unwrap().push(
             report.targets[0]
                 .attempts
@@ -886,7 +879,10 @@ async fn the_ledger_shows_a_call_before_the_provider_hears_of_it() {
         )],
     );
     let watching = Arc::new(Watching {
-        ledger: Arc::new(SqliteLedger::connect(&config.store.url).await.unwrap()),
+        ledger: otp_gateway::store::open(&config.store.url)
+            .await
+            .unwrap()
+            .ledger,
         in_flight_when_called: Mutex::default(),
     });
     let service = engine(&config, vec![("primary", watching.clone())]).await;
@@ -1038,8 +1034,11 @@ async fn one_provider(
 }
 
 /// The policy store over the same database file as the engine (as another replica would).
-async fn policy_store(config: &Config) -> SqliteLedger {
-    SqliteLedger::connect(&config.store.url).await.unwrap()
+async fn policy_store(config: &Config) -> Arc<dyn PolicyStore> {
+    otp_gateway::store::open(&config.store.url)
+        .await
+        .unwrap()
+        .policy
 }
 
 fn rule(

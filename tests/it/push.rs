@@ -24,7 +24,6 @@ use otp_gateway::config::Config;
 use otp_gateway::delivery::DeliveryService;
 use otp_gateway::domain::{AttemptOutcome, DeliveryStatus, FailureReason, TargetStatus};
 use otp_gateway::policy::{BlockKind, BlockSource};
-use otp_gateway::store::{PolicyStore, SqliteLedger};
 use ring::rand::SystemRandom;
 use ring::signature::{
     ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
@@ -534,7 +533,10 @@ async fn apns_answers_become_reasons_retries_and_a_new_provider_token() {
 
     // Only the dead token is on the tenant's block list, from provider feedback: not the
     // invalid one, not the one refused locally.
-    let store = SqliteLedger::connect(&config.store.url).await.unwrap();
+    let store = otp_gateway::store::open(&config.store.url)
+        .await
+        .unwrap()
+        .policy;
     let blocks = store.list_blocks(Some("acme")).await.unwrap();
     let blocked: HashSet<_> = blocks
         .iter()

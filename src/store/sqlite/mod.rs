@@ -3,31 +3,34 @@
 //! one group-commit writer thread and its syncer ([`GroupWriter`]); reads run on the caller's
 //! thread on reader connections ([`Readers`]). sqlx only brings the schema up to date.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
 use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
-use super::sqlite_reads::{self as reads, Readers};
-use super::sqlite_writes::{self as writes, Claimed, PolicyTable};
-use super::writer::GroupWriter;
-use super::{
-    AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
-    ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate, as_stored,
-};
+mod errors;
+mod reads;
+mod writer;
+mod writes;
+
 use crate::domain::{
     Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetResult, TargetStatus,
 };
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
+use crate::store::{
+    AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
+    ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate, as_stored,
+};
+use reads::Readers;
+use writer::GroupWriter;
+use writes::{Claimed, PolicyTable};
 
 /// The report of a delivery just inserted as IN_PROGRESS, as [`reads::load`] would read it
 /// back: no attempts, every target pending.
@@ -74,70 +77,9 @@ pub struct SqliteLedger {
     writer: GroupWriter,
     /// Keys rate-limit counters (see [`RateCounterKey`]).
     counter_key: Arc<RateCounterKey>,
-    rules: Arc<RulesCache>,
     /// Whether its ledger writes return only once on disk (else once committed: the staged
     /// view).
     durable: bool,
-}
-
-/// How long a tenant's rate-limit and quiet-hours rules are served from memory. A rule written
-/// through this ledger applies at once (the cache is emptied); one written by another process
-/// sharing the file applies within this time.
-const RULES_TTL: Duration = Duration::from_secs(1);
-
-/// Tenants whose rules are kept at most (beyond, the cache starts again empty).
-const RULES_CACHED_TENANTS: usize = 10_000;
-
-/// Rules of one kind by tenant (`None`: every tenant's), with when they were read.
-type RulesByTenant<T> = Mutex<HashMap<Option<String>, (Instant, Vec<T>)>>;
-
-/// The rules every job reads, kept in memory: they change rarely, and every job needs them.
-#[derive(Debug, Default)]
-struct RulesCache {
-    /// Counts rule writes, so a read that raced one is not kept.
-    generation: AtomicU64,
-    rate_limits: RulesByTenant<RateLimitRule>,
-    quiet_hours: RulesByTenant<QuietHoursRule>,
-}
-
-impl RulesCache {
-    /// The rules of `tenant` from memory, or from `read` (kept unless a write came meanwhile).
-    fn get<T: Clone>(
-        &self,
-        rules: &RulesByTenant<T>,
-        tenant: Option<&str>,
-        read: impl FnOnce() -> Result<Vec<T>, StoreError>,
-    ) -> Result<Vec<T>, StoreError> {
-        let key = tenant.map(str::to_owned);
-        if let Some((at, found)) = rules.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
-            && at.elapsed() < RULES_TTL
-        {
-            return Ok(found.clone());
-        }
-        let generation = self.generation.load(Ordering::Acquire);
-        let found = read()?;
-        let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
-        if self.generation.load(Ordering::Acquire) == generation {
-            if rules.len() >= RULES_CACHED_TENANTS {
-                rules.clear();
-            }
-            rules.insert(key, (Instant::now(), found.clone()));
-        }
-        Ok(found)
-    }
-
-    /// Forgets every cached rule (after a rule was written).
-    fn invalidate(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.rate_limits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.quiet_hours
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
 }
 
 /// The key rate-limit counters are stored under: an HMAC-SHA256 of the counter's key (a
@@ -192,8 +134,9 @@ impl SqliteLedger {
             .parent()
             .filter(|p| p != &Path::new(""))
         {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::Unavailable(format!("cannot make the ledger's directory: {e}"))
+            })?;
         }
         let options = options
             .create_if_missing(true)
@@ -214,7 +157,6 @@ impl SqliteLedger {
             readers,
             writer,
             counter_key: Arc::new(counter_key),
-            rules: Arc::default(),
             durable: true,
         })
     }
@@ -438,56 +380,42 @@ impl PolicyStore for SqliteLedger {
             .writer
             .write(move |conn| writes::set_quiet_hours(conn, &owned))
             .await;
-        self.rules.invalidate();
         stored?.ok_or_else(|| StoreError::NotFound(format!("quiet-hours rule #{}", rule.id)))
     }
 
     async fn remove_quiet_hours(&self, id: i64) -> Result<bool, StoreError> {
-        let removed = self
-            .writer
+        self.writer
             .write(move |conn| writes::remove(conn, PolicyTable::QuietRules, id))
-            .await;
-        self.rules.invalidate();
-        removed
+            .await
     }
 
     async fn list_quiet_hours(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<QuietHoursRule>, StoreError> {
-        self.rules.get(&self.rules.quiet_hours, tenant, || {
-            self.readers
-                .with(|conn| reads::list_quiet_hours(conn, tenant))
-        })
+        self.readers
+            .with(|conn| reads::list_quiet_hours(conn, tenant))
     }
 
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
         let rule = rule.clone();
-        let stored = self
-            .writer
+        self.writer
             .write(move |conn| writes::set_rate_limit(conn, &rule))
-            .await;
-        self.rules.invalidate();
-        stored
+            .await
     }
 
     async fn remove_rate_limit(&self, id: i64) -> Result<bool, StoreError> {
-        let removed = self
-            .writer
+        self.writer
             .write(move |conn| writes::remove(conn, PolicyTable::RateLimitRules, id))
-            .await;
-        self.rules.invalidate();
-        removed
+            .await
     }
 
     async fn list_rate_limits(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<RateLimitRule>, StoreError> {
-        self.rules.get(&self.rules.rate_limits, tenant, || {
-            self.readers
-                .with(|conn| reads::list_rate_limits(conn, tenant))
-        })
+        self.readers
+            .with(|conn| reads::list_rate_limits(conn, tenant))
     }
 
     async fn peek(
@@ -563,33 +491,8 @@ impl PolicyStore for SqliteLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{AttemptOutcome, Channel, Platform, SmsEncoding, SmsShape};
-    use crate::store::sqlite_writes::INTERRUPTED;
-    use crate::store::{NewTarget, TargetUpdate};
-
-    fn new_delivery(job_id: &str) -> NewDelivery {
-        NewDelivery {
-            id: DeliveryId {
-                tenant: "acme".into(),
-                job_id: job_id.into(),
-            },
-            account: "user-42".into(),
-            purpose: "sign_in".into(),
-            expires_at: Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1),
-            targets: vec![
-                NewTarget {
-                    channel: Channel::Push,
-                    label: "ipad-1".into(),
-                    platform: Some(Platform::Apns),
-                },
-                NewTarget {
-                    channel: Channel::Sms,
-                    label: "+1415•••0101".into(),
-                    platform: None,
-                },
-            ],
-        }
-    }
+    use crate::domain::Channel;
+    use crate::store::contract::{Subject, new_delivery, store_contract};
 
     async fn ledger(dir: &tempfile::TempDir) -> SqliteLedger {
         SqliteLedger::connect(&format!("sqlite://{}/ledger.db", dir.path().display()))
@@ -597,88 +500,18 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn claims_are_exclusive_and_finished_deliveries_stay_finished() {
+    /// A fresh ledger in a temporary directory.
+    async fn open_temp() -> Subject {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = ledger(&dir).await;
-        let now = Timestamp::UNIX_EPOCH;
-        let new = new_delivery("j1");
-
-        let Claim::Started(key, KnownReport { report, .. }) =
-            ledger.claim(&new, "w1", false, now).await.unwrap()
-        else {
-            panic!("first claim starts");
-        };
-        assert_eq!(report.status, DeliveryStatus::InProgress);
-        assert_eq!(report.targets.len(), 2);
-        assert!(matches!(
-            ledger.claim(&new, "w2", false, now).await.unwrap(),
-            Claim::HeldElsewhere(_)
-        ));
-
-        let attempt = ledger
-            .start_attempt(
-                key,
-                &AttemptStart {
-                    target: 1,
-                    provider: "sandbox".into(),
-                    channel: Channel::Sms,
-                    masked_target: "+1415•••0101".into(),
-                    started_at: now,
-                    retry: 0,
-                    sms: Some(SmsShape {
-                        encoding: SmsEncoding::Ucs2,
-                        segments: 2,
-                    }),
-                },
-            )
-            .await
-            .unwrap();
-        // The worker dies here; the broker redelivers to w2, which takes over.
-        let Claim::Resumed(_, KnownReport { report, .. }) =
-            ledger.claim(&new, "w2", true, now).await.unwrap()
-        else {
-            panic!("takeover resumes");
-        };
-        let interrupted = &report.targets[1].attempts[0];
-        assert_eq!(interrupted.outcome, AttemptOutcome::Interrupted);
-        assert_eq!(interrupted.reason, None, "not a timeout: nobody knows");
-        assert_eq!(interrupted.provider_message.as_deref(), Some(INTERRUPTED));
-        ledger
-            .finish_attempt(
-                key,
-                attempt,
-                &AttemptEnd {
-                    ended_at: now,
-                    outcome: AttemptOutcome::Sent,
-                    reason: None,
-                    provider_code: None,
-                    provider_message: None,
-                    provider_message_id: Some("m1".into()),
-                    next_retry_at: None,
-                    token_invalid_since: None,
-                },
-                1,
-                &TargetUpdate {
-                    channel: Channel::Sms,
-                    status: TargetStatus::Sent,
-                    reason: None,
-                    detail: None,
-                },
-            )
-            .await
-            .unwrap();
-        let sent = |report: &Report| crate::store::Outcome {
-            status: DeliveryStatus::Sent,
-            reason: None,
-            summary: format!("done with {} targets", report.targets.len()),
-        };
-        let finished = ledger.finish(key, now, Arc::new(sent), None).await.unwrap();
-        assert_eq!(finished.targets[1].status, TargetStatus::Sent);
-        assert!(
-            matches!(ledger.claim(&new, "w3", true, now).await.unwrap(), Claim::Finished(r) if r.summary == "done with 2 targets")
-        );
+        let store = Arc::new(ledger(&dir).await);
+        Subject {
+            ledger: store.clone(),
+            policy: store,
+            _keep: Box::new(dir),
+        }
     }
+
+    store_contract!(open_temp);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_share_commits_and_a_failing_one_undoes_only_itself() {
@@ -706,7 +539,7 @@ mod tests {
         let orphan = ledger.start_attempt(999_999, &start);
         let (claims, orphan) = tokio::join!(claims, orphan);
         assert!(
-            matches!(orphan, Err(StoreError::Engine(_))),
+            matches!(orphan, Err(StoreError::Conflict(_))),
             "the orphan attempt is refused: {orphan:?}"
         );
         let claimed: Vec<(DeliveryKey, Report)> = claims
@@ -732,133 +565,5 @@ mod tests {
                 serde_json::to_value(&report).unwrap()
             );
         }
-    }
-
-    #[tokio::test]
-    async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = ledger(&dir).await;
-        let now = Timestamp::UNIX_EPOCH;
-        for i in 0..5 {
-            let (_, created) = ledger
-                .accept(&new_delivery(&format!("j{i}")), now)
-                .await
-                .unwrap();
-            assert!(created);
-        }
-        let (report, created) = ledger.accept(&new_delivery("j0"), now).await.unwrap();
-        assert!(!created);
-        assert_eq!(report.status, DeliveryStatus::Accepted);
-        assert!(matches!(
-            ledger
-                .claim(&new_delivery("j0"), "w", false, now)
-                .await
-                .unwrap(),
-            Claim::Started(..)
-        ));
-
-        let mut query = ListQuery {
-            tenant: "acme".into(),
-            account: None,
-            status: None,
-            limit: 2,
-            before: None,
-        };
-        let page = ledger.list(&query).await.unwrap();
-        assert_eq!(
-            page.reports
-                .iter()
-                .map(|r| r.job_id.as_str())
-                .collect::<Vec<_>>(),
-            ["j4", "j3"]
-        );
-        query.before = page.next;
-        query.limit = 10;
-        let page = ledger.list(&query).await.unwrap();
-        assert_eq!(page.reports.len(), 3);
-        assert!(page.next.is_none());
-        query.before = None;
-        query.status = Some(DeliveryStatus::InProgress);
-        assert_eq!(ledger.list(&query).await.unwrap().reports[0].job_id, "j0");
-
-        ledger
-            .forget_accepted(&new_delivery("j1").id)
-            .await
-            .unwrap();
-        assert!(ledger.get(&new_delivery("j1").id).await.unwrap().is_none());
-        ledger
-            .forget_accepted(&new_delivery("j0").id)
-            .await
-            .unwrap();
-        assert!(
-            ledger.get(&new_delivery("j0").id).await.unwrap().is_some(),
-            "only ACCEPTED ones go"
-        );
-    }
-
-    /// Acme has no rate limits and no quiet hours.
-    async fn no_rules(ledger: &SqliteLedger) {
-        assert!(
-            ledger
-                .list_rate_limits(Some("acme"))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            ledger
-                .list_quiet_hours(Some("acme"))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    #[tokio::test]
-    async fn rules_are_served_from_memory_yet_a_change_applies_to_the_next_read() {
-        use crate::policy::{QuietAction, RateScope};
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = ledger(&dir).await;
-        // Read (and kept) while there are none.
-        no_rules(&ledger).await;
-
-        let limit = ledger
-            .set_rate_limit(&RateLimitRule {
-                id: 0,
-                tenant: Some("acme".into()),
-                scope: RateScope::Account,
-                prefix: String::new(),
-                limit: 3,
-                window: Duration::from_secs(60),
-            })
-            .await
-            .unwrap();
-        let quiet = ledger
-            .set_quiet_hours(&QuietHoursRule {
-                id: 0,
-                tenant: None,
-                account: None,
-                channels: vec![Channel::Sms],
-                start: jiff::civil::time(22, 0, 0, 0),
-                end: jiff::civil::time(7, 0, 0, 0),
-                days: Vec::new(),
-                action: QuietAction::Defer,
-                default_zone: "Europe/Berlin".into(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(
-            ledger.list_rate_limits(Some("acme")).await.unwrap(),
-            std::slice::from_ref(&limit)
-        );
-        assert_eq!(
-            ledger.list_quiet_hours(Some("acme")).await.unwrap(),
-            std::slice::from_ref(&quiet),
-            "a global rule applies to every tenant"
-        );
-
-        assert!(ledger.remove_rate_limit(limit.id).await.unwrap());
-        assert!(ledger.remove_quiet_hours(quiet.id).await.unwrap());
-        no_rules(&ledger).await;
     }
 }

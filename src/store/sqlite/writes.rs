@@ -1,26 +1,22 @@
 //! The SQLite ledger's writes, as the group-commit writer thread runs them: plain functions of
 //! the writer's connection (inside its open transaction) and owned inputs. Reads stay in
-//! `sqlite_reads.rs`.
+//! `reads.rs`, which this module builds on (never the other way).
 
 use jiff::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::sqlite_reads::{
-    ALL_TENANTS, block_columns, block_from_row, load, quiet_columns, quiet_from_row, rule_columns,
-    rule_from_row,
-};
-use super::{
-    AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, KnownReport, NewDelivery,
-    Revision, StoreError, TargetUpdate,
+use super::reads::{
+    ALL_TENANTS, block_columns, block_from_row, load, micros, quiet_columns, quiet_from_row,
+    rule_columns, rule_from_row, timestamp,
 };
 use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus};
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
 };
-
-/// What an attempt left unanswered by a worker that went away is recorded as.
-pub(super) const INTERRUPTED: &str = "interrupted: the gateway stopped while the call was open, \
-     so whether the provider took the message is not known (it may have been sent)";
+use crate::store::{
+    AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, INTERRUPTED, KnownReport,
+    NewDelivery, Revision, StoreError, TargetUpdate,
+};
 
 /// What a claim did in the ledger (the report is read after the commit).
 #[derive(Debug, Clone, Copy)]
@@ -33,14 +29,6 @@ pub(super) enum Claimed {
     TakenOver(DeliveryKey, Revision),
     /// Finished, or held by another worker.
     Refused(DeliveryKey),
-}
-
-pub(super) fn micros(at: Timestamp) -> i64 {
-    at.as_microsecond()
-}
-
-pub(super) fn timestamp(micros: i64) -> Result<Timestamp, StoreError> {
-    Timestamp::from_microsecond(micros).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// Inserts a delivery and its targets unless `(tenant, job_id)` is known; its key when new.

@@ -11,8 +11,6 @@ use std::time::Duration;
 use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
-use super::sqlite_writes::{micros, timestamp};
-use super::{DeliveryKey, ListPage, ListQuery, StoreError};
 use crate::domain::{
     Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, SmsEncoding,
     SmsShape, TargetResult, TargetStatus,
@@ -20,6 +18,7 @@ use crate::domain::{
 use crate::policy::{
     BlockEntry, QuietHoursRule, RateLimitRule, RateLimited, parse_time_of_day, parse_weekday,
 };
+use crate::store::{DeliveryKey, ListPage, ListQuery, StoreError};
 
 /// The columns each mapper below reads, in its order (rows are read by position: looking
 /// columns up by name costs a walk through the names for every value).
@@ -503,4 +502,13 @@ pub(super) fn peek(
         }
     }
     Ok(None)
+}
+
+/// A timestamp as stored: microseconds since the epoch.
+pub(super) fn micros(at: Timestamp) -> i64 {
+    at.as_microsecond()
+}
+
+pub(super) fn timestamp(micros: i64) -> Result<Timestamp, StoreError> {
+    Timestamp::from_microsecond(micros).map_err(|e| StoreError::Corrupt(e.to_string()))
 }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::StoreError;
+use crate::store::StoreError;
 
 /// The most writes committed together. Large enough that a busy gateway commits hundreds of
 /// writes at once, small enough that one transaction never holds the lock for long.
@@ -140,12 +140,12 @@ impl GroupWriter {
         std::thread::Builder::new()
             .name("ledger-sync".into())
             .spawn(move || sync(&wal, &syncing, &durable))
-            .map_err(|e| StoreError::Corrupt(format!("cannot start the ledger syncer: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger syncer: {e}")))?;
         let writing = Arc::clone(&commits);
         std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || run(connection, queue, &writing))
-            .map_err(|e| StoreError::Corrupt(format!("cannot start the ledger writer: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger writer: {e}")))?;
         Ok(GroupWriter {
             ops,
             commits,
@@ -206,10 +206,10 @@ impl GroupWriter {
                 Durable::Failed(_) => true,
             })
             .await
-            .map_err(|_| StoreError::WriterStopped)?;
+            .map_err(|_| StoreError::Unavailable("the ledger writer has stopped".to_owned()))?;
         match &*state {
             Durable::Upto(_) => Ok(()),
-            Durable::Failed(error) => Err(StoreError::Commit(sync_failure(error))),
+            Durable::Failed(error) => Err(StoreError::Unavailable(sync_failure(error))),
         }
     }
 
@@ -233,7 +233,7 @@ impl GroupWriter {
                         (Ok(value), Fate::Committed) => Answer::Done(Ok(value)),
                         (Ok(_), Fate::Undone) => Answer::Again,
                         (Ok(_), Fate::Failed(error)) => {
-                            Answer::Done(Err(StoreError::Commit(error.to_owned())))
+                            Answer::Done(Err(StoreError::Unavailable(error.to_owned())))
                         }
                     });
                 });
@@ -241,14 +241,14 @@ impl GroupWriter {
             });
             self.ops
                 .send(WriteOp { run, durable })
-                .map_err(|_| StoreError::WriterStopped)?;
+                .map_err(|_| StoreError::Unavailable("the ledger writer has stopped".to_owned()))?;
             // A write dropped unrun (its group was rolled back before it) has no answer.
             match answer.await.unwrap_or(Answer::Again) {
                 Answer::Done(result) => return result,
                 Answer::Again => continue,
             }
         }
-        Err(StoreError::Commit(
+        Err(StoreError::Unavailable(
             "the write was rolled back with failing writes too many times (see the log)".into(),
         ))
     }

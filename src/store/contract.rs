@@ -1,0 +1,553 @@
+//! The rules every store backend keeps, written against [`Ledger`] and [`PolicyStore`]: a
+//! backend runs the whole suite with one line, `store_contract!(open)`, where `open` makes a
+//! fresh, empty store ([`Subject`]). The engine relies on each of these rules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::{
+    AttemptEnd, AttemptStart, Claim, KnownReport, Ledger, ListQuery, NewDelivery, NewTarget,
+    PolicyStore, TargetUpdate,
+};
+use crate::domain::{
+    Acknowledgement, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, Platform, Report,
+    SmsEncoding, SmsShape, TargetStatus,
+};
+use crate::policy::{
+    BlockKind, BlockSource, NewBlockEntry, QuietAction, QuietHoursRule, RateKey, RateLimitRule,
+    RateScope,
+};
+
+/// A fresh, empty store under test, and what keeps it alive (a temporary directory, a
+/// database dropped afterwards).
+pub(crate) struct Subject {
+    /// The ledger.
+    pub(crate) ledger: Arc<dyn Ledger>,
+    /// The policy store (without a rules cache: the backend's own).
+    pub(crate) policy: Arc<dyn PolicyStore>,
+    /// Dropped at the end of the test.
+    pub(crate) _keep: Box<dyn std::any::Any + Send>,
+}
+
+/// The contract suite for a backend: `open` is an `async fn() -> Subject` making a fresh store.
+macro_rules! store_contract {
+    ($open:ident) => {
+        mod contract {
+            use crate::store::contract as c;
+
+            #[tokio::test]
+            async fn claims_are_exclusive_and_finished_deliveries_stay_finished() {
+                let s = super::$open().await;
+                c::claims_are_exclusive_and_finished_deliveries_stay_finished(&*s.ledger).await;
+            }
+
+            #[tokio::test]
+            async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_first() {
+                let s = super::$open().await;
+                c::accepted_deliveries_are_claimed_once_and_lists_page_newest_first(&*s.ledger)
+                    .await;
+            }
+
+            #[tokio::test]
+            async fn a_known_report_is_exact_until_another_writer_changes_the_delivery() {
+                let s = super::$open().await;
+                c::a_known_report_is_exact_until_another_writer_changes_the_delivery(&*s.ledger)
+                    .await;
+            }
+
+            #[tokio::test]
+            async fn rules_are_stored_listed_by_tenant_and_removed() {
+                let s = super::$open().await;
+                c::rules_are_stored_listed_by_tenant_and_removed(&*s.policy).await;
+            }
+
+            #[tokio::test]
+            async fn a_limit_counts_sends_atomically_and_refuses_past_it() {
+                let s = super::$open().await;
+                c::a_limit_counts_sends_atomically_and_refuses_past_it(&*s.policy).await;
+            }
+
+            #[tokio::test]
+            async fn block_entries_are_kept_once_and_found_for_a_job() {
+                let s = super::$open().await;
+                c::block_entries_are_kept_once_and_found_for_a_job(&*s.policy).await;
+            }
+        }
+    };
+}
+pub(crate) use store_contract;
+
+pub(crate) fn new_delivery(job_id: &str) -> NewDelivery {
+    NewDelivery {
+        id: DeliveryId {
+            tenant: "acme".into(),
+            job_id: job_id.into(),
+        },
+        account: "user-42".into(),
+        purpose: "sign_in".into(),
+        expires_at: Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1),
+        targets: vec![
+            NewTarget {
+                channel: Channel::Push,
+                label: "ipad-1".into(),
+                platform: Some(Platform::Apns),
+            },
+            NewTarget {
+                channel: Channel::Sms,
+                label: "+1415•••0101".into(),
+                platform: None,
+            },
+        ],
+    }
+}
+
+pub(crate) async fn claims_are_exclusive_and_finished_deliveries_stay_finished(
+    ledger: &dyn Ledger,
+) {
+    let now = Timestamp::UNIX_EPOCH;
+    let new = new_delivery("j1");
+
+    let Claim::Started(key, KnownReport { report, .. }) =
+        ledger.claim(&new, "w1", false, now).await.unwrap()
+    else {
+        panic!("first claim starts");
+    };
+    assert_eq!(report.status, DeliveryStatus::InProgress);
+    assert_eq!(report.targets.len(), 2);
+    assert!(matches!(
+        ledger.claim(&new, "w2", false, now).await.unwrap(),
+        Claim::HeldElsewhere(_)
+    ));
+
+    let attempt = ledger
+        .start_attempt(
+            key,
+            &AttemptStart {
+                target: 1,
+                provider: "sandbox".into(),
+                channel: Channel::Sms,
+                masked_target: "+1415•••0101".into(),
+                started_at: now,
+                retry: 0,
+                sms: Some(SmsShape {
+                    encoding: SmsEncoding::Ucs2,
+                    segments: 2,
+                }),
+            },
+        )
+        .await
+        .unwrap();
+    // The worker dies here; the broker redelivers to w2, which takes over.
+    let Claim::Resumed(_, KnownReport { report, .. }) =
+        ledger.claim(&new, "w2", true, now).await.unwrap()
+    else {
+        panic!("takeover resumes");
+    };
+    let interrupted = &report.targets[1].attempts[0];
+    assert_eq!(interrupted.outcome, AttemptOutcome::Interrupted);
+    assert_eq!(interrupted.reason, None, "not a timeout: nobody knows");
+    assert_eq!(
+        interrupted.provider_message.as_deref(),
+        Some(crate::store::INTERRUPTED)
+    );
+    ledger
+        .finish_attempt(
+            key,
+            attempt,
+            &AttemptEnd {
+                ended_at: now,
+                outcome: AttemptOutcome::Sent,
+                reason: None,
+                provider_code: None,
+                provider_message: None,
+                provider_message_id: Some("m1".into()),
+                next_retry_at: None,
+                token_invalid_since: None,
+            },
+            1,
+            &TargetUpdate {
+                channel: Channel::Sms,
+                status: TargetStatus::Sent,
+                reason: None,
+                detail: None,
+            },
+        )
+        .await
+        .unwrap();
+    let sent = |report: &Report| crate::store::Outcome {
+        status: DeliveryStatus::Sent,
+        reason: None,
+        summary: format!("done with {} targets", report.targets.len()),
+    };
+    let finished = ledger.finish(key, now, Arc::new(sent), None).await.unwrap();
+    assert_eq!(finished.targets[1].status, TargetStatus::Sent);
+    assert!(
+        matches!(ledger.claim(&new, "w3", true, now).await.unwrap(), Claim::Finished(r) if r.summary == "done with 2 targets")
+    );
+}
+
+pub(crate) async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_first(
+    ledger: &dyn Ledger,
+) {
+    let now = Timestamp::UNIX_EPOCH;
+    for i in 0..5 {
+        let (_, created) = ledger
+            .accept(&new_delivery(&format!("j{i}")), now)
+            .await
+            .unwrap();
+        assert!(created);
+    }
+    let (report, created) = ledger.accept(&new_delivery("j0"), now).await.unwrap();
+    assert!(!created);
+    assert_eq!(report.status, DeliveryStatus::Accepted);
+    assert!(matches!(
+        ledger
+            .claim(&new_delivery("j0"), "w", false, now)
+            .await
+            .unwrap(),
+        Claim::Started(..)
+    ));
+
+    let mut query = ListQuery {
+        tenant: "acme".into(),
+        account: None,
+        status: None,
+        limit: 2,
+        before: None,
+    };
+    let page = ledger.list(&query).await.unwrap();
+    assert_eq!(
+        page.reports
+            .iter()
+            .map(|r| r.job_id.as_str())
+            .collect::<Vec<_>>(),
+        ["j4", "j3"]
+    );
+    query.before = page.next;
+    query.limit = 10;
+    let page = ledger.list(&query).await.unwrap();
+    assert_eq!(page.reports.len(), 3);
+    assert!(page.next.is_none());
+    query.before = None;
+    query.status = Some(DeliveryStatus::InProgress);
+    assert_eq!(ledger.list(&query).await.unwrap().reports[0].job_id, "j0");
+
+    ledger
+        .forget_accepted(&new_delivery("j1").id)
+        .await
+        .unwrap();
+    assert!(ledger.get(&new_delivery("j1").id).await.unwrap().is_none());
+    ledger
+        .forget_accepted(&new_delivery("j0").id)
+        .await
+        .unwrap();
+    assert!(
+        ledger.get(&new_delivery("j0").id).await.unwrap().is_some(),
+        "only ACCEPTED ones go"
+    );
+}
+
+/// A call's end as the engine records it.
+fn sent_end(now: Timestamp, message_id: &str) -> AttemptEnd {
+    AttemptEnd {
+        ended_at: now,
+        outcome: AttemptOutcome::Sent,
+        reason: None,
+        provider_code: None,
+        provider_message: None,
+        provider_message_id: Some(message_id.into()),
+        next_retry_at: None,
+        token_invalid_since: None,
+    }
+}
+
+/// The revision rule the engine's own copy of a report relies on: starting an attempt leaves
+/// the revision as it is, ending one (with its target) and updating a target raise it by one
+/// each; `finish` with a report known at the current revision takes it as exact, and once
+/// anything else wrote (an acknowledgement) it reads the delivery afresh.
+pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_delivery(
+    ledger: &dyn Ledger,
+) {
+    let now = Timestamp::UNIX_EPOCH;
+    let start = |target: u32| AttemptStart {
+        target,
+        provider: "sandbox".into(),
+        channel: Channel::Sms,
+        masked_target: "+1415•••0101".into(),
+        started_at: now,
+        retry: 0,
+        sms: None,
+    };
+    let sent = TargetUpdate {
+        channel: Channel::Sms,
+        status: TargetStatus::Sent,
+        reason: None,
+        detail: None,
+    };
+    let summary = |report: &Report| crate::store::Outcome {
+        status: DeliveryStatus::Sent,
+        reason: None,
+        summary: format!("detail {:?}", report.targets[0].detail),
+    };
+
+    // Only the engine writes: its copy, at its counted revision, is used as it is.
+    let Claim::Started(key, mut known) = ledger
+        .claim(&new_delivery("rev-1"), "w1", false, now)
+        .await
+        .unwrap()
+    else {
+        panic!("a new delivery starts");
+    };
+    let attempt = ledger.start_attempt(key, &start(1)).await.unwrap();
+    ledger
+        .finish_attempt(key, attempt, &sent_end(now, "m1"), 1, &sent)
+        .await
+        .unwrap();
+    let skipped = TargetUpdate {
+        channel: Channel::Push,
+        status: TargetStatus::Skipped,
+        reason: None,
+        detail: Some("in the ledger".into()),
+    };
+    ledger.update_target(key, 0, &skipped, now).await.unwrap();
+    known.revision += 2;
+    known.report.targets[0].detail = Some("the engine's copy".into());
+    let finished = ledger
+        .finish(key, now, Arc::new(summary), Some(known))
+        .await
+        .unwrap();
+    assert_eq!(
+        finished.summary, "detail Some(\"the engine's copy\")",
+        "at its revision, the engine's copy is taken as exact"
+    );
+
+    // An acknowledgement recorded meanwhile raises the revision: the ledger is read again.
+    let Claim::Started(key, mut known) = ledger
+        .claim(&new_delivery("rev-2"), "w1", false, now)
+        .await
+        .unwrap()
+    else {
+        panic!("a new delivery starts");
+    };
+    ledger.update_target(key, 0, &skipped, now).await.unwrap();
+    ledger
+        .record_ack(key, 0, Acknowledgement::Denied, now)
+        .await
+        .unwrap();
+    known.revision += 1;
+    known.report.targets[0].detail = Some("the engine's copy".into());
+    let finished = ledger
+        .finish(key, now, Arc::new(summary), Some(known))
+        .await
+        .unwrap();
+    assert_eq!(finished.summary, "detail Some(\"in the ledger\")");
+    assert_eq!(
+        finished.targets[0].acknowledgement,
+        Some(Acknowledgement::Denied),
+        "what another writer recorded is in the final report"
+    );
+}
+
+fn rate_rule(tenant: Option<&str>, scope: RateScope, limit: u32) -> RateLimitRule {
+    RateLimitRule {
+        id: 0,
+        tenant: tenant.map(str::to_owned),
+        scope,
+        prefix: String::new(),
+        limit,
+        window: Duration::from_secs(60),
+    }
+}
+
+/// Rate limits and quiet-hours rules: stored with an id, listed for a tenant with the global
+/// ones, replaced by id, removed once.
+pub(crate) async fn rules_are_stored_listed_by_tenant_and_removed(policy: &dyn PolicyStore) {
+    assert!(
+        policy
+            .list_rate_limits(Some("acme"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        policy
+            .list_quiet_hours(Some("acme"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let acme = policy
+        .set_rate_limit(&rate_rule(Some("acme"), RateScope::Account, 3))
+        .await
+        .unwrap();
+    let other = policy
+        .set_rate_limit(&rate_rule(Some("globex"), RateScope::Account, 5))
+        .await
+        .unwrap();
+    assert!(acme.id > 0 && other.id != acme.id);
+    assert_eq!(
+        policy.list_rate_limits(Some("acme")).await.unwrap(),
+        std::slice::from_ref(&acme)
+    );
+    // The same (tenant, scope, prefix) again replaces the limit.
+    let replaced = policy
+        .set_rate_limit(&rate_rule(Some("acme"), RateScope::Account, 7))
+        .await
+        .unwrap();
+    assert_eq!(
+        policy.list_rate_limits(Some("acme")).await.unwrap(),
+        std::slice::from_ref(&replaced)
+    );
+    assert_eq!(policy.list_rate_limits(None).await.unwrap().len(), 2);
+
+    let quiet = QuietHoursRule {
+        id: 0,
+        tenant: None,
+        account: None,
+        channels: vec![Channel::Sms],
+        start: jiff::civil::time(22, 0, 0, 0),
+        end: jiff::civil::time(7, 0, 0, 0),
+        days: Vec::new(),
+        action: QuietAction::Defer,
+        default_zone: "Europe/Berlin".into(),
+    };
+    let quiet = policy.set_quiet_hours(&quiet).await.unwrap();
+    assert_eq!(
+        policy.list_quiet_hours(Some("acme")).await.unwrap(),
+        std::slice::from_ref(&quiet),
+        "a global rule applies to every tenant"
+    );
+    let missing = QuietHoursRule {
+        id: quiet.id + 1000,
+        ..quiet.clone()
+    };
+    assert!(matches!(
+        policy.set_quiet_hours(&missing).await,
+        Err(crate::store::StoreError::NotFound(_))
+    ));
+
+    assert!(policy.remove_rate_limit(replaced.id).await.unwrap());
+    assert!(!policy.remove_rate_limit(replaced.id).await.unwrap());
+    assert!(policy.remove_quiet_hours(quiet.id).await.unwrap());
+    assert!(
+        policy
+            .list_rate_limits(Some("acme"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        policy
+            .list_quiet_hours(Some("acme"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A limit of 3 takes exactly 3 of 10 concurrent sends; a refused send counts nothing under any
+/// key; `peek` counts nothing at all.
+pub(crate) async fn a_limit_counts_sends_atomically_and_refuses_past_it(policy: &dyn PolicyStore) {
+    let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+    let tight = policy
+        .set_rate_limit(&rate_rule(Some("acme"), RateScope::Recipient, 3))
+        .await
+        .unwrap();
+    let loose = policy
+        .set_rate_limit(&rate_rule(Some("acme"), RateScope::Account, 100))
+        .await
+        .unwrap();
+    let keys = [
+        RateKey {
+            rule: &loose,
+            key: "user-42".into(),
+        },
+        RateKey {
+            rule: &tight,
+            key: "+14155550101".into(),
+        },
+    ];
+    assert!(policy.peek(&keys, now).await.unwrap().is_none());
+    let results = futures_util::future::join_all((0..10).map(|_| policy.consume(&keys, now))).await;
+    let taken = results
+        .iter()
+        .filter(|r| r.as_ref().unwrap().is_none())
+        .count();
+    assert_eq!(taken, 3, "exactly the limit's sends go through");
+    let limited = policy
+        .peek(&keys, now)
+        .await
+        .unwrap()
+        .expect("at its limit");
+    assert_eq!(limited.rule.id, tight.id);
+    assert!(limited.allowed_at > now);
+    // The account counter holds only the 3 sends that went through: 97 more fit.
+    let account_only = [RateKey {
+        rule: &loose,
+        key: "user-42".into(),
+    }];
+    for _ in 0..97 {
+        assert!(policy.consume(&account_only, now).await.unwrap().is_none());
+    }
+    assert!(policy.consume(&account_only, now).await.unwrap().is_some());
+}
+
+/// An entry with the same tenant, kind and pattern is kept once; a job's candidates are the
+/// entries in force naming its patterns, its tenant's and the global ones.
+pub(crate) async fn block_entries_are_kept_once_and_found_for_a_job(policy: &dyn PolicyStore) {
+    let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+    let entry = |tenant: Option<&str>, pattern: &str, expires_at| NewBlockEntry {
+        tenant: tenant.map(str::to_owned),
+        kind: BlockKind::Number,
+        pattern: pattern.into(),
+        source: BlockSource::Admin,
+        note: "test".into(),
+        expires_at,
+    };
+    let (first, new) = policy
+        .add_block(&entry(Some("acme"), "+14155550101", None), now)
+        .await
+        .unwrap();
+    assert!(new);
+    let (again, new) = policy
+        .add_block(&entry(Some("acme"), "+14155550101", None), now)
+        .await
+        .unwrap();
+    assert!(!new);
+    assert_eq!(again.id, first.id);
+    let (global, _) = policy
+        .add_block(&entry(None, "+14155550102", None), now)
+        .await
+        .unwrap();
+    policy
+        .add_block(&entry(Some("globex"), "+14155550103", None), now)
+        .await
+        .unwrap();
+    let expired = now - jiff::SignedDuration::from_secs(1);
+    policy
+        .add_block(&entry(Some("acme"), "+14155550104", Some(expired)), now)
+        .await
+        .unwrap();
+
+    let patterns = [
+        "user-42",
+        "+14155550101",
+        "+14155550102",
+        "+14155550103",
+        "+14155550104",
+    ];
+    let mut found: Vec<i64> = policy
+        .block_candidates("acme", &patterns, now)
+        .await
+        .unwrap()
+        .iter()
+        .map(|b| b.id)
+        .collect();
+    found.sort_unstable();
+    assert_eq!(found, [first.id, global.id]);
+    assert_eq!(policy.list_blocks(Some("acme")).await.unwrap().len(), 3);
+    assert!(policy.remove_block(first.id).await.unwrap());
+    assert!(!policy.remove_block(first.id).await.unwrap());
+}
