@@ -6,7 +6,8 @@ use jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::breaker::CircuitState;
-use super::dispatch::{ChannelVerdict, Dispatcher, Eligibility, eligibility};
+use super::engine::Dispatcher;
+use super::gate::{ChannelVerdict, Eligibility, eligibility};
 use crate::domain::{Channel, FailureReason, Job, Platform, Target, mask_phone};
 use crate::policy::{job_keys, target_keys};
 use crate::providers::Recipient;
