@@ -13,11 +13,12 @@ use jiff::Timestamp;
 use super::breaker::CircuitBreaker;
 use super::circuits::Breakers;
 use super::decisions::{Standing, channel_of, earlier_twin};
+use super::gate::PolicyContext;
 use super::progress::Progress;
 use super::retry::RetryPolicy;
 use super::settings::EngineSettings;
 use crate::domain::{Channel, FailureReason, Job, Report, Target, TargetStatus};
-use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule, RateLimited};
+use crate::policy::{QuietHoursRule, RateLimitRule, RateLimited};
 use crate::providers::ProviderRegistry;
 use crate::store::{PolicyStore, StoreError, TargetUpdate};
 
@@ -154,7 +155,7 @@ impl Dispatcher {
         &self,
         job: &Job,
         prior: &Report,
-        blocks: &[BlockEntry],
+        context: &PolicyContext,
         progress: &Progress<'_>,
     ) -> Result<Verdict, StoreError> {
         let deadline = job.expires_at - self.settings.expiry_margin;
@@ -173,8 +174,6 @@ impl Dispatcher {
             return Ok(Verdict::Failed(reason));
         }
         let channels = job.channel_order();
-        let rules = self.policy.list_rate_limits(Some(&job.tenant)).await?;
-        let quiet = self.policy.list_quiet_hours(Some(&job.tenant)).await?;
         let deferred = Mutex::new(None);
         let already_counted = prior.targets.iter().any(|t| !t.attempts.is_empty());
         let job_count = Mutex::new(if already_counted {
@@ -186,8 +185,8 @@ impl Dispatcher {
             job,
             prior,
             deadline,
-            rules: &rules,
-            quiet: &quiet,
+            rules: &context.rate_limits,
+            quiet: &context.quiet_hours,
             deferred: &deferred,
             job_count: &job_count,
         };
@@ -226,8 +225,15 @@ impl Dispatcher {
                         Standing::Closed
                     }
                     None => {
-                        self.check_eligibility(index, job, target, &channels, blocks, progress)
-                            .await?
+                        self.check_eligibility(
+                            index,
+                            job,
+                            target,
+                            &channels,
+                            &context.blocks,
+                            progress,
+                        )
+                        .await?
                     }
                 },
             });

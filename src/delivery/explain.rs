@@ -76,15 +76,8 @@ impl Dispatcher {
     pub async fn explain(&self, job: &Job, at: Timestamp) -> Result<Explanation, StoreError> {
         let stages = job.channel_order();
         let deadline = job.expires_at - self.settings().expiry_margin;
-        let blocks = self.block_candidates_at(job, at).await?;
-        let rules = self
-            .policy_store()
-            .list_rate_limits(Some(&job.tenant))
-            .await?;
-        let quiet = self
-            .policy_store()
-            .list_quiet_hours(Some(&job.tenant))
-            .await?;
+        let context = self.policy_context(job, at).await?;
+        let (blocks, rules, quiet) = (&context.blocks, &context.rate_limits, &context.quiet_hours);
         let blocked = if at >= deadline {
             Some((
                 FailureReason::CodeExpired,
@@ -95,7 +88,7 @@ impl Dispatcher {
             ))
         } else {
             self.policy_store()
-                .peek(&job_keys(&rules, job), at)
+                .peek(&job_keys(rules, job), at)
                 .await?
                 .map(|limited| (FailureReason::RateLimited, limited.describe()))
         };
@@ -106,8 +99,7 @@ impl Dispatcher {
                 Target::Device(device) => (device.id.clone(), Some(device.platform)),
                 Target::Phone(phone) => (mask_phone(&phone.number), None),
             };
-            let (eligible, reason, decision) = match eligibility(job, target, &stages, &blocks, at)
-            {
+            let (eligible, reason, decision) = match eligibility(job, target, &stages, blocks, at) {
                 Eligibility::Eligible(_) => (true, None, "valid and on no block list".to_owned()),
                 Eligibility::NotAsked(detail) => (false, None, detail),
                 Eligibility::Refused { reason, detail, .. } => (false, Some(reason), detail),
@@ -124,14 +116,14 @@ impl Dispatcher {
                         circuit: self.circuit_of(entry, channel, &route_key, now),
                     })
                     .collect();
-                let refused = match self.channel_verdict(&quiet, job, target, channel, at) {
+                let refused = match self.channel_verdict(quiet, job, target, channel, at) {
                     ChannelVerdict::Refused(reason, detail) => Some((reason, detail)),
                     ChannelVerdict::Held { detail, .. } => {
                         Some((FailureReason::QuietHours, format!("would be {detail}")))
                     }
                     ChannelVerdict::Open => self
                         .policy_store()
-                        .peek(&target_keys(&rules, job, target), at)
+                        .peek(&target_keys(rules, job, target), at)
                         .await?
                         .map(|limited| (FailureReason::RateLimited, limited.describe())),
                 };

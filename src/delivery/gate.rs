@@ -14,6 +14,18 @@ use crate::policy::{
 };
 use crate::store::StoreError;
 
+/// What policy says about one job, read once at the gate: the engine's steps decide from it
+/// with the pure policy functions and only write (rate counts, settled targets) afterwards.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PolicyContext {
+    /// Block entries in force that name the job's account, numbers or tokens, or a prefix.
+    pub(crate) blocks: Vec<BlockEntry>,
+    /// The rate limits of the job's tenant (and the global ones).
+    pub(crate) rate_limits: Vec<RateLimitRule>,
+    /// The quiet-hours rules of the job's tenant (and the global ones).
+    pub(crate) quiet_hours: Vec<QuietHoursRule>,
+}
+
 /// What quiet hours and destination permissions say about one channel for one target.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum ChannelVerdict {
@@ -111,12 +123,14 @@ pub(super) fn local_time(at: &jiff::Zoned) -> String {
 }
 
 impl Dispatcher {
-    /// The block entries in force at `at` that could apply to this job.
-    pub(crate) async fn block_candidates_at(
+    /// The policy context of `job` at `at`, read once before anything is decided: the block
+    /// entries in force that could apply to it, and its tenant's rate limits and quiet hours
+    /// (the rules through the one-second cache).
+    pub(crate) async fn policy_context(
         &self,
         job: &Job,
         at: Timestamp,
-    ) -> Result<Vec<BlockEntry>, StoreError> {
+    ) -> Result<PolicyContext, StoreError> {
         let mut patterns = vec![job.account.as_str()];
         for target in &job.targets {
             patterns.push(match target {
@@ -124,9 +138,16 @@ impl Dispatcher {
                 Target::Device(device) => &device.token,
             });
         }
-        self.policy
-            .block_candidates(&job.tenant, &patterns, at)
-            .await
+        let (blocks, rate_limits, quiet_hours) = tokio::try_join!(
+            self.policy.block_candidates(&job.tenant, &patterns, at),
+            self.policy.list_rate_limits(Some(&job.tenant)),
+            self.policy.list_quiet_hours(Some(&job.tenant)),
+        )?;
+        Ok(PolicyContext {
+            blocks,
+            rate_limits,
+            quiet_hours,
+        })
     }
 
     pub(super) async fn check_eligibility(

@@ -165,12 +165,12 @@ impl DeliveryService {
     #[instrument(skip_all, fields(delivery_id = %job.delivery_id()))]
     pub async fn handle(&self, job: &Job, redelivered: bool) -> Result<Handled, StoreError> {
         let new = new_delivery(job);
-        // Staged, like every write of the delivery (see above). The block list is read meanwhile
-        // (both ride the ledger writer's next transaction).
+        // Staged, like every write of the delivery (see above). The job's policy context is read
+        // meanwhile, once (the block list rides the ledger writer's next transaction).
         let now = self.clock.now();
-        let (claim, blocks) = tokio::join!(
+        let (claim, context) = tokio::join!(
             self.staged.claim(&new, &self.worker, redelivered, now),
-            self.dispatcher.block_candidates_at(job, now)
+            self.dispatcher.policy_context(job, now)
         );
         let claim = claim?;
         let (key, prior) = match claim {
@@ -202,7 +202,7 @@ impl DeliveryService {
         progress.changed();
         let verdict = self
             .dispatcher
-            .dispatch(job, &prior.report, &blocks?, &progress)
+            .dispatch(job, &prior.report, &context?, &progress)
             .await?;
         let known = progress
             .own
