@@ -10,9 +10,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ProviderConfig, positive};
+use crate::config::Config;
 use crate::delivery::{DeliveryService, Dispatcher, EngineSettings};
 use crate::domain::{Clock, SystemClock};
+use crate::providers::KindSettings;
 use crate::providers::{ProviderReceipt, ProviderRegistry};
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
 use crate::receipts::ReceiptsState;
@@ -116,10 +117,7 @@ impl Application {
 
     /// Runs until `stop` is cancelled, then shuts down in order.
     pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
-        let grace = positive(
-            "delivery.shutdown_grace",
-            self.config.delivery.shutdown_grace,
-        )?;
+        let grace = self.config.delivery.shutdown_grace;
         let api_stop = CancellationToken::new();
         tracing::info!(grpc = %self.grpc_addr, receipts = %self.receipts_addr, "otp-gateway serving");
         let api = tokio::spawn(crate::grpc::serve(
@@ -138,8 +136,8 @@ impl Application {
             .config
             .providers
             .iter()
-            .filter_map(|(name, provider)| match provider {
-                ProviderConfig::Twilio(twilio) => {
+            .filter_map(|(name, provider)| match &provider.kind {
+                KindSettings::Twilio(twilio) => {
                     let expected = crate::providers::twilio_callback_url(&public_url, name);
                     match &twilio.status_callback {
                         Some(set) if *set != expected => tracing::warn!(

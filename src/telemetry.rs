@@ -4,9 +4,18 @@
 
 use std::io::IsTerminal;
 
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global subscriber. Call once, from `main`.
 pub fn init(format: LogFormat, level: &str) {

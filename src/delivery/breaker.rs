@@ -11,7 +11,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use tokio::time::Instant;
 
-use crate::config::{BreakerConfig, positive};
+use crate::providers::BreakerConfig;
 
 /// How many latencies are kept for the percentiles.
 const LATENCY_SAMPLES: usize = 256;
@@ -95,8 +95,7 @@ impl CircuitBreaker {
     /// A closed breaker with validated settings.
     pub fn new(settings: &BreakerConfig) -> Self {
         CircuitBreaker {
-            cool_down: positive("breaker.cool_down", settings.cool_down)
-                .unwrap_or(Duration::from_secs(30)),
+            cool_down: settings.cool_down,
             settings: settings.clone(),
             figures: Mutex::new(Figures {
                 phase: Phase::Closed,
@@ -252,8 +251,6 @@ impl CircuitBreaker {
 
 #[cfg(test)]
 mod tests {
-    use jiff::SignedDuration;
-
     use super::*;
 
     fn breaker() -> CircuitBreaker {
@@ -262,7 +259,7 @@ mod tests {
             error_rate: 0.5,
             window: 10,
             min_calls: 6,
-            cool_down: SignedDuration::from_secs(10),
+            cool_down: Duration::from_secs(10),
         })
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use backoff::{ExponentialBackoff, ExponentialBackoffBuilder};
 
-use crate::config::{RetryConfig, positive};
+use crate::providers::RetryConfig;
 
 /// When to call a provider again after a transient failure.
 #[derive(Debug, Clone)]
@@ -20,9 +20,7 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// The policy for validated settings.
     pub fn new(config: &RetryConfig) -> Self {
-        let initial = positive("retry.initial_interval", config.initial_interval)
-            .unwrap_or(Duration::from_millis(200));
-        let max = positive("retry.max_interval", config.max_interval).unwrap_or(initial);
+        let (initial, max) = (config.initial_interval, config.max_interval);
         let mut schedule: ExponentialBackoff = ExponentialBackoffBuilder::new()
             .with_initial_interval(initial)
             .with_multiplier(config.multiplier)
@@ -70,15 +68,13 @@ impl RetryPolicy {
 
 #[cfg(test)]
 mod tests {
-    use jiff::SignedDuration;
-
     use super::*;
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy::new(&RetryConfig {
-            initial_interval: SignedDuration::from_millis(100),
+            initial_interval: Duration::from_millis(100),
             multiplier: 2.0,
-            max_interval: SignedDuration::from_millis(300),
+            max_interval: Duration::from_millis(300),
             max_attempts: attempts,
         })
     }

@@ -1,12 +1,13 @@
-//! The engine's settings, typed from the validated configuration.
+//! The engine's settings, typed (made from the validated configuration by
+//! `EngineSettings::from_config` in `config`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use jiff::SignedDuration;
 
-use crate::config::{Config, DestinationRules, positive};
 use crate::domain::{Autofill, MessageTemplates};
+use crate::policy::DestinationRules;
 
 /// Timing settings of the engine.
 #[derive(Debug, Clone)]
@@ -36,53 +37,4 @@ pub struct EngineSettings {
     pub app_names: BTreeMap<String, String>,
     /// Tenants' autofill formats.
     pub autofill: BTreeMap<String, Autofill>,
-}
-
-impl EngineSettings {
-    /// The settings from validated configuration.
-    pub fn from_config(config: &Config) -> Self {
-        let (delivery, tenants) = (&config.delivery, &config.tenants);
-        let duration = |key: &str, value, fallback| positive(key, value).unwrap_or(fallback);
-        EngineSettings {
-            app_name: delivery.app_name.clone(),
-            provider_timeout: duration(
-                "delivery.provider_timeout",
-                delivery.provider_timeout,
-                Duration::from_secs(10),
-            ),
-            push_ack_timeout: duration(
-                "delivery.push_ack_timeout",
-                delivery.push_ack_timeout,
-                Duration::from_secs(15),
-            ),
-            expiry_margin: delivery.expiry_margin,
-            retry_after_max: duration(
-                "delivery.retry_after_max",
-                delivery.retry_after_max,
-                Duration::from_secs(30),
-            ),
-            receipt_wait: delivery.receipt_wait.unsigned_abs(),
-            circuit_wait: delivery.circuit_wait.unsigned_abs(),
-            tenants_without_ack: tenants
-                .iter()
-                .filter(|(_, tenant)| !tenant.push_acknowledgement)
-                .map(|(name, _)| name.clone())
-                .collect(),
-
-            destinations: tenants
-                .iter()
-                .map(|(name, tenant)| (name.clone(), tenant.destinations.clone()))
-                .collect(),
-            // `Config::validate` has refused bad templates already.
-            templates: MessageTemplates::new(&config.templates).unwrap_or_default(),
-            app_names: tenants
-                .iter()
-                .filter_map(|(name, t)| Some((name.clone(), t.app_name.clone()?)))
-                .collect(),
-            autofill: tenants
-                .iter()
-                .map(|(name, t)| (name.clone(), t.autofill.clone()))
-                .collect(),
-        }
-    }
 }

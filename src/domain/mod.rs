@@ -7,6 +7,7 @@ mod mask;
 mod message;
 mod reason;
 mod report;
+mod setting;
 mod sms;
 
 pub use clock::{Clock, SystemClock};
@@ -23,6 +24,10 @@ pub use reason::{FailureReason, RetryClass};
 pub use report::{
     Acknowledgement, Attempt, AttemptOutcome, DeliveryStatus, DeviceInvalidated, Report,
     TargetResult, TargetStatus, headline_reason, summarize,
+};
+pub use setting::{
+    InvalidSetting, SecretString, SecretUrl, non_negative_duration, positive_duration,
+    reconnect_backoff,
 };
 pub use sms::{SmsEncoding, SmsShape, gsm7_septets, measure as measure_sms, ucs2_octets};
 

@@ -3,8 +3,45 @@
 //! a number comes from libphonenumber's metadata (the `phonenumber` crate), so NANP numbers
 //! resolve to the right country by area code.
 
-use crate::config::CountryRule;
+use serde::Deserialize;
+
 use crate::domain::Channel;
+
+/// Per channel, the countries a tenant may send to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationRules {
+    /// For SMS.
+    #[serde(default)]
+    pub sms: CountryRule,
+    /// For voice calls.
+    #[serde(default)]
+    pub voice: CountryRule,
+}
+
+impl DestinationRules {
+    /// The rule for `channel` (none for push).
+    pub fn for_channel(&self, channel: Channel) -> Option<&CountryRule> {
+        match channel {
+            Channel::Push => None,
+            Channel::Sms => Some(&self.sms),
+            Channel::Voice => Some(&self.voice),
+        }
+    }
+}
+
+/// Countries as ISO 3166 alpha-2 codes: `allow` (if not empty) lists the only ones permitted,
+/// `deny` the ones refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountryRule {
+    /// The only countries permitted (empty: all).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Countries refused.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
 
 /// The ISO 3166 alpha-2 country of an E.164 number: the region libphonenumber assigns it, or,
 /// for a number in no known range, the main country of its calling code (GB for +44).

@@ -8,7 +8,7 @@ pub mod quiet;
 pub mod rate;
 
 pub use block::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};
-pub use destination::{country_of, destination_refusal};
+pub use destination::{CountryRule, DestinationRules, country_of, destination_refusal};
 pub use number_zones::zones_of;
 pub use quiet::{
     QuietAction, QuietDecision, QuietHoursRule, parse_time_of_day, parse_weekday, quiet_decision,

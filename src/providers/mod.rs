@@ -6,6 +6,7 @@ mod apns;
 mod fcm;
 mod http;
 mod sandbox;
+mod settings;
 mod signing;
 pub mod smpp;
 mod twilio;
@@ -18,18 +19,22 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 use tokio::sync::mpsc;
 
-use crate::config::{BreakerConfig, Config, ProviderConfig, RetryConfig, RoutesConfig};
 use crate::domain::{
     AttemptOutcome, Channel, Code, FailureReason, Platform, RetryClass, SmsShape, Target,
 };
 
-pub use apns::ApnsProvider;
-pub use fcm::FcmProvider;
-pub use http::HttpProvider;
-pub use sandbox::SandboxProvider;
-pub use smpp::SmppProvider;
+pub use apns::{ApnsEnvironment, ApnsProvider, ApnsSettings};
+pub use fcm::{FcmProvider, FcmSettings};
+pub use http::{HttpProvider, HttpSettings};
+pub use sandbox::{SandboxProvider, SandboxSettings};
+pub use settings::{
+    BreakerConfig, BuildContext, DEFAULT_MAX_CONCURRENT_CALLS, KindSettings, PrefixRoutes,
+    ProviderKind, ProviderSettings, RetryConfig, RoutesConfig, SharedSettings,
+};
+pub use smpp::{SmppProvider, SmppSettings};
 pub use twilio::{
-    TwilioProvider, callback_url as twilio_callback_url, classify as classify_twilio,
+    TwilioProvider, TwilioSettings, callback_url as twilio_callback_url,
+    classify as classify_twilio,
 };
 
 /// Who a message goes to, unmasked: only adapters see this.
@@ -259,7 +264,7 @@ pub(crate) fn read_secret(
     name: &str,
     file_key: &str,
     file: Option<&std::path::Path>,
-    inline: Option<&crate::config::SecretString>,
+    inline: Option<&crate::domain::SecretString>,
 ) -> Result<String, String> {
     match (file, inline) {
         (Some(path), _) => std::fs::read_to_string(path).map_err(|e| {
@@ -378,65 +383,43 @@ impl std::fmt::Debug for ProviderRegistry {
 }
 
 impl ProviderRegistry {
-    /// Builds every configured provider and takes the routes (validated by `Config`).
-    pub async fn from_config(config: &Config) -> Result<Self, ProviderBuildError> {
-        Self::from_config_with(config, BTreeMap::new()).await
-    }
-
-    /// Like [`ProviderRegistry::from_config`], but the providers named in `replacements` use the
-    /// given implementations (with the configured settings and routes): tests plug in here.
-    pub async fn from_config_with(
-        config: &Config,
+    /// Builds every provider in `providers` (validated settings) and takes the `routes`;
+    /// `provider_timeout` bounds each call, `receipts_public_url` is where providers' callbacks
+    /// reach this gateway ("" when unknown). The providers named in `replacements` use the
+    /// given implementations (with their settings and routes): tests plug in here.
+    pub async fn build(
+        providers: &BTreeMap<String, ProviderSettings>,
+        routes: &RoutesConfig,
+        provider_timeout: Duration,
+        receipts_public_url: &str,
         mut replacements: BTreeMap<String, Arc<dyn Provider>>,
     ) -> Result<Self, ProviderBuildError> {
+        let (receipts, receipt_rx) = mpsc::unbounded_channel();
+        let context = BuildContext {
+            provider_timeout,
+            receipts: &receipts,
+            receipts_public_url,
+        };
         let mut by_name = BTreeMap::new();
-        let (receipt_tx, receipt_rx) = mpsc::unbounded_channel();
-        let provider_timeout = crate::config::positive(
-            "delivery.provider_timeout",
-            config.delivery.provider_timeout,
-        )
-        .unwrap_or(std::time::Duration::from_secs(10));
-        for (name, settings) in &config.providers {
-            let failed = |problem: String| ProviderBuildError {
-                name: name.clone(),
-                problem,
+        for (name, settings) in providers {
+            let provider = match replacements.remove(name) {
+                Some(replacement) => replacement,
+                None => settings
+                    .kind
+                    .kind()
+                    .build(name, &context)
+                    .await
+                    .map_err(|problem| ProviderBuildError {
+                        name: name.clone(),
+                        problem,
+                    })?,
             };
-            let provider: Arc<dyn Provider> = match (replacements.remove(name), settings) {
-                (Some(replacement), _) => replacement,
-                (None, ProviderConfig::Sandbox { outbox, .. }) => Arc::new(
-                    SandboxProvider::open(name, outbox)
-                        .await
-                        .map_err(|e| failed(e.to_string()))?,
-                ),
-                (None, ProviderConfig::Smpp(smpp)) => {
-                    Arc::new(SmppProvider::start(name, smpp.clone(), receipt_tx.clone()))
-                }
-                (None, ProviderConfig::Apns(apns)) => Arc::new(
-                    ApnsProvider::new(name, apns.clone(), provider_timeout).map_err(failed)?,
-                ),
-                (None, ProviderConfig::Fcm(fcm)) => {
-                    Arc::new(FcmProvider::new(name, fcm.clone(), provider_timeout).map_err(failed)?)
-                }
-                (None, ProviderConfig::Http(http)) => Arc::new(
-                    HttpProvider::new(name, http.clone(), provider_timeout).map_err(failed)?,
-                ),
-                (None, ProviderConfig::Twilio(twilio)) => {
-                    // Unless set, the status callback is the receipts listener's own URL for
-                    // this provider (when its public URL is known): then signatures verify.
-                    let mut twilio = twilio.clone();
-                    let public_url = &config.receipts.public_url;
-                    if twilio.status_callback.is_none() && !public_url.is_empty() {
-                        twilio.status_callback = Some(twilio::callback_url(public_url, name));
-                    }
-                    Arc::new(TwilioProvider::new(name, twilio, provider_timeout).map_err(failed)?)
-                }
-            };
-            let call_limit = settings.max_concurrent_calls() as usize;
+            let call_limit = settings.shared.max_concurrent_calls as usize;
             let entry = ProviderEntry {
                 provider,
-                kind: settings.kind(),
-                retry: settings.retry().clone(),
-                breaker: settings.breaker().clone(),
+                kind: settings.kind.name(),
+                retry: settings.shared.retry.clone(),
+                breaker: settings.shared.breaker.clone(),
                 calls: Arc::new(tokio::sync::Semaphore::new(call_limit)),
                 call_limit,
             };
@@ -450,7 +433,7 @@ impl ProviderRegistry {
         }
         Ok(ProviderRegistry {
             by_name,
-            routes: config.routes.clone(),
+            routes: routes.clone(),
             receipts: Arc::new(std::sync::Mutex::new(Some(receipt_rx))),
         })
     }

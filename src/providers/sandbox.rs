@@ -6,14 +6,47 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::settings::{BuildContext, ProviderKind};
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient};
-use crate::domain::{Channel, FailureReason};
+use crate::domain::{Channel, FailureReason, InvalidSetting};
+
+/// The sandbox's settings (`kind = "sandbox"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxSettings {
+    /// The outbox file.
+    pub outbox: PathBuf,
+}
+
+#[async_trait]
+impl ProviderKind for SandboxSettings {
+    fn validate(&self, name: &str) -> Result<(), InvalidSetting> {
+        if self.outbox.as_os_str().is_empty() {
+            return Err(InvalidSetting::new(
+                format!("providers.{name}.outbox"),
+                "is empty",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn build(
+        &self,
+        name: &str,
+        _context: &BuildContext<'_>,
+    ) -> Result<Arc<dyn Provider>, String> {
+        let provider = SandboxProvider::open(name, &self.outbox)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(provider))
+    }
+}
 
 /// Appends messages to an outbox file.
 #[derive(Debug)]

@@ -18,10 +18,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::AmqpConfig;
 use super::consumer::{ConsumeEnd, JobConsumer};
 use super::publisher::Publisher;
 use super::topology::Topology;
-use crate::config::{AmqpConfig, reconnect_backoff};
+use crate::domain::reconnect_backoff;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -6,7 +6,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
-use crate::config::AmqpConfig;
+use super::AmqpConfig;
 
 /// Names and settings of everything the gateway declares.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::sync::mpsc;
 
-use crate::config::SecretString;
 use crate::delivery::{DeliveryService, ReceiptApplied};
+use crate::domain::SecretString;
 use crate::providers::ProviderReceipt;
 use crate::queue::Publisher;
 use crate::store::StoreError;

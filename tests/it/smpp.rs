@@ -568,7 +568,10 @@ async fn the_window_and_the_throughput_limit_hold_per_bind() {
     let dir = tempfile::tempdir().unwrap();
     let smsc = Smsc::start().await;
     let mut config = smpp_config(dir.path(), &smsc.address(), "secret");
-    let Some(otp_gateway::config::ProviderConfig::Smpp(smpp)) = config.providers.get_mut("smpp")
+    let Some(otp_gateway::config::KindSettings::Smpp(smpp)) = config
+        .providers
+        .get_mut("smpp")
+        .map(|provider| &mut provider.kind)
     else {
         panic!("an SMPP provider");
     };
@@ -589,7 +592,7 @@ async fn the_window_and_the_throughput_limit_hold_per_bind() {
 
 #[test]
 fn smpp_settings_are_validated_naming_the_key() {
-    use otp_gateway::config::{Config, ProviderConfig, SecretString, SmppProviderConfig};
+    use otp_gateway::config::{Config, KindSettings, SecretString, SmppSettings};
     let dir = tempfile::tempdir().unwrap();
     let config = smpp_config(dir.path(), "127.0.0.1:2775", "secret");
     assert!(
@@ -601,11 +604,13 @@ fn smpp_settings_are_validated_naming_the_key() {
         change(&mut config);
         config.validate().unwrap_err().to_string()
     };
-    let bind = |change: fn(&mut SmppProviderConfig)| {
-        refused(&move |c: &mut Config| match c.providers.get_mut("smpp") {
-            Some(ProviderConfig::Smpp(smpp)) => change(smpp),
-            _ => panic!("an SMPP provider"),
-        })
+    let bind = |change: fn(&mut SmppSettings)| {
+        refused(
+            &move |c: &mut Config| match c.providers.get_mut("smpp").map(|p| &mut p.kind) {
+                Some(KindSettings::Smpp(smpp)) => change(smpp),
+                _ => panic!("an SMPP provider"),
+            },
+        )
     };
     let error = refused(&|c| c.routes.voice = vec!["smpp".into()]);
     assert!(
@@ -746,7 +751,10 @@ async fn a_burst_of_two_thousand_sms_through_one_wide_bind_all_arrive_within_sec
     let dir = tempfile::tempdir().unwrap();
     let smsc = Smsc::start().await;
     let mut config = smpp_config(dir.path(), &smsc.address(), "secret");
-    let Some(otp_gateway::config::ProviderConfig::Smpp(smpp)) = config.providers.get_mut("smpp")
+    let Some(otp_gateway::config::KindSettings::Smpp(smpp)) = config
+        .providers
+        .get_mut("smpp")
+        .map(|provider| &mut provider.kind)
     else {
         panic!("an SMPP provider");
     };
@@ -754,8 +762,8 @@ async fn a_burst_of_two_thousand_sms_through_one_wide_bind_all_arrive_within_sec
     // submit must never wait for the SMSC to speak first.
     smpp.window = 256;
     smpp.throughput = 1_000_000.0;
-    smpp.enquire_link_interval = jiff::SignedDuration::from_secs(30);
-    smpp.response_timeout = jiff::SignedDuration::from_secs(5);
+    smpp.enquire_link_interval = Duration::from_secs(30);
+    smpp.response_timeout = Duration::from_secs(5);
     let service = engine(&config, vec![]).await;
     let started = std::time::Instant::now();
     let jobs: Vec<_> = (0..2_000)

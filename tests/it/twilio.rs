@@ -529,7 +529,7 @@ async fn a_failure_callback_while_the_code_is_valid_moves_on_to_the_next_number(
     let dir = tempfile::tempdir().unwrap();
     let (url, fake) = fake_twilio().await;
     let mut config = twilio_config(dir.path(), &url, "secret");
-    config.delivery.receipt_wait = jiff::SignedDuration::from_secs(2);
+    config.delivery.receipt_wait = std::time::Duration::from_secs(2);
     let service = engine(&config, vec![]).await;
     let job = job(
         "callback-chain",
@@ -628,8 +628,10 @@ async fn the_status_callback_is_derived_from_the_receipts_public_url_unless_set(
     let dir = tempfile::tempdir().unwrap();
     let (url, fake) = fake_twilio().await;
     let mut config = twilio_config(dir.path(), &url, "secret");
-    let Some(otp_gateway::config::ProviderConfig::Twilio(twilio)) =
-        config.providers.get_mut("twilio")
+    let Some(otp_gateway::config::KindSettings::Twilio(twilio)) = config
+        .providers
+        .get_mut("twilio")
+        .map(|provider| &mut provider.kind)
     else {
         panic!("a Twilio provider");
     };
@@ -651,8 +653,10 @@ async fn the_status_callback_is_derived_from_the_receipts_public_url_unless_set(
     // Without a public URL there is none to derive: no callbacks are asked for.
     let dir = tempfile::tempdir().unwrap();
     let mut config = twilio_config(dir.path(), &url, "secret");
-    if let Some(otp_gateway::config::ProviderConfig::Twilio(twilio)) =
-        config.providers.get_mut("twilio")
+    if let Some(otp_gateway::config::KindSettings::Twilio(twilio)) = config
+        .providers
+        .get_mut("twilio")
+        .map(|provider| &mut provider.kind)
     {
         twilio.status_callback = None;
     }

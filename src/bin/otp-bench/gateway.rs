@@ -104,7 +104,11 @@ impl GatewayProcess {
     /// Waits until the gateway's consumer is attached to `queue`; that instant is returned.
     pub async fn consuming(&mut self, channel: &Channel, queue: &str) -> anyhow::Result<Instant> {
         loop {
-            if super::queue_state(channel, queue).await?.consumer_count() > 0 {
+            if crate::broker::queue_state(channel, queue)
+                .await?
+                .consumer_count()
+                > 0
+            {
                 return Ok(Instant::now());
             }
             if let Some(status) = self

@@ -3,6 +3,7 @@
 //! minutes, and each APNs reason mapped to the gateway's taxonomy (a dead token's 410 keeps
 //! APNs' timestamp).
 
+mod settings;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,9 @@ use super::signing::SigningKey;
 use super::{
     OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient, http2_client, read_secret,
 };
-use crate::config::ApnsProviderConfig;
 use crate::domain::{FailureReason, Platform, RetryClass};
+
+pub use settings::{ApnsEnvironment, ApnsSettings};
 
 /// A provider token is replaced after this long (APNs refuses tokens older than an hour).
 const TOKEN_REFRESH: Duration = Duration::from_secs(50 * 60);
@@ -114,7 +116,7 @@ struct ApnsError {
 /// One APNs credential (team key) for one or more apps, in one environment.
 pub struct ApnsProvider {
     name: String,
-    settings: ApnsProviderConfig,
+    settings: ApnsSettings,
     key: SigningKey,
     client: reqwest::Client,
     tokens: Mutex<TokenCache>,
@@ -132,11 +134,7 @@ impl std::fmt::Debug for ApnsProvider {
 
 impl ApnsProvider {
     /// A provider from validated settings; reads and checks the `.p8` key.
-    pub fn new(
-        name: &str,
-        settings: ApnsProviderConfig,
-        timeout: Duration,
-    ) -> Result<Self, String> {
+    pub fn new(name: &str, settings: ApnsSettings, timeout: Duration) -> Result<Self, String> {
         let pem = read_secret(
             name,
             "key_file",

@@ -3,6 +3,7 @@
 //! assertion to its `token_uri`), cached until shortly before it expires and fetched again
 //! once when FCM answers 401.
 
+mod settings;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,9 @@ use super::signing::SigningKey;
 use super::{
     OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient, http2_client, read_secret,
 };
-use crate::config::FcmProviderConfig;
 use crate::domain::{FailureReason, Platform, RetryClass};
+
+pub use settings::FcmSettings;
 
 /// The OAuth scope FCM sends need.
 const SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
@@ -104,7 +106,7 @@ impl FcmStatus {
 /// One Firebase project's credential.
 pub struct FcmProvider {
     name: String,
-    settings: FcmProviderConfig,
+    settings: FcmSettings,
     project_id: String,
     account: ServiceAccount,
     key: SigningKey,
@@ -127,7 +129,7 @@ impl std::fmt::Debug for FcmProvider {
 
 impl FcmProvider {
     /// A provider from validated settings; reads and checks the service account.
-    pub fn new(name: &str, settings: FcmProviderConfig, timeout: Duration) -> Result<Self, String> {
+    pub fn new(name: &str, settings: FcmSettings, timeout: Duration) -> Result<Self, String> {
         let field = if settings.service_account_file.is_some() {
             "service_account_file"
         } else {

@@ -4,19 +4,21 @@
 //! `{{code}}`, `{{channel}}`, `{{delivery_id}}`, `{{expires_at}}` and `{{language}}`, escaped for the body's
 //! content type (JSON strings, form encoding).
 
+mod settings;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient};
-use crate::config::HttpProviderConfig;
 use crate::domain::{FailureReason, RetryClass, fill_placeholders};
+
+pub use settings::HttpSettings;
 
 /// One configured HTTP provider.
 #[derive(Debug)]
 pub struct HttpProvider {
     name: String,
-    settings: HttpProviderConfig,
+    settings: HttpSettings,
     method: reqwest::Method,
     client: reqwest::Client,
 }
@@ -44,11 +46,7 @@ fn escape(content_type: &str, value: &str) -> String {
 
 impl HttpProvider {
     /// A provider from validated settings.
-    pub fn new(
-        name: &str,
-        settings: HttpProviderConfig,
-        timeout: Duration,
-    ) -> Result<Self, String> {
+    pub fn new(name: &str, settings: HttpSettings, timeout: Duration) -> Result<Self, String> {
         let method = settings
             .method
             .parse::<reqwest::Method>()

@@ -9,7 +9,11 @@
 //! UCS-2 (data_coding 8), in short_message or, beyond 254 octets, in the message_payload TLV.
 //! Errors are classified from the command_status; the adapter never retries.
 
+mod receipts;
 mod session;
+mod settings;
+mod status;
+mod submit;
 
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
@@ -19,27 +23,26 @@ use async_trait::async_trait;
 use backoff::backoff::Backoff;
 use jiff::Timestamp;
 use rusmpp::Pdu;
-use rusmpp::pdus::{BindTransceiver, DeliverSm, SubmitSm};
-use rusmpp::tlvs::{MessageSubmissionRequestTlvValue, TlvValue};
-use rusmpp::types::{AnyOctetString, COctetString, OctetString};
-use rusmpp::values::{
-    DataCoding, EsmClass, InterfaceVersion, MessagePayload, MessageState, MessageType, Npi,
-    RegisteredDelivery, ServiceType, Ton,
-};
+use rusmpp::pdus::{BindTransceiver, DeliverSm};
+use rusmpp::types::COctetString;
+use rusmpp::values::{InterfaceVersion, Npi, Ton};
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use self::session::{RequestError, Session, SessionTiming};
+use self::session::{Session, SessionTiming};
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, ProviderReceipt, Recipient};
-use crate::config::SmppProviderConfig;
-use crate::domain::{
-    AttemptOutcome, Channel, FailureReason, RetryClass, SmsEncoding, gsm7_septets, measure_sms,
-    ucs2_octets,
-};
+use crate::domain::{Channel, FailureReason, RetryClass};
+
+pub use receipts::parse_receipt;
+pub use settings::SmppSettings;
+use status::classify_error;
+pub use status::classify_status;
+pub use submit::relative_validity;
+use submit::submit_sm;
 
 /// The most octets short_message carries in SMPP 3.4; longer texts use message_payload.
-const SHORT_MESSAGE_MAX: usize = 254;
+pub(super) const SHORT_MESSAGE_MAX: usize = 254;
 
 /// The state of the bind, as sends see it.
 #[derive(Clone)]
@@ -55,7 +58,7 @@ enum BindState {
 /// What the supervisor and the sends share.
 struct Shared {
     name: String,
-    settings: SmppProviderConfig,
+    settings: SmppSettings,
     state: watch::Sender<BindState>,
     /// Wakes the supervisor from its re-bind back-off when a send found the bind down.
     rebind_now: Notify,
@@ -93,18 +96,12 @@ impl SmppProvider {
     /// go to `receipts`. `settings` were validated by `Config`.
     pub fn start(
         name: &str,
-        settings: SmppProviderConfig,
+        settings: SmppSettings,
         receipts: mpsc::UnboundedSender<ProviderReceipt>,
     ) -> Self {
-        let duration = |value: jiff::SignedDuration, fallback| {
-            crate::config::positive("smpp", value).unwrap_or(fallback)
-        };
         let timing = SessionTiming {
-            response_timeout: duration(settings.response_timeout, Duration::from_secs(5)),
-            enquire_link_interval: duration(
-                settings.enquire_link_interval,
-                Duration::from_secs(30),
-            ),
+            response_timeout: settings.response_timeout,
+            enquire_link_interval: settings.enquire_link_interval,
         };
         let (state, _) = watch::channel(BindState::Binding);
         let shared = Arc::new(Shared {
@@ -249,217 +246,10 @@ impl Provider for SmppProvider {
     }
 }
 
-/// The validity_period for a code that expires at `expires_at`: SMPP 3.4 relative time
-/// `YYMMDDhhmmss000R`, at least one second.
-pub fn relative_validity(expires_at: Timestamp, now: Timestamp) -> String {
-    let seconds = expires_at.duration_since(now).as_secs().max(1);
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    let (hours, rest) = (rest / 3600, rest % 3600);
-    let (minutes, seconds) = (rest / 60, rest % 60);
-    // SMPP relative times count days in two digits: a code never lives 100 days.
-    format!(
-        "0000{:02}{hours:02}{minutes:02}{seconds:02}000R",
-        days.min(99)
-    )
-}
-
-/// Source address TON/NPI: international for `+` numbers, alphanumeric for sender names,
-/// unknown for short codes.
-fn source_address(source: &str) -> (Ton, Npi, &str) {
-    if let Some(digits) = source.strip_prefix('+') {
-        (Ton::International, Npi::Isdn, digits)
-    } else if source.bytes().all(|b| b.is_ascii_digit()) {
-        (Ton::Unknown, Npi::Isdn, source)
-    } else {
-        (Ton::Alphanumeric, Npi::Unknown, source)
-    }
-}
-
-fn field<T: FromStr>(name: &str, value: &str) -> Result<T, ProviderError> {
-    T::from_str(value).map_err(|_| {
-        ProviderError::new(
-            FailureReason::ProviderMisconfigured,
-            None,
-            format!("{name} `{value}` does not fit an SMPP field"),
-        )
-    })
-}
-
-/// The submit_sm for `message` to `number`: registered delivery (a receipt for success and
-/// failure), the code's remaining lifetime as validity, and the text as GSM-7 or UCS-2.
-fn submit_sm(
-    settings: &SmppProviderConfig,
-    number: &str,
-    message: &OutboundMessage<'_>,
-    now: Timestamp,
-) -> Result<SubmitSm, ProviderError> {
-    let (source_ton, source_npi, source) = source_address(&settings.source_addr);
-    let destination = number.strip_prefix('+').unwrap_or(number);
-    let encoding = message
-        .sms
-        .map_or_else(|| measure_sms(message.text).encoding, |s| s.encoding);
-    let (data_coding, octets) = match (encoding, gsm7_septets(message.text)) {
-        (SmsEncoding::Gsm7, Some(septets)) => (DataCoding::McSpecific, septets),
-        _ => (DataCoding::Ucs2, ucs2_octets(message.text)),
-    };
-    let mut builder = SubmitSm::builder()
-        .service_type(ServiceType::default())
-        .source_addr_ton(source_ton)
-        .source_addr_npi(source_npi)
-        .source_addr(field("source_addr", source)?)
-        .dest_addr_ton(Ton::International)
-        .dest_addr_npi(Npi::Isdn)
-        .destination_addr(field("destination_addr", destination)?)
-        .esm_class(EsmClass::default())
-        .validity_period(field(
-            "validity_period",
-            &relative_validity(message.expires_at, now),
-        )?)
-        .registered_delivery(RegisteredDelivery::from(0x01))
-        .data_coding(data_coding);
-    if octets.len() <= SHORT_MESSAGE_MAX {
-        let short = OctetString::from_slice(&octets).map_err(|_| {
-            ProviderError::new(
-                FailureReason::ProviderRejected,
-                None,
-                "the text does not fit short_message",
-            )
-        })?;
-        builder = builder.short_message(short);
-    } else {
-        builder = builder.tlvs(vec![MessageSubmissionRequestTlvValue::MessagePayload(
-            MessagePayload::new(AnyOctetString::from_slice(&octets)),
-        )]);
-    }
-    Ok(builder.build())
-}
-
-/// A command_status's name and what it means for the delivery.
-pub fn classify_status(status: u32) -> ProviderError {
-    use FailureReason::*;
-    let (reason, class, name) = match status {
-        0x58 => (
-            ProviderThrottled,
-            None,
-            "ESME_RTHROTTLED: throughput exceeded",
-        ),
-        0x14 => (ProviderThrottled, None, "ESME_RMSGQFUL: message queue full"),
-        0x0B => (
-            InvalidRecipient,
-            None,
-            "ESME_RINVDSTADR: invalid destination address",
-        ),
-        0x50 => (
-            InvalidRecipient,
-            None,
-            "ESME_RINVDSTTON: invalid destination TON",
-        ),
-        0x51 => (
-            InvalidRecipient,
-            None,
-            "ESME_RINVDSTNPI: invalid destination NPI",
-        ),
-        0x0A => (
-            ProviderMisconfigured,
-            None,
-            "ESME_RINVSRCADR: invalid source address",
-        ),
-        0x48 => (
-            ProviderMisconfigured,
-            None,
-            "ESME_RINVSRCTON: invalid source TON",
-        ),
-        0x49 => (
-            ProviderMisconfigured,
-            None,
-            "ESME_RINVSRCNPI: invalid source NPI",
-        ),
-        0x0D => (ProviderMisconfigured, None, "ESME_RBINDFAIL: bind failed"),
-        0x0E => (
-            ProviderMisconfigured,
-            None,
-            "ESME_RINVPASWD: invalid password",
-        ),
-        0x0F => (
-            ProviderMisconfigured,
-            None,
-            "ESME_RINVSYSID: invalid system_id",
-        ),
-        0x05 => (ProviderMisconfigured, None, "ESME_RALYBND: already bound"),
-        0x53 => (
-            ProviderMisconfigured,
-            None,
-            "ESME_RINVSYSTYP: invalid system_type",
-        ),
-        0x04 => (
-            ProviderUnavailable,
-            None,
-            "ESME_RINVBNDSTS: incorrect bind status",
-        ),
-        0x08 => (ProviderUnavailable, None, "ESME_RSYSERR: system error"),
-        0x45 => (
-            ProviderUnavailable,
-            None,
-            "ESME_RSUBMITFAIL: submit_sm failed",
-        ),
-        0x64 => (
-            ProviderUnavailable,
-            None,
-            "ESME_RX_T_APPN: temporary error at the SMSC",
-        ),
-        0xFF => (ProviderUnavailable, None, "ESME_RUNKNOWNERR: unknown error"),
-        0x61 => (
-            ProviderRejected,
-            None,
-            "ESME_RINVSCHED: invalid scheduled delivery time",
-        ),
-        0x62 => (
-            ProviderRejected,
-            None,
-            "ESME_RINVEXPIRY: invalid validity period",
-        ),
-        0x01 => (
-            ProviderRejected,
-            None,
-            "ESME_RINVMSGLEN: invalid message length",
-        ),
-        0x66 => (
-            ProviderRejected,
-            None,
-            "ESME_RX_R_APPN: rejected by the SMSC",
-        ),
-        0x65 => (
-            ProviderRejected,
-            Some(RetryClass::PermanentForTarget),
-            "ESME_RX_P_APPN: permanent error at the SMSC",
-        ),
-        0x400..=0x4FF => (ProviderRejected, None, "vendor-specific error"),
-        _ => (ProviderRejected, None, "refused by the SMSC"),
-    };
-    let code = format!("0x{status:08X}");
-    let mut error = ProviderError::new(reason, Some(&code), name);
-    if let Some(class) = class {
-        error.class = class;
-    }
-    error
-}
-
-/// What a request that got no answer means: a timeout, or a lost session.
-fn classify_error(e: RequestError) -> ProviderError {
-    match e {
-        RequestError::Timeout { .. } => {
-            ProviderError::new(FailureReason::ProviderTimeout, None, e.to_string())
-        }
-        RequestError::Closed(_) => {
-            ProviderError::new(FailureReason::ProviderUnavailable, None, e.to_string())
-        }
-    }
-}
-
 /// Keeps the bind up until `stop`: bind, watch the session, and re-bind with back-off (cut
 /// short when a send finds the bind down).
 async fn supervise(shared: Arc<Shared>, stop: CancellationToken) {
-    let (mut backoff, max) = crate::config::reconnect_backoff(
+    let (mut backoff, max) = crate::domain::reconnect_backoff(
         shared.settings.reconnect_initial,
         shared.settings.reconnect_max,
     );
@@ -600,113 +390,14 @@ fn forward_receipt(shared: &Shared, deliver: &DeliverSm) {
     }
 }
 
-/// The value after `key:` in a receipt text (`id:123 sub:001 … stat:DELIVRD err:000 text:…`),
-/// matched without regard to case, up to the next space.
-fn receipt_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    let lower = text.to_ascii_lowercase();
-    let needle = format!("{key}:");
-    let mut from = 0;
-    while let Some(found) = lower[from..].find(&needle) {
-        let start = from + found;
-        // A whole word: `id:` must not match inside another key.
-        let boundary = start == 0 || !lower.as_bytes()[start - 1].is_ascii_alphanumeric();
-        let value_start = start + needle.len();
-        if boundary {
-            let value = text[value_start..].split_whitespace().next()?;
-            return Some(value);
-        }
-        from = value_start;
-    }
-    None
-}
-
-/// A delivery receipt from a deliver_sm, read leniently: the receipted_message_id and
-/// message_state TLVs when present, otherwise the `id: … stat: … err: …` text. `None` for a
-/// deliver_sm that is no receipt (an incoming message) or an intermediate state.
-pub fn parse_receipt(provider: &str, deliver: &DeliverSm) -> Option<ProviderReceipt> {
-    let mut tlv_id = None;
-    let mut tlv_state = None;
-    let mut network_error = None;
-    let mut payload = None;
-    for tlv in deliver.tlvs() {
-        match tlv.value() {
-            Some(TlvValue::ReceiptedMessageId(id)) => tlv_id = Some(id.as_str().to_owned()),
-            Some(TlvValue::MessageState(state)) => tlv_state = Some(*state),
-            Some(TlvValue::NetworkErrorCode(code)) => {
-                network_error = Some(format!(
-                    "network error {:?} {}",
-                    code.network_type, code.error_code
-                ))
-            }
-            Some(TlvValue::MessagePayload(p)) => payload = Some(p.value.as_ref().to_vec()),
-            _ => {}
-        }
-    }
-    let is_receipt = deliver.esm_class.message_type
-        == MessageType::ShortMessageContainsMCDeliveryReceipt
-        || tlv_id.is_some();
-    if !is_receipt {
-        return None;
-    }
-    let bytes: &[u8] = match &payload {
-        Some(p) if deliver.short_message().is_empty() => p,
-        _ => deliver.short_message().as_ref(),
-    };
-    let text = String::from_utf8_lossy(bytes);
-    let message_id = tlv_id.or_else(|| receipt_field(&text, "id").map(str::to_owned))?;
-    let stat = receipt_field(&text, "stat").map(str::to_ascii_uppercase);
-    let err = receipt_field(&text, "err")
-        .filter(|e| !e.trim_start_matches('0').is_empty())
-        .map(str::to_owned);
-    let state = match (tlv_state, stat.as_deref()) {
-        (Some(state), _) => state,
-        (None, Some(stat)) => match stat {
-            "DELIVRD" => MessageState::Delivered,
-            "EXPIRED" => MessageState::Expired,
-            "DELETED" => MessageState::Deleted,
-            "UNDELIV" => MessageState::Undeliverable,
-            "ACCEPTD" => MessageState::Accepted,
-            "REJECTD" => MessageState::Rejected,
-            "ENROUTE" => MessageState::Enroute,
-            _ => MessageState::Unknown,
-        },
-        (None, None) => return None,
-    };
-    let (outcome, reason) = match state {
-        MessageState::Delivered => (AttemptOutcome::Delivered, None),
-        MessageState::Expired => (
-            AttemptOutcome::Failed,
-            Some(FailureReason::RecipientUnreachable),
-        ),
-        MessageState::Deleted | MessageState::Undeliverable => {
-            (AttemptOutcome::Failed, Some(FailureReason::Undeliverable))
-        }
-        MessageState::Rejected => (AttemptOutcome::Failed, Some(FailureReason::CarrierFiltered)),
-        // Scheduled, en route, accepted, unknown: not the last word.
-        _ => return None,
-    };
-    let stat_word = stat.unwrap_or_else(|| format!("{state:?}").to_ascii_uppercase());
-    let mut detail = format!("deliver_sm receipt: stat {stat_word}");
-    if let Some(err) = &err {
-        detail.push_str(&format!(", err {err}"));
-    }
-    if let Some(network) = network_error {
-        detail.push_str(&format!(", {network}"));
-    }
-    Some(ProviderReceipt {
-        provider: provider.to_owned(),
-        message_id,
-        outcome,
-        reason,
-        code: err.or(Some(stat_word)),
-        detail,
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
     use rusmpp::tlvs::MessageDeliveryRequestTlvValue;
+    use rusmpp::types::OctetString;
+    use rusmpp::values::{EsmClass, MessageState};
+
+    use super::*;
+    use crate::domain::AttemptOutcome;
 
     #[test]
     fn validity_is_the_codes_remaining_lifetime_in_relative_form() {

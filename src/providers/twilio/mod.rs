@@ -3,6 +3,7 @@
 //! and auth token. Every Twilio error is classified into a `FailureReason` and retry class,
 //! keeping Twilio's own code and message. Adapters classify; they never retry.
 
+mod settings;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,8 +11,9 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::{OutboundMessage, Provider, ProviderAccept, ProviderError, Recipient};
-use crate::config::TwilioProviderConfig;
 use crate::domain::{Channel, FailureReason, RetryClass};
+
+pub use settings::TwilioSettings;
 
 /// Longest validity Twilio accepts for a message, in seconds.
 const MAX_VALIDITY_SECS: i64 = 36_000;
@@ -20,7 +22,7 @@ const MAX_VALIDITY_SECS: i64 = 36_000;
 #[derive(Debug)]
 pub struct TwilioProvider {
     name: String,
-    settings: TwilioProviderConfig,
+    settings: TwilioSettings,
     client: reqwest::Client,
 }
 
@@ -77,11 +79,7 @@ fn xml_escape(text: &str) -> String {
 
 impl TwilioProvider {
     /// A provider for one Twilio account.
-    pub fn new(
-        name: &str,
-        settings: TwilioProviderConfig,
-        timeout: Duration,
-    ) -> Result<Self, String> {
+    pub fn new(name: &str, settings: TwilioSettings, timeout: Duration) -> Result<Self, String> {
         let client = super::http_client_builder(name, settings.ca_file.as_deref())?
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(90))

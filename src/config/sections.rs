@@ -1,0 +1,78 @@
+//! The service's own configuration sections: the gRPC and receipts listeners, the ledger's
+//! location, delivery behaviour and logging.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::LogFormat;
+
+/// The HTTP listener for provider callbacks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptsConfig {
+    /// Listen address; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// The base URL providers reach it at (signatures cover it); empty: `http://<listen>`.
+    pub public_url: String,
+}
+
+/// The gRPC listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Listen address; port 0 picks a free one.
+    pub listen: SocketAddr,
+}
+
+/// The ledger location.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH`.
+    pub url: String,
+}
+
+/// Delivery behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// App name in messages.
+    pub app_name: String,
+    /// Jobs processed at once.
+    pub max_in_flight: usize,
+    /// Per provider call.
+    #[serde(deserialize_with = "crate::domain::positive_duration")]
+    pub provider_timeout: Duration,
+    /// Grace period for in-flight jobs on shutdown.
+    #[serde(deserialize_with = "crate::domain::positive_duration")]
+    pub shutdown_grace: Duration,
+    /// How long a push stage waits for a device to confirm it showed the code.
+    #[serde(deserialize_with = "crate::domain::positive_duration")]
+    pub push_ack_timeout: Duration,
+    /// Nothing is attempted later than this before the code expires.
+    #[serde(deserialize_with = "crate::domain::non_negative_duration")]
+    pub expiry_margin: Duration,
+    /// The longest `Retry-After` a provider may impose.
+    #[serde(deserialize_with = "crate::domain::positive_duration")]
+    pub retry_after_max: Duration,
+    /// How long an SMS or call accepted by a provider that sends receipts waits for a failure
+    /// receipt (to go on with the next number or channel) before the job is let go; 0: never.
+    #[serde(deserialize_with = "crate::domain::non_negative_duration")]
+    pub receipt_wait: Duration,
+    /// How long a target whose every provider has its circuit open waits for a probe to close
+    /// one (or another provider to take calls), never past the code's expiry; 0: fail at once.
+    #[serde(deserialize_with = "crate::domain::non_negative_duration")]
+    pub circuit_wait: Duration,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// A tracing filter directive.
+    pub level: String,
+}
