@@ -144,3 +144,53 @@ fn a_ledger_that_cannot_be_opened_is_explained_once() {
         "said once: {stderr}"
     );
 }
+
+#[test]
+fn client_commands_never_read_the_servers_configuration() {
+    // A server configuration with a broken Twilio section (no token, no sender).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[providers.twilio]\nkind = \"twilio\"\naccount_sid = \"nope\"\n",
+    )
+    .unwrap();
+    let serve = Command::new(BINARY)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(64), "the server refuses it");
+
+    // The client finds the gateway without it (here: nobody listening on a free port, or the
+    // default address) and says what happened there, not what is wrong with the server's file.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = free.local_addr().unwrap().to_string();
+    drop(free);
+    for args in [
+        vec!["status", "acme/nope", "--server", server.as_str()],
+        vec!["status", "acme/nope"],
+    ] {
+        let output = Command::new(BINARY)
+            .args(&args)
+            .env("OTP_GATEWAY_CONFIG", &file)
+            .env_remove("OTP_GATEWAY_SERVER")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_ne!(output.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(!stderr.contains("configuration"), "{args:?}: {stderr}");
+    }
+    let output = Command::new(BINARY)
+        .args(["status", "acme/nope", "--server", server.as_str()])
+        .env("OTP_GATEWAY_CONFIG", &file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(69),
+        "unreachable: EX_UNAVAILABLE"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot reach the gateway"), "{stderr}");
+}
