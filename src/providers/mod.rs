@@ -406,7 +406,7 @@ impl ProviderRegistry {
                 Some(replacement) => replacement,
                 None => settings
                     .kind
-                    .kind()
+                    .provider_kind()
                     .build(name, &context)
                     .await
                     .map_err(|problem| ProviderBuildError {

@@ -1,7 +1,7 @@
 //! Provider settings: what every provider shares (retries, circuit breaking, calls open at
 //! once), declared once, and the registry of provider kinds, each of which owns its own
 //! settings, their validation and how its adapter is built, next to its adapter. Adding a kind
-//! is its own folder and one line in [`provider_kinds!`].
+//! is its own folder and one line in `provider_kinds!` below.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -108,7 +108,7 @@ macro_rules! provider_kinds {
             }
 
             /// The kind's behaviour.
-            pub fn kind(&self) -> &dyn ProviderKind {
+            pub fn provider_kind(&self) -> &dyn ProviderKind {
                 match self {
                     $(KindSettings::$variant(settings) => settings,)+
                 }
@@ -183,19 +183,19 @@ impl ProviderSettings {
                 "must be at least 1",
             ));
         }
-        self.kind.kind().validate(name)?;
+        self.kind.provider_kind().validate(name)?;
         validate_retry(&format!("providers.{name}.retry"), &self.shared.retry)?;
         validate_breaker(&format!("providers.{name}.breaker"), &self.shared.breaker)
     }
 
     /// Whether it can carry `channel`: SMPP binds SMS only, push services push only.
     pub fn carries(&self, channel: Channel) -> bool {
-        self.kind.kind().carries(channel)
+        self.kind.provider_kind().carries(channel)
     }
 
     /// What it is, for the error when a route gives it a channel it cannot carry.
     pub fn carries_only(&self) -> &'static str {
-        self.kind.kind().carries_only()
+        self.kind.provider_kind().carries_only()
     }
 }
 
