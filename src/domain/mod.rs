@@ -26,8 +26,8 @@ pub use report::{
     TargetResult, TargetStatus, headline_reason, summarize,
 };
 pub use setting::{
-    InvalidSetting, SecretString, SecretUrl, non_negative_duration, positive_duration,
-    reconnect_backoff,
+    InvalidSetting, SecretString, SecretUrl, http_url, non_negative_duration, optional_http_url,
+    positive_duration, reconnect_backoff,
 };
 pub use sms::{SmsEncoding, SmsShape, gsm7_septets, measure as measure_sms, ucs2_octets};
 

@@ -55,6 +55,33 @@ pub fn non_negative_duration<'de, D: Deserializer<'de>>(
     }
 }
 
+/// serde: an `http://` or `https://` URL, parsed.
+pub fn http_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<url::Url, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_http_url(&text).map_err(serde::de::Error::custom)
+}
+
+/// serde: an optional `http://` or `https://` URL, parsed.
+pub fn optional_http_url<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<url::Url>, D::Error> {
+    match Option::<String>::deserialize(deserializer)? {
+        Some(text) => parse_http_url(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        None => Ok(None),
+    }
+}
+
+fn parse_http_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    if matches!(url.scheme(), "http" | "https") {
+        Ok(url)
+    } else {
+        Err(format!("`{text}` must be an http(s) URL"))
+    }
+}
+
 /// A reconnect schedule that never gives up: exponential (with the crate's jitter) from
 /// `initial` up to `max` (validated settings). Returns the schedule and its ceiling.
 pub fn reconnect_backoff(

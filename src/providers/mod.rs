@@ -369,7 +369,8 @@ impl<'a> Route<'a> {
 #[derive(Clone)]
 pub struct ProviderRegistry {
     by_name: BTreeMap<String, ProviderEntry>,
-    routes: RoutesConfig,
+    /// The routes resolved to providers (names checked when built).
+    routes: ResolvedRoutes,
     /// Receipts that arrive on provider sessions (SMPP deliver_sm), until taken.
     receipts: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<ProviderReceipt>>>>,
 }
@@ -431,9 +432,10 @@ impl ProviderRegistry {
                 problem: "replaces no configured provider".into(),
             });
         }
+        let routes = ResolvedRoutes::resolve(routes, &by_name)?;
         Ok(ProviderRegistry {
             by_name,
-            routes: routes.clone(),
+            routes,
             receipts: Arc::new(std::sync::Mutex::new(Some(receipt_rx))),
         })
     }
@@ -455,21 +457,10 @@ impl ProviderRegistry {
             Recipient::Phone(number) => Some(*number),
             Recipient::Device { .. } => None,
         };
-        let by_prefix = self.routes.by_prefix.for_channel(channel);
-        let matched = number.zip(by_prefix).and_then(|(number, routes)| {
-            routes
-                .iter()
-                .filter(|(prefix, _)| number.starts_with(prefix.as_str()))
-                .max_by_key(|(prefix, _)| prefix.len())
-        });
-        let (prefix, names) = match matched {
-            Some((prefix, names)) => (Some(prefix.as_str()), names.as_slice()),
-            None => (None, self.routes.for_channel(channel)),
-        };
+        let (prefix, route) = self.routes.for_recipient(channel, number);
         let serving = |recipient: &Recipient<'_>| -> Vec<&ProviderEntry> {
-            names
+            route
                 .iter()
-                .filter_map(|name| self.by_name.get(name))
                 .filter(|entry| entry.provider.serves(recipient))
                 .collect()
         };
@@ -511,5 +502,80 @@ impl ProviderRegistry {
     /// A provider by its configured name.
     pub fn get(&self, name: &str) -> Option<&ProviderEntry> {
         self.by_name.get(name)
+    }
+}
+
+/// The routes with their providers looked up once: per channel the default route, and for SMS
+/// and voice the prefix routes, longest prefix first.
+#[derive(Clone)]
+struct ResolvedRoutes {
+    /// Push, SMS, voice.
+    default: [Vec<ProviderEntry>; 3],
+    /// SMS and voice: (prefix, providers), longest prefix first.
+    by_prefix: [Vec<(String, Vec<ProviderEntry>)>; 2],
+}
+
+impl ResolvedRoutes {
+    fn resolve(
+        routes: &RoutesConfig,
+        by_name: &BTreeMap<String, ProviderEntry>,
+    ) -> Result<Self, ProviderBuildError> {
+        let entries = |names: &[String]| -> Result<Vec<ProviderEntry>, ProviderBuildError> {
+            names
+                .iter()
+                .map(|name| {
+                    by_name
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| ProviderBuildError {
+                            name: name.clone(),
+                            problem: "is routed but not configured".into(),
+                        })
+                })
+                .collect()
+        };
+        let prefixes =
+            |channel: Channel| -> Result<Vec<(String, Vec<ProviderEntry>)>, ProviderBuildError> {
+                let mut routes = routes
+                    .by_prefix
+                    .for_channel(channel)
+                    .into_iter()
+                    .flatten()
+                    .map(|(prefix, names)| Ok((prefix.clone(), entries(names)?)))
+                    .collect::<Result<Vec<_>, ProviderBuildError>>()?;
+                routes.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+                Ok(routes)
+            };
+        Ok(ResolvedRoutes {
+            default: [
+                entries(routes.for_channel(Channel::Push))?,
+                entries(routes.for_channel(Channel::Sms))?,
+                entries(routes.for_channel(Channel::Voice))?,
+            ],
+            by_prefix: [prefixes(Channel::Sms)?, prefixes(Channel::Voice)?],
+        })
+    }
+
+    /// The route for `channel` to `number` (none for a device): the longest matching prefix
+    /// route, else the channel's default route.
+    fn for_recipient(
+        &self,
+        channel: Channel,
+        number: Option<&str>,
+    ) -> (Option<&str>, &[ProviderEntry]) {
+        let (default, by_prefix) = match channel {
+            Channel::Push => (&self.default[0], None),
+            Channel::Sms => (&self.default[1], Some(&self.by_prefix[0])),
+            Channel::Voice => (&self.default[2], Some(&self.by_prefix[1])),
+        };
+        let matched = number.zip(by_prefix).and_then(|(number, routes)| {
+            routes
+                .iter()
+                .find(|(prefix, _)| number.starts_with(prefix.as_str()))
+        });
+        match matched {
+            Some((prefix, providers)) => (Some(prefix.as_str()), providers),
+            None => (None, default),
+        }
     }
 }

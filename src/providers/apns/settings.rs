@@ -33,8 +33,8 @@ pub struct ApnsSettings {
     #[serde(default)]
     pub environment: ApnsEnvironment,
     /// Overrides the environment's host (tests and proxies).
-    #[serde(default)]
-    pub base_url: Option<String>,
+    #[serde(default, deserialize_with = "crate::domain::optional_http_url")]
+    pub base_url: Option<url::Url>,
     /// The notification category, for the app's Allow / Don't Allow actions.
     #[serde(default = "default_push_category")]
     pub category: String,
@@ -59,7 +59,7 @@ impl ApnsSettings {
     /// Where requests go: `base_url`, else the environment's host.
     pub fn endpoint(&self) -> &str {
         match (&self.base_url, self.environment) {
-            (Some(url), _) => url.trim_end_matches('/'),
+            (Some(url), _) => url.as_str().trim_end_matches('/'),
             (None, ApnsEnvironment::Production) => "https://api.push.apple.com",
             (None, ApnsEnvironment::Sandbox) => "https://api.sandbox.push.apple.com",
         }
@@ -116,14 +116,6 @@ impl ProviderKind for ApnsSettings {
             return Err(InvalidSetting::new(
                 key("topics"),
                 format!("`{topic}` is not a bundle id"),
-            ));
-        }
-        if let Some(url) = apns.base_url.as_deref()
-            && !(url.starts_with("https://") || url.starts_with("http://"))
-        {
-            return Err(InvalidSetting::new(
-                key("base_url"),
-                "must be an http(s) URL",
             ));
         }
         Ok(())

@@ -400,7 +400,7 @@ impl Provider for FcmProvider {
         };
         let url = format!(
             "{}/v1/projects/{}/messages:send",
-            self.settings.base_url.trim_end_matches('/'),
+            self.settings.base_url.as_str().trim_end_matches('/'),
             self.project_id
         );
         let body = self.message(message, token);

@@ -27,8 +27,11 @@ pub struct FcmSettings {
     #[serde(default)]
     pub project_id: Option<String>,
     /// The FCM API base (tests and proxies point it elsewhere).
-    #[serde(default = "default_fcm_base")]
-    pub base_url: String,
+    #[serde(
+        default = "default_fcm_base",
+        deserialize_with = "crate::domain::http_url"
+    )]
+    pub base_url: url::Url,
     /// The notification category (iOS, through FCM) or click action.
     #[serde(default = "default_push_category")]
     pub category: String,
@@ -38,8 +41,8 @@ pub struct FcmSettings {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-fn default_fcm_base() -> String {
-    "https://fcm.googleapis.com".to_owned()
+fn default_fcm_base() -> url::Url {
+    url::Url::parse("https://fcm.googleapis.com").expect("a URL")
 }
 
 #[async_trait]
@@ -64,12 +67,6 @@ impl ProviderKind for FcmSettings {
                 key("service_account"),
                 "set `service_account_file` or `service_account`, not both",
             )),
-            _ if !(fcm.base_url.starts_with("https://") || fcm.base_url.starts_with("http://")) => {
-                Err(InvalidSetting::new(
-                    key("base_url"),
-                    "must be an http(s) URL",
-                ))
-            }
             _ => Ok(()),
         }
     }

@@ -47,10 +47,7 @@ fn escape(content_type: &str, value: &str) -> String {
 impl HttpProvider {
     /// A provider from validated settings.
     pub fn new(name: &str, settings: HttpSettings, timeout: Duration) -> Result<Self, String> {
-        let method = settings
-            .method
-            .parse::<reqwest::Method>()
-            .map_err(|e| e.to_string())?;
+        let method = settings.method.clone();
         let client = super::http_client_builder(name, settings.ca_file.as_deref())?
             .timeout(timeout)
             .build()
@@ -142,7 +139,7 @@ impl Provider for HttpProvider {
         };
         let mut request = self
             .client
-            .request(self.method.clone(), &self.settings.url)
+            .request(self.method.clone(), self.settings.url.clone())
             .header(reqwest::header::CONTENT_TYPE, &self.settings.content_type)
             .body(self.render(message, to));
         for (name, value) in &self.settings.headers {

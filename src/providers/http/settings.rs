@@ -16,10 +16,11 @@ use crate::providers::settings::{BuildContext, ProviderKind};
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     /// HTTP method.
-    #[serde(default = "default_method")]
-    pub method: String,
+    #[serde(default = "default_method", deserialize_with = "http_method")]
+    pub method: reqwest::Method,
     /// Endpoint.
-    pub url: String,
+    #[serde(deserialize_with = "crate::domain::http_url")]
+    pub url: url::Url,
     /// Request headers (values redacted when shown: they are usually API keys).
     #[serde(default)]
     pub headers: BTreeMap<String, SecretString>,
@@ -51,8 +52,17 @@ pub struct HttpSettings {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-fn default_method() -> String {
-    "POST".to_owned()
+fn default_method() -> reqwest::Method {
+    reqwest::Method::POST
+}
+
+/// serde: an HTTP method (`POST`, `PUT`, …).
+fn http_method<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<reqwest::Method, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse()
+        .map_err(|_| serde::de::Error::custom(format!("`{text}` is not an HTTP method")))
 }
 
 fn default_content_type() -> String {
@@ -67,15 +77,6 @@ fn default_success() -> Vec<u16> {
 impl ProviderKind for HttpSettings {
     fn validate(&self, name: &str) -> Result<(), InvalidSetting> {
         let key = |field: &str| format!("providers.{name}.{field}");
-        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
-            return Err(InvalidSetting::new(key("url"), "must be an http(s) URL"));
-        }
-        if self.method.parse::<axum::http::Method>().is_err() {
-            return Err(InvalidSetting::new(
-                key("method"),
-                format!("`{}` is not an HTTP method", self.method),
-            ));
-        }
         if self.body.is_empty() {
             return Err(InvalidSetting::new(key("body"), "is empty"));
         }

@@ -95,7 +95,7 @@ impl TwilioProvider {
     fn url(&self, resource: &str) -> String {
         format!(
             "{}/2010-04-01/Accounts/{}/{resource}.json",
-            self.settings.base_url.trim_end_matches('/'),
+            self.settings.base_url.as_str().trim_end_matches('/'),
             self.settings.account_sid
         )
     }

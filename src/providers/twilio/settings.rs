@@ -25,8 +25,11 @@ pub struct TwilioSettings {
     #[serde(default)]
     pub messaging_service_sid: Option<String>,
     /// API base (tests and the compose stack point it elsewhere).
-    #[serde(default = "default_twilio_base")]
-    pub base_url: String,
+    #[serde(
+        default = "default_twilio_base",
+        deserialize_with = "crate::domain::http_url"
+    )]
+    pub base_url: url::Url,
     /// Where Twilio should post status callbacks.
     #[serde(default)]
     pub status_callback: Option<String>,
@@ -36,8 +39,8 @@ pub struct TwilioSettings {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-fn default_twilio_base() -> String {
-    "https://api.twilio.com".to_owned()
+fn default_twilio_base() -> url::Url {
+    url::Url::parse("https://api.twilio.com").expect("a URL")
 }
 
 #[async_trait]
@@ -63,12 +66,6 @@ impl ProviderKind for TwilioSettings {
             return Err(InvalidSetting::new(
                 key("from"),
                 format!("`{from}` is not an E.164 number"),
-            ));
-        }
-        if !(self.base_url.starts_with("https://") || self.base_url.starts_with("http://")) {
-            return Err(InvalidSetting::new(
-                key("base_url"),
-                "must be an http(s) URL",
             ));
         }
         Ok(())
