@@ -48,10 +48,9 @@ impl Application {
         providers: ProviderRegistry,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
-        let crate::store::Stores { ledger, policy } =
-            crate::store::open(&config.store.url)
-                .await
-                .with_context(|| format!("opening the ledger at {}", config.store.url))?;
+        let crate::store::Stores { ledger, policy } = crate::store::open(&config.store)
+            .await
+            .with_context(|| format!("opening the ledger at {}", config.store.url))?;
         let settings = EngineSettings::from_config(&config);
         let provider_receipts = providers.take_receipts();
         let dispatcher = Dispatcher::new(providers, Arc::clone(&policy), settings);

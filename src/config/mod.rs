@@ -30,8 +30,9 @@ pub use crate::providers::{
     SandboxSettings, SharedSettings, SmppSettings, TwilioSettings,
 };
 pub use crate::queue::AmqpConfig;
+pub use crate::store::StoreSettings as StoreConfig;
 pub use crate::telemetry::LogFormat;
-pub use sections::{DeliveryConfig, GrpcConfig, LogConfig, ReceiptsConfig, StoreConfig};
+pub use sections::{DeliveryConfig, GrpcConfig, LogConfig, ReceiptsConfig};
 pub use tenants::TenantConfig;
 
 use crate::delivery::EngineSettings;
@@ -144,15 +145,7 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
-        if !self.store.url.starts_with("sqlite:") {
-            return Err(invalid(
-                "store.url",
-                format!(
-                    "only sqlite://PATH is supported so far, got `{}`",
-                    self.store.url
-                ),
-            ));
-        }
+        self.store.validate()?;
         if self.delivery.max_in_flight == 0 {
             return Err(invalid("delivery.max_in_flight", "must be at least 1"));
         }

@@ -26,14 +26,6 @@ pub struct GrpcConfig {
     pub listen: SocketAddr,
 }
 
-/// The ledger location.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// `sqlite://PATH`.
-    pub url: String,
-}
-
 /// Delivery behaviour.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -55,6 +55,14 @@ impl ChangeNotices {
         }
     }
 
+    /// Announces that any delivery may have changed (changes made elsewhere may have been
+    /// missed): every watcher looks again.
+    pub fn changed_all(&self) {
+        for (sender, _) in self.lock().values() {
+            sender.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
     fn unwatch(&self, id: &str) {
         let mut watched = self.lock();
         if let Some(entry) = watched.get_mut(id) {

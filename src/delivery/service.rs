@@ -18,8 +18,8 @@ use crate::domain::{
     summarize,
 };
 use crate::store::{
-    Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger, NewDelivery, NewTarget, Outcome,
-    StoreError,
+    Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger, LedgerChange, NewDelivery, NewTarget,
+    Outcome, StoreError,
 };
 
 /// What became of a job handed to [`DeliveryService::handle`].
@@ -35,6 +35,14 @@ pub enum Handled {
     },
     /// Another worker is delivering it right now.
     HeldElsewhere(Report),
+    /// The job came back from the broker, but another replica holds the delivery under a lease
+    /// until `until`: the job must come back then (its owner may have died).
+    Leased {
+        /// The report as it stands.
+        report: Report,
+        /// When the lease runs out.
+        until: Timestamp,
+    },
     /// Quiet hours hold it (DEFERRED) until `until`: the job must come back then.
     Deferred {
         /// The report, status DEFERRED.
@@ -108,6 +116,9 @@ impl DeliveryService {
     ) -> Self {
         let changes = ChangeNotices::new();
         let receipts = Arc::new(ReceiptWaiters::default());
+        if let Some(announced) = ledger.changes() {
+            tokio::spawn(forward_changes(announced, Arc::downgrade(&changes)));
+        }
         DeliveryService {
             staged: ledger.staged(),
             ledger,
@@ -180,6 +191,10 @@ impl DeliveryService {
                     report,
                     fresh: false,
                 });
+            }
+            Claim::Leased { report, until } => {
+                tracing::info!(%until, "another replica holds it under a lease: tried again when it runs out");
+                return Ok(Handled::Leased { report, until });
             }
             Claim::HeldElsewhere(report) => {
                 tracing::info!("another worker is delivering it: nothing sent");
@@ -276,5 +291,25 @@ impl DeliveryService {
     /// Every provider's circuit state and recent figures.
     pub fn provider_health(&self) -> Vec<ProviderHealth> {
         self.dispatcher.provider_health()
+    }
+}
+
+/// Wakes the watchers of each delivery another replica changed (and every watcher when
+/// announcements may have been missed), until the service is gone.
+async fn forward_changes(
+    mut announced: tokio::sync::broadcast::Receiver<LedgerChange>,
+    changes: std::sync::Weak<ChangeNotices>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = announced.recv().await;
+        let Some(changes) = changes.upgrade() else {
+            return;
+        };
+        match change {
+            Ok(LedgerChange::Delivery(id)) => changes.changed(&id),
+            Ok(LedgerChange::Unknown) | Err(RecvError::Lagged(_)) => changes.changed_all(),
+            Err(RecvError::Closed) => return,
+        }
     }
 }

@@ -176,6 +176,24 @@ impl JobConsumer {
                 ack(&delivery).await;
                 return;
             }
+            Handled::Leased { until, .. } => {
+                // Put back until the lease runs out (its owner may have died): then a replica
+                // takes the delivery over, or finds it finished.
+                let now = self.service.clock().now();
+                let delay = until
+                    .duration_since(now)
+                    .max(jiff::SignedDuration::ZERO)
+                    .unsigned_abs()
+                    + std::time::Duration::from_secs(1);
+                match Box::pin(self.publisher.defer(&delivery, delay, &until.to_string())).await {
+                    Ok(()) => ack(&delivery).await,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not hold the job until the lease ends: requeued");
+                        requeue(&delivery).await;
+                    }
+                }
+                return;
+            }
             Handled::Deferred { report, until } => {
                 let publish = Box::pin(self.publisher.publish_event(&report));
                 let Some(published) = self.while_syncing(publish, &delivery).await else {

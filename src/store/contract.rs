@@ -31,7 +31,8 @@ pub(crate) struct Subject {
     pub(crate) _keep: Box<dyn std::any::Any + Send>,
 }
 
-/// The contract suite for a backend: `open` is an `async fn() -> Subject` making a fresh store.
+/// The contract suite for a backend: `open` is an `async fn() -> Option<Subject>` making a
+/// fresh store (`None`: the backend's server is not there and the run may skip it).
 macro_rules! store_contract {
     ($open:ident) => {
         mod contract {
@@ -39,39 +40,51 @@ macro_rules! store_contract {
 
             #[tokio::test]
             async fn claims_are_exclusive_and_finished_deliveries_stay_finished() {
-                let s = super::$open().await;
+                let Some(s) = super::$open().await else {
+                    return;
+                };
                 c::claims_are_exclusive_and_finished_deliveries_stay_finished(&*s.ledger).await;
             }
 
             #[tokio::test]
             async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_first() {
-                let s = super::$open().await;
+                let Some(s) = super::$open().await else {
+                    return;
+                };
                 c::accepted_deliveries_are_claimed_once_and_lists_page_newest_first(&*s.ledger)
                     .await;
             }
 
             #[tokio::test]
             async fn a_known_report_is_exact_until_another_writer_changes_the_delivery() {
-                let s = super::$open().await;
+                let Some(s) = super::$open().await else {
+                    return;
+                };
                 c::a_known_report_is_exact_until_another_writer_changes_the_delivery(&*s.ledger)
                     .await;
             }
 
             #[tokio::test]
             async fn rules_are_stored_listed_by_tenant_and_removed() {
-                let s = super::$open().await;
+                let Some(s) = super::$open().await else {
+                    return;
+                };
                 c::rules_are_stored_listed_by_tenant_and_removed(&*s.policy).await;
             }
 
             #[tokio::test]
             async fn a_limit_counts_sends_atomically_and_refuses_past_it() {
-                let s = super::$open().await;
+                let Some(s) = super::$open().await else {
+                    return;
+                };
                 c::a_limit_counts_sends_atomically_and_refuses_past_it(&*s.policy).await;
             }
 
             #[tokio::test]
             async fn block_entries_are_kept_once_and_found_for_a_job() {
-                let s = super::$open().await;
+                let Some(s) = super::$open().await else {
+                    return;
+                };
                 c::block_entries_are_kept_once_and_found_for_a_job(&*s.policy).await;
             }
         }
@@ -139,9 +152,11 @@ pub(crate) async fn claims_are_exclusive_and_finished_deliveries_stay_finished(
         )
         .await
         .unwrap();
-    // The worker dies here; the broker redelivers to w2, which takes over.
+    // The worker dies here; the broker redelivers to w2, which takes over (once w1's lease,
+    // in a store replicas share, has run out).
+    let later = now + jiff::SignedDuration::from_hours(1);
     let Claim::Resumed(_, KnownReport { report, .. }) =
-        ledger.claim(&new, "w2", true, now).await.unwrap()
+        ledger.claim(&new, "w2", true, later).await.unwrap()
     else {
         panic!("takeover resumes");
     };

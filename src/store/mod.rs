@@ -3,14 +3,21 @@
 //! `Arc<dyn PolicyStore>` from [`open`], the one place that names a backend; errors are
 //! [`StoreError`]s whatever the backend. The code is never stored.
 //!
-//! - `sqlite/`: the SQLite backend (its group-commit writer, reads, writes, error sorting).
+//! - `sqlite/`: the SQLite backend (its group-commit writer, reads, writes, error sorting): one
+//!   gateway.
+//! - `postgres/`: the PostgreSQL backend: replicas sharing one database (leases on claims,
+//!   atomic counters, change notifications).
 //! - `rules_cache`: the one-second rules cache, around any [`PolicyStore`].
 //! - `contract` (tests): the rules every backend keeps, written against the traits.
 
 #[cfg(test)]
 pub(crate) mod contract;
+mod postgres;
 mod rules_cache;
+mod settings;
+mod shared;
 mod sqlite;
+mod sqlx_errors;
 
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
@@ -24,7 +31,9 @@ use crate::domain::{
     Report, SmsShape, TargetStatus,
 };
 
+pub use postgres::PostgresLedger;
 pub use rules_cache::{CachedRules, RULES_TTL};
+pub use settings::StoreSettings;
 pub use sqlite::SqliteLedger;
 
 /// The configured store: the delivery ledger and the policy rules (with its rules cache).
@@ -36,9 +45,10 @@ pub struct Stores {
     pub policy: std::sync::Arc<dyn PolicyStore>,
 }
 
-/// Opens the store at `url` (`sqlite://PATH`), bringing its schema up to date: the one place
-/// that picks a backend by the URL's scheme.
-pub async fn open(url: &str) -> Result<Stores, StoreError> {
+/// Opens the configured store, bringing its schema up to date: the one place that picks a
+/// backend, by the URL's scheme.
+pub async fn open(settings: &StoreSettings) -> Result<Stores, StoreError> {
+    let url = settings.url.as_str();
     let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
     match scheme {
         "sqlite" => {
@@ -48,8 +58,15 @@ pub async fn open(url: &str) -> Result<Stores, StoreError> {
                 policy: std::sync::Arc::new(CachedRules::new(store)),
             })
         }
+        "postgres" | "postgresql" => {
+            let store = std::sync::Arc::new(PostgresLedger::connect(settings).await?);
+            Ok(Stores {
+                ledger: store.clone(),
+                policy: std::sync::Arc::new(CachedRules::new(store)),
+            })
+        }
         other => Err(StoreError::Unavailable(format!(
-            "no ledger backend for `{other}:` URLs (store.url takes sqlite://PATH)"
+            "no ledger backend for `{other}:` URLs (store.url takes sqlite://PATH or postgres://…)"
         ))),
     }
 }
@@ -143,6 +160,25 @@ pub enum Claim {
     Finished(Report),
     /// Another worker is on it (a duplicate publish arrived while it runs).
     HeldElsewhere(Report),
+    /// The broker handed the job out again, but another worker holds the delivery under a
+    /// lease that has not run out (it may still be working, or it died moments ago): the job
+    /// is to be tried again once the lease ends.
+    Leased {
+        /// The report as it stands.
+        report: Report,
+        /// When the lease runs out unless renewed.
+        until: Timestamp,
+    },
+}
+
+/// A change to the ledger made by another process (or this one), as a backend shared by
+/// replicas announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerChange {
+    /// Delivery `tenant/job_id` changed.
+    Delivery(String),
+    /// Announcements may have been missed: any delivery may have changed.
+    Unknown,
 }
 
 /// A provider call that is starting.
@@ -277,8 +313,17 @@ pub trait Ledger: Send + Sync + 'static {
     /// Removes a delivery that is still only ACCEPTED (its job could not be queued).
     async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError>;
 
-    /// Takes ownership of a delivery for `worker`, inserting it if new. `takeover` (the broker
-    /// redelivered the job, so its previous worker is gone) lets it claim an IN_PROGRESS one.
+    /// Changes other processes make, for a backend that several replicas share (`None`: every
+    /// change goes through this process).
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<LedgerChange>> {
+        None
+    }
+
+    /// Takes ownership of a delivery for `worker`, inserting it if new. An IN_PROGRESS one is
+    /// taken over, its unanswered attempts closed as interrupted, when its worker is gone: in a
+    /// store only this process uses, `takeover` (the broker redelivered the job) says so; in a
+    /// store replicas share, the owner's lease has run out (a redelivered job whose owner's
+    /// lease still holds gets [`Claim::Leased`], to be tried again when it ends).
     async fn claim(
         &self,
         new: &NewDelivery,

@@ -171,7 +171,7 @@ pub async fn engine(
         .await
         .unwrap();
     let receipts = registry.take_receipts().expect("receipts not taken yet");
-    let stores = otp_gateway::store::open(&config.store.url).await.unwrap();
+    let stores = otp_gateway::store::open(&config.store).await.unwrap();
     let dispatcher = Dispatcher::new(registry, stores.policy, EngineSettings::from_config(config));
     let service = Arc::new(DeliveryService::new(
         stores.ledger,
@@ -204,7 +204,7 @@ pub fn job(job_id: &str, expires_in_secs: f64, channels: &[&str], targets: Value
 pub async fn deliver(service: &DeliveryService, job: &Job) -> Report {
     let report = match service.handle(job, false).await.unwrap() {
         Handled::Finished { report, .. } | Handled::Deferred { report, .. } => report,
-        Handled::HeldElsewhere(_) => panic!("nobody else holds it"),
+        Handled::HeldElsewhere(_) | Handled::Leased { .. } => panic!("nobody else holds it"),
     };
     // The report handed back (and published) is the one stored, to the microsecond.
     let stored = service
@@ -879,7 +879,7 @@ async fn the_ledger_shows_a_call_before_the_provider_hears_of_it() {
         )],
     );
     let watching = Arc::new(Watching {
-        ledger: otp_gateway::store::open(&config.store.url)
+        ledger: otp_gateway::store::open(&config.store)
             .await
             .unwrap()
             .ledger,
@@ -1035,7 +1035,7 @@ async fn one_provider(
 
 /// The policy store over the same database file as the engine (as another replica would).
 async fn policy_store(config: &Config) -> Arc<dyn PolicyStore> {
-    otp_gateway::store::open(&config.store.url)
+    otp_gateway::store::open(&config.store)
         .await
         .unwrap()
         .policy

@@ -533,7 +533,7 @@ async fn apns_answers_become_reasons_retries_and_a_new_provider_token() {
 
     // Only the dead token is on the tenant's block list, from provider feedback: not the
     // invalid one, not the one refused locally.
-    let store = otp_gateway::store::open(&config.store.url)
+    let store = otp_gateway::store::open(&config.store)
         .await
         .unwrap()
         .policy;

@@ -1,5 +1,4 @@
-//! How the SQLite backend's errors (sqlx for the schema, rusqlite for everything else) become
-//! [`StoreError`]s: the only place that sorts them.
+//! How the SQLite backend's own errors (rusqlite's) become [`StoreError`]s.
 
 use rusqlite::ErrorCode;
 
@@ -24,40 +23,6 @@ impl From<rusqlite::Error> for StoreError {
             | rusqlite::Error::InvalidColumnName(..)
             | rusqlite::Error::InvalidColumnIndex(..) => StoreError::Corrupt(text),
             _ => StoreError::Unavailable(text),
-        }
-    }
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(error: sqlx::Error) -> Self {
-        let text = error.to_string();
-        match &error {
-            sqlx::Error::Database(db)
-                if db.is_unique_violation()
-                    || db.is_foreign_key_violation()
-                    || db.is_check_violation() =>
-            {
-                StoreError::Conflict(text)
-            }
-            sqlx::Error::RowNotFound => StoreError::NotFound(text),
-            sqlx::Error::ColumnDecode { .. }
-            | sqlx::Error::Decode(_)
-            | sqlx::Error::TypeNotFound { .. }
-            | sqlx::Error::ColumnNotFound(_)
-            | sqlx::Error::ColumnIndexOutOfBounds { .. } => StoreError::Corrupt(text),
-            _ => StoreError::Unavailable(text),
-        }
-    }
-}
-
-impl From<sqlx::migrate::MigrateError> for StoreError {
-    fn from(error: sqlx::migrate::MigrateError) -> Self {
-        use sqlx::migrate::MigrateError;
-        match error {
-            MigrateError::Execute(error) => error.into(),
-            other => {
-                StoreError::Corrupt(format!("the schema cannot be brought up to date: {other}"))
-            }
         }
     }
 }

@@ -18,12 +18,11 @@ mod reads;
 mod writer;
 mod writes;
 
-use crate::domain::{
-    Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetResult, TargetStatus,
-};
+use crate::domain::{Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetStatus};
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
+use crate::store::shared::{RateCounterKey, fresh_report};
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
     ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate, as_stored,
@@ -31,42 +30,6 @@ use crate::store::{
 use reads::Readers;
 use writer::GroupWriter;
 use writes::{Claimed, PolicyTable};
-
-/// The report of a delivery just inserted as IN_PROGRESS, as [`reads::load`] would read it
-/// back: no attempts, every target pending.
-fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
-    Report {
-        delivery_id: new.id.to_string(),
-        tenant: new.id.tenant.clone(),
-        job_id: new.id.job_id.clone(),
-        account: new.account.clone(),
-        purpose: new.purpose.clone(),
-        status: DeliveryStatus::InProgress,
-        reason: None,
-        hint: None,
-        summary: String::new(),
-        created_at: now,
-        updated_at: now,
-        expires_at: as_stored(new.expires_at),
-        targets: new
-            .targets
-            .iter()
-            .enumerate()
-            .map(|(index, target)| TargetResult {
-                index: index as u32,
-                channel: target.channel,
-                target: target.label.clone(),
-                platform: target.platform,
-                status: TargetStatus::Pending,
-                reason: None,
-                hint: None,
-                detail: None,
-                acknowledgement: None,
-                attempts: Vec::new(),
-            })
-            .collect(),
-    }
-}
 
 /// A ledger in one SQLite file. Writes go through one [`GroupWriter`], which commits the
 /// writes of many deliveries with one fsync; reads use reader connections on the calling
@@ -82,34 +45,10 @@ pub struct SqliteLedger {
     durable: bool,
 }
 
-/// The key rate-limit counters are stored under: an HMAC-SHA256 of the counter's key (a
-/// number, token, account, …) under a random secret kept in the ledger, so the counters hold no
-/// send history of a person in clear.
-pub(super) struct RateCounterKey(ring::hmac::Key);
-
-impl std::fmt::Debug for RateCounterKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RateCounterKey(redacted)")
-    }
-}
-
-impl RateCounterKey {
-    /// The stored form of `key` (128 bits of the HMAC, hex).
-    pub(super) fn of(&self, key: &str) -> String {
-        let tag = ring::hmac::sign(&self.0, key.as_bytes());
-        tag.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-}
-
 /// The ledger's rate-counter secret, made (32 random bytes) the first time.
 async fn rate_counter_key(conn: &mut sqlx::SqliteConnection) -> Result<RateCounterKey, StoreError> {
     const NAME: &str = "rate_counter_key";
-    let mut fresh = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
-        .map_err(|_| StoreError::Corrupt("no randomness for the rate-counter key".to_owned()))?;
+    let fresh = RateCounterKey::fresh_secret()?;
     sqlx::query("INSERT OR IGNORE INTO ledger_secrets (name, value) VALUES (?, ?)")
         .bind(NAME)
         .bind(&fresh[..])
@@ -119,10 +58,7 @@ async fn rate_counter_key(conn: &mut sqlx::SqliteConnection) -> Result<RateCount
         .bind(NAME)
         .fetch_one(&mut *conn)
         .await?;
-    Ok(RateCounterKey(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        &secret,
-    )))
+    Ok(RateCounterKey::new(&secret))
 }
 
 impl SqliteLedger {
@@ -501,14 +437,14 @@ mod tests {
     }
 
     /// A fresh ledger in a temporary directory.
-    async fn open_temp() -> Subject {
+    async fn open_temp() -> Option<Subject> {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(ledger(&dir).await);
-        Subject {
+        Some(Subject {
             ledger: store.clone(),
             policy: store,
             _keep: Box::new(dir),
-        }
+        })
     }
 
     store_contract!(open_temp);

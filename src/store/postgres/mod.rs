@@ -1,0 +1,736 @@
+//! The PostgreSQL ledger: several gateway replicas share one database. A claim carries its
+//! owner and a lease that the owner renews while it works; a replica that dies loses its
+//! deliveries to the others when the lease runs out (and the broker hands the job out again).
+//! Rate-limit counters are counted under a lock per counter, so replicas never overshoot; every
+//! change of a delivery is announced on `otp_delivery_changed` (a trigger), so a replica
+//! waiting for an acknowledgement or a receipt that another replica recorded wakes at once.
+//! Commits are durable when they return (PostgreSQL groups concurrent commits' WAL flushes).
+
+mod rows;
+mod writes;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, Row};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use self::rows::{
+    ALL_TENANTS, BLOCK_COLUMNS, QUIET_COLUMNS, RULE_COLUMNS, block_from_row, load, micros,
+    quiet_from_row, rule_from_row, timestamp,
+};
+use self::writes::Claimed;
+use crate::domain::{
+    Acknowledgement, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
+};
+use crate::policy::{
+    BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
+};
+use crate::store::shared::{RateCounterKey, fresh_report};
+use crate::store::{
+    AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
+    LedgerChange, ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, StoreSettings,
+    TargetUpdate, as_stored,
+};
+
+/// The channel deliveries' changes are announced on (see the migration's trigger).
+const CHANGES_CHANNEL: &str = "otp_delivery_changed";
+
+/// A ledger in a PostgreSQL database, shared by replicas.
+#[derive(Clone)]
+pub struct PostgresLedger {
+    pool: PgPool,
+    counter_key: Arc<RateCounterKey>,
+    lease: Duration,
+    /// The workers (one per process) that claimed through this ledger: their leases are renewed.
+    workers: Arc<Mutex<HashSet<String>>>,
+    changes: broadcast::Sender<LedgerChange>,
+    /// Stops the lease and notification tasks when the last clone is dropped.
+    _tasks: Arc<StopOnDrop>,
+}
+
+/// Cancels its token when dropped.
+struct StopOnDrop(CancellationToken);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+impl std::fmt::Debug for PostgresLedger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresLedger")
+            .field("pool_size", &self.pool.options().get_max_connections())
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresLedger {
+    /// Connects to the database at `settings.url`, brings its schema up to date, and starts
+    /// renewing this process's leases and listening for other replicas' changes.
+    pub async fn connect(settings: &StoreSettings) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = settings.url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("src/store/migrations/postgres")
+            .run(&pool)
+            .await?;
+        let counter_key = Arc::new(rate_counter_key(&pool).await?);
+        let (changes, _) = broadcast::channel(4096);
+        let stop = CancellationToken::new();
+        let ledger = PostgresLedger {
+            pool,
+            counter_key,
+            lease: settings.lease,
+            workers: Arc::default(),
+            changes,
+            _tasks: Arc::new(StopOnDrop(stop.clone())),
+        };
+        let mut listener = PgListener::connect_with(&ledger.pool).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        tokio::spawn(
+            stop.clone()
+                .run_until_cancelled_owned(listen(listener, ledger.changes.clone())),
+        );
+        tokio::spawn(stop.run_until_cancelled_owned(renew_leases(
+            Arc::clone(&ledger.workers),
+            ledger.pool.clone(),
+            ledger.lease,
+        )));
+        Ok(ledger)
+    }
+
+    fn lease_until(&self, now: Timestamp) -> i64 {
+        micros(now) + self.lease.as_micros() as i64
+    }
+
+    async fn load(&self, key: DeliveryKey) -> Result<Report, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let report = load(&mut tx, key).await?;
+        tx.commit().await?;
+        report.ok_or_else(|| StoreError::NotFound(format!("#{key}")))
+    }
+}
+
+/// The ledger's rate-counter secret, made (32 random bytes) by the first replica.
+async fn rate_counter_key(pool: &PgPool) -> Result<RateCounterKey, StoreError> {
+    const NAME: &str = "rate_counter_key";
+    let fresh = RateCounterKey::fresh_secret()?;
+    sqlx::query(
+        "INSERT INTO ledger_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(NAME)
+    .bind(&fresh[..])
+    .execute(pool)
+    .await?;
+    let secret: Vec<u8> = sqlx::query_scalar("SELECT value FROM ledger_secrets WHERE name = $1")
+        .bind(NAME)
+        .fetch_one(pool)
+        .await?;
+    Ok(RateCounterKey::new(&secret))
+}
+
+/// Forwards the change announcements (other replicas' and this one's); after the listening
+/// connection was lost and came back, says that any change may have been missed.
+async fn listen(mut listener: PgListener, changes: broadcast::Sender<LedgerChange>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => {
+                let _ = changes.send(LedgerChange::Delivery(notification.payload().to_owned()));
+            }
+            // The connection was lost (the next call connects and listens again).
+            Ok(None) => {
+                tracing::warn!(
+                    "the ledger's change notifications were interrupted: waiting deliveries look again"
+                );
+                let _ = changes.send(LedgerChange::Unknown);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "ledger change notifications: retrying");
+                let _ = changes.send(LedgerChange::Unknown);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// Renews the leases of this process's workers three times per lease.
+async fn renew_leases(workers: Arc<Mutex<HashSet<String>>>, pool: PgPool, lease: Duration) {
+    let every = lease / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        let names: Vec<String> = workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        let until = micros(Timestamp::now()) + lease.as_micros() as i64;
+        let renewed = sqlx::query(
+            "UPDATE deliveries SET lease_until = $1 WHERE status = 'IN_PROGRESS' AND owner = ANY($2)",
+        )
+        .bind(until)
+        .bind(&names)
+        .execute(&pool)
+        .await;
+        if let Err(error) = renewed {
+            tracing::warn!(%error, "could not renew this replica's leases: another replica may take its deliveries over once they run out");
+        }
+    }
+}
+
+#[async_trait]
+impl Ledger for PostgresLedger {
+    fn staged(&self) -> Arc<dyn Ledger> {
+        // Every commit is durable when it returns: the staged view is the ledger itself.
+        Arc::new(self.clone())
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<LedgerChange>> {
+        Some(self.changes.subscribe())
+    }
+
+    async fn accept(
+        &self,
+        new: &NewDelivery,
+        now: Timestamp,
+    ) -> Result<(Report, bool), StoreError> {
+        let now = as_stored(now);
+        let mut conn = self.pool.acquire().await?;
+        let (key, created) = writes::accept(&mut conn, new, now).await?;
+        drop(conn);
+        Ok((self.load(key).await?, created))
+    }
+
+    async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM deliveries WHERE tenant = $1 AND job_id = $2 AND status = 'ACCEPTED'",
+        )
+        .bind(&id.tenant)
+        .bind(&id.job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        new: &NewDelivery,
+        worker: &str,
+        takeover: bool,
+        now: Timestamp,
+    ) -> Result<Claim, StoreError> {
+        let now = as_stored(now);
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker.to_owned());
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let claimed =
+            writes::claim(&mut tx, new, worker, takeover, now, self.lease_until(now)).await?;
+        tx.commit().await?;
+        drop(conn);
+        let known = |report, revision| KnownReport { report, revision };
+        Ok(match claimed {
+            Claimed::Inserted(key) => Claim::Started(key, known(fresh_report(new, now), 0)),
+            Claimed::Taken(key, revision) => {
+                Claim::Started(key, known(self.load(key).await?, revision))
+            }
+            Claimed::TakenOver(key, revision) => {
+                Claim::Resumed(key, known(self.load(key).await?, revision))
+            }
+            Claimed::Leased(key, until) => Claim::Leased {
+                report: self.load(key).await?,
+                until,
+            },
+            Claimed::Refused(key) => {
+                let report = self.load(key).await?;
+                if report.status.is_terminal() {
+                    Claim::Finished(report)
+                } else {
+                    Claim::HeldElsewhere(report)
+                }
+            }
+        })
+    }
+
+    async fn start_attempt(
+        &self,
+        key: DeliveryKey,
+        start: &AttemptStart,
+    ) -> Result<AttemptKey, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        writes::start_attempt(&mut conn, key, start).await
+    }
+
+    async fn finish_attempt(
+        &self,
+        key: DeliveryKey,
+        attempt: AttemptKey,
+        end: &AttemptEnd,
+        target: u32,
+        update: &TargetUpdate,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        writes::finish_attempt(&mut conn, key, attempt, end, target, update).await
+    }
+
+    async fn update_target(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+        update: &TargetUpdate,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        writes::set_target(&mut conn, key, index, update, now).await
+    }
+
+    async fn apply_receipt(
+        &self,
+        provider: &str,
+        message_id: &str,
+        end: &AttemptEnd,
+    ) -> Result<Option<(DeliveryKey, DeliveryId, DeliveryStatus)>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        writes::apply_receipt(&mut conn, provider, message_id, end).await
+    }
+
+    async fn record_ack(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+        ack: Acknowledgement,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        writes::record_ack(&mut conn, key, index, ack.as_str(), now).await
+    }
+
+    async fn acknowledgements(
+        &self,
+        key: DeliveryKey,
+    ) -> Result<Vec<(u32, Acknowledgement)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT idx, ack FROM targets WHERE delivery = $1 AND ack IS NOT NULL ORDER BY idx",
+        )
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let ack: String = row.try_get(1)?;
+                Ok((
+                    row.try_get::<i32, _>(0)? as u32,
+                    ack.parse().map_err(StoreError::Corrupt)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM deliveries WHERE tenant = $1 AND job_id = $2")
+                .bind(&id.tenant)
+                .bind(&id.job_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn finish(
+        &self,
+        key: DeliveryKey,
+        now: Timestamp,
+        decide: DecideOutcome,
+        known: Option<KnownReport>,
+    ) -> Result<Report, StoreError> {
+        let now = as_stored(now);
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let report = writes::finish(&mut tx, key, now, &decide, known).await?;
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    async fn report(&self, key: DeliveryKey) -> Result<Report, StoreError> {
+        self.load(key).await
+    }
+
+    async fn target_state(
+        &self,
+        key: DeliveryKey,
+        index: u32,
+    ) -> Result<Option<(TargetStatus, Option<FailureReason>)>, StoreError> {
+        let row =
+            sqlx::query("SELECT status, reason FROM targets WHERE delivery = $1 AND idx = $2")
+                .bind(key)
+                .bind(index as i32)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let status: String = row.try_get(0)?;
+        let reason: Option<String> = row.try_get(1)?;
+        Ok(Some((
+            status.parse().map_err(StoreError::Corrupt)?,
+            reason
+                .map(|r| r.parse().map_err(StoreError::Corrupt))
+                .transpose()?,
+        )))
+    }
+
+    async fn get(&self, id: &DeliveryId) -> Result<Option<Report>, StoreError> {
+        match self.key(id).await? {
+            Some(key) => Ok(Some(self.load(key).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let limit = query.limit.clamp(1, 100) as i64;
+        let mut keys: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM deliveries
+             WHERE tenant = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR status = $3)
+               AND ($4::bigint IS NULL OR id < $4)
+             ORDER BY id DESC LIMIT $5",
+        )
+        .bind(&query.tenant)
+        .bind(&query.account)
+        .bind(query.status.map(DeliveryStatus::as_str))
+        .bind(query.before)
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let next = if keys.len() as i64 > limit {
+            keys.truncate(limit as usize);
+            keys.last().copied()
+        } else {
+            None
+        };
+        let mut reports = Vec::with_capacity(keys.len());
+        for key in keys {
+            reports.push(self.load(key).await?);
+        }
+        Ok(ListPage { reports, next })
+    }
+}
+
+#[async_trait]
+impl PolicyStore for PostgresLedger {
+    async fn add_block(
+        &self,
+        entry: &NewBlockEntry,
+        now: Timestamp,
+    ) -> Result<(BlockEntry, bool), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        // A replica adding the same entry at the same moment makes the first try see neither
+        // its insert nor the other's row: once more sees the other's.
+        match writes::add_block(&mut conn, entry, now).await {
+            Err(StoreError::Conflict(_)) => writes::add_block(&mut conn, entry, now).await,
+            other => other,
+        }
+    }
+
+    async fn remove_block(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM block_entries WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_blocks(&self, tenant: Option<&str>) -> Result<Vec<BlockEntry>, StoreError> {
+        let sql = format!(
+            "SELECT {BLOCK_COLUMNS} FROM block_entries
+             WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY id DESC"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(block_from_row).collect()
+    }
+
+    async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        writes::set_rate_limit(&mut conn, rule).await
+    }
+
+    async fn remove_rate_limit(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM rate_limit_rules WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_rate_limits(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<RateLimitRule>, StoreError> {
+        let sql = format!(
+            "SELECT {RULE_COLUMNS} FROM rate_limit_rules
+             WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(rule_from_row).collect()
+    }
+
+    async fn consume(
+        &self,
+        keys: &[RateKey<'_>],
+        now: Timestamp,
+    ) -> Result<Option<RateLimited>, StoreError> {
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<(RateLimitRule, String)> = keys
+            .iter()
+            .map(|k| (k.rule.clone(), self.counter_key.of(&k.key)))
+            .collect();
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let limited = writes::consume(&mut tx, &keys, now).await?;
+        tx.commit().await?;
+        Ok(limited)
+    }
+
+    async fn set_quiet_hours(&self, rule: &QuietHoursRule) -> Result<QuietHoursRule, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        writes::set_quiet_hours(&mut conn, rule)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("quiet-hours rule #{}", rule.id)))
+    }
+
+    async fn remove_quiet_hours(&self, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM quiet_rules WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn list_quiet_hours(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<QuietHoursRule>, StoreError> {
+        let sql = format!(
+            "SELECT {QUIET_COLUMNS} FROM quiet_rules
+             WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(quiet_from_row).collect()
+    }
+
+    async fn peek(
+        &self,
+        keys: &[RateKey<'_>],
+        now: Timestamp,
+    ) -> Result<Option<RateLimited>, StoreError> {
+        for key in keys {
+            let since = micros(now) - key.rule.window.as_micros() as i64;
+            let row = sqlx::query(
+                "SELECT count(*), min(at) FROM rate_hits WHERE rule = $1 AND key = $2 AND at > $3",
+            )
+            .bind(key.rule.id)
+            .bind(self.counter_key.of(&key.key))
+            .bind(since)
+            .fetch_one(&self.pool)
+            .await?;
+            let hits: i64 = row.try_get(0)?;
+            let oldest: Option<i64> = row.try_get(1)?;
+            if hits >= key.rule.limit as i64 {
+                let window = jiff::SignedDuration::try_from(key.rule.window)
+                    .unwrap_or(jiff::SignedDuration::MAX);
+                return Ok(Some(RateLimited {
+                    rule: key.rule.clone(),
+                    allowed_at: oldest.map(timestamp).transpose()?.unwrap_or(now) + window,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn block_candidates(
+        &self,
+        tenant: &str,
+        patterns: &[&str],
+        now: Timestamp,
+    ) -> Result<Vec<BlockEntry>, StoreError> {
+        let sql = format!(
+            "SELECT {BLOCK_COLUMNS} FROM block_entries
+             WHERE tenant IN ($1, '{ALL_TENANTS}') AND kind = 'PREFIX' AND (expires_at IS NULL OR expires_at > $2)
+             UNION ALL
+             SELECT {BLOCK_COLUMNS} FROM block_entries
+             WHERE pattern = ANY($3) AND kind <> 'PREFIX' AND tenant IN ($1, '{ALL_TENANTS}')
+               AND (expires_at IS NULL OR expires_at > $2)"
+        );
+        let patterns: Vec<&str> = patterns.to_vec();
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant)
+            .bind(micros(now))
+            .bind(&patterns)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(block_from_row).collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::store::contract::{Subject, store_contract};
+
+    /// The machine's PostgreSQL (trust auth), as tests reach it.
+    const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+    /// A database made for one test, dropped (with its connections) when this is.
+    pub(crate) struct TempDatabase {
+        /// Its URL.
+        pub(crate) url: String,
+        name: String,
+    }
+
+    impl TempDatabase {
+        /// A fresh database, or `None` when PostgreSQL is not there (a failure when CI=true).
+        pub(crate) async fn create() -> Option<Self> {
+            let mut admin = match sqlx::PgConnection::connect(ADMIN_URL).await {
+                Ok(admin) => admin,
+                Err(error) if std::env::var("CI").as_deref() != Ok("true") => {
+                    eprintln!("skipped: no PostgreSQL at 127.0.0.1:5432 ({error})");
+                    return None;
+                }
+                Err(error) => panic!("no PostgreSQL at 127.0.0.1:5432 (CI=true): {error}"),
+            };
+            let name = format!("otp_test_{}", uuid::Uuid::new_v4().simple());
+            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            Some(TempDatabase {
+                url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                name,
+            })
+        }
+    }
+
+    impl Drop for TempDatabase {
+        fn drop(&mut self) {
+            let name = self.name.clone();
+            // On a thread of its own: the test's runtime may be shutting down.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    if let Ok(mut admin) = sqlx::PgConnection::connect(ADMIN_URL).await {
+                        let _ = sqlx::query(AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&mut admin)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+
+    async fn open_temp() -> Option<Subject> {
+        let database = TempDatabase::create().await?;
+        let store = Arc::new(
+            PostgresLedger::connect(&StoreSettings::at(&database.url))
+                .await
+                .unwrap(),
+        );
+        Some(Subject {
+            ledger: store.clone(),
+            policy: store,
+            _keep: Box::new(database),
+        })
+    }
+
+    store_contract!(open_temp);
+
+    #[tokio::test]
+    async fn a_live_lease_holds_a_delivery_until_it_runs_out_unless_renewed() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let mut settings = StoreSettings::at(&database.url);
+        settings.lease = Duration::from_secs(30);
+        let ledger = PostgresLedger::connect(&settings).await.unwrap();
+        let new = crate::store::contract::new_delivery("leased");
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        assert!(matches!(
+            ledger.claim(&new, "a", false, now).await.unwrap(),
+            Claim::Started(..)
+        ));
+        // A duplicate publish while `a` works: nothing to do.
+        assert!(matches!(
+            ledger.claim(&new, "b", false, now).await.unwrap(),
+            Claim::HeldElsewhere(_)
+        ));
+        // The job redelivered while `a`'s lease holds: to be tried again when it runs out.
+        let Claim::Leased { until, .. } = ledger.claim(&new, "b", true, now).await.unwrap() else {
+            panic!("a live lease holds it");
+        };
+        assert_eq!(until, now + jiff::SignedDuration::from_secs(30));
+        // Once it ran out, `b` takes it over, whether or not the job came back redelivered.
+        let after = until + jiff::SignedDuration::from_secs(1);
+        assert!(matches!(
+            ledger.claim(&new, "b", false, after).await.unwrap(),
+            Claim::Resumed(..)
+        ));
+        // `b`'s lease is renewed while it works: `c` still finds it held later on.
+        ledger.workers.lock().unwrap().insert("b".into());
+        sqlx::query("UPDATE deliveries SET lease_until = 0")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+        let renewing = tokio::spawn(renew_leases(
+            Arc::clone(&ledger.workers),
+            ledger.pool.clone(),
+            Duration::from_millis(300),
+        ));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        renewing.abort();
+        let renewed: i64 = sqlx::query_scalar("SELECT lease_until FROM deliveries")
+            .fetch_one(&ledger.pool)
+            .await
+            .unwrap();
+        assert!(
+            renewed > micros(Timestamp::now()),
+            "the lease was renewed into the future"
+        );
+    }
+}
