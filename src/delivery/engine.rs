@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use jiff::Timestamp;
 
@@ -21,10 +20,6 @@ use crate::domain::{Channel, FailureReason, Job, Report, Target, TargetStatus};
 use crate::policy::{QuietHoursRule, RateLimitRule, RateLimited};
 use crate::providers::ProviderRegistry;
 use crate::store::{PolicyStore, StoreError, TargetUpdate};
-
-/// How often a push stage re-reads the ledger for acknowledgements that arrived at another
-/// replica (acknowledgements made here wake it at once).
-pub(super) const ACK_POLL: Duration = Duration::from_millis(250);
 
 /// Why a target was not tried: the code reached the user another way.
 pub(super) const ALREADY_REACHED: &str = "the code already reached the user";

@@ -5,7 +5,7 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::time::Instant;
 
 use super::decisions::{Standing, standing_after};
-use super::engine::{ACK_POLL, AwaitedReceipt, Dispatcher, Run, StageEnd, TargetEnd};
+use super::engine::{AwaitedReceipt, Dispatcher, Run, StageEnd, TargetEnd};
 use super::gate::Gate;
 use super::progress::Progress;
 use crate::domain::{AttemptOutcome, Channel, FailureReason, Target, TargetStatus};
@@ -55,7 +55,6 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(until) => {
                     return self.take_handed(awaited, index, channel, progress).await;
                 }
-                _ = tokio::time::sleep(ACK_POLL) => {}
                 _ = changes.changed() => {}
                 receipt = &mut awaited.wait.receipt, if handed_open => match receipt {
                     Ok(receipt) => {

@@ -6,7 +6,7 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::time::Instant;
 
 use super::decisions::Standing;
-use super::engine::{ACK_POLL, Dispatcher, Run, StageEnd, TargetEnd};
+use super::engine::{Dispatcher, Run, StageEnd, TargetEnd};
 use super::gate::Gate;
 use super::progress::Progress;
 use crate::domain::{Acknowledgement, Channel, FailureReason, Job, Target, TargetStatus};
@@ -184,7 +184,6 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => return Ok(AckEnd::TimedOut),
-                _ = tokio::time::sleep(ACK_POLL) => {}
                 _ = changes.changed() => {}
             }
         }

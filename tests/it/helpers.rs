@@ -396,6 +396,15 @@ impl Broker {
 
     /// Ready messages in `queue`.
     pub async fn ready(&self, queue: &str) -> u32 {
+        self.state(queue).await.message_count()
+    }
+
+    /// Consumers of `queue`.
+    pub async fn consumers(&self, queue: &str) -> u32 {
+        self.state(queue).await.consumer_count()
+    }
+
+    async fn state(&self, queue: &str) -> lapin::Queue {
         self.channel
             .queue_declare(
                 queue.into(),
@@ -407,7 +416,6 @@ impl Broker {
             )
             .await
             .unwrap()
-            .message_count()
     }
 
     /// Waits until `queue` holds `count` ready messages. A quorum queue takes jobs back from a

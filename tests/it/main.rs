@@ -1,5 +1,5 @@
-//! Integration tests against the machine's real RabbitMQ, with the gateway started in-process
-//! on port 0 (or as the real binary). Each test declares uniquely named exchanges and queues
+//! Integration tests against the machine's real RabbitMQ (and PostgreSQL for the replicas),
+//! with the gateway started in-process on port 0 (or as the real binary). Each test declares uniquely named exchanges and queues
 //! and removes them. Without a broker the tests skip, unless CI=true: then they fail.
 
 mod helpers;
@@ -14,6 +14,7 @@ mod policy;
 mod push;
 mod queue_jobs;
 mod quiet;
+mod replicas;
 mod restart;
 mod smpp;
 mod twilio;

@@ -1,0 +1,543 @@
+//! Several replicas of the real binary sharing one PostgreSQL database and one job queue: a
+//! replica killed mid-run loses no job and re-sends only what was in a provider call at the
+//! kill; a per-recipient limit holds across replicas; an acknowledgement at one replica decides
+//! a delivery waiting at another at once; a block entry added at one stops a send at another.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use otp_gateway::proto::v1;
+use otp_gateway::proto::v1::code_delivery_client::CodeDeliveryClient;
+use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
+use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
+
+use crate::helpers::{BROKER_URL, Broker, Names, broker_available, in_minutes};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_otp-gateway");
+const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database of its own for one test, dropped (with its connections) afterwards.
+struct Database {
+    name: String,
+    url: String,
+}
+
+impl Database {
+    /// `None` (the test skips) when PostgreSQL is not there, unless CI=true: then it fails.
+    async fn create() -> Option<Database> {
+        let mut admin = match PgConnection::connect(ADMIN_URL).await {
+            Ok(admin) => admin,
+            Err(error) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("skipping: no PostgreSQL at 127.0.0.1:5432 ({error})");
+                return None;
+            }
+            Err(error) => panic!("no PostgreSQL at 127.0.0.1:5432 and CI=true: {error}"),
+        };
+        let name = format!("otp_it_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        Some(Database {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+            name,
+        })
+    }
+
+    async fn pool(&self) -> PgPool {
+        PgPool::connect(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    if let Ok(mut admin) = PgConnection::connect(ADMIN_URL).await {
+                        let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                        let _ = sqlx::query(AssertSqlSafe(sql)).execute(&mut admin).await;
+                    }
+                });
+        })
+        .join();
+    }
+}
+
+/// One gateway process.
+struct Replica {
+    child: Child,
+    grpc: String,
+    outbox: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+impl Replica {
+    fn spawn(n: usize, names: &Names, database: &Database, dir: &Path) -> Replica {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let outbox = dir.join(format!("outbox-{n}.jsonl"));
+        let log = std::fs::File::create(dir.join(format!("replica-{n}.log"))).unwrap();
+        // A configuration file of the test's, if it wrote one (providers and routes).
+        let file = dir.join("gateway.toml");
+        let mut command = Command::new(BINARY);
+        command.arg("serve");
+        if file.exists() {
+            command.arg("--config").arg(&file);
+        }
+        let child = command
+            .envs(names.env())
+            .env("OTP_GATEWAY_AMQP__URL", BROKER_URL)
+            .env("OTP_GATEWAY_AMQP__RECONNECT_INITIAL", "100ms")
+            .env("OTP_GATEWAY_STORE__URL", &database.url)
+            .env("OTP_GATEWAY_STORE__LEASE", "2s")
+            .env("OTP_GATEWAY_GRPC__LISTEN", &grpc)
+            .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+            .env("OTP_GATEWAY_PROVIDERS__SANDBOX__OUTBOX", &outbox)
+            .env("OTP_GATEWAY_DELIVERY__SHUTDOWN_GRACE", "2s")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Replica {
+            child,
+            grpc: format!("http://{grpc}"),
+            outbox,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    async fn client(&self) -> CodeDeliveryClient<tonic::transport::Channel> {
+        for _ in 0..200 {
+            if let Ok(client) = CodeDeliveryClient::connect(self.grpc.clone()).await {
+                return client;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("replica {} did not come up", self.grpc);
+    }
+
+    async fn admin(&self) -> PolicyAdminClient<tonic::transport::Channel> {
+        self.client().await;
+        PolicyAdminClient::connect(self.grpc.clone()).await.unwrap()
+    }
+
+    /// The messages that reached the sandbox "handset" through this replica, by delivery id.
+    fn sends(&self) -> HashMap<String, usize> {
+        let mut sends = HashMap::new();
+        for line in std::fs::read_to_string(&self.outbox)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        {
+            *sends
+                .entry(line["delivery_id"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+        }
+        sends
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A provider server that takes each message after `delay` and counts what reached it, by
+/// delivery id: a call is open long enough for a kill to cut it off.
+#[derive(Default)]
+struct SlowCarrier {
+    received: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+async fn slow_carrier(delay: Duration) -> (String, std::sync::Arc<SlowCarrier>) {
+    use axum::extract::State;
+    let carrier = std::sync::Arc::new(SlowCarrier::default());
+    let app = axum::Router::new()
+        .route(
+            "/send",
+            axum::routing::post(
+                move |State(carrier): State<std::sync::Arc<SlowCarrier>>, body: String| async move {
+                    *carrier
+                        .received
+                        .lock()
+                        .unwrap()
+                        .entry(body.trim().to_owned())
+                        .or_default() += 1;
+                    tokio::time::sleep(delay).await;
+                    (axum::http::StatusCode::ACCEPTED, "queued")
+                },
+            ),
+        )
+        .with_state(std::sync::Arc::clone(&carrier));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/send", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, carrier)
+}
+
+/// Both replicas up and consuming the jobs queue.
+async fn start(names: &Names, database: &Database, dir: &Path, count: usize) -> Vec<Replica> {
+    let replicas: Vec<Replica> = (0..count)
+        .map(|n| Replica::spawn(n, names, database, dir))
+        .collect();
+    for replica in &replicas {
+        replica.client().await;
+    }
+    let broker = Broker::connect(names).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let consumers = broker.consumers(&names.jobs_queue).await;
+        if consumers as usize >= count {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{consumers} of {count} replicas consume"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    replicas
+}
+
+fn sms_job(job_id: &str, number: &str) -> Value {
+    json!({
+        "job_id": job_id, "tenant": "acme", "account": format!("user-{job_id}"), "code": "482913",
+        "expires_at": in_minutes(10), "purpose": "sign_in", "locale": "en", "user_initiated": true,
+        "channels": ["sms"], "targets": [{"phone": {"number": number}}]
+    })
+}
+
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Waits until `n` deliveries are final.
+async fn all_final(pool: &PgPool, n: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let done = count(
+            pool,
+            "SELECT count(*) FROM deliveries WHERE status IN ('SENT', 'DELIVERED', 'FAILED')",
+        )
+        .await;
+        if done >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{done} of {n} deliveries final");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_run_loses_no_job_and_resends_only_what_was_in_a_call() {
+    if !broker_available().await {
+        return;
+    }
+    let Some(database) = Database::create().await else {
+        return;
+    };
+    let names = Names::new("replicas-kill");
+    let dir = tempfile::tempdir().unwrap();
+    // SMS through a carrier that answers after 20 ms: replica 0 is in many calls when it dies.
+    let (url, carrier) = slow_carrier(Duration::from_millis(20)).await;
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        format!(
+            "[routes]\nsms = [\"slow\"]\n\n[providers.slow]\nkind = \"http\"\nurl = \"{url}\"\n\
+             body = \"{{{{delivery_id}}}}\"\ncontent_type = \"text/plain\"\n"
+        ),
+    )
+    .unwrap();
+    let mut replicas = start(&names, &database, dir.path(), 2).await;
+    let broker = Broker::connect(&names).await;
+    let pool = database.pool().await;
+    const JOBS: usize = 2000;
+    for n in 0..JOBS {
+        let number = format!("+1415555{:04}", n % 10_000);
+        broker
+            .publish_json(&sms_job(&format!("k-{n}"), &number))
+            .await;
+    }
+    // Halfway through, replica 0 dies without a word (as with a power cut).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count(
+        &pool,
+        "SELECT count(*) FROM deliveries WHERE status = 'SENT'",
+    )
+    .await
+        < (JOBS / 2) as i64
+    {
+        assert!(Instant::now() < deadline, "half the jobs are not done");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let victim = replicas[0].pid();
+    let open_at_kill = count(
+        &pool,
+        "SELECT count(*) FROM attempts WHERE outcome = 'IN_FLIGHT'",
+    )
+    .await;
+    replicas[0].kill();
+    // Replica 1 finishes the rest, taking over what replica 0 held once its leases ran out.
+    all_final(&pool, JOBS as i64, Duration::from_secs(120)).await;
+
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM deliveries").await,
+        JOBS as i64
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM deliveries WHERE status = 'SENT'"
+        )
+        .await,
+        JOBS as i64,
+        "every job ended sent, none lost"
+    );
+    let interrupted: Vec<String> = sqlx::query_scalar(
+        "SELECT d.tenant || '/' || d.job_id FROM attempts a JOIN deliveries d ON d.id = a.delivery
+         WHERE a.outcome = 'INTERRUPTED'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let sends = carrier.received.lock().unwrap().clone();
+    assert_eq!(sends.len(), JOBS, "every job reached the carrier");
+    let resent: Vec<&String> = sends
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        resent.iter().all(|id| interrupted.contains(id)),
+        "re-sent only where a call was open at the kill: resent {resent:?}, interrupted {interrupted:?}"
+    );
+    assert!(resent.len() <= interrupted.len());
+    assert!(sends.values().all(|n| *n <= 2));
+    assert!(
+        !interrupted.is_empty(),
+        "replica {victim} was in calls when it died ({open_at_kill} open just before): they were taken over"
+    );
+    eprintln!(
+        "kill test: {} calls open at the kill (about {open_at_kill} just before), {} of them re-sent",
+        interrupted.len(),
+        resent.len()
+    );
+    drop(replicas);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_recipient_limit_holds_across_replicas() {
+    if !broker_available().await {
+        return;
+    }
+    let Some(database) = Database::create().await else {
+        return;
+    };
+    let names = Names::new("replicas-limit");
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start(&names, &database, dir.path(), 2).await;
+    replicas[0]
+        .admin()
+        .await
+        .set_rate_limit(v1::SetRateLimitRequest {
+            tenant: "acme".into(),
+            scope: v1::RateScope::Recipient as i32,
+            prefix: String::new(),
+            limit: 5,
+            window: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap();
+    // Past the rules cache of both replicas.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let broker = Broker::connect(&names).await;
+    for n in 0..60 {
+        broker
+            .publish_json(&sms_job(&format!("l-{n}"), "+14155550123"))
+            .await;
+    }
+    let pool = database.pool().await;
+    all_final(&pool, 60, Duration::from_secs(60)).await;
+    let sent: usize = replicas
+        .iter()
+        .map(|r| r.sends().values().sum::<usize>())
+        .sum();
+    assert_eq!(sent, 5, "exactly the limit reached the number");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM deliveries WHERE reason = 'RATE_LIMITED'"
+        )
+        .await,
+        55
+    );
+    let handled_by: i64 = count(&pool, "SELECT count(DISTINCT owner) FROM deliveries").await;
+    eprintln!("limit test: jobs handled by {handled_by} replicas");
+    drop(replicas);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledgement_at_one_replica_decides_a_delivery_waiting_at_another() {
+    if !broker_available().await {
+        return;
+    }
+    let Some(database) = Database::create().await else {
+        return;
+    };
+    let names = Names::new("replicas-ack");
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start(&names, &database, dir.path(), 2).await;
+    let broker = Broker::connect(&names).await;
+    let job = json!({
+        "job_id": "ack-1", "tenant": "acme", "account": "user-42", "code": "482913",
+        "expires_at": in_minutes(10), "purpose": "sign_in", "locale": "en", "user_initiated": true,
+        "channels": ["push", "sms"],
+        "targets": [
+            {"device": {"id": "ipad-1", "platform": "apns", "token": "a1b2c3", "can_display_code": true}},
+            {"phone": {"number": "+14155550101"}}
+        ]
+    });
+    broker.publish_json(&job).await;
+    let pool = database.pool().await;
+    // The push went out: the delivery waits (push_ack_timeout 15 s) for the device.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let owner: String = loop {
+        let owner: Option<String> = sqlx::query_scalar(
+            "SELECT d.owner FROM deliveries d JOIN attempts a ON a.delivery = d.id
+             WHERE d.job_id = 'ack-1' AND a.outcome = 'SENT' AND d.status = 'IN_PROGRESS'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if let Some(owner) = owner {
+            break owner;
+        }
+        assert!(Instant::now() < deadline, "the push did not go out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The device answers through the other replica.
+    let other = replicas
+        .iter()
+        .find(|r| !owner.starts_with(&format!("{}-", r.pid())))
+        .expect("another replica");
+    let acked = Instant::now();
+    let answer = other
+        .client()
+        .await
+        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
+            delivery_id: "acme/ack-1".into(),
+            device_id: "ipad-1".into(),
+            acknowledgement: v1::Acknowledgement::Shown as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM deliveries WHERE job_id = 'ack-1'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if status == "DELIVERED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let decided = acked.elapsed();
+    assert!(
+        decided < Duration::from_secs(2),
+        "the waiting replica acted within {decided:?} (its push wait is 15 s)"
+    );
+    assert_eq!(
+        answer.status,
+        v1::DeliveryStatus::Delivered as i32,
+        "the other replica's answer shows the outcome the acknowledgement led to"
+    );
+    let sms: usize = replicas
+        .iter()
+        .flat_map(|r| r.sends().into_iter())
+        .filter(|(id, _)| id == "acme/ack-1")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        sms, 1,
+        "only the push went out: no SMS after the device showed it"
+    );
+    drop(replicas);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_entry_added_at_one_replica_stops_sends_at_every_replica() {
+    if !broker_available().await {
+        return;
+    }
+    let Some(database) = Database::create().await else {
+        return;
+    };
+    let names = Names::new("replicas-block");
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = start(&names, &database, dir.path(), 2).await;
+    replicas[0]
+        .admin()
+        .await
+        .add_block_entry(v1::AddBlockEntryRequest {
+            tenant: "acme".into(),
+            kind: v1::BlockKind::Number as i32,
+            pattern: "+14155550199".into(),
+            note: "fraud".into(),
+            expires_at: None,
+            source: v1::BlockSource::Admin as i32,
+        })
+        .await
+        .unwrap();
+    let broker = Broker::connect(&names).await;
+    for n in 0..40 {
+        broker
+            .publish_json(&sms_job(&format!("b-{n}"), "+14155550199"))
+            .await;
+    }
+    let pool = database.pool().await;
+    all_final(&pool, 40, Duration::from_secs(60)).await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM deliveries WHERE status = 'FAILED' AND reason = 'RECIPIENT_BLOCKED'").await,
+        40,
+        "every job refused by the block entry"
+    );
+    let sent: usize = replicas
+        .iter()
+        .map(|r| r.sends().values().sum::<usize>())
+        .sum();
+    assert_eq!(sent, 0, "nothing reached the number");
+    let owners: i64 = count(&pool, "SELECT count(DISTINCT owner) FROM deliveries").await;
+    eprintln!("block test: jobs handled by {owners} replicas");
+    drop(replicas);
+    broker.cleanup().await;
+}
