@@ -135,6 +135,18 @@ impl DeliveryService {
         &self.ledger
     }
 
+    /// Who this replica is: its worker name (a delivery's owner in the ledger) and its host.
+    pub fn replica(&self) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        if host.is_empty() {
+            self.worker.clone()
+        } else {
+            format!("{} on {host}", self.worker)
+        }
+    }
+
     /// The clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock

@@ -1,5 +1,5 @@
 //! `otpgateway.v1.Providers`: the status page — every provider's circuit, error rate, latency
-//! and last error.
+//! and last error, as this replica sees them (each replica keeps its own circuits).
 
 use std::sync::Arc;
 
@@ -35,6 +35,9 @@ impl Providers for ProvidersApi {
             .iter()
             .map(provider_health_to_proto)
             .collect();
-        Ok(Response::new(ListProvidersResponse { providers }))
+        Ok(Response::new(ListProvidersResponse {
+            providers,
+            replica: self.service.replica(),
+        }))
     }
 }

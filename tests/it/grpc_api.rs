@@ -468,12 +468,18 @@ async fn acknowledge_delivery_denied_stops_escalation_and_the_event_says_so() {
         .connect()
         .await
         .unwrap();
-    let providers = otp_gateway::proto::v1::providers_client::ProvidersClient::new(channel)
+    let page = otp_gateway::proto::v1::providers_client::ProvidersClient::new(channel)
         .list_providers(v1::ListProvidersRequest {})
         .await
         .unwrap()
-        .into_inner()
-        .providers;
+        .into_inner();
+    assert!(
+        page.replica
+            .starts_with(&format!("{}-", std::process::id())),
+        "the page says whose view it shows: {}",
+        page.replica
+    );
+    let providers = page.providers;
     let sandbox = providers.iter().find(|p| p.name == "sandbox").unwrap();
     assert_eq!(sandbox.kind, "sandbox");
     let circuit = sandbox.circuit.as_ref().unwrap();

@@ -445,6 +445,18 @@ async fn an_acknowledgement_at_one_replica_decides_a_delivery_waiting_at_another
         .iter()
         .find(|r| !owner.starts_with(&format!("{}-", r.pid())))
         .expect("another replica");
+    // The other replica streams the changes the owner makes.
+    let mut watch = other
+        .client()
+        .await
+        .watch_delivery(v1::WatchDeliveryRequest {
+            delivery_id: "acme/ack-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, v1::DeliveryStatus::InProgress as i32);
     let acked = Instant::now();
     let answer = other
         .client()
@@ -480,6 +492,17 @@ async fn an_acknowledgement_at_one_replica_decides_a_delivery_waiting_at_another
         v1::DeliveryStatus::Delivered as i32,
         "the other replica's answer shows the outcome the acknowledgement led to"
     );
+    let streamed = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(report) = watch.message().await.unwrap() {
+            if report.status == v1::DeliveryStatus::Delivered as i32 {
+                return report;
+            }
+        }
+        panic!("the stream ended before the outcome");
+    })
+    .await
+    .expect("the other replica streamed the owner's outcome");
+    assert_eq!(streamed.delivery_id, "acme/ack-1");
     let sms: usize = replicas
         .iter()
         .flat_map(|r| r.sends().into_iter())
