@@ -101,6 +101,8 @@ impl Replica {
             .env("OTP_GATEWAY_AMQP__RECONNECT_INITIAL", "100ms")
             .env("OTP_GATEWAY_STORE__URL", &database.url)
             .env("OTP_GATEWAY_STORE__LEASE", "2s")
+            // Four tests' replicas at once stay within PostgreSQL's 100 connections.
+            .env("OTP_GATEWAY_STORE__POOL_SIZE", "8")
             .env("OTP_GATEWAY_GRPC__LISTEN", &grpc)
             .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
             .env("OTP_GATEWAY_PROVIDERS__SANDBOX__OUTBOX", &outbox)
@@ -479,7 +481,14 @@ async fn an_acknowledgement_at_one_replica_decides_a_delivery_waiting_at_another
         if status == "DELIVERED" {
             break;
         }
-        assert!(Instant::now() < deadline, "still {status}");
+        if Instant::now() >= deadline {
+            for n in 0..2 {
+                let log = std::fs::read_to_string(dir.path().join(format!("replica-{n}.log")))
+                    .unwrap_or_default();
+                eprintln!("--- replica {n}:\n{log}");
+            }
+            panic!("still {status}");
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let decided = acked.elapsed();

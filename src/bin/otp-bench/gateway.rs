@@ -55,6 +55,10 @@ pub struct GatewaySetup<'a> {
     pub max_concurrent_calls: Option<usize>,
     /// The gRPC port (0: any).
     pub grpc_port: u16,
+    /// The ledger's URL (`None`: a fresh SQLite file of the process's own).
+    pub store: Option<String>,
+    /// The CPUs the process is pinned to with `taskset -c` (`None`: not pinned).
+    pub cpus: Option<String>,
 }
 
 /// The gateway's process: killed, and its directory removed, when dropped.
@@ -81,13 +85,18 @@ impl GatewayProcess {
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("gateway.toml");
         std::fs::write(&config, config_toml(setup, &dir))?;
-        let mut command = match std::env::var("OTP_BENCH_WRAP") {
-            Ok(wrap) => {
+        let mut command = match (&setup.cpus, std::env::var("OTP_BENCH_WRAP")) {
+            (Some(cpus), _) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(std::env::current_exe()?);
+                c
+            }
+            (None, Ok(wrap)) => {
                 let mut c = Command::new(wrap);
                 c.arg(std::env::current_exe()?);
                 c
             }
-            Err(_) => Command::new(std::env::current_exe()?),
+            (None, Err(_)) => Command::new(std::env::current_exe()?),
         };
         let child = command
             .arg("--serve")
@@ -236,7 +245,12 @@ level = "warn"
         dead_letter_exchange = quoted(&amqp.dead_letter_exchange),
         dead_letter_queue = quoted(&amqp.dead_letter_queue),
         events_exchange = quoted(&amqp.events_exchange),
-        store = quoted(&format!("sqlite://{}/ledger.db", dir.display())),
+        store = quoted(
+            &setup
+                .store
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}/ledger.db", dir.display()))
+        ),
         max_in_flight = setup.max_in_flight,
         timeout_ms = setup.provider_timeout.as_millis(),
         outbox = quoted(&dir.join("outbox.jsonl").display().to_string()),

@@ -11,6 +11,9 @@
 //!   p50 and p99 per round and their medians.
 //! - grpc: `SendCode` at a fixed rate, p50 and p99.
 //! - memory: the gateway's resident set with thousands of jobs in flight.
+//! - replicas: the same drain on SQLite with one gateway and on PostgreSQL with one, two and
+//!   three replicas sharing the database and the queue (each pinned to a CPU with taskset when
+//!   there is one); CPU per job, and the database's commits and row writes per job.
 //! - smpp: the same drain through one SMPP bind (window 256, enquire_link at its default) to a
 //!   local SMSC that answers at once and sends its DELIVRD receipt right after, against the
 //!   sandbox drain of the same run; rounds alternated, medians and the ratio.
@@ -25,6 +28,7 @@ mod memory;
 mod overhead;
 mod provider;
 mod realistic;
+mod replicas;
 mod smpp;
 mod smsc;
 
@@ -44,6 +48,7 @@ use latency::latency;
 use memory::memory;
 use overhead::overhead;
 use realistic::realistic;
+use replicas::replicas;
 use smpp::smpp;
 
 /// The realistic provider: log-normal latency with this median and 99th percentile...
@@ -96,6 +101,15 @@ pub(crate) struct Args {
     /// Jobs in the pre-filled queue of each smpp-part round (SMPP and sandbox alike).
     #[arg(long, default_value_t = 20_000)]
     pub(crate) smpp_jobs: usize,
+    /// Jobs in the pre-filled queue of each replicas-part round.
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) replica_jobs: usize,
+    /// Replica counts on PostgreSQL in the replicas part (besides one replica on SQLite).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub(crate) replicas: Vec<usize>,
+    /// The PostgreSQL server for the replicas part: the bench makes a database per round there.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub(crate) pg_admin: String,
     /// Only these parts (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) only: Vec<Part>,
@@ -113,9 +127,10 @@ pub(crate) enum Part {
     Grpc,
     Memory,
     Smpp,
+    Replicas,
 }
 
-pub(crate) fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -167,6 +182,8 @@ impl Bench {
             provider_timeout: Duration::from_secs(10),
             max_concurrent_calls: None,
             grpc_port: 0,
+            store: None,
+            cpus: None,
         }
     }
 }
@@ -213,6 +230,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     if bench.wants(Part::Smpp) {
         smpp(&bench).await?;
+    }
+    if bench.wants(Part::Replicas) {
+        replicas(&bench).await?;
     }
 
     bench.connection.close(200, "done".into()).await?;

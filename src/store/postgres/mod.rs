@@ -45,14 +45,36 @@ const CHANGES_CHANNEL: &str = "otp_delivery_changed";
 /// A ledger in a PostgreSQL database, shared by replicas.
 #[derive(Clone)]
 pub struct PostgresLedger {
+    /// Reads, and writes that return once on disk (synchronous commits).
     pool: PgPool,
+    /// Writes of the staged view: committed (visible to every replica) when they return, on
+    /// disk with the next [`Ledger::flush`] (asynchronous commits, which PostgreSQL writes out
+    /// together).
+    staged_pool: PgPool,
+    /// Whether this view's writes return only once on disk.
+    durable: bool,
     counter_key: Arc<RateCounterKey>,
     lease: Duration,
     /// The workers (one per process) that claimed through this ledger: their leases are renewed.
     workers: Arc<Mutex<HashSet<String>>>,
     changes: broadcast::Sender<LedgerChange>,
+    /// Flushes asked for and done, so that concurrent flushes share one synchronous commit.
+    flushes: Arc<Flushes>,
     /// Stops the lease and notification tasks when the last clone is dropped.
     _tasks: Arc<StopOnDrop>,
+}
+
+/// Concurrent flushes coalesced: a flush waits its turn, and runs a synchronous commit only if
+/// none that started after it was asked for has finished meanwhile (one commit answers every
+/// flush asked for before it started).
+#[derive(Default)]
+struct Flushes {
+    /// Flushes asked for so far.
+    asked: std::sync::atomic::AtomicU64,
+    /// Runs one synchronous commit at a time.
+    running: tokio::sync::Mutex<()>,
+    /// The number of flushes asked for before the last finished commit started.
+    done: std::sync::atomic::AtomicU64,
 }
 
 /// Cancels its token when dropped.
@@ -78,10 +100,19 @@ impl PostgresLedger {
     /// renewing this process's leases and listening for other replicas' changes.
     pub async fn connect(settings: &StoreSettings) -> Result<Self, StoreError> {
         let options: PgConnectOptions = settings.url.parse()?;
+        // Most writes are staged (the engine's); reads and the few durable writes share the
+        // rest of the budget.
+        let durable_size = (settings.pool_size / 4).max(3);
         let pool = PgPoolOptions::new()
-            .max_connections(settings.pool_size)
+            .max_connections(durable_size)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
+            .await?;
+        let options_for_listener = options.clone();
+        let staged_pool = PgPoolOptions::new()
+            .max_connections(settings.pool_size.saturating_sub(durable_size).max(2))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.options([("synchronous_commit", "off")]))
             .await?;
         sqlx::migrate!("src/store/migrations/postgres")
             .run(&pool)
@@ -91,13 +122,21 @@ impl PostgresLedger {
         let stop = CancellationToken::new();
         let ledger = PostgresLedger {
             pool,
+            staged_pool,
+            durable: true,
             counter_key,
             lease: settings.lease,
             workers: Arc::default(),
+            flushes: Arc::default(),
             changes,
             _tasks: Arc::new(StopOnDrop(stop.clone())),
         };
-        let mut listener = PgListener::connect_with(&ledger.pool).await?;
+        // Its own connection (a listener keeps the one it holds).
+        let listening = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options_for_listener)
+            .await?;
+        let mut listener = PgListener::connect_with(&listening).await?;
         listener.listen(CHANGES_CHANNEL).await?;
         tokio::spawn(
             stop.clone()
@@ -109,6 +148,15 @@ impl PostgresLedger {
             ledger.lease,
         )));
         Ok(ledger)
+    }
+
+    /// Where this view's writes go.
+    fn writer(&self) -> &PgPool {
+        if self.durable {
+            &self.pool
+        } else {
+            &self.staged_pool
+        }
     }
 
     fn lease_until(&self, now: Timestamp) -> i64 {
@@ -197,11 +245,28 @@ async fn renew_leases(workers: Arc<Mutex<HashSet<String>>>, pool: PgPool, lease:
 #[async_trait]
 impl Ledger for PostgresLedger {
     fn staged(&self) -> Arc<dyn Ledger> {
-        // Every commit is durable when it returns: the staged view is the ledger itself.
-        Arc::new(self.clone())
+        Arc::new(PostgresLedger {
+            durable: false,
+            ..self.clone()
+        })
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let flushes = &self.flushes;
+        let mine = flushes.asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let _running = flushes.running.lock().await;
+        if flushes.done.load(Ordering::Acquire) >= mine {
+            // A commit that started after this flush was asked for has finished.
+            return Ok(());
+        }
+        let covers = flushes.asked.load(Ordering::Acquire);
+        // A synchronous commit returns once the WAL is on disk up to its own commit record,
+        // which follows every asynchronous commit made before it.
+        sqlx::query("SELECT txid_current()")
+            .execute(&self.pool)
+            .await?;
+        flushes.done.fetch_max(covers, Ordering::AcqRel);
         Ok(())
     }
 
@@ -215,7 +280,7 @@ impl Ledger for PostgresLedger {
         now: Timestamp,
     ) -> Result<(Report, bool), StoreError> {
         let now = as_stored(now);
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         let (key, created) = writes::accept(&mut conn, new, now).await?;
         drop(conn);
         Ok((self.load(key).await?, created))
@@ -227,7 +292,7 @@ impl Ledger for PostgresLedger {
         )
         .bind(&id.tenant)
         .bind(&id.job_id)
-        .execute(&self.pool)
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -244,11 +309,22 @@ impl Ledger for PostgresLedger {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(worker.to_owned());
-        let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin().await?;
+        let mut conn = self.writer().acquire().await?;
+        let lease_until = self.lease_until(now);
+        // A new delivery (the common case) is one statement; a known one is decided in a
+        // transaction that locks its row.
+        let owner = Some((worker, lease_until));
         let claimed =
-            writes::claim(&mut tx, new, worker, takeover, now, self.lease_until(now)).await?;
-        tx.commit().await?;
+            match writes::insert(&mut conn, new, DeliveryStatus::InProgress, owner, now).await? {
+                Some(key) => Claimed::Inserted(key),
+                None => {
+                    let mut tx = conn.begin().await?;
+                    let claimed =
+                        writes::claim(&mut tx, new, worker, takeover, now, lease_until).await?;
+                    tx.commit().await?;
+                    claimed
+                }
+            };
         drop(conn);
         let known = |report, revision| KnownReport { report, revision };
         Ok(match claimed {
@@ -279,7 +355,7 @@ impl Ledger for PostgresLedger {
         key: DeliveryKey,
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         writes::start_attempt(&mut conn, key, start).await
     }
 
@@ -291,7 +367,7 @@ impl Ledger for PostgresLedger {
         target: u32,
         update: &TargetUpdate,
     ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         writes::finish_attempt(&mut conn, key, attempt, end, target, update).await
     }
 
@@ -302,7 +378,7 @@ impl Ledger for PostgresLedger {
         update: &TargetUpdate,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         writes::set_target(&mut conn, key, index, update, now).await
     }
 
@@ -312,7 +388,7 @@ impl Ledger for PostgresLedger {
         message_id: &str,
         end: &AttemptEnd,
     ) -> Result<Option<(DeliveryKey, DeliveryId, DeliveryStatus)>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         writes::apply_receipt(&mut conn, provider, message_id, end).await
     }
 
@@ -323,7 +399,7 @@ impl Ledger for PostgresLedger {
         ack: Acknowledgement,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
         writes::record_ack(&mut conn, key, index, ack.as_str(), now).await
     }
 
@@ -366,9 +442,16 @@ impl Ledger for PostgresLedger {
         known: Option<KnownReport>,
     ) -> Result<Report, StoreError> {
         let now = as_stored(now);
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer().acquire().await?;
+        // The engine's own copy, while nothing else wrote: decided here and written in one
+        // statement that holds only if the revision is still the copy's.
+        if let Some(known) = known
+            && let Some(report) = writes::finish_known(&mut conn, key, now, &decide, &known).await?
+        {
+            return Ok(report);
+        }
         let mut tx = conn.begin().await?;
-        let report = writes::finish(&mut tx, key, now, &decide, known).await?;
+        let report = writes::finish(&mut tx, key, now, &decide, None).await?;
         tx.commit().await?;
         Ok(report)
     }
@@ -513,7 +596,7 @@ impl PolicyStore for PostgresLedger {
             .iter()
             .map(|k| (k.rule.clone(), self.counter_key.of(&k.key)))
             .collect();
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.staged_pool.acquire().await?;
         let mut tx = conn.begin().await?;
         let limited = writes::consume(&mut tx, &keys, now).await?;
         tx.commit().await?;
@@ -680,6 +763,37 @@ pub(crate) mod tests {
     }
 
     store_contract!(open_temp);
+
+    #[tokio::test]
+    async fn a_change_at_one_replica_is_announced_to_the_others_at_once() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let settings = StoreSettings::at(&database.url);
+        let a = PostgresLedger::connect(&settings).await.unwrap();
+        let b = PostgresLedger::connect(&settings).await.unwrap();
+        let mut announced = a.changes().unwrap();
+        let new = crate::store::contract::new_delivery("announced");
+        let now = Timestamp::UNIX_EPOCH;
+        let Claim::Started(key, _) = a.staged().claim(&new, "a", false, now).await.unwrap() else {
+            panic!("a new delivery starts");
+        };
+        a.staged().flush().await.unwrap();
+        let recorded = std::time::Instant::now();
+        b.record_ack(key, 0, Acknowledgement::Shown, now)
+            .await
+            .unwrap();
+        let change = tokio::time::timeout(Duration::from_secs(1), announced.recv())
+            .await
+            .expect("announced within a second")
+            .unwrap();
+        assert_eq!(change, LedgerChange::Delivery("acme/announced".into()));
+        assert!(
+            recorded.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            recorded.elapsed()
+        );
+    }
 
     #[tokio::test]
     async fn a_live_lease_holds_a_delivery_until_it_runs_out_unless_renewed() {

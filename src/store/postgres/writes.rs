@@ -394,6 +394,41 @@ pub(super) async fn finish(
     Ok(report)
 }
 
+/// Marks the delivery terminal with the outcome `decide` draws from `known`, provided the
+/// delivery is still at `known`'s revision (nothing else wrote); `None` when it is not.
+pub(super) async fn finish_known(
+    conn: &mut PgConnection,
+    key: DeliveryKey,
+    now: Timestamp,
+    decide: &DecideOutcome,
+    known: &KnownReport,
+) -> Result<Option<Report>, StoreError> {
+    let outcome = decide(&known.report);
+    let done = sqlx::query(
+        "UPDATE deliveries SET status = $1, reason = $2, summary = $3, updated_at = $4,
+                               revision = revision + 1, lease_until = NULL
+         WHERE id = $5 AND revision = $6",
+    )
+    .bind(outcome.status.as_str())
+    .bind(outcome.reason.map(FailureReason::as_str))
+    .bind(&outcome.summary)
+    .bind(micros(now))
+    .bind(key)
+    .bind(known.revision as i64)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(None);
+    }
+    let mut report = known.report.clone();
+    report.status = outcome.status;
+    report.reason = outcome.reason;
+    report.hint = outcome.reason.map(FailureReason::hint);
+    report.summary = outcome.summary;
+    report.updated_at = now;
+    Ok(Some(report))
+}
+
 /// Counts one send under every key (inside a transaction) unless one is at its limit. Each
 /// counter is locked for the transaction (an advisory lock on its rule and key, taken in a
 /// fixed order), so replicas counting the same key at once queue up instead of overshooting.
