@@ -34,6 +34,36 @@ impl Setup {
     }
 }
 
+/// CPU time used so far by every process named `name` (as in /proc/PID/comm): the database's
+/// and the broker's share of the cores.
+fn cpu_of(name: &str) -> Duration {
+    let mut ticks = 0u64;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Duration::ZERO;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += field(11) + field(12);
+    }
+    Duration::from_millis(ticks * 10)
+}
+
 /// What one round of one setup measured.
 struct Round {
     jobs_per_sec: f64,
@@ -41,6 +71,9 @@ struct Round {
     cpu_per_job: f64,
     /// Each replica's share of the CPU time.
     cpu_shares: Vec<f64>,
+    /// The database's and the broker's CPU time per job (µs).
+    database_cpu_per_job: f64,
+    broker_cpu_per_job: f64,
     /// PostgreSQL: commits and row writes per job.
     commits_per_job: Option<f64>,
     writes_per_job: Option<f64>,
@@ -71,9 +104,9 @@ pub(crate) async fn replicas(bench: &Bench) -> anyhow::Result<()> {
         }
     );
     println!(
-        "| setup | rounds (jobs/s) | median (jobs/s) | CPU per job, all replicas (µs) | CPU share per replica | commits per job | row writes per job |"
+        "| setup | rounds (jobs/s) | median (jobs/s) | CPU per job, all replicas (µs) | CPU share per replica | database CPU per job (µs) | broker CPU per job (µs) | commits per job | row writes per job |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut medians = Vec::new();
     for (setup, rounds) in setups.iter().zip(&results) {
         let rates: Vec<f64> = rounds.iter().map(|r| r.jobs_per_sec).collect();
@@ -97,12 +130,16 @@ pub(crate) async fn replicas(bench: &Bench) -> anyhow::Result<()> {
             })
             .unwrap_or_default();
         medians.push(median(&rates));
+        let database: Vec<f64> = rounds.iter().map(|r| r.database_cpu_per_job).collect();
+        let broker: Vec<f64> = rounds.iter().map(|r| r.broker_cpu_per_job).collect();
         println!(
-            "| {} | {} | {:.0} | {:.0} | {shares} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0} | {shares} | {:.0} | {:.0} | {} | {} |",
             setup.label(),
             each(&rates),
             median(&rates),
             median(&cpu),
+            median(&database),
+            median(&broker),
             optional(rounds.iter().map(|r| r.commits_per_job).collect()),
             optional(rounds.iter().map(|r| r.writes_per_job).collect()),
         );
@@ -220,6 +257,7 @@ async fn run(
         .iter()
         .map(|g| g.cpu_time().unwrap_or_default())
         .collect();
+    let (database_before, broker_before) = (cpu_of("postgres"), cpu_of("beam.smp"));
     seen.wait(jobs, label, started).await?;
     let elapsed = started.elapsed();
     let cpu: Vec<Duration> = gateways
@@ -227,6 +265,10 @@ async fn run(
         .zip(&cpu_before)
         .map(|(g, before)| g.cpu_time().unwrap_or_default().saturating_sub(*before))
         .collect();
+    let (database_cpu, broker_cpu) = (
+        cpu_of("postgres").saturating_sub(database_before),
+        cpu_of("beam.smp").saturating_sub(broker_before),
+    );
     let after = match &store {
         Some(url) => Some(activity(url).await?),
         None => None,
@@ -244,6 +286,8 @@ async fn run(
     Ok(Round {
         jobs_per_sec: jobs as f64 / elapsed.as_secs_f64(),
         cpu_per_job: total.as_secs_f64() * 1e6 / jobs as f64,
+        database_cpu_per_job: database_cpu.as_secs_f64() * 1e6 / jobs as f64,
+        broker_cpu_per_job: broker_cpu.as_secs_f64() * 1e6 / jobs as f64,
         cpu_shares: cpu
             .iter()
             .map(|c| c.as_secs_f64() / total.as_secs_f64().max(f64::MIN_POSITIVE))
