@@ -1,10 +1,11 @@
-//! What every backend shares: the key rate-limit counters are stored under, and the report of
-//! a delivery just claimed.
+//! What every backend shares: the key rate-limit counters are stored under, what a claim did
+//! and the [`Claim`] it makes, and the decoding of stored rules.
 
 use jiff::Timestamp;
 
 use crate::domain::{DeliveryStatus, Report, TargetResult, TargetStatus};
-use crate::store::{NewDelivery, StoreError, as_stored};
+use crate::policy::{QuietHoursRule, parse_time_of_day, parse_weekday};
+use crate::store::{Claim, DeliveryKey, KnownReport, NewDelivery, Revision, StoreError, as_stored};
 
 /// The key rate-limit counters are stored under: an HMAC-SHA256 of the counter's key (a
 /// number, token, account, …) under a random secret kept in the ledger, so the counters hold no
@@ -77,3 +78,100 @@ pub(crate) fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
             .collect(),
     }
 }
+
+/// What a claim did in a backend (the report is read after the commit).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Claimed {
+    /// A new delivery, inserted as this worker's (at revision 0).
+    Inserted(DeliveryKey),
+    /// An ACCEPTED or DEFERRED delivery, now this worker's, at this revision.
+    Taken(DeliveryKey, Revision),
+    /// An IN_PROGRESS delivery taken over from a worker that is gone, at this revision.
+    TakenOver(DeliveryKey, Revision),
+    /// A redelivered job whose delivery another worker holds under a live lease, until then
+    /// (a store replicas share).
+    Leased(DeliveryKey, Timestamp),
+    /// Finished, or held by another worker.
+    Refused(DeliveryKey),
+}
+
+impl Claimed {
+    /// The claim's result, reading the stored report with `load` where the claim did not make
+    /// it (`new` was inserted at `now`).
+    pub(crate) async fn into_claim<F, Fut>(
+        self,
+        new: &NewDelivery,
+        now: Timestamp,
+        load: F,
+    ) -> Result<Claim, StoreError>
+    where
+        F: FnOnce(DeliveryKey) -> Fut,
+        Fut: Future<Output = Result<Report, StoreError>>,
+    {
+        let known = |report, revision| KnownReport { report, revision };
+        Ok(match self {
+            Claimed::Inserted(key) => Claim::Started(key, known(fresh_report(new, now), 0)),
+            Claimed::Taken(key, revision) => Claim::Started(key, known(load(key).await?, revision)),
+            Claimed::TakenOver(key, revision) => {
+                Claim::Resumed(key, known(load(key).await?, revision))
+            }
+            Claimed::Leased(key, until) => Claim::Leased {
+                report: load(key).await?,
+                until,
+            },
+            Claimed::Refused(key) => {
+                let report = load(key).await?;
+                if report.status.is_terminal() {
+                    Claim::Finished(report)
+                } else {
+                    Claim::HeldElsewhere(report)
+                }
+            }
+        })
+    }
+}
+
+/// A stored quiet-hours rule from its columns: lists are comma-separated (`''` for all), times
+/// local `HH:MM`, the tenant `*` for every tenant and the account `''` for every account.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quiet_rule(
+    id: i64,
+    tenant: String,
+    account: String,
+    channels: &str,
+    start: &str,
+    end: &str,
+    days: &str,
+    action: &str,
+    default_zone: String,
+) -> Result<QuietHoursRule, StoreError> {
+    let list = |text: &str| -> Vec<String> {
+        text.split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let time = |text: &str, name: &str| -> Result<jiff::civil::Time, StoreError> {
+        parse_time_of_day(text).ok_or_else(|| StoreError::Corrupt(format!("{name} `{text}`")))
+    };
+    Ok(QuietHoursRule {
+        id,
+        tenant: (tenant != ALL_TENANTS).then_some(tenant),
+        account: (!account.is_empty()).then_some(account),
+        channels: list(channels)
+            .iter()
+            .map(|c| c.parse().map_err(StoreError::Corrupt))
+            .collect::<Result<_, _>>()?,
+        start: time(start, "start_time")?,
+        end: time(end, "end_time")?,
+        days: list(days)
+            .iter()
+            .map(|d| parse_weekday(d).ok_or_else(|| StoreError::Corrupt(format!("day `{d}`"))))
+            .collect::<Result<_, _>>()?,
+        action: action.parse().map_err(StoreError::Corrupt)?,
+        default_zone,
+    })
+}
+
+/// The stored form of "every tenant".
+pub(crate) const ALL_TENANTS: &str = "*";

@@ -25,14 +25,14 @@ use self::rows::{
     ALL_TENANTS, BLOCK_COLUMNS, QUIET_COLUMNS, RULE_COLUMNS, block_from_row, load, micros,
     quiet_from_row, rule_from_row, timestamp,
 };
-use self::writes::Claimed;
 use crate::domain::{
     Acknowledgement, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
 };
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
-use crate::store::shared::{RateCounterKey, fresh_report};
+use crate::store::shared::Claimed;
+use crate::store::shared::RateCounterKey;
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
     LedgerChange, ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, StoreSettings,
@@ -326,28 +326,7 @@ impl Ledger for PostgresLedger {
                 }
             };
         drop(conn);
-        let known = |report, revision| KnownReport { report, revision };
-        Ok(match claimed {
-            Claimed::Inserted(key) => Claim::Started(key, known(fresh_report(new, now), 0)),
-            Claimed::Taken(key, revision) => {
-                Claim::Started(key, known(self.load(key).await?, revision))
-            }
-            Claimed::TakenOver(key, revision) => {
-                Claim::Resumed(key, known(self.load(key).await?, revision))
-            }
-            Claimed::Leased(key, until) => Claim::Leased {
-                report: self.load(key).await?,
-                until,
-            },
-            Claimed::Refused(key) => {
-                let report = self.load(key).await?;
-                if report.status.is_terminal() {
-                    Claim::Finished(report)
-                } else {
-                    Claim::HeldElsewhere(report)
-                }
-            }
-        })
+        claimed.into_claim(new, now, |key| self.load(key)).await
     }
 
     async fn start_attempt(

@@ -12,11 +12,10 @@ use sqlx::{PgConnection, Row};
 use crate::domain::{
     Attempt, FailureReason, Report, SmsEncoding, SmsShape, TargetResult, TargetStatus,
 };
-use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule, parse_time_of_day, parse_weekday};
+use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule};
 use crate::store::{DeliveryKey, StoreError};
 
-/// The stored form of "every tenant".
-pub(super) const ALL_TENANTS: &str = "*";
+pub(super) use crate::store::shared::ALL_TENANTS;
 
 pub(super) const DELIVERY_COLUMNS: &str =
     "tenant, job_id, account, purpose, status, reason, summary, created_at, updated_at, expires_at";
@@ -197,34 +196,16 @@ pub(super) fn rule_from_row(row: &PgRow) -> Result<RateLimitRule, StoreError> {
 }
 
 pub(super) fn quiet_from_row(row: &PgRow) -> Result<QuietHoursRule, StoreError> {
-    let list = |index: usize| -> Result<Vec<String>, StoreError> {
-        let text: String = column(row, index)?;
-        Ok(text
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect())
-    };
-    let time = |index: usize, name: &str| -> Result<jiff::civil::Time, StoreError> {
-        let text: String = column(row, index)?;
-        parse_time_of_day(&text).ok_or_else(|| StoreError::Corrupt(format!("{name} `{text}`")))
-    };
-    let account: String = column(row, 2)?;
-    Ok(QuietHoursRule {
-        id: column(row, 0)?,
-        tenant: tenant_of(row, 1)?,
-        account: (!account.is_empty()).then_some(account),
-        channels: list(3)?
-            .iter()
-            .map(|c| parse(c))
-            .collect::<Result<_, _>>()?,
-        start: time(4, "start_time")?,
-        end: time(5, "end_time")?,
-        days: list(6)?
-            .iter()
-            .map(|d| parse_weekday(d).ok_or_else(|| StoreError::Corrupt(format!("day `{d}`"))))
-            .collect::<Result<_, _>>()?,
-        action: parse(&column::<String>(row, 7)?)?,
-        default_zone: column(row, 8)?,
-    })
+    let text = |index: usize| column::<String>(row, index);
+    crate::store::shared::quiet_rule(
+        column(row, 0)?,
+        text(1)?,
+        text(2)?,
+        &text(3)?,
+        &text(4)?,
+        &text(5)?,
+        &text(6)?,
+        &text(7)?,
+        text(8)?,
+    )
 }

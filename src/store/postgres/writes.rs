@@ -14,25 +14,11 @@ use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetSta
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
 };
+use crate::store::shared::Claimed;
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, INTERRUPTED, KnownReport,
     NewDelivery, Revision, StoreError, TargetUpdate,
 };
-
-/// What a claim did (the report is read after the commit).
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Claimed {
-    /// A new delivery, inserted as this worker's (at revision 0).
-    Inserted(DeliveryKey),
-    /// An ACCEPTED or DEFERRED delivery, now this worker's, at this revision.
-    Taken(DeliveryKey, Revision),
-    /// An IN_PROGRESS delivery taken over (its owner's lease had run out), at this revision.
-    TakenOver(DeliveryKey, Revision),
-    /// A redelivered job whose delivery another worker holds under a live lease, until then.
-    Leased(DeliveryKey, Timestamp),
-    /// Finished, or held by another worker.
-    Refused(DeliveryKey),
-}
 
 /// Inserts a delivery and its targets unless `(tenant, job_id)` is known; its key when new.
 pub(super) async fn insert(

@@ -22,14 +22,14 @@ use crate::domain::{Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetS
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
-use crate::store::shared::{RateCounterKey, fresh_report};
+use crate::store::shared::RateCounterKey;
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
     ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, TargetUpdate, as_stored,
 };
 use reads::Readers;
 use writer::GroupWriter;
-use writes::{Claimed, PolicyTable};
+use writes::PolicyTable;
 
 /// A ledger in one SQLite file. Writes go through one [`GroupWriter`], which commits the
 /// writes of many deliveries with one fsync; reads use reader connections on the calling
@@ -168,22 +168,9 @@ impl Ledger for SqliteLedger {
         let claimed = self
             .write(move |conn| writes::claim(conn, &owned, &worker, takeover, now))
             .await?;
-        let known = |report, revision| KnownReport { report, revision };
-        Ok(match claimed {
-            Claimed::Inserted(key) => Claim::Started(key, known(fresh_report(new, now), 0)),
-            Claimed::Taken(key, revision) => Claim::Started(key, known(self.load(key)?, revision)),
-            Claimed::TakenOver(key, revision) => {
-                Claim::Resumed(key, known(self.load(key)?, revision))
-            }
-            Claimed::Refused(key) => {
-                let report = self.load(key)?;
-                if report.status.is_terminal() {
-                    Claim::Finished(report)
-                } else {
-                    Claim::HeldElsewhere(report)
-                }
-            }
-        })
+        claimed
+            .into_claim(new, now, |key| std::future::ready(self.load(key)))
+            .await
     }
 
     async fn start_attempt(

@@ -15,9 +15,7 @@ use crate::domain::{
     Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, SmsEncoding,
     SmsShape, TargetResult, TargetStatus,
 };
-use crate::policy::{
-    BlockEntry, QuietHoursRule, RateLimitRule, RateLimited, parse_time_of_day, parse_weekday,
-};
+use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule, RateLimited};
 use crate::store::{DeliveryKey, ListPage, ListQuery, StoreError};
 
 /// The columns each mapper below reads, in its order (rows are read by position: looking
@@ -56,8 +54,7 @@ macro_rules! quiet_columns {
 }
 pub(super) use {block_columns, quiet_columns, rule_columns};
 
-/// The stored form of "every tenant".
-pub(super) const ALL_TENANTS: &str = "*";
+pub(super) use crate::store::shared::ALL_TENANTS;
 
 /// Idle reader connections kept for reuse (more are opened while more readers run at once).
 const MAX_IDLE_READERS: usize = 4;
@@ -346,36 +343,18 @@ pub(super) fn rule_from_row(row: &Row<'_>) -> Result<RateLimitRule, StoreError> 
 
 /// A quiet-hours rule row ([`quiet_columns`]).
 pub(super) fn quiet_from_row(row: &Row<'_>) -> Result<QuietHoursRule, StoreError> {
-    let list = |index: usize| -> Result<Vec<String>, StoreError> {
-        let text: String = column(row, index)?;
-        Ok(text
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect())
-    };
-    let time = |index: usize, name: &str| -> Result<jiff::civil::Time, StoreError> {
-        let text: String = column(row, index)?;
-        parse_time_of_day(&text).ok_or_else(|| StoreError::Corrupt(format!("{name} `{text}`")))
-    };
-    let account: String = column(row, 2)?;
-    Ok(QuietHoursRule {
-        id: column(row, 0)?,
-        tenant: tenant_of(row, 1)?,
-        account: (!account.is_empty()).then_some(account),
-        channels: list(3)?
-            .iter()
-            .map(|c| parse(c))
-            .collect::<Result<_, _>>()?,
-        start: time(4, "start_time")?,
-        end: time(5, "end_time")?,
-        days: list(6)?
-            .iter()
-            .map(|d| parse_weekday(d).ok_or_else(|| StoreError::Corrupt(format!("day `{d}`"))))
-            .collect::<Result<_, _>>()?,
-        action: parse(&column::<String>(row, 7)?)?,
-        default_zone: column(row, 8)?,
-    })
+    let text = |index: usize| column::<String>(row, index);
+    crate::store::shared::quiet_rule(
+        column(row, 0)?,
+        text(1)?,
+        text(2)?,
+        &text(3)?,
+        &text(4)?,
+        &text(5)?,
+        &text(6)?,
+        &text(7)?,
+        text(8)?,
+    )
 }
 
 /// Every row of `sql` (bound to `values`) through `map`.
