@@ -91,8 +91,8 @@ pub(super) async fn accept(
         .ok_or_else(|| StoreError::NotFound(new.id.to_string()))
 }
 
-/// The claim, inside a transaction: insert the delivery as this worker's, or take it over
-/// when it is not started, not finished and not held under a live lease.
+/// The claim of a delivery already known (its insert found it), inside a transaction: take it
+/// over when it is not started, not finished and not held under a live lease.
 pub(super) async fn claim(
     conn: &mut PgConnection,
     new: &NewDelivery,
@@ -101,10 +101,6 @@ pub(super) async fn claim(
     now: Timestamp,
     lease_until: i64,
 ) -> Result<Claimed, StoreError> {
-    let owner = Some((worker, lease_until));
-    if let Some(key) = insert(conn, new, DeliveryStatus::InProgress, owner, now).await? {
-        return Ok(Claimed::Inserted(key));
-    }
     // Only one worker's UPDATE matches: the row is locked while it decides.
     let taken = sqlx::query(
         "WITH old AS (
