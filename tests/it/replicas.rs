@@ -75,6 +75,8 @@ impl Drop for Database {
 struct Replica {
     child: Child,
     grpc: String,
+    /// The receipts listener (provider callbacks).
+    receipts: String,
     outbox: PathBuf,
 }
 
@@ -86,6 +88,7 @@ fn free_port() -> u16 {
 impl Replica {
     fn spawn(n: usize, names: &Names, database: &Database, dir: &Path) -> Replica {
         let grpc = format!("127.0.0.1:{}", free_port());
+        let receipts = format!("127.0.0.1:{}", free_port());
         let outbox = dir.join(format!("outbox-{n}.jsonl"));
         let log = std::fs::File::create(dir.join(format!("replica-{n}.log"))).unwrap();
         // A configuration file of the test's, if it wrote one (providers and routes).
@@ -104,7 +107,7 @@ impl Replica {
             // Four tests' replicas at once stay within PostgreSQL's 100 connections.
             .env("OTP_GATEWAY_STORE__POOL_SIZE", "8")
             .env("OTP_GATEWAY_GRPC__LISTEN", &grpc)
-            .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+            .env("OTP_GATEWAY_RECEIPTS__LISTEN", &receipts)
             .env("OTP_GATEWAY_PROVIDERS__SANDBOX__OUTBOX", &outbox)
             .env("OTP_GATEWAY_DELIVERY__SHUTDOWN_GRACE", "2s")
             .stdout(Stdio::null())
@@ -114,6 +117,7 @@ impl Replica {
         Replica {
             child,
             grpc: format!("http://{grpc}"),
+            receipts: format!("http://{receipts}"),
             outbox,
         }
     }
@@ -570,6 +574,103 @@ async fn a_block_entry_added_at_one_replica_stops_sends_at_every_replica() {
     assert_eq!(sent, 0, "nothing reached the number");
     let owners: i64 = count(&pool, "SELECT count(DISTINCT owner) FROM deliveries").await;
     eprintln!("block test: jobs handled by {owners} replicas");
+    drop(replicas);
+    broker.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twilio_callback_at_one_replica_moves_on_the_delivery_waiting_at_another() {
+    if !broker_available().await {
+        return;
+    }
+    let Some(database) = Database::create().await else {
+        return;
+    };
+    let names = Names::new("replicas-receipt");
+    let dir = tempfile::tempdir().unwrap();
+    let (url, twilio) = crate::twilio::fake_twilio().await;
+    // Both replicas verify callbacks against the public URL Twilio is given.
+    std::fs::write(
+        dir.path().join("gateway.toml"),
+        format!(
+            "[routes]\nsms = [\"twilio\"]\n\n[receipts]\npublic_url = \"https://otp.example.com\"\n\n\
+             [providers.twilio]\nkind = \"twilio\"\nbase_url = \"{url}\"\naccount_sid = \"ACtest\"\n\
+             auth_token = \"secret\"\nfrom = \"+15005550006\"\n"
+        ),
+    )
+    .unwrap();
+    let replicas = start(&names, &database, dir.path(), 2).await;
+    let broker = Broker::connect(&names).await;
+    let mut job = sms_job("receipt-1", "+14155550101");
+    job["targets"] =
+        json!([{"phone": {"number": "+14155550101"}}, {"phone": {"number": "+14155550102"}}]);
+    broker.publish_json(&job).await;
+    let pool = database.pool().await;
+    // The first number's SMS was accepted: its job waits (receipt_wait 10 s) for a receipt.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (owner, sid): (String, String) = loop {
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT d.owner, a.provider_message_id FROM deliveries d JOIN attempts a ON a.delivery = d.id
+             WHERE d.job_id = 'receipt-1' AND a.outcome = 'SENT' AND d.status = 'IN_PROGRESS'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if let Some(row) = row {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "the first SMS did not go out");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Twilio's "undelivered" callback reaches the other replica.
+    let other = replicas
+        .iter()
+        .find(|r| !owner.starts_with(&format!("{}-", r.pid())))
+        .expect("another replica");
+    let params = vec![
+        ("MessageSid".to_owned(), sid),
+        ("MessageStatus".to_owned(), "undelivered".to_owned()),
+        ("ErrorCode".to_owned(), "30005".to_owned()),
+    ];
+    let signed_url = "https://otp.example.com/receipts/twilio/twilio";
+    let signature = otp_gateway::receipts::twilio::signature("secret", signed_url, &params);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let posted = Instant::now();
+    let answer = reqwest::Client::new()
+        .post(format!("{}/receipts/twilio/twilio", other.receipts))
+        .header("X-Twilio-Signature", signature)
+        .form(&params)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(answer.as_u16(), 204);
+    // The waiting replica moves on to the second number at once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !twilio
+        .calls()
+        .iter()
+        .any(|(_, form)| form.get("To").map(String::as_str) == Some("+14155550102"))
+    {
+        assert!(Instant::now() < deadline, "the second number was not tried");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let moved = posted.elapsed();
+    assert!(
+        moved < Duration::from_secs(2),
+        "the waiting replica went on within {moved:?} (its receipt wait is 10 s)"
+    );
+    let failed: String = sqlx::query_scalar(
+        "SELECT t.reason FROM targets t JOIN deliveries d ON d.id = t.delivery
+         WHERE d.job_id = 'receipt-1' AND t.idx = 0",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        failed, "RECIPIENT_UNKNOWN",
+        "the first number failed with the receipt's reason (Twilio 30005)"
+    );
     drop(replicas);
     broker.cleanup().await;
 }
