@@ -159,6 +159,17 @@ impl PostgresLedger {
         }
     }
 
+    /// The workers (owners) this process claims as: its writes to a delivery in progress hold
+    /// only while it is still the owner.
+    fn owners(&self) -> Vec<String> {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     fn lease_until(&self, now: Timestamp) -> i64 {
         micros(now) + self.lease.as_micros() as i64
     }
@@ -335,7 +346,7 @@ impl Ledger for PostgresLedger {
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
         let mut conn = self.writer().acquire().await?;
-        writes::start_attempt(&mut conn, key, start).await
+        writes::start_attempt(&mut conn, key, start, &self.owners()).await
     }
 
     async fn finish_attempt(
@@ -347,7 +358,7 @@ impl Ledger for PostgresLedger {
         update: &TargetUpdate,
     ) -> Result<(), StoreError> {
         let mut conn = self.writer().acquire().await?;
-        writes::finish_attempt(&mut conn, key, attempt, end, target, update).await
+        writes::finish_attempt(&mut conn, key, attempt, end, target, update, &self.owners()).await
     }
 
     async fn update_target(
@@ -358,7 +369,7 @@ impl Ledger for PostgresLedger {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         let mut conn = self.writer().acquire().await?;
-        writes::set_target(&mut conn, key, index, update, now).await
+        writes::set_target(&mut conn, key, index, update, now, &self.owners()).await
     }
 
     async fn apply_receipt(
@@ -425,12 +436,13 @@ impl Ledger for PostgresLedger {
         // The engine's own copy, while nothing else wrote: decided here and written in one
         // statement that holds only if the revision is still the copy's.
         if let Some(known) = known
-            && let Some(report) = writes::finish_known(&mut conn, key, now, &decide, &known).await?
+            && let Some(report) =
+                writes::finish_known(&mut conn, key, now, &decide, &known, &self.owners()).await?
         {
             return Ok(report);
         }
         let mut tx = conn.begin().await?;
-        let report = writes::finish(&mut tx, key, now, &decide, None).await?;
+        let report = writes::finish(&mut tx, key, now, &decide, None, &self.owners()).await?;
         tx.commit().await?;
         Ok(report)
     }
@@ -772,6 +784,81 @@ pub(crate) mod tests {
             "{:?}",
             recorded.elapsed()
         );
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_delivery_was_taken_over_writes_nothing_to_it() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let settings = StoreSettings::at(&database.url);
+        let (a, b) = (
+            PostgresLedger::connect(&settings).await.unwrap(),
+            PostgresLedger::connect(&settings).await.unwrap(),
+        );
+        let new = crate::store::contract::new_delivery("fenced");
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        let Claim::Started(key, known) = a.claim(&new, "a", false, now).await.unwrap() else {
+            panic!("a new delivery starts");
+        };
+        let start = AttemptStart {
+            target: 1,
+            provider: "sandbox".into(),
+            channel: crate::domain::Channel::Sms,
+            masked_target: "+1415•••0101".into(),
+            started_at: now,
+            retry: 0,
+            sms: None,
+        };
+        let attempt = a.start_attempt(key, &start).await.unwrap();
+        // `a` is cut off past its lease; `b` takes the delivery over.
+        let later = now + jiff::SignedDuration::from_hours(1);
+        assert!(matches!(
+            b.claim(&new, "b", true, later).await.unwrap(),
+            Claim::Resumed(..)
+        ));
+        // `a` comes back: none of its writes to the delivery holds.
+        let update = TargetUpdate {
+            channel: crate::domain::Channel::Sms,
+            status: TargetStatus::Sent,
+            reason: None,
+            detail: None,
+        };
+        let end = AttemptEnd {
+            ended_at: later,
+            outcome: crate::domain::AttemptOutcome::Sent,
+            reason: None,
+            provider_code: None,
+            provider_message: None,
+            provider_message_id: Some("m1".into()),
+            next_retry_at: None,
+            token_invalid_since: None,
+        };
+        let refused = |result: Result<(), StoreError>| {
+            assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+        };
+        refused(a.start_attempt(key, &start).await.map(drop));
+        refused(a.finish_attempt(key, attempt, &end, 1, &update).await);
+        refused(a.update_target(key, 1, &update, later).await);
+        let sent = |_: &Report| crate::store::Outcome {
+            status: DeliveryStatus::Sent,
+            reason: None,
+            summary: "sent by a".into(),
+        };
+        refused(
+            a.finish(key, later, Arc::new(sent), Some(known))
+                .await
+                .map(drop),
+        );
+        let report = b.report(key).await.unwrap();
+        assert_eq!(report.status, DeliveryStatus::InProgress);
+        assert_eq!(
+            report.targets[1].attempts[0].outcome,
+            crate::domain::AttemptOutcome::Interrupted,
+            "the attempt `a` had open stays as `b` found it"
+        );
+        // `b`, the owner now, writes.
+        b.update_target(key, 1, &update, later).await.unwrap();
     }
 
     #[tokio::test]

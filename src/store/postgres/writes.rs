@@ -173,11 +173,13 @@ pub(super) async fn start_attempt(
     conn: &mut PgConnection,
     key: DeliveryKey,
     start: &AttemptStart,
+    owners: &[String],
 ) -> Result<AttemptKey, StoreError> {
-    Ok(sqlx::query_scalar(
+    let id: Option<i64> = sqlx::query_scalar(
         "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome,
                                retry, sms_encoding, sms_segments)
-         VALUES ($1, $2, $3, $4, $5, $6, 'IN_FLIGHT', $7, $8, $9)
+         SELECT id, $2, $3, $4, $5, $6, 'IN_FLIGHT', $7, $8, $9 FROM deliveries
+         WHERE id = $1 AND (status <> 'IN_PROGRESS' OR owner = ANY($10))
          RETURNING id",
     )
     .bind(key)
@@ -189,8 +191,18 @@ pub(super) async fn start_attempt(
     .bind(start.retry as i32)
     .bind(start.sms.map(|s| s.encoding.as_str()))
     .bind(start.sms.map(|s| s.segments as i32))
-    .fetch_one(&mut *conn)
-    .await?)
+    .bind(owners)
+    .fetch_optional(&mut *conn)
+    .await?;
+    id.ok_or_else(|| taken_over(key))
+}
+
+/// The error of a write by a replica whose claim another replica took over (its lease ran out
+/// while it was cut off): nothing was written.
+fn taken_over(key: DeliveryKey) -> StoreError {
+    StoreError::Conflict(format!(
+        "delivery #{key} was taken over by another replica (this one's lease ran out): nothing written"
+    ))
 }
 
 /// Records how a provider call ended with its target's new state, in one statement.
@@ -201,18 +213,23 @@ pub(super) async fn finish_attempt(
     end: &AttemptEnd,
     target: u32,
     update: &TargetUpdate,
+    owners: &[String],
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "WITH a AS (
+    let done = sqlx::query(
+        "WITH own AS (
+             SELECT id FROM deliveries
+             WHERE id = $14 AND (status <> 'IN_PROGRESS' OR owner = ANY($16)) FOR UPDATE
+         ), a AS (
              UPDATE attempts SET ended_at = $1, outcome = $2, reason = $3, provider_code = $4,
                                  provider_message = $5, provider_message_id = $6, next_retry_at = $7,
                                  token_invalid_since = $8
-             WHERE id = $9
+             WHERE id = $9 AND EXISTS (SELECT 1 FROM own)
          ), t AS (
              UPDATE targets SET channel = $10, status = $11, reason = $12, detail = $13
-             WHERE delivery = $14 AND idx = $15
+             WHERE delivery = $14 AND idx = $15 AND EXISTS (SELECT 1 FROM own)
          )
-         UPDATE deliveries SET updated_at = $1, revision = revision + 1 WHERE id = $14",
+         UPDATE deliveries SET updated_at = $1, revision = revision + 1
+         WHERE id IN (SELECT id FROM own)",
     )
     .bind(micros(end.ended_at))
     .bind(end.outcome.as_str())
@@ -229,8 +246,12 @@ pub(super) async fn finish_attempt(
     .bind(&update.detail)
     .bind(key)
     .bind(target as i32)
+    .bind(owners)
     .execute(&mut *conn)
     .await?;
+    if done.rows_affected() == 0 {
+        return Err(taken_over(key));
+    }
     Ok(())
 }
 
@@ -241,13 +262,18 @@ pub(super) async fn set_target(
     index: u32,
     update: &TargetUpdate,
     now: Timestamp,
+    owners: &[String],
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "WITH t AS (
+    let done = sqlx::query(
+        "WITH own AS (
+             SELECT id FROM deliveries
+             WHERE id = $5 AND (status <> 'IN_PROGRESS' OR owner = ANY($8)) FOR UPDATE
+         ), t AS (
              UPDATE targets SET channel = $1, status = $2, reason = $3, detail = $4
-             WHERE delivery = $5 AND idx = $6
+             WHERE delivery = $5 AND idx = $6 AND EXISTS (SELECT 1 FROM own)
          )
-         UPDATE deliveries SET updated_at = $7, revision = revision + 1 WHERE id = $5",
+         UPDATE deliveries SET updated_at = $7, revision = revision + 1
+         WHERE id IN (SELECT id FROM own)",
     )
     .bind(update.channel.as_str())
     .bind(update.status.as_str())
@@ -256,8 +282,12 @@ pub(super) async fn set_target(
     .bind(key)
     .bind(index as i32)
     .bind(micros(now))
+    .bind(owners)
     .execute(&mut *conn)
     .await?;
+    if done.rows_affected() == 0 {
+        return Err(taken_over(key));
+    }
     Ok(())
 }
 
@@ -341,14 +371,22 @@ pub(super) async fn finish(
     now: Timestamp,
     decide: &DecideOutcome,
     known: Option<KnownReport>,
+    owners: &[String],
 ) -> Result<Report, StoreError> {
-    let revision: Option<i64> =
-        sqlx::query_scalar("SELECT revision FROM deliveries WHERE id = $1 FOR UPDATE")
+    let row =
+        sqlx::query("SELECT revision, status, owner FROM deliveries WHERE id = $1 FOR UPDATE")
             .bind(key)
             .fetch_optional(&mut *conn)
-            .await?;
-    let revision =
-        revision.ok_or_else(|| StoreError::NotFound(format!("delivery #{key}")))? as Revision;
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("delivery #{key}")))?;
+    let revision = row.try_get::<i64, _>(0)? as Revision;
+    let status: String = row.try_get(1)?;
+    let owner: Option<String> = row.try_get(2)?;
+    if status == DeliveryStatus::InProgress.as_str()
+        && !owner.is_some_and(|owner| owners.contains(&owner))
+    {
+        return Err(taken_over(key));
+    }
     let mut report = match known {
         Some(known) if known.revision == revision => known.report,
         _ => load(conn, key)
@@ -384,12 +422,13 @@ pub(super) async fn finish_known(
     now: Timestamp,
     decide: &DecideOutcome,
     known: &KnownReport,
+    owners: &[String],
 ) -> Result<Option<Report>, StoreError> {
     let outcome = decide(&known.report);
     let done = sqlx::query(
         "UPDATE deliveries SET status = $1, reason = $2, summary = $3, updated_at = $4,
                                revision = revision + 1, lease_until = NULL
-         WHERE id = $5 AND revision = $6",
+         WHERE id = $5 AND revision = $6 AND (status <> 'IN_PROGRESS' OR owner = ANY($7))",
     )
     .bind(outcome.status.as_str())
     .bind(outcome.reason.map(FailureReason::as_str))
@@ -397,6 +436,7 @@ pub(super) async fn finish_known(
     .bind(micros(now))
     .bind(key)
     .bind(known.revision as i64)
+    .bind(owners)
     .execute(&mut *conn)
     .await?;
     if done.rows_affected() == 0 {
