@@ -1,10 +1,12 @@
 //! The PostgreSQL ledger: several gateway replicas share one database. A claim carries its
 //! owner and a lease that the owner renews while it works; a replica that dies loses its
-//! deliveries to the others when the lease runs out (and the broker hands the job out again).
-//! Rate-limit counters are counted under a lock per counter, so replicas never overshoot; every
-//! change of a delivery is announced on `otp_delivery_changed` (a trigger), so a replica
-//! waiting for an acknowledgement or a receipt that another replica recorded wakes at once.
-//! Commits are durable when they return (PostgreSQL groups concurrent commits' WAL flushes).
+//! deliveries to the others when the lease runs out (and the broker hands the job out again),
+//! and a replica that comes back after that has its writes to them refused. Rate-limit
+//! counters are counted under a lock per counter, so replicas never overshoot; every change of
+//! a delivery is announced on `otp_delivery_changed` (a trigger), so a replica waiting for an
+//! acknowledgement or a receipt that another replica recorded wakes at once. The durable view
+//! commits synchronously; the staged view (the engine's writes) asynchronously, made durable by
+//! [`Ledger::flush`], whose concurrent calls share one synchronous commit.
 
 mod rows;
 mod writes;
@@ -31,8 +33,7 @@ use crate::domain::{
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
-use crate::store::shared::Claimed;
-use crate::store::shared::RateCounterKey;
+use crate::store::shared::{Claimed, RateCounterKey};
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
     LedgerChange, ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, StoreSettings,
