@@ -208,15 +208,8 @@ impl Dispatcher {
                     // The same number or token twice in one job: one send reaches both.
                     Some(twin) => {
                         let detail = format!("the same recipient as target {twin}");
-                        self.settle(
-                            index,
-                            channel_of(target),
-                            TargetStatus::Skipped,
-                            None,
-                            Some(detail),
-                            progress,
-                        )
-                        .await?;
+                        self.skip(index, channel_of(target), detail, progress)
+                            .await?;
                         Standing::Closed
                     }
                     None => {
@@ -319,6 +312,25 @@ impl Dispatcher {
 
     pub(crate) fn providers(&self) -> &ProviderRegistry {
         &self.providers
+    }
+
+    /// Settles a target as SKIPPED (not tried, no failure), saying why.
+    pub(super) async fn skip(
+        &self,
+        index: usize,
+        channel: Channel,
+        detail: String,
+        progress: &Progress<'_>,
+    ) -> Result<(), StoreError> {
+        self.settle(
+            index,
+            channel,
+            TargetStatus::Skipped,
+            None,
+            Some(detail),
+            progress,
+        )
+        .await
     }
 
     /// Settles a target as FAILED for `reason`, saying why.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::breaker::CircuitBreaker;
@@ -246,10 +246,7 @@ impl Dispatcher {
         if let Ok(slot) = Arc::clone(&entry.calls).try_acquire_owned() {
             return Some(slot);
         }
-        let left = deadline
-            .duration_since(progress.now())
-            .max(SignedDuration::ZERO)
-            .unsigned_abs();
+        let left = progress.time_left(deadline);
         let wait = self.settings.provider_timeout.min(left);
         tokio::time::timeout(wait, Arc::clone(&entry.calls).acquire_owned())
             .await

@@ -162,15 +162,8 @@ impl Dispatcher {
         match eligibility(job, target, channels, blocks, progress.now()) {
             Eligibility::Eligible(_) => Ok(Standing::Open),
             Eligibility::NotAsked(detail) => {
-                self.settle(
-                    index,
-                    channel_of(target),
-                    TargetStatus::Skipped,
-                    None,
-                    Some(detail),
-                    progress,
-                )
-                .await?;
+                self.skip(index, channel_of(target), detail, progress)
+                    .await?;
                 Ok(Standing::Closed)
             }
             Eligibility::Refused {

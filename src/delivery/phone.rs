@@ -1,7 +1,7 @@
 //! The SMS and voice stages: eligible numbers in order until one accepts, and after a carrier
 //! accepted, the wait for its failure receipt (the chain goes on when one comes).
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::decisions::{Standing, standing_after};
@@ -26,10 +26,7 @@ impl Dispatcher {
         deadline: Timestamp,
         progress: &Progress<'_>,
     ) -> Result<Option<FailureReason>, StoreError> {
-        let left = deadline
-            .duration_since(progress.now())
-            .max(SignedDuration::ZERO)
-            .unsigned_abs();
+        let left = progress.time_left(deadline);
         let wait = self.settings.receipt_wait.min(left);
         if wait.is_zero() {
             return self.take_handed(awaited, index, channel, progress).await;

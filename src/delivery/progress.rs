@@ -44,6 +44,14 @@ impl Progress<'_> {
         self.clock.now()
     }
 
+    /// How long until `deadline` (zero once it passed).
+    pub(crate) fn time_left(&self, deadline: Timestamp) -> std::time::Duration {
+        deadline
+            .duration_since(self.now())
+            .max(jiff::SignedDuration::ZERO)
+            .unsigned_abs()
+    }
+
     /// Records that a provider call is starting (and tells watchers): committed (visible, and kept if the process
     /// dies) when this returns, on disk with the next flush. Not fsynced before the call: a
     /// power cut could forget an attempt that was made, but it could not stop a second send

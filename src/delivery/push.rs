@@ -2,7 +2,7 @@
 //! the code (or deny the request).
 
 use futures_util::future::join_all;
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use tokio::time::Instant;
 
 use super::decisions::Standing;
@@ -157,10 +157,7 @@ impl Dispatcher {
         deadline: Timestamp,
         progress: &Progress<'_>,
     ) -> Result<AckEnd, StoreError> {
-        let left = deadline
-            .duration_since(progress.now())
-            .max(SignedDuration::ZERO)
-            .unsigned_abs();
+        let left = progress.time_left(deadline);
         let until = Instant::now() + self.settings.push_ack_timeout.min(left);
         // The accepted pushes are on disk while we wait: a worker that takes over after a
         // power cut waits for the acknowledgement again instead of pushing again.

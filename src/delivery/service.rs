@@ -62,6 +62,8 @@ pub struct DeliveryService {
     pub(super) dispatcher: Dispatcher,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) worker: String,
+    /// The worker name and the host, as the status page names this replica.
+    pub(super) replica: String,
     pub(super) changes: Arc<ChangeNotices>,
     pub(super) receipts: Arc<ReceiptWaiters>,
 }
@@ -119,8 +121,17 @@ impl DeliveryService {
         if let Some(announced) = ledger.changes() {
             tokio::spawn(forward_changes(announced, Arc::downgrade(&changes)));
         }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        let replica = if host.is_empty() {
+            worker.clone()
+        } else {
+            format!("{worker} on {host}")
+        };
         DeliveryService {
             staged: ledger.staged(),
+            replica,
             ledger,
             dispatcher,
             clock,
@@ -136,15 +147,8 @@ impl DeliveryService {
     }
 
     /// Who this replica is: its worker name (a delivery's owner in the ledger) and its host.
-    pub fn replica(&self) -> String {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_default();
-        if host.is_empty() {
-            self.worker.clone()
-        } else {
-            format!("{} on {host}", self.worker)
-        }
+    pub fn replica(&self) -> &str {
+        &self.replica
     }
 
     /// The clock.

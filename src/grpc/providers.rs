@@ -37,7 +37,7 @@ impl Providers for ProvidersApi {
             .collect();
         Ok(Response::new(ListProvidersResponse {
             providers,
-            replica: self.service.replica(),
+            replica: self.service.replica().to_owned(),
         }))
     }
 }

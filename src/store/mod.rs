@@ -50,21 +50,20 @@ pub struct Stores {
 pub async fn open(settings: &StoreSettings) -> Result<Stores, StoreError> {
     let url = settings.url.as_str();
     let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+    /// The ledger, and the same store's policy behind the rules cache.
+    fn stores<S: Ledger + PolicyStore>(store: std::sync::Arc<S>) -> Stores {
+        Stores {
+            ledger: store.clone(),
+            policy: std::sync::Arc::new(CachedRules::new(store)),
+        }
+    }
     match scheme {
-        "sqlite" => {
-            let store = std::sync::Arc::new(SqliteLedger::connect(url).await?);
-            Ok(Stores {
-                ledger: store.clone(),
-                policy: std::sync::Arc::new(CachedRules::new(store)),
-            })
-        }
-        "postgres" | "postgresql" => {
-            let store = std::sync::Arc::new(PostgresLedger::connect(settings).await?);
-            Ok(Stores {
-                ledger: store.clone(),
-                policy: std::sync::Arc::new(CachedRules::new(store)),
-            })
-        }
+        "sqlite" => Ok(stores(std::sync::Arc::new(
+            SqliteLedger::connect(url).await?,
+        ))),
+        "postgres" | "postgresql" => Ok(stores(std::sync::Arc::new(
+            PostgresLedger::connect(settings).await?,
+        ))),
         other => Err(StoreError::Unavailable(format!(
             "no ledger backend for `{other}:` URLs (store.url takes sqlite://PATH or postgres://…)"
         ))),

@@ -4,7 +4,9 @@
 use jiff::Timestamp;
 
 use crate::domain::{DeliveryStatus, Report, TargetResult, TargetStatus};
-use crate::policy::{QuietHoursRule, parse_time_of_day, parse_weekday};
+use crate::policy::{
+    QuietHoursRule, RateKey, RateLimitRule, RateLimited, parse_time_of_day, parse_weekday,
+};
 use crate::store::{Claim, DeliveryKey, KnownReport, NewDelivery, Revision, StoreError, as_stored};
 
 /// The key rate-limit counters are stored under: an HMAC-SHA256 of the counter's key (a
@@ -31,6 +33,13 @@ impl RateCounterKey {
             |_| StoreError::Corrupt("no randomness for the rate-counter key".to_owned()),
         )?;
         Ok(fresh)
+    }
+
+    /// The counters a send under `keys` touches, as stored: each rule, and its key's HMAC.
+    pub(crate) fn counters(&self, keys: &[RateKey<'_>]) -> Vec<(RateLimitRule, String)> {
+        keys.iter()
+            .map(|k| (k.rule.clone(), self.of(&k.key)))
+            .collect()
     }
 
     /// The stored form of `key` (128 bits of the HMAC, hex).
@@ -175,3 +184,40 @@ pub(crate) fn quiet_rule(
 
 /// The stored form of "every tenant".
 pub(crate) const ALL_TENANTS: &str = "*";
+
+/// Whether a counter of `rule` holding `hits` sends in its window (the oldest at `oldest`,
+/// microseconds since the epoch) is at the rule's limit at `now`; if so, when it frees up.
+pub(crate) fn at_limit(
+    rule: &RateLimitRule,
+    hits: i64,
+    oldest: Option<i64>,
+    now: Timestamp,
+) -> Result<Option<RateLimited>, StoreError> {
+    if hits < rule.limit as i64 {
+        return Ok(None);
+    }
+    let window = jiff::SignedDuration::try_from(rule.window).unwrap_or(jiff::SignedDuration::MAX);
+    let oldest = oldest
+        .map(|micros| {
+            Timestamp::from_microsecond(micros).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .transpose()?;
+    Ok(Some(RateLimited {
+        rule: rule.clone(),
+        allowed_at: oldest.unwrap_or(now) + window,
+    }))
+}
+
+/// One page of `keys` (fetched one beyond `limit`): the page, and the key to continue before.
+pub(crate) fn page(
+    mut keys: Vec<DeliveryKey>,
+    limit: i64,
+) -> (Vec<DeliveryKey>, Option<DeliveryKey>) {
+    if keys.len() as i64 > limit {
+        keys.truncate(limit as usize);
+        let next = keys.last().copied();
+        (keys, next)
+    } else {
+        (keys, None)
+    }
+}

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::rows::{
     ALL_TENANTS, BLOCK_COLUMNS, QUIET_COLUMNS, RULE_COLUMNS, block_from_row, load, micros,
-    quiet_from_row, rule_from_row, timestamp,
+    quiet_from_row, rule_from_row,
 };
 use crate::domain::{
     Acknowledgement, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
@@ -33,7 +33,7 @@ use crate::domain::{
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
-use crate::store::shared::{Claimed, RateCounterKey};
+use crate::store::shared::{Claimed, RateCounterKey, at_limit, page};
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
     LedgerChange, ListPage, ListQuery, NewDelivery, PolicyStore, StoreError, StoreSettings,
@@ -485,7 +485,7 @@ impl Ledger for PostgresLedger {
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         let limit = query.limit.clamp(1, 100) as i64;
-        let mut keys: Vec<i64> = sqlx::query_scalar(
+        let keys: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM deliveries
              WHERE tenant = $1 AND ($2::text IS NULL OR account = $2) AND ($3::text IS NULL OR status = $3)
                AND ($4::bigint IS NULL OR id < $4)
@@ -498,12 +498,7 @@ impl Ledger for PostgresLedger {
         .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        let next = if keys.len() as i64 > limit {
-            keys.truncate(limit as usize);
-            keys.last().copied()
-        } else {
-            None
-        };
+        let (keys, next) = page(keys, limit);
         let mut reports = Vec::with_capacity(keys.len());
         for key in keys {
             reports.push(self.load(key).await?);
@@ -584,10 +579,7 @@ impl PolicyStore for PostgresLedger {
         if keys.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<(RateLimitRule, String)> = keys
-            .iter()
-            .map(|k| (k.rule.clone(), self.counter_key.of(&k.key)))
-            .collect();
+        let keys = self.counter_key.counters(keys);
         let mut conn = self.staged_pool.acquire().await?;
         let mut tx = conn.begin().await?;
         let limited = writes::consume(&mut tx, &keys, now).await?;
@@ -630,25 +622,18 @@ impl PolicyStore for PostgresLedger {
         keys: &[RateKey<'_>],
         now: Timestamp,
     ) -> Result<Option<RateLimited>, StoreError> {
-        for key in keys {
-            let since = micros(now) - key.rule.window.as_micros() as i64;
+        for (rule, key) in self.counter_key.counters(keys) {
+            let since = micros(now) - rule.window.as_micros() as i64;
             let row = sqlx::query(
                 "SELECT count(*), min(at) FROM rate_hits WHERE rule = $1 AND key = $2 AND at > $3",
             )
-            .bind(key.rule.id)
-            .bind(self.counter_key.of(&key.key))
+            .bind(rule.id)
+            .bind(key)
             .bind(since)
             .fetch_one(&self.pool)
             .await?;
-            let hits: i64 = row.try_get(0)?;
-            let oldest: Option<i64> = row.try_get(1)?;
-            if hits >= key.rule.limit as i64 {
-                let window = jiff::SignedDuration::try_from(key.rule.window)
-                    .unwrap_or(jiff::SignedDuration::MAX);
-                return Ok(Some(RateLimited {
-                    rule: key.rule.clone(),
-                    allowed_at: oldest.map(timestamp).transpose()?.unwrap_or(now) + window,
-                }));
+            if let Some(limited) = at_limit(&rule, row.try_get(0)?, row.try_get(1)?, now)? {
+                return Ok(Some(limited));
             }
         }
         Ok(None)

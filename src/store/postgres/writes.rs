@@ -14,7 +14,7 @@ use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetSta
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
 };
-use crate::store::shared::Claimed;
+use crate::store::shared::{Claimed, at_limit};
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, INTERRUPTED, KnownReport,
     NewDelivery, Revision, StoreError, TargetUpdate,
@@ -480,15 +480,9 @@ pub(super) async fn consume(
         .bind(since)
         .fetch_one(&mut *conn)
         .await?;
-        let hits: i64 = row.try_get(0)?;
-        let oldest: Option<i64> = row.try_get(1)?;
-        if hits >= rule.limit as i64 {
-            let window =
-                jiff::SignedDuration::try_from(rule.window).unwrap_or(jiff::SignedDuration::MAX);
-            return Ok(Some(RateLimited {
-                rule: rule.clone(),
-                allowed_at: oldest.map(timestamp).transpose()?.unwrap_or(now) + window,
-            }));
+        if let Some(limited) = at_limit(rule, row.try_get(0)?, row.try_get(1)?, now)? {
+            // Nothing counted; the pruning only dropped hits out of the window anyway.
+            return Ok(Some(limited));
         }
     }
     let rules: Vec<i64> = keys.iter().map(|(rule, _)| rule.id).collect();

@@ -346,10 +346,7 @@ impl PolicyStore for SqliteLedger {
         keys: &[RateKey<'_>],
         now: Timestamp,
     ) -> Result<Option<RateLimited>, StoreError> {
-        let keys: Vec<(RateLimitRule, String)> = keys
-            .iter()
-            .map(|k| (k.rule.clone(), self.counter_key.of(&k.key)))
-            .collect();
+        let keys = self.counter_key.counters(keys);
         self.readers.with(|conn| reads::peek(conn, &keys, now))
     }
 
@@ -361,10 +358,7 @@ impl PolicyStore for SqliteLedger {
         if keys.is_empty() {
             return Ok(None);
         }
-        let keys: Vec<(RateLimitRule, String)> = keys
-            .iter()
-            .map(|k| (k.rule.clone(), self.counter_key.of(&k.key)))
-            .collect();
+        let keys = self.counter_key.counters(keys);
         // Staged (see `PolicyStore::consume`).
         self.writer
             .stage(move |conn| writes::consume(conn, &keys, now))

@@ -294,18 +294,13 @@ pub(super) fn list(conn: &Connection, query: &ListQuery) -> Result<ListPage, Sto
            AND (?4 IS NULL OR id < ?4)
          ORDER BY id DESC LIMIT ?5",
     )?;
-    let mut keys = statement
+    let keys = statement
         .query_map(
             params![query.tenant, query.account, status, query.before, limit + 1],
             |row| row.get::<_, i64>(0),
         )?
         .collect::<Result<Vec<_>, _>>()?;
-    let next = if keys.len() as i64 > limit {
-        keys.truncate(limit as usize);
-        keys.last().copied()
-    } else {
-        None
-    };
+    let (keys, next) = crate::store::shared::page(keys, limit);
     let mut reports = Vec::with_capacity(keys.len());
     for key in keys {
         if let Some(report) = load(conn, key)? {
@@ -471,13 +466,8 @@ pub(super) fn peek(
             .query_row(params![rule.id, key, since], |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })?;
-        if hits >= rule.limit as i64 {
-            let window =
-                jiff::SignedDuration::try_from(rule.window).unwrap_or(jiff::SignedDuration::MAX);
-            return Ok(Some(RateLimited {
-                rule: rule.clone(),
-                allowed_at: oldest.map(timestamp).transpose()?.unwrap_or(now) + window,
-            }));
+        if let Some(limited) = crate::store::shared::at_limit(rule, hits, oldest, now)? {
+            return Ok(Some(limited));
         }
     }
     Ok(None)

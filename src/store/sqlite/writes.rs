@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::reads::{
     ALL_TENANTS, block_columns, block_from_row, load, micros, quiet_columns, quiet_from_row,
-    rule_columns, rule_from_row, timestamp,
+    rule_columns, rule_from_row,
 };
 use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus};
 use crate::policy::{
@@ -360,15 +360,9 @@ pub(super) fn consume(
         let (hits, oldest): (i64, Option<i64>) = conn
             .prepare_cached("SELECT count(*), min(at) FROM rate_hits WHERE rule = ? AND key = ?")?
             .query_row(params![rule.id, key], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        if hits >= rule.limit as i64 {
-            let window =
-                jiff::SignedDuration::try_from(rule.window).unwrap_or(jiff::SignedDuration::MAX);
-            let allowed_at = oldest.map(timestamp).transpose()?.unwrap_or(now) + window;
+        if let Some(limited) = crate::store::shared::at_limit(rule, hits, oldest, now)? {
             // Nothing counted; the pruning above only dropped hits out of the window anyway.
-            return Ok(Some(RateLimited {
-                rule: rule.clone(),
-                allowed_at,
-            }));
+            return Ok(Some(limited));
         }
     }
     let mut insert =
