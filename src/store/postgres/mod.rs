@@ -8,11 +8,12 @@
 //! commits synchronously; the staged view (the engine's writes) asynchronously, made durable by
 //! [`Ledger::flush`], whose concurrent calls share one synchronous commit.
 
+mod batch;
+mod groups;
 mod rows;
 mod writes;
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +24,7 @@ use sqlx::{Connection, Row};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use self::groups::{BlockQuery, End, Finish, Groups, NewClaim, Start, Workers};
 use self::rows::{
     ALL_TENANTS, BLOCK_COLUMNS, QUIET_COLUMNS, RULE_COLUMNS, block_from_row, load, micros,
     quiet_from_row, rule_from_row,
@@ -57,7 +59,11 @@ pub struct PostgresLedger {
     counter_key: Arc<RateCounterKey>,
     lease: Duration,
     /// The workers (one per process) that claimed through this ledger: their leases are renewed.
-    workers: Arc<Mutex<HashSet<String>>>,
+    workers: Workers,
+    /// The engine's hot statements, many deliveries per statement.
+    groups: Arc<Groups>,
+    /// Numbers the block-list reads.
+    block_queries: Arc<std::sync::atomic::AtomicU64>,
     changes: broadcast::Sender<LedgerChange>,
     /// Flushes asked for and done, so that concurrent flushes share one synchronous commit.
     flushes: Arc<Flushes>,
@@ -92,6 +98,7 @@ impl std::fmt::Debug for PostgresLedger {
         f.debug_struct("PostgresLedger")
             .field("pool_size", &self.pool.options().get_max_connections())
             .field("lease", &self.lease)
+            .field("grouped_statements", &self.groups.statements())
             .finish_non_exhaustive()
     }
 }
@@ -121,13 +128,17 @@ impl PostgresLedger {
         let counter_key = Arc::new(rate_counter_key(&pool).await?);
         let (changes, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
+        let workers = Workers::default();
+        let groups = Arc::new(Groups::start(&staged_pool, &pool, &workers, &stop));
         let ledger = PostgresLedger {
             pool,
             staged_pool,
             durable: true,
             counter_key,
             lease: settings.lease,
-            workers: Arc::default(),
+            workers,
+            groups,
+            block_queries: Arc::default(),
             flushes: Arc::default(),
             changes,
             _tasks: Arc::new(StopOnDrop(stop.clone())),
@@ -149,6 +160,16 @@ impl PostgresLedger {
             ledger.lease,
         )));
         Ok(ledger)
+    }
+
+    /// After a grouped write (committed asynchronously): for the durable view, waits until it
+    /// is on disk.
+    async fn settle(&self) -> Result<(), StoreError> {
+        if self.durable {
+            self.flush().await
+        } else {
+            Ok(())
+        }
     }
 
     /// Where this view's writes go.
@@ -208,7 +229,10 @@ async fn listen(mut listener: PgListener, changes: broadcast::Sender<LedgerChang
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => {
-                let _ = changes.send(LedgerChange::Delivery(notification.payload().to_owned()));
+                // One notification names every delivery a statement changed, a line each.
+                for id in notification.payload().lines() {
+                    let _ = changes.send(LedgerChange::Delivery(id.to_owned()));
+                }
             }
             // The connection was lost (the next call connects and listens again).
             Ok(None) => {
@@ -227,7 +251,7 @@ async fn listen(mut listener: PgListener, changes: broadcast::Sender<LedgerChang
 }
 
 /// Renews the leases of this process's workers three times per lease.
-async fn renew_leases(workers: Arc<Mutex<HashSet<String>>>, pool: PgPool, lease: Duration) {
+async fn renew_leases(workers: Workers, pool: PgPool, lease: Duration) {
     let every = lease / 3;
     loop {
         tokio::time::sleep(every).await;
@@ -241,8 +265,12 @@ async fn renew_leases(workers: Arc<Mutex<HashSet<String>>>, pool: PgPool, lease:
             continue;
         }
         let until = micros(Timestamp::now()) + lease.as_micros() as i64;
+        // Rows locked in key order, as the grouped writes lock them (no deadlock with them).
         let renewed = sqlx::query(
-            "UPDATE deliveries SET lease_until = $1 WHERE status = 'IN_PROGRESS' AND owner = ANY($2)",
+            "UPDATE deliveries d SET lease_until = $1
+             FROM (SELECT id FROM deliveries WHERE status = 'IN_PROGRESS' AND owner = ANY($2)
+                   ORDER BY id FOR UPDATE) own
+             WHERE d.id = own.id",
         )
         .bind(until)
         .bind(&names)
@@ -321,23 +349,33 @@ impl Ledger for PostgresLedger {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(worker.to_owned());
-        let mut conn = self.writer().acquire().await?;
         let lease_until = self.lease_until(now);
-        // A new delivery (the common case) is one statement; a known one is decided in a
-        // transaction that locks its row.
-        let owner = Some((worker, lease_until));
-        let claimed =
-            match writes::insert(&mut conn, new, DeliveryStatus::InProgress, owner, now).await? {
-                Some(key) => Claimed::Inserted(key),
-                None => {
-                    let mut tx = conn.begin().await?;
-                    let claimed =
-                        writes::claim(&mut tx, new, worker, takeover, now, lease_until).await?;
-                    tx.commit().await?;
-                    claimed
-                }
-            };
-        drop(conn);
+        // A new delivery (the common case) is inserted with the other new ones; a known one is
+        // decided in a transaction that locks its row.
+        let inserted = self
+            .groups
+            .claims
+            .call(NewClaim {
+                new: new.clone(),
+                owner: worker.to_owned(),
+                lease_until,
+                now: micros(now),
+            })
+            .await?;
+        let claimed = match inserted {
+            Some(key) => {
+                self.settle().await?;
+                Claimed::Inserted(key)
+            }
+            None => {
+                let mut conn = self.writer().acquire().await?;
+                let mut tx = conn.begin().await?;
+                let claimed =
+                    writes::claim(&mut tx, new, worker, takeover, now, lease_until).await?;
+                tx.commit().await?;
+                claimed
+            }
+        };
         claimed.into_claim(new, now, |key| self.load(key)).await
     }
 
@@ -346,8 +384,16 @@ impl Ledger for PostgresLedger {
         key: DeliveryKey,
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
-        let mut conn = self.writer().acquire().await?;
-        writes::start_attempt(&mut conn, key, start, &self.owners()).await
+        let attempt = self
+            .groups
+            .starts
+            .call(Start {
+                key,
+                start: start.clone(),
+            })
+            .await?;
+        self.settle().await?;
+        Ok(attempt)
     }
 
     async fn finish_attempt(
@@ -358,8 +404,17 @@ impl Ledger for PostgresLedger {
         target: u32,
         update: &TargetUpdate,
     ) -> Result<(), StoreError> {
-        let mut conn = self.writer().acquire().await?;
-        writes::finish_attempt(&mut conn, key, attempt, end, target, update, &self.owners()).await
+        self.groups
+            .ends
+            .call(End {
+                key,
+                attempt,
+                end: end.clone(),
+                target,
+                update: update.clone(),
+            })
+            .await?;
+        self.settle().await
     }
 
     async fn update_target(
@@ -433,15 +488,32 @@ impl Ledger for PostgresLedger {
         known: Option<KnownReport>,
     ) -> Result<Report, StoreError> {
         let now = as_stored(now);
-        let mut conn = self.writer().acquire().await?;
-        // The engine's own copy, while nothing else wrote: decided here and written in one
-        // statement that holds only if the revision is still the copy's.
-        if let Some(known) = known
-            && let Some(report) =
-                writes::finish_known(&mut conn, key, now, &decide, &known, &self.owners()).await?
-        {
-            return Ok(report);
+        // The engine's own copy, while nothing else wrote: decided here and written (with the
+        // other deliveries ending) only if the revision is still the copy's.
+        if let Some(known) = known {
+            let outcome = decide(&known.report);
+            let written = self
+                .groups
+                .finishes
+                .call(Finish {
+                    key,
+                    outcome: outcome.clone(),
+                    now: micros(now),
+                    revision: known.revision,
+                })
+                .await?;
+            if written {
+                self.settle().await?;
+                let mut report = known.report;
+                report.status = outcome.status;
+                report.reason = outcome.reason;
+                report.hint = outcome.reason.map(FailureReason::hint);
+                report.summary = outcome.summary;
+                report.updated_at = now;
+                return Ok(report);
+            }
         }
+        let mut conn = self.writer().acquire().await?;
         let mut tx = conn.begin().await?;
         let report = writes::finish(&mut tx, key, now, &decide, None, &self.owners()).await?;
         tx.commit().await?;
@@ -645,22 +717,19 @@ impl PolicyStore for PostgresLedger {
         patterns: &[&str],
         now: Timestamp,
     ) -> Result<Vec<BlockEntry>, StoreError> {
-        let sql = format!(
-            "SELECT {BLOCK_COLUMNS} FROM block_entries
-             WHERE tenant IN ($1, '{ALL_TENANTS}') AND kind = 'PREFIX' AND (expires_at IS NULL OR expires_at > $2)
-             UNION ALL
-             SELECT {BLOCK_COLUMNS} FROM block_entries
-             WHERE pattern = ANY($3) AND kind <> 'PREFIX' AND tenant IN ($1, '{ALL_TENANTS}')
-               AND (expires_at IS NULL OR expires_at > $2)"
-        );
-        let patterns: Vec<&str> = patterns.to_vec();
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(tenant)
-            .bind(micros(now))
-            .bind(&patterns)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(block_from_row).collect()
+        // Read with the other jobs' (one statement for every job starting at the time).
+        let seq = self
+            .block_queries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.groups
+            .blocks
+            .call(BlockQuery {
+                seq,
+                tenant: tenant.to_owned(),
+                patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+                now: micros(now),
+            })
+            .await
     }
 }
 
@@ -769,6 +838,108 @@ pub(crate) mod tests {
             recorded.elapsed() < Duration::from_millis(100),
             "{:?}",
             recorded.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn deliveries_written_at_once_share_statements_and_a_fenced_one_fails_alone() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let settings = StoreSettings::at(&database.url);
+        let (a, b) = (
+            PostgresLedger::connect(&settings).await.unwrap(),
+            PostgresLedger::connect(&settings).await.unwrap(),
+        );
+        let mut announced = b.changes().unwrap();
+        let staged = a.staged();
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        let news: Vec<_> = (0..40)
+            .map(|i| crate::store::contract::new_delivery(&format!("grouped-{i}")))
+            .collect();
+        let claims = futures_util::future::join_all(
+            news.iter().map(|new| staged.claim(new, "a", false, now)),
+        )
+        .await;
+        let keys: Vec<DeliveryKey> = claims
+            .into_iter()
+            .map(|claim| match claim.unwrap() {
+                Claim::Started(key, _) => key,
+                other => panic!("a new delivery starts: {other:?}"),
+            })
+            .collect();
+        assert!(
+            a.groups.claims.statements() <= 4,
+            "40 claims at once took {} statements",
+            a.groups.claims.statements()
+        );
+        // `a` is cut off from one delivery past its lease: `b` takes it over.
+        let later = now + jiff::SignedDuration::from_hours(1);
+        assert!(matches!(
+            b.claim(&news[7], "b", true, later).await.unwrap(),
+            Claim::Resumed(..)
+        ));
+        let start = AttemptStart {
+            target: 1,
+            provider: "sandbox".into(),
+            channel: crate::domain::Channel::Sms,
+            masked_target: "+1415•••0101".into(),
+            started_at: later,
+            retry: 0,
+            sms: None,
+        };
+        let started = futures_util::future::join_all(
+            keys.iter().map(|key| staged.start_attempt(*key, &start)),
+        )
+        .await;
+        for (i, result) in started.iter().enumerate() {
+            if i == 7 {
+                assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
+            } else {
+                assert!(result.is_ok(), "delivery {i}: {result:?}");
+            }
+        }
+        let ends = AttemptEnd {
+            ended_at: later,
+            outcome: crate::domain::AttemptOutcome::Sent,
+            reason: None,
+            provider_code: None,
+            provider_message: None,
+            provider_message_id: Some("m".into()),
+            next_retry_at: None,
+            token_invalid_since: None,
+        };
+        let update = TargetUpdate::after(crate::domain::Channel::Sms, &ends);
+        let finished = futures_util::future::join_all(
+            keys.iter()
+                .zip(&started)
+                .filter_map(|(key, attempt)| Some((*key, *attempt.as_ref().ok()?)))
+                .map(|(key, attempt)| staged.finish_attempt(key, attempt, &ends, 1, &update)),
+        )
+        .await;
+        assert!(finished.iter().all(Result::is_ok), "{finished:?}");
+        // Every change reaches the other replica, though one notification names many.
+        let mut unheard: std::collections::HashSet<String> = (0..40)
+            .filter(|i| *i != 7)
+            .map(|i| format!("acme/grouped-{i}"))
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !unheard.is_empty() {
+            match tokio::time::timeout_at(deadline, announced.recv()).await {
+                Ok(Ok(LedgerChange::Delivery(id))) => {
+                    unheard.remove(&id);
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => panic!("never announced: {unheard:?}"),
+            }
+        }
+        let report = b.report(keys[3]).await.unwrap();
+        assert_eq!(report.targets[1].status, TargetStatus::Sent);
+        let taken = b.report(keys[7]).await.unwrap();
+        assert_eq!(
+            taken.targets[1].status,
+            TargetStatus::Pending,
+            "nothing of `a`'s"
         );
     }
 

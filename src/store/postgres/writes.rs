@@ -1,6 +1,7 @@
-//! Writing the PostgreSQL ledger: each write is one statement (data-modifying CTEs keep a
-//! delivery's row, its target and its attempt in step) or one short transaction, so a write
-//! costs one round trip on the hot path.
+//! Writing the PostgreSQL ledger one write at a time: each write is one statement
+//! (data-modifying CTEs keep a delivery's row, its target and its attempt in step) or one short
+//! transaction. The engine's hot writes (a new delivery's claim, an attempt's start and end, a
+//! delivery's end) run grouped instead, many deliveries per statement (see [`super::groups`]).
 
 use jiff::Timestamp;
 use sqlx::AssertSqlSafe;
@@ -16,8 +17,8 @@ use crate::policy::{
 };
 use crate::store::shared::{Claimed, at_limit};
 use crate::store::{
-    AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, INTERRUPTED, KnownReport,
-    NewDelivery, Revision, StoreError, TargetUpdate,
+    AttemptEnd, DecideOutcome, DeliveryKey, INTERRUPTED, KnownReport, NewDelivery, Revision,
+    StoreError, TargetUpdate,
 };
 
 /// Inserts a delivery and its targets unless `(tenant, job_id)` is known; its key when new.
@@ -168,91 +169,12 @@ pub(super) async fn claim(
     }
 }
 
-/// Records that a provider call is starting.
-pub(super) async fn start_attempt(
-    conn: &mut PgConnection,
-    key: DeliveryKey,
-    start: &AttemptStart,
-    owners: &[String],
-) -> Result<AttemptKey, StoreError> {
-    let id: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome,
-                               retry, sms_encoding, sms_segments)
-         SELECT id, $2, $3, $4, $5, $6, 'IN_FLIGHT', $7, $8, $9 FROM deliveries
-         WHERE id = $1 AND (status <> 'IN_PROGRESS' OR owner = ANY($10))
-         RETURNING id",
-    )
-    .bind(key)
-    .bind(start.target as i32)
-    .bind(&start.provider)
-    .bind(start.channel.as_str())
-    .bind(&start.masked_target)
-    .bind(micros(start.started_at))
-    .bind(start.retry as i32)
-    .bind(start.sms.map(|s| s.encoding.as_str()))
-    .bind(start.sms.map(|s| s.segments as i32))
-    .bind(owners)
-    .fetch_optional(&mut *conn)
-    .await?;
-    id.ok_or_else(|| taken_over(key))
-}
-
 /// The error of a write by a replica whose claim another replica took over (its lease ran out
 /// while it was cut off): nothing was written.
-fn taken_over(key: DeliveryKey) -> StoreError {
+pub(super) fn taken_over(key: DeliveryKey) -> StoreError {
     StoreError::Conflict(format!(
         "delivery #{key} was taken over by another replica (this one's lease ran out): nothing written"
     ))
-}
-
-/// Records how a provider call ended with its target's new state, in one statement.
-pub(super) async fn finish_attempt(
-    conn: &mut PgConnection,
-    key: DeliveryKey,
-    attempt: AttemptKey,
-    end: &AttemptEnd,
-    target: u32,
-    update: &TargetUpdate,
-    owners: &[String],
-) -> Result<(), StoreError> {
-    let done = sqlx::query(
-        "WITH own AS (
-             SELECT id FROM deliveries
-             WHERE id = $14 AND (status <> 'IN_PROGRESS' OR owner = ANY($16)) FOR UPDATE
-         ), a AS (
-             UPDATE attempts SET ended_at = $1, outcome = $2, reason = $3, provider_code = $4,
-                                 provider_message = $5, provider_message_id = $6, next_retry_at = $7,
-                                 token_invalid_since = $8
-             WHERE id = $9 AND EXISTS (SELECT 1 FROM own)
-         ), t AS (
-             UPDATE targets SET channel = $10, status = $11, reason = $12, detail = $13
-             WHERE delivery = $14 AND idx = $15 AND EXISTS (SELECT 1 FROM own)
-         )
-         UPDATE deliveries SET updated_at = $1, revision = revision + 1
-         WHERE id IN (SELECT id FROM own)",
-    )
-    .bind(micros(end.ended_at))
-    .bind(end.outcome.as_str())
-    .bind(end.reason.map(FailureReason::as_str))
-    .bind(&end.provider_code)
-    .bind(&end.provider_message)
-    .bind(&end.provider_message_id)
-    .bind(end.next_retry_at.map(micros))
-    .bind(end.token_invalid_since.map(micros))
-    .bind(attempt)
-    .bind(update.channel.as_str())
-    .bind(update.status.as_str())
-    .bind(update.reason.map(FailureReason::as_str))
-    .bind(&update.detail)
-    .bind(key)
-    .bind(target as i32)
-    .bind(owners)
-    .execute(&mut *conn)
-    .await?;
-    if done.rows_affected() == 0 {
-        return Err(taken_over(key));
-    }
-    Ok(())
 }
 
 /// Updates one target and marks the delivery as changed, in one statement.
@@ -412,43 +334,6 @@ pub(super) async fn finish(
     report.summary = outcome.summary;
     report.updated_at = now;
     Ok(report)
-}
-
-/// Marks the delivery terminal with the outcome `decide` draws from `known`, provided the
-/// delivery is still at `known`'s revision (nothing else wrote); `None` when it is not.
-pub(super) async fn finish_known(
-    conn: &mut PgConnection,
-    key: DeliveryKey,
-    now: Timestamp,
-    decide: &DecideOutcome,
-    known: &KnownReport,
-    owners: &[String],
-) -> Result<Option<Report>, StoreError> {
-    let outcome = decide(&known.report);
-    let done = sqlx::query(
-        "UPDATE deliveries SET status = $1, reason = $2, summary = $3, updated_at = $4,
-                               revision = revision + 1, lease_until = NULL
-         WHERE id = $5 AND revision = $6 AND (status <> 'IN_PROGRESS' OR owner = ANY($7))",
-    )
-    .bind(outcome.status.as_str())
-    .bind(outcome.reason.map(FailureReason::as_str))
-    .bind(&outcome.summary)
-    .bind(micros(now))
-    .bind(key)
-    .bind(known.revision as i64)
-    .bind(owners)
-    .execute(&mut *conn)
-    .await?;
-    if done.rows_affected() == 0 {
-        return Ok(None);
-    }
-    let mut report = known.report.clone();
-    report.status = outcome.status;
-    report.reason = outcome.reason;
-    report.hint = outcome.reason.map(FailureReason::hint);
-    report.summary = outcome.summary;
-    report.updated_at = now;
-    Ok(Some(report))
 }
 
 /// Counts one send under every key (inside a transaction) unless one is at its limit. Each

@@ -1,0 +1,516 @@
+//! The engine's hot statements as multi-row statements, one per kind, each over many
+//! deliveries (see [`super::batch`]): the claim of new deliveries, an attempt's start, its end
+//! with its target's state, a delivery's end, and the block entries that could apply to a job.
+//! Each write fences the owner as the single writes do (a delivery in progress is written only
+//! by a worker that still owns it) and locks the deliveries it changes in key order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+
+use super::batch::{BatchResult, Batcher, RunBatch};
+use super::rows::{ALL_TENANTS, block_from_row};
+use super::writes::taken_over;
+use crate::domain::{DeliveryStatus, FailureReason, TargetStatus};
+use crate::policy::BlockEntry;
+use crate::store::{
+    AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, NewDelivery, Outcome, Revision, StoreError,
+    TargetUpdate,
+};
+
+/// A new delivery claimed by `owner` (inserted unless its `(tenant, job_id)` is known).
+pub(super) struct NewClaim {
+    pub(super) new: NewDelivery,
+    pub(super) owner: String,
+    pub(super) lease_until: i64,
+    pub(super) now: i64,
+}
+
+/// A provider call starting.
+pub(super) struct Start {
+    pub(super) key: DeliveryKey,
+    pub(super) start: AttemptStart,
+}
+
+/// A provider call's end and its target's new state.
+pub(super) struct End {
+    pub(super) key: DeliveryKey,
+    pub(super) attempt: AttemptKey,
+    pub(super) end: AttemptEnd,
+    pub(super) target: u32,
+    pub(super) update: TargetUpdate,
+}
+
+/// A delivery's end, written only if the delivery is still at `revision`.
+pub(super) struct Finish {
+    pub(super) key: DeliveryKey,
+    pub(super) outcome: Outcome,
+    pub(super) now: i64,
+    pub(super) revision: Revision,
+}
+
+/// The block entries in force at `now` that could apply to a job of `tenant` whose account,
+/// numbers and tokens are `patterns` (every prefix entry of the tenant, exact entries only for
+/// those patterns).
+pub(super) struct BlockQuery {
+    /// Tells queries apart (each goes in a batch of its own kind once).
+    pub(super) seq: u64,
+    pub(super) tenant: String,
+    pub(super) patterns: Vec<String>,
+    pub(super) now: i64,
+}
+
+/// The batchers of the hot statements.
+pub(super) struct Groups {
+    pub(super) blocks: Batcher<BlockQuery, Vec<BlockEntry>>,
+    pub(super) claims: Batcher<NewClaim, Option<DeliveryKey>>,
+    pub(super) starts: Batcher<Start, AttemptKey>,
+    pub(super) ends: Batcher<End, ()>,
+    pub(super) finishes: Batcher<Finish, bool>,
+}
+
+/// The workers this process claims as (their writes to deliveries in progress hold).
+pub(super) type Workers = Arc<Mutex<HashSet<String>>>;
+
+fn owners(workers: &Workers) -> Vec<String> {
+    workers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect()
+}
+
+impl Groups {
+    /// Starts the batchers: the writes' on `pool` (the staged pool: asynchronous commits), the
+    /// reads' on `reads`.
+    pub(super) fn start(
+        pool: &PgPool,
+        reads: &PgPool,
+        workers: &Workers,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let run_blocks: RunBatch<BlockQuery, Vec<BlockEntry>> =
+            Arc::new(|pool, items| Box::pin(block_candidates(pool, items)));
+        let run_claims: RunBatch<NewClaim, Option<DeliveryKey>> =
+            Arc::new(|pool, items| Box::pin(insert_claims(pool, items)));
+        let fenced = Arc::clone(workers);
+        let run_starts: RunBatch<Start, AttemptKey> = Arc::new(move |pool, items| {
+            let owners = owners(&fenced);
+            Box::pin(async move { start_attempts(pool, items, &owners).await })
+        });
+        let fenced = Arc::clone(workers);
+        let run_ends: RunBatch<End, ()> = Arc::new(move |pool, items| {
+            let owners = owners(&fenced);
+            Box::pin(async move { finish_attempts(pool, items, &owners).await })
+        });
+        let fenced = Arc::clone(workers);
+        let run_finishes: RunBatch<Finish, bool> = Arc::new(move |pool, items| {
+            let owners = owners(&fenced);
+            Box::pin(async move { finish_deliveries(pool, items, &owners).await })
+        });
+        Groups {
+            blocks: Batcher::start(
+                reads.clone(),
+                stop.clone(),
+                |q: &BlockQuery| q.seq,
+                run_blocks,
+            ),
+            claims: Batcher::start(
+                pool.clone(),
+                stop.clone(),
+                |c: &NewClaim| (c.new.id.tenant.clone(), c.new.id.job_id.clone()),
+                run_claims,
+            ),
+            starts: Batcher::start(pool.clone(), stop.clone(), |s: &Start| s.key, run_starts),
+            ends: Batcher::start(pool.clone(), stop.clone(), |e: &End| e.key, run_ends),
+            finishes: Batcher::start(pool.clone(), stop.clone(), |f: &Finish| f.key, run_finishes),
+        }
+    }
+}
+
+impl Groups {
+    /// The statements run so far, every kind together.
+    pub(super) fn statements(&self) -> u64 {
+        self.blocks.statements()
+            + self.claims.statements()
+            + self.starts.statements()
+            + self.ends.statements()
+            + self.finishes.statements()
+    }
+}
+
+/// Inserts the deliveries (with their targets) whose `(tenant, job_id)` is not known, owned by
+/// their claimers; per claim, the new key, or `None` when the delivery was there.
+async fn insert_claims(pool: &PgPool, items: &[NewClaim]) -> BatchResult<Option<DeliveryKey>> {
+    let count = items.len();
+    let mut tenants = Vec::with_capacity(count);
+    let mut job_ids = Vec::with_capacity(count);
+    let mut accounts = Vec::with_capacity(count);
+    let mut purposes = Vec::with_capacity(count);
+    let mut owners = Vec::with_capacity(count);
+    let mut leases = Vec::with_capacity(count);
+    let mut expiries = Vec::with_capacity(count);
+    let mut nows = Vec::with_capacity(count);
+    let (mut t_tenants, mut t_jobs, mut t_indexes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut t_channels, mut t_labels) = (Vec::new(), Vec::new());
+    let mut t_platforms: Vec<Option<&str>> = Vec::new();
+    for claim in items {
+        let new = &claim.new;
+        tenants.push(new.id.tenant.as_str());
+        job_ids.push(new.id.job_id.as_str());
+        accounts.push(new.account.as_str());
+        purposes.push(new.purpose.as_str());
+        owners.push(claim.owner.as_str());
+        leases.push(claim.lease_until);
+        expiries.push(super::rows::micros(new.expires_at));
+        nows.push(claim.now);
+        for (index, target) in new.targets.iter().enumerate() {
+            t_tenants.push(new.id.tenant.as_str());
+            t_jobs.push(new.id.job_id.as_str());
+            t_indexes.push(index as i32);
+            t_channels.push(target.channel.as_str());
+            t_labels.push(target.label.as_str());
+            t_platforms.push(target.platform.map(|p| p.as_str()));
+        }
+    }
+    let rows = sqlx::query(
+        "WITH d AS (
+             INSERT INTO deliveries (tenant, job_id, account, purpose, status, owner, lease_until,
+                                     expires_at, created_at, updated_at)
+             SELECT x.tenant, x.job_id, x.account, x.purpose, $9, x.owner, x.lease_until,
+                    x.expires_at, x.now, x.now
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                         $7::bigint[], $8::bigint[])
+                  AS x (tenant, job_id, account, purpose, owner, lease_until, expires_at, now)
+             ON CONFLICT (tenant, job_id) DO NOTHING RETURNING id, tenant, job_id
+         ), t AS (
+             INSERT INTO targets (delivery, idx, channel, label, platform, status)
+             SELECT d.id, y.idx, y.channel, y.label, y.platform, $16
+             FROM d JOIN UNNEST($10::text[], $11::text[], $12::int[], $13::text[], $14::text[],
+                                $15::text[]) AS y (tenant, job_id, idx, channel, label, platform)
+                  ON y.tenant = d.tenant AND y.job_id = d.job_id
+         )
+         SELECT id, tenant, job_id FROM d",
+    )
+    .bind(&tenants)
+    .bind(&job_ids)
+    .bind(&accounts)
+    .bind(&purposes)
+    .bind(&owners)
+    .bind(&leases)
+    .bind(&expiries)
+    .bind(&nows)
+    .bind(DeliveryStatus::InProgress.as_str())
+    .bind(&t_tenants)
+    .bind(&t_jobs)
+    .bind(&t_indexes)
+    .bind(&t_channels)
+    .bind(&t_labels)
+    .bind(&t_platforms)
+    .bind(TargetStatus::Pending.as_str())
+    .fetch_all(pool)
+    .await?;
+    let mut inserted = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let tenant: String = row.try_get(1)?;
+        let job_id: String = row.try_get(2)?;
+        inserted.insert((tenant, job_id), row.try_get::<i64, _>(0)?);
+    }
+    Ok(items
+        .iter()
+        .map(|claim| {
+            let id = &claim.new.id;
+            Ok(inserted
+                .get(&(id.tenant.clone(), id.job_id.clone()))
+                .copied())
+        })
+        .collect())
+}
+
+/// Records the provider calls starting; per start, the attempt's key (a Conflict where the
+/// delivery was taken over by another replica).
+async fn start_attempts(
+    pool: &PgPool,
+    items: &[Start],
+    owners: &[String],
+) -> BatchResult<AttemptKey> {
+    let count = items.len();
+    let mut keys = Vec::with_capacity(count);
+    let mut targets = Vec::with_capacity(count);
+    let mut providers = Vec::with_capacity(count);
+    let mut channels = Vec::with_capacity(count);
+    let mut masked = Vec::with_capacity(count);
+    let mut started = Vec::with_capacity(count);
+    let mut retries = Vec::with_capacity(count);
+    let mut encodings: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut segments: Vec<Option<i32>> = Vec::with_capacity(count);
+    for Start { key, start } in items {
+        keys.push(*key);
+        targets.push(start.target as i32);
+        providers.push(start.provider.as_str());
+        channels.push(start.channel.as_str());
+        masked.push(start.masked_target.as_str());
+        started.push(super::rows::micros(start.started_at));
+        retries.push(start.retry as i32);
+        encodings.push(start.sms.map(|s| s.encoding.as_str()));
+        segments.push(start.sms.map(|s| s.segments as i32));
+    }
+    let rows = sqlx::query(
+        "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at,
+                               outcome, retry, sms_encoding, sms_segments)
+         SELECT x.delivery, x.target_idx, x.provider, x.channel, x.masked_target, x.started_at,
+                'IN_FLIGHT', x.retry, x.sms_encoding, x.sms_segments
+         FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                     $7::int[], $8::text[], $9::int[])
+              AS x (delivery, target_idx, provider, channel, masked_target, started_at, retry,
+                    sms_encoding, sms_segments)
+         JOIN deliveries d ON d.id = x.delivery
+         WHERE d.status <> 'IN_PROGRESS' OR d.owner = ANY($10)
+         RETURNING delivery, id",
+    )
+    .bind(&keys)
+    .bind(&targets)
+    .bind(&providers)
+    .bind(&channels)
+    .bind(&masked)
+    .bind(&started)
+    .bind(&retries)
+    .bind(&encodings)
+    .bind(&segments)
+    .bind(owners)
+    .fetch_all(pool)
+    .await?;
+    let started = keyed(&rows)?;
+    Ok(keys
+        .iter()
+        .map(|key| started.get(key).copied().ok_or_else(|| taken_over(*key)))
+        .collect())
+}
+
+/// Records how the provider calls ended with their targets' new states; per end, a Conflict
+/// where the delivery was taken over by another replica.
+async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> BatchResult<()> {
+    let count = items.len();
+    let mut keys = Vec::with_capacity(count);
+    let mut attempts = Vec::with_capacity(count);
+    let mut ended = Vec::with_capacity(count);
+    let mut outcomes = Vec::with_capacity(count);
+    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut codes: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut messages: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut message_ids: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut next_retries: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut invalid_since: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut indexes = Vec::with_capacity(count);
+    let mut channels = Vec::with_capacity(count);
+    let mut statuses = Vec::with_capacity(count);
+    let mut target_reasons: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut details: Vec<Option<&str>> = Vec::with_capacity(count);
+    for item in items {
+        let (end, update) = (&item.end, &item.update);
+        keys.push(item.key);
+        attempts.push(item.attempt);
+        ended.push(super::rows::micros(end.ended_at));
+        outcomes.push(end.outcome.as_str());
+        reasons.push(end.reason.map(FailureReason::as_str));
+        codes.push(end.provider_code.as_deref());
+        messages.push(end.provider_message.as_deref());
+        message_ids.push(end.provider_message_id.as_deref());
+        next_retries.push(end.next_retry_at.map(super::rows::micros));
+        invalid_since.push(end.token_invalid_since.map(super::rows::micros));
+        indexes.push(item.target as i32);
+        channels.push(update.channel.as_str());
+        statuses.push(update.status.as_str());
+        target_reasons.push(update.reason.map(FailureReason::as_str));
+        details.push(update.detail.as_deref());
+    }
+    let rows = sqlx::query(
+        "WITH x AS (
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+                                  $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
+                                  $11::int[], $12::text[], $13::text[], $14::text[], $15::text[])
+                 AS x (delivery, attempt, ended_at, outcome, reason, provider_code,
+                       provider_message, provider_message_id, next_retry_at, token_invalid_since,
+                       idx, channel, status, target_reason, detail)
+         ), own AS (
+             SELECT id FROM deliveries
+             WHERE id = ANY($1) AND (status <> 'IN_PROGRESS' OR owner = ANY($16))
+             ORDER BY id FOR UPDATE
+         ), a AS (
+             UPDATE attempts SET ended_at = x.ended_at, outcome = x.outcome, reason = x.reason,
+                                 provider_code = x.provider_code,
+                                 provider_message = x.provider_message,
+                                 provider_message_id = x.provider_message_id,
+                                 next_retry_at = x.next_retry_at,
+                                 token_invalid_since = x.token_invalid_since
+             FROM x JOIN own ON own.id = x.delivery
+             WHERE attempts.id = x.attempt
+         ), t AS (
+             UPDATE targets SET channel = x.channel, status = x.status, reason = x.target_reason,
+                                detail = x.detail
+             FROM x JOIN own ON own.id = x.delivery
+             WHERE targets.delivery = x.delivery AND targets.idx = x.idx
+         )
+         UPDATE deliveries d SET updated_at = x.ended_at, revision = d.revision + 1
+         FROM x JOIN own ON own.id = x.delivery
+         WHERE d.id = x.delivery
+         RETURNING d.id",
+    )
+    .bind(&keys)
+    .bind(&attempts)
+    .bind(&ended)
+    .bind(&outcomes)
+    .bind(&reasons)
+    .bind(&codes)
+    .bind(&messages)
+    .bind(&message_ids)
+    .bind(&next_retries)
+    .bind(&invalid_since)
+    .bind(&indexes)
+    .bind(&channels)
+    .bind(&statuses)
+    .bind(&target_reasons)
+    .bind(&details)
+    .bind(owners)
+    .fetch_all(pool)
+    .await?;
+    fenced(&keys, &rows)
+}
+
+/// Marks the deliveries terminal with their outcomes where each is still at the revision its
+/// engine knows; per finish, whether it was written.
+async fn finish_deliveries(
+    pool: &PgPool,
+    items: &[Finish],
+    owners: &[String],
+) -> BatchResult<bool> {
+    let count = items.len();
+    let mut keys = Vec::with_capacity(count);
+    let mut statuses = Vec::with_capacity(count);
+    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut summaries = Vec::with_capacity(count);
+    let mut nows = Vec::with_capacity(count);
+    let mut revisions = Vec::with_capacity(count);
+    for item in items {
+        keys.push(item.key);
+        statuses.push(item.outcome.status.as_str());
+        reasons.push(item.outcome.reason.map(FailureReason::as_str));
+        summaries.push(item.outcome.summary.as_str());
+        nows.push(item.now);
+        revisions.push(item.revision as i64);
+    }
+    let rows = sqlx::query(
+        "WITH x AS (
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                  $6::bigint[])
+                 AS x (delivery, status, reason, summary, now, revision)
+         ), own AS (
+             SELECT d.id FROM deliveries d JOIN x ON x.delivery = d.id
+             WHERE d.revision = x.revision AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($7))
+             ORDER BY d.id FOR UPDATE OF d
+         )
+         UPDATE deliveries d SET status = x.status, reason = x.reason, summary = x.summary,
+                                 updated_at = x.now, revision = d.revision + 1, lease_until = NULL
+         FROM x JOIN own ON own.id = x.delivery
+         WHERE d.id = x.delivery AND d.revision = x.revision
+         RETURNING d.id",
+    )
+    .bind(&keys)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&summaries)
+    .bind(&nows)
+    .bind(&revisions)
+    .bind(owners)
+    .fetch_all(pool)
+    .await?;
+    let written = returned(&rows)?;
+    Ok(keys.iter().map(|key| Ok(written.contains(key))).collect())
+}
+
+/// Per query, the block entries in force that could apply to its job.
+async fn block_candidates(pool: &PgPool, items: &[BlockQuery]) -> BatchResult<Vec<BlockEntry>> {
+    let mut queries = Vec::with_capacity(items.len());
+    let mut tenants = Vec::with_capacity(items.len());
+    let mut nows = Vec::with_capacity(items.len());
+    let (mut p_queries, mut p_tenants, mut p_nows, mut patterns) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (query, item) in items.iter().enumerate() {
+        queries.push(query as i32);
+        tenants.push(item.tenant.as_str());
+        nows.push(item.now);
+        for pattern in &item.patterns {
+            p_queries.push(query as i32);
+            p_tenants.push(item.tenant.as_str());
+            p_nows.push(item.now);
+            patterns.push(pattern.as_str());
+        }
+    }
+    // The entry's columns as `BLOCK_COLUMNS` lists them, then the query's number.
+    let rows = sqlx::query(
+        "SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
+                q.query
+         FROM UNNEST($1::int[], $2::text[], $3::bigint[]) AS q (query, tenant, now)
+         JOIN block_entries b ON b.tenant IN (q.tenant, $7) AND b.kind = 'PREFIX'
+         WHERE b.expires_at IS NULL OR b.expires_at > q.now
+         UNION ALL
+         SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
+                q.query
+         FROM UNNEST($4::int[], $5::text[], $6::bigint[], $8::text[])
+              AS q (query, tenant, now, pattern)
+         JOIN block_entries b ON b.pattern = q.pattern AND b.kind <> 'PREFIX'
+                              AND b.tenant IN (q.tenant, $7)
+         WHERE b.expires_at IS NULL OR b.expires_at > q.now",
+    )
+    .bind(&queries)
+    .bind(&tenants)
+    .bind(&nows)
+    .bind(&p_queries)
+    .bind(&p_tenants)
+    .bind(&p_nows)
+    .bind(ALL_TENANTS)
+    .bind(&patterns)
+    .fetch_all(pool)
+    .await?;
+    let mut found: Vec<Vec<BlockEntry>> = items.iter().map(|_| Vec::new()).collect();
+    for row in &rows {
+        let query = row.try_get::<i32, _>(8)? as usize;
+        if let Some(entries) = found.get_mut(query) {
+            entries.push(block_from_row(row)?);
+        }
+    }
+    Ok(found.into_iter().map(Ok).collect())
+}
+
+/// The first column of each row (a delivery's key).
+fn returned(rows: &[PgRow]) -> Result<HashSet<DeliveryKey>, StoreError> {
+    rows.iter()
+        .map(|row| row.try_get::<i64, _>(0).map_err(StoreError::from))
+        .collect()
+}
+
+/// The second column of each row by its first (an attempt's key by its delivery's).
+fn keyed(rows: &[PgRow]) -> Result<HashMap<DeliveryKey, i64>, StoreError> {
+    rows.iter()
+        .map(|row| Ok((row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?)))
+        .collect()
+}
+
+/// Per write, done where its delivery's row came back, else refused: another replica took the
+/// delivery over.
+fn fenced(keys: &[DeliveryKey], rows: &[PgRow]) -> BatchResult<()> {
+    let written = returned(rows)?;
+    Ok(keys
+        .iter()
+        .map(|key| {
+            if written.contains(key) {
+                Ok(())
+            } else {
+                Err(taken_over(*key))
+            }
+        })
+        .collect())
+}
