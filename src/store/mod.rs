@@ -262,6 +262,18 @@ pub struct Outcome {
     pub summary: String,
 }
 
+impl Outcome {
+    /// `report` ended with this outcome at `now` (as the ledger has just written it).
+    pub fn conclude(self, mut report: Report, now: Timestamp) -> Report {
+        report.status = self.status;
+        report.reason = self.reason;
+        report.hint = self.reason.map(FailureReason::hint);
+        report.summary = self.summary;
+        report.updated_at = now;
+        report
+    }
+}
+
 /// Draws a delivery's final outcome from its report as the ledger holds it (see
 /// [`Ledger::finish`]).
 pub type DecideOutcome = std::sync::Arc<dyn Fn(&Report) -> Outcome + Send + Sync>;

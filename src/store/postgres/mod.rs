@@ -504,13 +504,7 @@ impl Ledger for PostgresLedger {
                 .await?;
             if written {
                 self.settle().await?;
-                let mut report = known.report;
-                report.status = outcome.status;
-                report.reason = outcome.reason;
-                report.hint = outcome.reason.map(FailureReason::hint);
-                report.summary = outcome.summary;
-                report.updated_at = now;
-                return Ok(report);
+                return Ok(outcome.conclude(known.report, now));
             }
         }
         let mut conn = self.writer().acquire().await?;

@@ -309,7 +309,7 @@ pub(super) async fn finish(
     {
         return Err(taken_over(key));
     }
-    let mut report = match known {
+    let report = match known {
         Some(known) if known.revision == revision => known.report,
         _ => load(conn, key)
             .await?
@@ -328,12 +328,7 @@ pub(super) async fn finish(
     .bind(key)
     .execute(&mut *conn)
     .await?;
-    report.status = outcome.status;
-    report.reason = outcome.reason;
-    report.hint = outcome.reason.map(FailureReason::hint);
-    report.summary = outcome.summary;
-    report.updated_at = now;
-    Ok(report)
+    Ok(outcome.conclude(report, now))
 }
 
 /// Counts one send under every key (inside a transaction) unless one is at its limit. Each

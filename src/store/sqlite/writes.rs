@@ -321,7 +321,7 @@ pub(super) fn finish(
     decide: &DecideOutcome,
     known: Option<KnownReport>,
 ) -> Result<Report, StoreError> {
-    let mut report = match known {
+    let report = match known {
         Some(known) if known.revision == revision(conn, key)? => known.report,
         _ => load(conn, key)?.ok_or_else(|| StoreError::NotFound(format!("delivery #{key}")))?,
     };
@@ -337,12 +337,7 @@ pub(super) fn finish(
         micros(now),
         key,
     ])?;
-    report.status = outcome.status;
-    report.reason = outcome.reason;
-    report.hint = outcome.reason.map(FailureReason::hint);
-    report.summary = outcome.summary;
-    report.updated_at = now;
-    Ok(report)
+    Ok(outcome.conclude(report, now))
 }
 
 /// Counts one send under every key unless one of them is at its limit (then nothing is
