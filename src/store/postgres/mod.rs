@@ -172,6 +172,34 @@ impl PostgresLedger {
         }
     }
 
+    /// Deletes row `id` of `table` (a rule or an entry); whether there was one.
+    async fn remove_row(&self, table: &'static str, id: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE id = $1")))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The `columns` of `table`'s rows for `tenant` and for every tenant (all rows when
+    /// `None`), by `order`.
+    async fn tenant_rows(
+        &self,
+        table: &'static str,
+        columns: &'static str,
+        tenant: Option<&str>,
+        order: &'static str,
+    ) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
+        let sql = format!(
+            "SELECT {columns} FROM {table}
+             WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY {order}"
+        );
+        Ok(sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     /// Where this view's writes go.
     fn writer(&self) -> &PgPool {
         if self.durable {
@@ -590,23 +618,15 @@ impl PolicyStore for PostgresLedger {
     }
 
     async fn remove_block(&self, id: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM block_entries WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        self.remove_row("block_entries", id).await
     }
 
     async fn list_blocks(&self, tenant: Option<&str>) -> Result<Vec<BlockEntry>, StoreError> {
-        let sql = format!(
-            "SELECT {BLOCK_COLUMNS} FROM block_entries
-             WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY id DESC"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(block_from_row).collect()
+        self.tenant_rows("block_entries", BLOCK_COLUMNS, tenant, "id DESC")
+            .await?
+            .iter()
+            .map(block_from_row)
+            .collect()
     }
 
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
@@ -615,26 +635,18 @@ impl PolicyStore for PostgresLedger {
     }
 
     async fn remove_rate_limit(&self, id: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM rate_limit_rules WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        self.remove_row("rate_limit_rules", id).await
     }
 
     async fn list_rate_limits(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<RateLimitRule>, StoreError> {
-        let sql = format!(
-            "SELECT {RULE_COLUMNS} FROM rate_limit_rules
-             WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY id"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(rule_from_row).collect()
+        self.tenant_rows("rate_limit_rules", RULE_COLUMNS, tenant, "id")
+            .await?
+            .iter()
+            .map(rule_from_row)
+            .collect()
     }
 
     async fn consume(
@@ -661,26 +673,18 @@ impl PolicyStore for PostgresLedger {
     }
 
     async fn remove_quiet_hours(&self, id: i64) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM quiet_rules WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+        self.remove_row("quiet_rules", id).await
     }
 
     async fn list_quiet_hours(
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<QuietHoursRule>, StoreError> {
-        let sql = format!(
-            "SELECT {QUIET_COLUMNS} FROM quiet_rules
-             WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY id"
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(quiet_from_row).collect()
+        self.tenant_rows("quiet_rules", QUIET_COLUMNS, tenant, "id")
+            .await?
+            .iter()
+            .map(quiet_from_row)
+            .collect()
     }
 
     async fn peek(
