@@ -13,6 +13,7 @@
 #[cfg(test)]
 pub(crate) mod contract;
 mod postgres;
+mod rows;
 mod rules_cache;
 mod settings;
 mod shared;

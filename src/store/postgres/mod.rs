@@ -35,6 +35,7 @@ use crate::domain::{
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
+use crate::store::rows::StoredRow;
 use crate::store::shared::{Claimed, RateCounterKey, at_limit, page};
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
@@ -181,23 +182,25 @@ impl PostgresLedger {
         Ok(done.rows_affected() == 1)
     }
 
-    /// The `columns` of `table`'s rows for `tenant` and for every tenant (all rows when
-    /// `None`), by `order`.
-    async fn tenant_rows(
+    /// `table`'s rows for `tenant` and for every tenant (all rows when `None`), by `order`,
+    /// read (`columns`) through `map`.
+    async fn tenant_rows<T>(
         &self,
         table: &'static str,
         columns: &'static str,
         tenant: Option<&str>,
         order: &'static str,
-    ) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
+        map: fn(&dyn StoredRow) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let sql = format!(
             "SELECT {columns} FROM {table}
              WHERE ($1::text IS NULL OR tenant = $1 OR tenant = '{ALL_TENANTS}') ORDER BY {order}"
         );
-        Ok(sqlx::query(AssertSqlSafe(sql))
+        let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(tenant)
             .fetch_all(&self.pool)
-            .await?)
+            .await?;
+        rows.iter().map(|row| map(row)).collect()
     }
 
     /// Where this view's writes go.
@@ -622,11 +625,14 @@ impl PolicyStore for PostgresLedger {
     }
 
     async fn list_blocks(&self, tenant: Option<&str>) -> Result<Vec<BlockEntry>, StoreError> {
-        self.tenant_rows("block_entries", BLOCK_COLUMNS, tenant, "id DESC")
-            .await?
-            .iter()
-            .map(block_from_row)
-            .collect()
+        self.tenant_rows(
+            "block_entries",
+            BLOCK_COLUMNS,
+            tenant,
+            "id DESC",
+            block_from_row,
+        )
+        .await
     }
 
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
@@ -642,11 +648,14 @@ impl PolicyStore for PostgresLedger {
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<RateLimitRule>, StoreError> {
-        self.tenant_rows("rate_limit_rules", RULE_COLUMNS, tenant, "id")
-            .await?
-            .iter()
-            .map(rule_from_row)
-            .collect()
+        self.tenant_rows(
+            "rate_limit_rules",
+            RULE_COLUMNS,
+            tenant,
+            "id",
+            rule_from_row,
+        )
+        .await
     }
 
     async fn consume(
@@ -680,11 +689,8 @@ impl PolicyStore for PostgresLedger {
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<QuietHoursRule>, StoreError> {
-        self.tenant_rows("quiet_rules", QUIET_COLUMNS, tenant, "id")
-            .await?
-            .iter()
-            .map(quiet_from_row)
-            .collect()
+        self.tenant_rows("quiet_rules", QUIET_COLUMNS, tenant, "id", quiet_from_row)
+            .await
     }
 
     async fn peek(

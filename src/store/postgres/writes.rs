@@ -412,7 +412,7 @@ pub(super) async fn set_quiet_hours(
         .fetch_optional(&mut *conn)
         .await?
         .as_ref()
-        .map(quiet_from_row)
+        .map(|row| quiet_from_row(row))
         .transpose()
 }
 

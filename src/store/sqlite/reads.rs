@@ -1,10 +1,10 @@
 //! The SQLite ledger's reads: plain functions of a reader connection (rusqlite, cached
-//! statements), and the row mappers the writes share for `RETURNING`. A reader connection is
+//! statements); its rows are read as [`StoredRow`]s by the store's mappers (shared with
+//! PostgreSQL, and with the writes for `RETURNING`). A reader connection is
 //! used on the calling thread: these are indexed lookups of a few rows, cheaper than handing
 //! them to another thread and back (which is what bounded the gateway before).
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -12,11 +12,15 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use crate::domain::{
-    Acknowledgement, Attempt, DeliveryId, DeliveryStatus, FailureReason, Report, SmsEncoding,
-    SmsShape, TargetResult, TargetStatus,
+    Acknowledgement, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
 };
 use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule, RateLimited};
+use crate::store::rows::{
+    StoredRow, attempt_from_row, parse, parse_opt, report_from_row, target_from_row,
+};
 use crate::store::{DeliveryKey, ListPage, ListQuery, StoreError};
+
+pub(super) use crate::store::rows::{block_from_row, micros, quiet_from_row, rule_from_row};
 
 /// The columns each mapper below reads, in its order (rows are read by position: looking
 /// columns up by name costs a walk through the names for every value).
@@ -106,28 +110,14 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(connection)
 }
 
-fn parse<T: FromStr<Err = String>>(text: &str) -> Result<T, StoreError> {
-    text.parse().map_err(StoreError::Corrupt)
-}
+impl StoredRow for Row<'_> {
+    fn opt_text(&self, index: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.get(index)?)
+    }
 
-fn parse_opt<T: FromStr<Err = String>>(text: Option<String>) -> Result<Option<T>, StoreError> {
-    text.as_deref().map(parse).transpose()
-}
-
-fn column<T: rusqlite::types::FromSql>(row: &Row<'_>, index: usize) -> Result<T, StoreError> {
-    Ok(row.get(index)?)
-}
-
-fn opt_timestamp(row: &Row<'_>, index: usize) -> Result<Option<Timestamp>, StoreError> {
-    column::<Option<i64>>(row, index)?
-        .map(timestamp)
-        .transpose()
-}
-
-/// `None` for "every tenant".
-fn tenant_of(row: &Row<'_>, index: usize) -> Result<Option<String>, StoreError> {
-    let tenant: String = column(row, index)?;
-    Ok((tenant != ALL_TENANTS).then_some(tenant))
+    fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.get(index)?)
+    }
 }
 
 /// The key of a delivery, if known.
@@ -139,77 +129,6 @@ pub(super) fn key_of(
         .prepare_cached("SELECT id FROM deliveries WHERE tenant = ? AND job_id = ?")?
         .query_row(params![id.tenant, id.job_id], |row| row.get(0))
         .optional()?)
-}
-
-/// An attempt row ([`attempt_columns`]) and the index of its target.
-fn attempt_from_row(row: &Row<'_>) -> Result<(u32, Attempt), StoreError> {
-    let target = column::<i64>(row, 0)? as u32;
-    let sms = match (
-        parse_opt::<SmsEncoding>(column(row, 14)?)?,
-        column::<Option<i64>>(row, 15)?,
-    ) {
-        (Some(encoding), Some(segments)) => Some(SmsShape {
-            encoding,
-            segments: segments as u32,
-        }),
-        _ => None,
-    };
-    let attempt = Attempt {
-        provider: column(row, 1)?,
-        channel: parse(&column::<String>(row, 2)?)?,
-        target: column(row, 3)?,
-        started_at: timestamp(column(row, 4)?)?,
-        ended_at: opt_timestamp(row, 5)?,
-        outcome: parse(&column::<String>(row, 6)?)?,
-        reason: parse_opt(column(row, 7)?)?,
-        provider_code: column(row, 8)?,
-        provider_message: column(row, 9)?,
-        retry: column::<i64>(row, 10)? as u32,
-        provider_message_id: column(row, 11)?,
-        next_retry_at: opt_timestamp(row, 12)?,
-        token_invalid_since: opt_timestamp(row, 13)?,
-        sms,
-    };
-    Ok((target, attempt))
-}
-
-/// A target row ([`target_columns`]), without its attempts.
-fn target_from_row(row: &Row<'_>) -> Result<TargetResult, StoreError> {
-    let reason: Option<FailureReason> = parse_opt(column(row, 5)?)?;
-    Ok(TargetResult {
-        index: column::<i64>(row, 0)? as u32,
-        channel: parse(&column::<String>(row, 1)?)?,
-        target: column(row, 2)?,
-        platform: parse_opt(column(row, 3)?)?,
-        status: parse::<TargetStatus>(&column::<String>(row, 4)?)?,
-        reason,
-        hint: reason.map(FailureReason::hint),
-        detail: column(row, 6)?,
-        acknowledgement: parse_opt(column(row, 7)?)?,
-        attempts: Vec::new(),
-    })
-}
-
-/// A delivery row ([`delivery_columns`]), without its targets.
-fn report_from_row(row: &Row<'_>) -> Result<Report, StoreError> {
-    let tenant: String = column(row, 0)?;
-    let job_id: String = column(row, 1)?;
-    let reason: Option<FailureReason> = parse_opt(column(row, 5)?)?;
-    Ok(Report {
-        delivery_id: format!("{tenant}/{job_id}"),
-        tenant,
-        job_id,
-        account: column(row, 2)?,
-        purpose: column(row, 3)?,
-        status: parse(&column::<String>(row, 4)?)?,
-        reason,
-        hint: reason.map(FailureReason::hint),
-        summary: column(row, 6)?,
-        created_at: timestamp(column(row, 7)?)?,
-        updated_at: timestamp(column(row, 8)?)?,
-        expires_at: timestamp(column(row, 9)?)?,
-        targets: Vec::new(),
-    })
 }
 
 /// The report of one delivery: its row, its targets and every attempt, if known.
@@ -310,54 +229,12 @@ pub(super) fn list(conn: &Connection, query: &ListQuery) -> Result<ListPage, Sto
     Ok(ListPage { reports, next })
 }
 
-/// A block entry row ([`block_columns`]).
-pub(super) fn block_from_row(row: &Row<'_>) -> Result<BlockEntry, StoreError> {
-    Ok(BlockEntry {
-        id: column(row, 0)?,
-        tenant: tenant_of(row, 1)?,
-        kind: parse(&column::<String>(row, 2)?)?,
-        pattern: column(row, 3)?,
-        source: parse(&column::<String>(row, 4)?)?,
-        note: column(row, 5)?,
-        created_at: timestamp(column(row, 6)?)?,
-        expires_at: opt_timestamp(row, 7)?,
-    })
-}
-
-/// A rate-limit rule row ([`rule_columns`]).
-pub(super) fn rule_from_row(row: &Row<'_>) -> Result<RateLimitRule, StoreError> {
-    Ok(RateLimitRule {
-        id: column(row, 0)?,
-        tenant: tenant_of(row, 1)?,
-        scope: parse(&column::<String>(row, 2)?)?,
-        prefix: column(row, 3)?,
-        limit: column::<i64>(row, 4)? as u32,
-        window: Duration::from_millis(column::<i64>(row, 5)? as u64),
-    })
-}
-
-/// A quiet-hours rule row ([`quiet_columns`]).
-pub(super) fn quiet_from_row(row: &Row<'_>) -> Result<QuietHoursRule, StoreError> {
-    let text = |index: usize| column::<String>(row, index);
-    crate::store::shared::quiet_rule(
-        column(row, 0)?,
-        text(1)?,
-        text(2)?,
-        &text(3)?,
-        &text(4)?,
-        &text(5)?,
-        &text(6)?,
-        &text(7)?,
-        text(8)?,
-    )
-}
-
 /// Every row of `sql` (bound to `values`) through `map`.
 fn all<T>(
     conn: &Connection,
     sql: &str,
     values: impl rusqlite::Params,
-    map: fn(&Row<'_>) -> Result<T, StoreError>,
+    map: fn(&dyn StoredRow) -> Result<T, StoreError>,
 ) -> Result<Vec<T>, StoreError> {
     let mut statement = conn.prepare_cached(sql)?;
     let mut rows = statement.query(values)?;
@@ -471,13 +348,4 @@ pub(super) fn peek(
         }
     }
     Ok(None)
-}
-
-/// A timestamp as stored: microseconds since the epoch.
-pub(super) fn micros(at: Timestamp) -> i64 {
-    at.as_microsecond()
-}
-
-pub(super) fn timestamp(micros: i64) -> Result<Timestamp, StoreError> {
-    Timestamp::from_microsecond(micros).map_err(|e| StoreError::Corrupt(e.to_string()))
 }

@@ -418,11 +418,11 @@ fn returning<T>(
     conn: &Connection,
     sql: &str,
     values: impl rusqlite::Params,
-    map: fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
+    map: fn(&dyn crate::store::rows::StoredRow) -> Result<T, StoreError>,
 ) -> Result<Option<T>, StoreError> {
     let mut statement = conn.prepare_cached(sql)?;
     let mut rows = statement.query(values)?;
-    rows.next()?.map(map).transpose()
+    rows.next()?.map(|row| map(row)).transpose()
 }
 
 /// Deletes the row `id` of `table` (one of the policy tables); whether there was one.
