@@ -264,8 +264,21 @@ pub(crate) async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_f
     );
 }
 
+/// An SMS call to target `target` starting at `at`, as the engine records it.
+pub(crate) fn sms_start(target: u32, at: Timestamp) -> AttemptStart {
+    AttemptStart {
+        target,
+        provider: "sandbox".into(),
+        channel: Channel::Sms,
+        masked_target: "+1415•••0101".into(),
+        started_at: at,
+        retry: 0,
+        sms: None,
+    }
+}
+
 /// A call's end as the engine records it.
-fn sent_end(now: Timestamp, message_id: &str) -> AttemptEnd {
+pub(crate) fn sent_end(now: Timestamp, message_id: &str) -> AttemptEnd {
     AttemptEnd {
         ended_at: now,
         outcome: AttemptOutcome::Sent,
@@ -286,15 +299,7 @@ pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_del
     ledger: &dyn Ledger,
 ) {
     let now = Timestamp::UNIX_EPOCH;
-    let start = |target: u32| AttemptStart {
-        target,
-        provider: "sandbox".into(),
-        channel: Channel::Sms,
-        masked_target: "+1415•••0101".into(),
-        started_at: now,
-        retry: 0,
-        sms: None,
-    };
+    let start = |target: u32| sms_start(target, now);
     let sent = TargetUpdate {
         channel: Channel::Sms,
         status: TargetStatus::Sent,

@@ -740,7 +740,7 @@ impl PolicyStore for PostgresLedger {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::store::contract::{Subject, store_contract};
+    use crate::store::contract::{Subject, sent_end, sms_start, store_contract};
 
     /// The machine's PostgreSQL (trust auth), as tests reach it.
     const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -883,15 +883,7 @@ pub(crate) mod tests {
             b.claim(&news[7], "b", true, later).await.unwrap(),
             Claim::Resumed(..)
         ));
-        let start = AttemptStart {
-            target: 1,
-            provider: "sandbox".into(),
-            channel: crate::domain::Channel::Sms,
-            masked_target: "+1415•••0101".into(),
-            started_at: later,
-            retry: 0,
-            sms: None,
-        };
+        let start = sms_start(1, later);
         let started = futures_util::future::join_all(
             keys.iter().map(|key| staged.start_attempt(*key, &start)),
         )
@@ -903,16 +895,7 @@ pub(crate) mod tests {
                 assert!(result.is_ok(), "delivery {i}: {result:?}");
             }
         }
-        let ends = AttemptEnd {
-            ended_at: later,
-            outcome: crate::domain::AttemptOutcome::Sent,
-            reason: None,
-            provider_code: None,
-            provider_message: None,
-            provider_message_id: Some("m".into()),
-            next_retry_at: None,
-            token_invalid_since: None,
-        };
+        let ends = sent_end(later, "m");
         let update = TargetUpdate::after(crate::domain::Channel::Sms, &ends);
         let finished = futures_util::future::join_all(
             keys.iter()
@@ -962,15 +945,7 @@ pub(crate) mod tests {
         let Claim::Started(key, known) = a.claim(&new, "a", false, now).await.unwrap() else {
             panic!("a new delivery starts");
         };
-        let start = AttemptStart {
-            target: 1,
-            provider: "sandbox".into(),
-            channel: crate::domain::Channel::Sms,
-            masked_target: "+1415•••0101".into(),
-            started_at: now,
-            retry: 0,
-            sms: None,
-        };
+        let start = sms_start(1, now);
         let attempt = a.start_attempt(key, &start).await.unwrap();
         // `a` is cut off past its lease; `b` takes the delivery over.
         let later = now + jiff::SignedDuration::from_hours(1);
@@ -985,16 +960,7 @@ pub(crate) mod tests {
             reason: None,
             detail: None,
         };
-        let end = AttemptEnd {
-            ended_at: later,
-            outcome: crate::domain::AttemptOutcome::Sent,
-            reason: None,
-            provider_code: None,
-            provider_message: None,
-            provider_message_id: Some("m1".into()),
-            next_retry_at: None,
-            token_invalid_since: None,
-        };
+        let end = sent_end(later, "m1");
         let refused = |result: Result<(), StoreError>| {
             assert!(matches!(result, Err(StoreError::Conflict(_))), "{result:?}");
         };
