@@ -169,15 +169,25 @@ impl Drop for Replica {
 }
 
 /// A provider server that takes each message after `delay` and counts what reached it, by
-/// delivery id: a call is open long enough for a kill to cut it off.
-#[derive(Default)]
+/// delivery id: a call is open long enough for a kill to cut it off. While `stalled` holds,
+/// calls stay open until it is lifted, so a test can kill a replica that surely is in calls.
 struct SlowCarrier {
     received: std::sync::Mutex<HashMap<String, usize>>,
+    stalled: tokio::sync::watch::Sender<bool>,
+}
+
+impl SlowCarrier {
+    fn stall(&self, stalled: bool) {
+        self.stalled.send_replace(stalled);
+    }
 }
 
 async fn slow_carrier(delay: Duration) -> (String, std::sync::Arc<SlowCarrier>) {
     use axum::extract::State;
-    let carrier = std::sync::Arc::new(SlowCarrier::default());
+    let carrier = std::sync::Arc::new(SlowCarrier {
+        received: Default::default(),
+        stalled: tokio::sync::watch::Sender::new(false),
+    });
     let app = axum::Router::new()
         .route(
             "/send",
@@ -189,6 +199,8 @@ async fn slow_carrier(delay: Duration) -> (String, std::sync::Arc<SlowCarrier>) 
                         .unwrap()
                         .entry(body.trim().to_owned())
                         .or_default() += 1;
+                    let mut stalled = carrier.stalled.subscribe();
+                    let _ = stalled.wait_for(|stalled| !*stalled).await;
                     tokio::time::sleep(delay).await;
                     (axum::http::StatusCode::ACCEPTED, "queued")
                 },
@@ -284,25 +296,42 @@ async fn a_replica_killed_mid_run_loses_no_job_and_resends_only_what_was_in_a_ca
             .publish_json(&sms_job(&format!("k-{n}"), &number))
             .await;
     }
-    // Halfway through, replica 0 dies without a word (as with a power cut).
+    // Halfway through (half the jobs reached the carrier), the carrier holds every call it
+    // gets from then on open, and replica 0 dies in those calls without a word (as with a
+    // power cut).
+    let received = || carrier.received.lock().unwrap().values().sum::<usize>();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while count(
-        &pool,
-        "SELECT count(*) FROM deliveries WHERE status = 'SENT'",
-    )
-    .await
-        < (JOBS / 2) as i64
-    {
-        assert!(Instant::now() < deadline, "half the jobs are not done");
+    while received() < JOBS / 2 {
+        assert!(
+            Instant::now() < deadline,
+            "half the jobs did not reach the carrier"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    carrier.stall(true);
     let victim = replicas[0].pid();
-    let open_at_kill = count(
-        &pool,
-        "SELECT count(*) FROM attempts WHERE outcome = 'IN_FLIGHT'",
-    )
-    .await;
+    let victims_open = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery
+             WHERE a.outcome = 'IN_FLIGHT' AND d.owner LIKE $1",
+        )
+        .bind(format!("{victim}-%"))
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut open_at_kill = victims_open().await;
+    while open_at_kill < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "replica {victim} never had calls open ({open_at_kill})"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        open_at_kill = victims_open().await;
+    }
     replicas[0].kill();
+    carrier.stall(false);
     // Replica 1 finishes the rest, taking over what replica 0 held once its leases ran out.
     all_final(&pool, JOBS as i64, Duration::from_secs(120)).await;
 
@@ -341,7 +370,7 @@ async fn a_replica_killed_mid_run_loses_no_job_and_resends_only_what_was_in_a_ca
     assert!(sends.values().all(|n| *n <= 2));
     assert!(
         !interrupted.is_empty(),
-        "replica {victim} was in calls when it died ({open_at_kill} open just before): they were taken over"
+        "replica {victim} was in {open_at_kill} held calls when it died: they were taken over"
     );
     eprintln!(
         "kill test: {} calls open at the kill (about {open_at_kill} just before), {} of them re-sent",
