@@ -15,6 +15,10 @@ RUN apt-get update \
 COPY --from=build /src/target/release/otp-gateway /usr/local/bin/otp-gateway
 USER otp
 WORKDIR /var/lib/otp-gateway
+# Listening on every interface of the container: API keys are on (auth.mode = "keys", the
+# default; "none" is refused off loopback). The first key comes from a bootstrap admin key the
+# operator gives: OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY, or a secret file named by
+# OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY_FILE. There is no built-in one.
 ENV OTP_GATEWAY_GRPC__LISTEN=0.0.0.0:50051 \
     OTP_GATEWAY_RECEIPTS__LISTEN=0.0.0.0:8088 \
     OTP_GATEWAY_STORE__URL=sqlite:///var/lib/otp-gateway/ledger.db \

@@ -10,9 +10,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{AuthMode, Config};
 use crate::delivery::{DeliveryService, Dispatcher, EngineSettings};
 use crate::domain::{Clock, SystemClock};
+use crate::grpc::Authenticator;
 use crate::providers::KindSettings;
 use crate::providers::{ProviderReceipt, ProviderRegistry};
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
@@ -29,6 +30,7 @@ pub struct Application {
     receipts_addr: SocketAddr,
     service: Arc<DeliveryService>,
     policy: Arc<dyn PolicyStore>,
+    auth: Arc<Authenticator>,
     publisher: Publisher,
     link: BrokerLink,
     link_state: watch::Receiver<LinkState>,
@@ -51,6 +53,20 @@ impl Application {
         let crate::store::Stores { ledger, policy } = crate::store::open(&config.store)
             .await
             .with_context(|| format!("opening the ledger at {}", config.store.url))?;
+        let bootstrap = config.auth.bootstrap_admin_key()?;
+        if config.auth.mode == AuthMode::Keys
+            && bootstrap.is_none()
+            && policy.list_api_keys(None).await?.is_empty()
+        {
+            tracing::warn!(
+                "no API key exists and no bootstrap admin key is set: every gRPC call but health checks will be refused (UNAUTHENTICATED). Set auth.bootstrap_admin_key (or OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY) and make keys with `otp-gateway keys create`"
+            );
+        }
+        let auth = Arc::new(Authenticator::new(
+            &config.auth,
+            bootstrap,
+            Arc::clone(&policy),
+        ));
         let settings = EngineSettings::from_config(&config);
         let provider_receipts = providers.take_receipts();
         let dispatcher = Dispatcher::new(providers, Arc::clone(&policy), settings);
@@ -92,6 +108,7 @@ impl Application {
             receipts_addr,
             service,
             policy,
+            auth,
             publisher,
             link,
             link_state,
@@ -123,6 +140,7 @@ impl Application {
             self.listener,
             Arc::clone(&self.service),
             Arc::clone(&self.policy),
+            self.auth,
             self.publisher.clone(),
             self.link_state.clone(),
             api_stop.clone(),

@@ -4,9 +4,9 @@
 use jiff::Timestamp;
 
 use crate::domain::{
-    self, Acknowledgement, Attempt, AttemptOutcome, Channel, Code, DeliveryStatus, DeviceTarget,
-    FailureReason, Job, JobError, PhoneTarget, Platform, Report, SmsEncoding, Target, TargetResult,
-    TargetStatus,
+    self, Acknowledgement, ApiKey, Attempt, AttemptOutcome, Channel, Code, DeliveryStatus,
+    DeviceTarget, FailureReason, Job, JobError, PhoneTarget, Platform, Report, Scope, SmsEncoding,
+    Target, TargetResult, TargetStatus,
 };
 
 /// Generated from `proto/otpgateway/v1/*.proto`.
@@ -415,6 +415,41 @@ pub fn provider_health_to_proto(health: &crate::delivery::ProviderHealth) -> v1:
                 circuit: Some(circuit_to_proto(snapshot)),
             })
             .collect(),
+    }
+}
+
+/// An API key scope's wire form.
+pub fn scope_to_proto(scope: Scope) -> v1::ApiKeyScope {
+    match scope {
+        Scope::Send => v1::ApiKeyScope::Send,
+        Scope::Read => v1::ApiKeyScope::Read,
+        Scope::Ack => v1::ApiKeyScope::Ack,
+        Scope::Admin => v1::ApiKeyScope::Admin,
+        Scope::Status => v1::ApiKeyScope::Status,
+    }
+}
+
+/// An API key scope from its wire form (`None`: unspecified or unknown).
+pub fn scope_from_proto(value: i32) -> Option<Scope> {
+    Scope::ALL
+        .iter()
+        .copied()
+        .find(|scope| scope_to_proto(*scope) as i32 == value)
+}
+
+/// A stored API key's wire form (never with its secret).
+pub fn api_key_to_proto(key: &ApiKey) -> v1::ApiKey {
+    v1::ApiKey {
+        id: key.id.clone(),
+        tenant: key.tenant.clone().unwrap_or_default(),
+        scopes: key
+            .scopes
+            .iter()
+            .map(|s| scope_to_proto(*s) as i32)
+            .collect(),
+        label: key.label.clone(),
+        created_at: Some(timestamp_to_proto(key.created_at)),
+        revoked_at: key.revoked_at.map(timestamp_to_proto),
     }
 }
 

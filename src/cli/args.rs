@@ -24,6 +24,10 @@ pub struct Cli {
     /// (default: 127.0.0.1:50051). They never read the server's configuration.
     #[arg(long, global = true, env = "OTP_GATEWAY_SERVER")]
     pub(super) server: Option<String>,
+    /// The API key the client commands call with (`otpk_…`, from `keys create`, or the
+    /// bootstrap admin key). Prefer the variable: a flag shows in the process list.
+    #[arg(long, global = true, env = "OTP_GATEWAY_KEY", hide_env_values = true)]
+    pub(super) key: Option<String>,
     #[command(subcommand)]
     pub(super) command: Command,
 }
@@ -56,6 +60,11 @@ pub(super) enum Command {
     Limits {
         #[command(subcommand)]
         command: LimitsCommand,
+    },
+    /// Manage API keys (needs a key with the admin scope).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// Exit 0 if the gateway reports SERVING on gRPC health (for container health checks).
     Health,
@@ -91,6 +100,32 @@ pub(super) enum BlockCommand {
     Ls {
         #[arg(long)]
         tenant: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum KeysCommand {
+    /// Make a key and print it (once: the gateway keeps only a hash of it).
+    Create {
+        /// The tenant it acts in (without: every tenant; admin and status scopes only).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// What it may call: send, read, ack, admin, status (comma-separated).
+        #[arg(long)]
+        scopes: String,
+        /// What the key is for (shown by `keys ls`).
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List keys (never their secrets); with --tenant, that tenant's.
+    Ls {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key by id (from `keys ls`): it opens nothing from then on.
+    Revoke {
+        /// The key's id (the part after `otpk_`, before the next `_`).
+        id: String,
     },
 }
 

@@ -7,7 +7,7 @@ use anyhow::Context;
 use jiff::Timestamp;
 
 use super::args::SendArgs;
-use super::connection::gateway;
+use super::connection::{Server, gateway};
 use super::{EXIT_CONFIG, EXIT_UNAVAILABLE};
 use crate::proto::v1::code_delivery_client::CodeDeliveryClient;
 use crate::proto::v1::{self, DeliveryReport};
@@ -19,7 +19,7 @@ pub(super) fn channel_from_name(name: &str) -> anyhow::Result<v1::Channel> {
         .with_context(|| format!("unknown channel `{name}` (push, sms or voice)"))
 }
 
-pub(super) async fn send(args: SendArgs, server: &str) -> anyhow::Result<ExitCode> {
+pub(super) async fn send(args: SendArgs, server: &Server) -> anyhow::Result<ExitCode> {
     let mut targets = Vec::new();
     for (i, device) in args.devices.iter().enumerate() {
         let (platform, token) = device
@@ -107,7 +107,7 @@ pub(super) async fn send(args: SendArgs, server: &str) -> anyhow::Result<ExitCod
     Ok(exit_for(&report))
 }
 
-pub(super) async fn status(id: &str, server: &str) -> anyhow::Result<ExitCode> {
+pub(super) async fn status(id: &str, server: &Server) -> anyhow::Result<ExitCode> {
     let mut client = match gateway(server).await {
         Ok(channel) => CodeDeliveryClient::new(channel),
         Err(code) => return Ok(code),
@@ -125,7 +125,7 @@ pub(super) async fn status(id: &str, server: &str) -> anyhow::Result<ExitCode> {
 pub(super) async fn explain(
     file: &std::path::Path,
     at: Option<Timestamp>,
-    server: &str,
+    server: &Server,
 ) -> anyhow::Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let job = match crate::domain::Job::from_json(&body) {
@@ -201,7 +201,7 @@ pub(super) fn channel_name(value: i32) -> String {
     })
 }
 
-pub(super) async fn health(server: &str) -> anyhow::Result<ExitCode> {
+pub(super) async fn health(server: &Server) -> anyhow::Result<ExitCode> {
     use tonic_health::pb::health_check_response::ServingStatus;
     let channel = match gateway(server).await {
         Ok(channel) => channel,

@@ -1,16 +1,19 @@
 //! The command line: `serve` runs the gateway (the only verb that loads the configuration);
-//! `send`, `status`, `block`, `quiet`, `limits`, `explain` and `health` are gRPC clients of a
-//! running gateway with their own connection setting (`--server` / `OTP_GATEWAY_SERVER`).
+//! `send`, `status`, `block`, `quiet`, `limits`, `keys`, `explain` and `health` are gRPC
+//! clients of a running gateway with their own connection settings (`--server` /
+//! `OTP_GATEWAY_SERVER`, `--key` / `OTP_GATEWAY_KEY`).
 //!
 //! - `args`: the verbs and their flags.
 //! - `serve`: the server's entry point.
 //! - `connection`: how a client command reaches the gateway, and how errors read.
 //! - `deliveries`: `send`, `status`, `explain`, `health` and the report's printout.
 //! - `rules`: `block`, `quiet` and `limits`, one shape for the three kinds of rule.
+//! - `keys`: API keys (create, ls, revoke).
 
 mod args;
 mod connection;
 mod deliveries;
+mod keys;
 mod rules;
 mod serve;
 
@@ -31,17 +34,19 @@ pub fn run(cli: Cli) -> ExitCode {
         .enable_all()
         .build()
         .expect("a Tokio runtime");
-    let server = connection::server_address(cli.server.as_deref());
+    let server = connection::Server::new(cli.server.as_deref(), cli.key);
+    let server = &server;
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve => serve::serve(cli.config.as_deref(), cli.log_json).await,
-            Command::Send(args) => deliveries::send(args, &server).await,
-            Command::Status { id } => deliveries::status(&id, &server).await,
-            Command::Explain { file, at } => deliveries::explain(&file, at, &server).await,
-            Command::Health => deliveries::health(&server).await,
-            Command::Block { command } => rules::run(command.into(), &server).await,
-            Command::Quiet { command } => rules::run(command.into(), &server).await,
-            Command::Limits { command } => rules::run(command.into(), &server).await,
+            Command::Send(args) => deliveries::send(args, server).await,
+            Command::Status { id } => deliveries::status(&id, server).await,
+            Command::Explain { file, at } => deliveries::explain(&file, at, server).await,
+            Command::Health => deliveries::health(server).await,
+            Command::Block { command } => rules::run(command.into(), server).await,
+            Command::Quiet { command } => rules::run(command.into(), server).await,
+            Command::Limits { command } => rules::run(command.into(), server).await,
+            Command::Keys { command } => keys::run(command, server).await,
         }
     });
     match result {

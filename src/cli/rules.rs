@@ -7,16 +7,15 @@ use std::process::ExitCode;
 use anyhow::Context;
 use jiff::{SignedDuration, Timestamp};
 use tonic::Status;
-use tonic::transport::Channel;
 
 use super::EXIT_CONFIG;
 use super::args::{BlockCommand, BlockTarget, LimitsCommand, QuietCommand};
-use super::connection::{gateway, refused};
+use super::connection::{Gateway, Server, gateway, refused};
 use super::deliveries::{channel_from_name, channel_name};
 use crate::proto::timestamp_to_proto;
 use crate::proto::v1::{self, policy_admin_client::PolicyAdminClient};
 
-type Client = PolicyAdminClient<Channel>;
+type Client = PolicyAdminClient<Gateway>;
 
 /// What a rule command asks for, whatever the kind of rule.
 pub(super) enum RuleAction<K: RuleKind> {
@@ -52,7 +51,7 @@ pub(super) trait RuleKind: Sized {
 /// "removed #id" (a refusal exits 1), `ls` prints a line per rule.
 pub(super) async fn run<K: RuleKind>(
     action: RuleAction<K>,
-    server: &str,
+    server: &Server,
 ) -> anyhow::Result<ExitCode> {
     let mut client = match gateway(server).await {
         Ok(channel) => PolicyAdminClient::new(channel),

@@ -32,7 +32,10 @@ pub use crate::providers::{
 pub use crate::queue::AmqpConfig;
 pub use crate::store::StoreSettings as StoreConfig;
 pub use crate::telemetry::LogFormat;
-pub use sections::{DeliveryConfig, GrpcConfig, LogConfig, ReceiptsConfig};
+pub use sections::{
+    AuthConfig, AuthMode, BOOTSTRAP_KEY_MIN_LEN, DeliveryConfig, GrpcConfig, LogConfig,
+    ReceiptsConfig,
+};
 pub use tenants::TenantConfig;
 
 use crate::delivery::EngineSettings;
@@ -66,6 +69,8 @@ fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// The gRPC listener.
     pub grpc: GrpcConfig,
+    /// Who may call the gRPC API.
+    pub auth: AuthConfig,
     /// The broker and its topology.
     pub amqp: AmqpConfig,
     /// The ledger.
@@ -145,6 +150,22 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
+        self.auth.bootstrap_admin_key()?;
+        if self.auth.mode == AuthMode::None {
+            let listeners = [
+                ("grpc.listen", self.grpc.listen),
+                ("receipts.listen", self.receipts.listen),
+            ];
+            if let Some((key, address)) = listeners.iter().find(|(_, a)| !a.ip().is_loopback()) {
+                return Err(invalid(
+                    "auth.mode",
+                    format!(
+                        "\"none\" (no API keys) is only accepted while every listener is on a loopback address, \
+                         but {key} = {address}: set auth.mode = \"keys\" and give callers keys, or listen on 127.0.0.1"
+                    ),
+                ));
+            }
+        }
         self.store.validate()?;
         if self.delivery.max_in_flight == 0 {
             return Err(invalid("delivery.max_in_flight", "must be at least 1"));

@@ -2,11 +2,13 @@
 //! location, delivery behaviour and logging.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::LogFormat;
+use crate::domain::{InvalidSetting, SecretString};
 
 /// The HTTP listener for provider callbacks.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,6 +26,72 @@ pub struct ReceiptsConfig {
 pub struct GrpcConfig {
     /// Listen address; port 0 picks a free one.
     pub listen: SocketAddr,
+}
+
+/// Who may call the gRPC API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// API keys, or none (loopback only).
+    pub mode: AuthMode,
+    /// A global admin key accepted besides the stored ones.
+    #[serde(default)]
+    pub bootstrap_admin_key: Option<SecretString>,
+    /// A file holding the bootstrap admin key (a Docker secret).
+    #[serde(default)]
+    pub bootstrap_admin_key_file: Option<PathBuf>,
+}
+
+/// Whether calls need API keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every call but health and reflection needs a key.
+    Keys,
+    /// No keys: only while every listener is on a loopback address.
+    None,
+}
+
+/// The shortest bootstrap admin key accepted.
+pub const BOOTSTRAP_KEY_MIN_LEN: usize = 32;
+
+impl AuthConfig {
+    /// The bootstrap admin key, from the setting or its file (`Ok(None)`: there is none).
+    pub fn bootstrap_admin_key(&self) -> Result<Option<SecretString>, InvalidSetting> {
+        let key = match (&self.bootstrap_admin_key, &self.bootstrap_admin_key_file) {
+            (Some(_), Some(_)) => {
+                return Err(InvalidSetting::new(
+                    "auth.bootstrap_admin_key_file",
+                    "is set together with auth.bootstrap_admin_key: give one of them",
+                ));
+            }
+            (Some(key), None) => key.expose().trim().to_owned(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    InvalidSetting::new(
+                        "auth.bootstrap_admin_key_file",
+                        format!("cannot be read ({}): {e}", path.display()),
+                    )
+                })?
+                .trim()
+                .to_owned(),
+            (None, None) => return Ok(None),
+        };
+        let key_name = if self.bootstrap_admin_key.is_some() {
+            "auth.bootstrap_admin_key"
+        } else {
+            "auth.bootstrap_admin_key_file"
+        };
+        if key.chars().count() < BOOTSTRAP_KEY_MIN_LEN {
+            return Err(InvalidSetting::new(
+                key_name,
+                format!(
+                    "is shorter than {BOOTSTRAP_KEY_MIN_LEN} characters (make one with `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        Ok(Some(SecretString::new(key)))
+    }
 }
 
 /// Delivery behaviour.

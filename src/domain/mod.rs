@@ -1,6 +1,7 @@
 //! Pure domain types: jobs, targets, channels, attempts, reports and the failure taxonomy.
 //! Nothing here does I/O; time comes in as an argument or through [`Clock`].
 
+mod api_key;
 mod clock;
 mod job;
 mod mask;
@@ -10,6 +11,9 @@ mod report;
 mod setting;
 mod sms;
 
+pub use api_key::{
+    ApiKey, KEY_PREFIX, KeyText, Scope, normalize as normalize_scopes, parse_scopes, scopes_text,
+};
 pub use clock::{Clock, SystemClock};
 pub use job::{
     Channel, Code, DeliveryId, DeviceTarget, Job, JobError, PhoneTarget, Platform, Target,

@@ -1,4 +1,7 @@
-//! `otpgateway.v1.CodeDelivery`: SendCode, GetDelivery, WatchDelivery, ListDeliveries.
+//! `otpgateway.v1.CodeDelivery`: SendCode, GetDelivery, WatchDelivery, ListDeliveries,
+//! AcknowledgeDelivery, Explain. A key sends and explains only for its tenant
+//! (PERMISSION_DENIED) and sees only its tenant's deliveries: another tenant's delivery id is
+//! "not found", exactly as an id that does not exist.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use super::auth::Caller;
 use super::status::invalid_argument;
 use crate::delivery::{AckOutcome, DeliveryService};
 use crate::domain::{DeliveryId, DeliveryStatus, JobError, Report};
@@ -65,8 +69,22 @@ impl CodeDeliveryApi {
             .ledger()
             .get(id)
             .await?
-            .ok_or_else(|| Status::not_found(format!("no delivery {id}")))
+            .ok_or_else(|| not_found(id))
     }
+}
+
+/// The answer for a delivery that does not exist or that the caller may not see.
+fn not_found(id: &DeliveryId) -> Status {
+    Status::not_found(format!("no delivery {id}"))
+}
+
+/// The delivery id of a request, if the caller may see it (else "not found").
+fn visible_id(caller: &Caller, text: &str) -> Result<DeliveryId, Status> {
+    let id = parse_id(text)?;
+    if !caller.sees_delivery(&id) {
+        return Err(not_found(&id));
+    }
+    Ok(id)
 }
 
 fn parse_id(text: &str) -> Result<DeliveryId, Status> {
@@ -82,12 +100,14 @@ impl CodeDelivery for CodeDeliveryApi {
         &self,
         request: Request<SendCodeRequest>,
     ) -> Result<Response<SendCodeResponse>, Status> {
+        let caller = Caller::of(&request);
         let job = request
             .into_inner()
             .job
             .ok_or_else(|| invalid_argument(&JobError::new("job", "is missing")))?;
         let body = job.encode_to_vec();
         let job = job_from_proto(job).map_err(|e| invalid_argument(&e))?;
+        caller.acts_for(Some(&job.tenant))?;
         let id = job.delivery_id();
         tracing::Span::current().record("delivery_id", tracing::field::display(&id));
         let (report, created) = self.service.accept(&job).await?;
@@ -124,7 +144,8 @@ impl CodeDelivery for CodeDeliveryApi {
         &self,
         request: Request<GetDeliveryRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
-        let id = parse_id(&request.into_inner().delivery_id)?;
+        let caller = Caller::of(&request);
+        let id = visible_id(&caller, &request.into_inner().delivery_id)?;
         Ok(Response::new(report_to_proto(&self.load(&id).await?)))
     }
 
@@ -134,7 +155,8 @@ impl CodeDelivery for CodeDeliveryApi {
         &self,
         request: Request<WatchDeliveryRequest>,
     ) -> Result<Response<Self::WatchDeliveryStream>, Status> {
-        let id = parse_id(&request.into_inner().delivery_id)?;
+        let caller = Caller::of(&request);
+        let id = visible_id(&caller, &request.into_inner().delivery_id)?;
         // Subscribe before the first read so no change falls in between.
         let mut changes = self.service.watch(&id.to_string());
         let mut last = self.load(&id).await?;
@@ -181,8 +203,9 @@ impl CodeDelivery for CodeDeliveryApi {
         &self,
         request: Request<AcknowledgeDeliveryRequest>,
     ) -> Result<Response<DeliveryReport>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
-        let id = parse_id(&request.delivery_id)?;
+        let id = visible_id(&caller, &request.delivery_id)?;
         tracing::Span::current().record("delivery_id", tracing::field::display(&id));
         if request.device_id.is_empty() {
             return Err(invalid_argument(&JobError::new("device_id", "is required")));
@@ -211,11 +234,13 @@ impl CodeDelivery for CodeDeliveryApi {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         let job = request
             .job
             .ok_or_else(|| invalid_argument(&JobError::new("job", "is missing")))?;
         let job = job_from_proto(job).map_err(|e| invalid_argument(&e))?;
+        caller.acts_for(Some(&job.tenant))?;
         let at = match request.at.as_ref() {
             Some(at) => Some(
                 timestamp_from_proto(at)
@@ -231,10 +256,12 @@ impl CodeDelivery for CodeDeliveryApi {
         &self,
         request: Request<ListDeliveriesRequest>,
     ) -> Result<Response<ListDeliveriesResponse>, Status> {
-        let request = request.into_inner();
-        if request.tenant.is_empty() {
-            return Err(invalid_argument(&JobError::new("tenant", "is required")));
-        }
+        let caller = Caller::of(&request);
+        let mut request = request.into_inner();
+        // A tenant's key lists its tenant (named or not); a global one must name it.
+        request.tenant = caller
+            .listing(&request.tenant)?
+            .ok_or_else(|| invalid_argument(&JobError::new("tenant", "is required")))?;
         let status = match request.status {
             0 => None,
             value => Some(status_from_proto(value).ok_or_else(|| {

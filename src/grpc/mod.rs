@@ -1,7 +1,10 @@
 //! The gRPC API: `otpgateway.v1.CodeDelivery`, `otpgateway.v1.Providers`, `otpgateway.v1.PolicyAdmin`, `grpc.health.v1.Health` (NOT_SERVING while the
 //! broker is unreachable) and server reflection (v1 and v1alpha). Services decode, call the delivery layer or
-//! the store, and encode; errors map to statuses in one place (`status`).
+//! the store, and encode; errors map to statuses in one place (`status`). Every call but health
+//! and reflection is admitted by an API key (`auth`), which limits it to a tenant and scopes.
 
+mod api_keys;
+mod auth;
 mod code_delivery;
 mod policy_admin;
 mod providers;
@@ -24,6 +27,7 @@ use crate::proto::v1::providers_server::ProvidersServer;
 use crate::queue::{LinkState, Publisher};
 use crate::store::PolicyStore;
 
+pub use auth::{AuthLayer, Authenticator, Caller, KEY_TTL};
 pub use code_delivery::CodeDeliveryApi;
 pub use policy_admin::PolicyAdminApi;
 pub use providers::ProvidersApi;
@@ -40,6 +44,7 @@ pub async fn serve(
     listener: TcpListener,
     service: Arc<DeliveryService>,
     policy: Arc<dyn PolicyStore>,
+    auth: Arc<Authenticator>,
     publisher: Publisher,
     link_state: watch::Receiver<LinkState>,
     stop: CancellationToken,
@@ -63,12 +68,13 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let providers = ProvidersApi::new(Arc::clone(&service));
-    let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()));
+    let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()), Arc::clone(&auth));
     let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL, stop.clone());
     tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
         ))
+        .layer(AuthLayer::new(auth))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

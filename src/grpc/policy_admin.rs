@@ -1,10 +1,12 @@
 //! `otpgateway.v1.PolicyAdmin`: block-list entries, rate limits and quiet hours (add or set,
-//! remove, list).
+//! remove, list), and API keys (`api_keys`). A tenant's admin key sees and changes only its
+//! tenant's rows (another tenant's id is "not found"); rows for every tenant need a global key.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::{Authenticator, Caller};
 use super::status::invalid_argument;
 use crate::domain::{Clock, JobError};
 use crate::policy::{
@@ -26,19 +28,48 @@ use crate::proto::{
     channel_from_proto, channel_to_proto, duration_to_proto, timestamp_from_proto,
     timestamp_to_proto,
 };
-use crate::store::PolicyStore;
+use crate::store::{PolicyStore, StoreError};
 
 /// The PolicyAdmin service.
 #[derive(Debug, Clone)]
 pub struct PolicyAdminApi {
-    policy: Arc<dyn PolicyStore>,
-    clock: Arc<dyn Clock>,
+    pub(super) policy: Arc<dyn PolicyStore>,
+    pub(super) clock: Arc<dyn Clock>,
+    /// Told of revoked keys, so they stop opening anything here at once.
+    pub(super) auth: Arc<Authenticator>,
 }
 
 impl PolicyAdminApi {
     /// The admin API over `policy`.
-    pub fn new(policy: Arc<dyn PolicyStore>, clock: Arc<dyn Clock>) -> Self {
-        PolicyAdminApi { policy, clock }
+    pub fn new(
+        policy: Arc<dyn PolicyStore>,
+        clock: Arc<dyn Clock>,
+        auth: Arc<Authenticator>,
+    ) -> Self {
+        PolicyAdminApi {
+            policy,
+            clock,
+            auth,
+        }
+    }
+}
+
+/// NOT_FOUND (the same answer as for no such row) unless `caller` may change row `id`, one of
+/// the rows `list` reads for the caller's tenant, whose id and tenant `row` gives.
+async fn ensure_owned<T>(
+    caller: &Caller,
+    id: i64,
+    what: &str,
+    list: impl Future<Output = Result<Vec<T>, StoreError>>,
+    row: fn(&T) -> (i64, Option<&str>),
+) -> Result<(), Status> {
+    if caller.tenant().is_none() {
+        return Ok(());
+    }
+    let rows = list.await?;
+    match rows.iter().map(row).find(|(found, _)| *found == id) {
+        Some((_, tenant)) if caller.owns(tenant) => Ok(()),
+        _ => Err(Status::not_found(format!("no {what} #{id}"))),
     }
 }
 
@@ -188,11 +219,20 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<SetQuietHoursRequest>,
     ) -> Result<Response<v1::QuietHours>, Status> {
+        let caller = Caller::of(&request);
         let rule = request
             .into_inner()
             .rule
             .ok_or_else(|| invalid_argument(&JobError::new("rule", "is missing")))?;
         let rule = quiet_from_proto(rule).map_err(|e| invalid_argument(&e))?;
+        caller.acts_for(rule.tenant.as_deref())?;
+        if rule.id != 0 {
+            let list = self.policy.list_quiet_hours(caller.tenant());
+            ensure_owned(&caller, rule.id, "quiet-hours rule", list, |r| {
+                (r.id, r.tenant.as_deref())
+            })
+            .await?;
+        }
         let stored = self.policy.set_quiet_hours(&rule).await?;
         tracing::info!(rule = stored.id, action = %stored.action, "quiet hours set");
         Ok(Response::new(quiet_to_proto(&stored)))
@@ -202,7 +242,13 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<RemoveQuietHoursRequest>,
     ) -> Result<Response<RemoveQuietHoursResponse>, Status> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().id;
+        let list = self.policy.list_quiet_hours(caller.tenant());
+        ensure_owned(&caller, id, "quiet-hours rule", list, |r| {
+            (r.id, r.tenant.as_deref())
+        })
+        .await?;
         if !self.policy.remove_quiet_hours(id).await? {
             return Err(Status::not_found(format!("no quiet-hours rule #{id}")));
         }
@@ -213,11 +259,9 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<ListQuietHoursRequest>,
     ) -> Result<Response<ListQuietHoursResponse>, Status> {
-        let tenant = request.into_inner().tenant;
-        let rules = self
-            .policy
-            .list_quiet_hours(Some(tenant.as_str()).filter(|t| !t.is_empty()))
-            .await?;
+        let caller = Caller::of(&request);
+        let tenant = caller.listing(&request.into_inner().tenant)?;
+        let rules = self.policy.list_quiet_hours(tenant.as_deref()).await?;
         Ok(Response::new(ListQuietHoursResponse {
             rules: rules.iter().map(quiet_to_proto).collect(),
         }))
@@ -227,6 +271,7 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<SetRateLimitRequest>,
     ) -> Result<Response<v1::RateLimit>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         let scope = scope_from_proto(request.scope).ok_or_else(|| {
             invalid_argument(&JobError::new(
@@ -249,6 +294,7 @@ impl PolicyAdmin for PolicyAdminApi {
             window,
         };
         rule.validate().map_err(|e| invalid_argument(&e))?;
+        caller.acts_for(rule.tenant.as_deref())?;
         let stored = self.policy.set_rate_limit(&rule).await?;
         tracing::info!(rule = stored.id, scope = %stored.scope, limit = stored.limit, "rate limit set");
         Ok(Response::new(rule_to_proto(&stored)))
@@ -258,7 +304,13 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<RemoveRateLimitRequest>,
     ) -> Result<Response<RemoveRateLimitResponse>, Status> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().id;
+        let list = self.policy.list_rate_limits(caller.tenant());
+        ensure_owned(&caller, id, "rate limit", list, |r| {
+            (r.id, r.tenant.as_deref())
+        })
+        .await?;
         if !self.policy.remove_rate_limit(id).await? {
             return Err(Status::not_found(format!("no rate limit #{id}")));
         }
@@ -269,11 +321,9 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<ListRateLimitsRequest>,
     ) -> Result<Response<ListRateLimitsResponse>, Status> {
-        let tenant = request.into_inner().tenant;
-        let rules = self
-            .policy
-            .list_rate_limits(Some(tenant.as_str()).filter(|t| !t.is_empty()))
-            .await?;
+        let caller = Caller::of(&request);
+        let tenant = caller.listing(&request.into_inner().tenant)?;
+        let rules = self.policy.list_rate_limits(tenant.as_deref()).await?;
         Ok(Response::new(ListRateLimitsResponse {
             limits: rules.iter().map(rule_to_proto).collect(),
         }))
@@ -283,6 +333,7 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<AddBlockEntryRequest>,
     ) -> Result<Response<AddBlockEntryResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         let kind = kind_from_proto(request.kind).ok_or_else(|| {
             invalid_argument(&JobError::new(
@@ -317,6 +368,7 @@ impl PolicyAdmin for PolicyAdminApi {
         };
         let now = self.clock.now();
         entry.validate(now).map_err(|e| invalid_argument(&e))?;
+        caller.acts_for(entry.tenant.as_deref())?;
         let (stored, created) = self.policy.add_block(&entry, now).await?;
         tracing::info!(entry = stored.id, kind = %stored.kind, created, "block-list entry added by an operator");
         Ok(Response::new(AddBlockEntryResponse {
@@ -329,7 +381,13 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<RemoveBlockEntryRequest>,
     ) -> Result<Response<RemoveBlockEntryResponse>, Status> {
+        let caller = Caller::of(&request);
         let id = request.into_inner().id;
+        let list = self.policy.list_blocks(caller.tenant());
+        ensure_owned(&caller, id, "block-list entry", list, |e| {
+            (e.id, e.tenant.as_deref())
+        })
+        .await?;
         if !self.policy.remove_block(id).await? {
             return Err(Status::not_found(format!("no block-list entry #{id}")));
         }
@@ -341,13 +399,32 @@ impl PolicyAdmin for PolicyAdminApi {
         &self,
         request: Request<ListBlockEntriesRequest>,
     ) -> Result<Response<ListBlockEntriesResponse>, Status> {
-        let tenant = request.into_inner().tenant;
-        let entries = self
-            .policy
-            .list_blocks(Some(tenant.as_str()).filter(|t| !t.is_empty()))
-            .await?;
+        let caller = Caller::of(&request);
+        let tenant = caller.listing(&request.into_inner().tenant)?;
+        let entries = self.policy.list_blocks(tenant.as_deref()).await?;
         Ok(Response::new(ListBlockEntriesResponse {
             entries: entries.iter().map(entry_to_proto).collect(),
         }))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<v1::CreateApiKeyRequest>,
+    ) -> Result<Response<v1::CreateApiKeyResponse>, Status> {
+        self.create_key(request).await.map(Response::new)
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<v1::ListApiKeysRequest>,
+    ) -> Result<Response<v1::ListApiKeysResponse>, Status> {
+        self.list_keys(request).await.map(Response::new)
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<v1::RevokeApiKeyRequest>,
+    ) -> Result<Response<v1::RevokeApiKeyResponse>, Status> {
+        self.revoke_key(request).await.map(Response::new)
     }
 }

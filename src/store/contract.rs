@@ -87,6 +87,14 @@ macro_rules! store_contract {
                 };
                 c::block_entries_are_kept_once_and_found_for_a_job(&*s.policy).await;
             }
+
+            #[tokio::test]
+            async fn api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_once() {
+                let Some(s) = super::$open().await else {
+                    return;
+                };
+                c::api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_once(&*s.policy).await;
+            }
         }
     };
 }
@@ -570,4 +578,49 @@ pub(crate) async fn block_entries_are_kept_once_and_found_for_a_job(policy: &dyn
     assert_eq!(policy.list_blocks(Some("acme")).await.unwrap().len(), 3);
     assert!(policy.remove_block(first.id).await.unwrap());
     assert!(!policy.remove_block(first.id).await.unwrap());
+}
+
+/// A key reads back as it was stored (its secret only as a hash that opens it); a tenant's
+/// listing holds its keys only; a key is revoked once.
+pub(crate) async fn api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_once(
+    policy: &dyn PolicyStore,
+) {
+    use crate::domain::{ApiKey, KeyText, Scope};
+    let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+    let key = |tenant: Option<&str>, scopes: &[Scope]| {
+        let text = KeyText::generate();
+        let key = ApiKey {
+            id: text.id.clone(),
+            tenant: tenant.map(str::to_owned),
+            scopes: scopes.to_vec(),
+            label: "backend".into(),
+            secret_hash: text.secret_hash(),
+            created_at: now,
+            revoked_at: None,
+        };
+        (text, key)
+    };
+    let (acme_text, acme) = key(Some("acme"), &[Scope::Send, Scope::Read]);
+    let (_, globex) = key(Some("globex"), &[Scope::Ack]);
+    let (_, global) = key(None, &[Scope::Admin, Scope::Status]);
+    for stored in [&acme, &globex, &global] {
+        policy.create_api_key(stored).await.unwrap();
+    }
+    let found = policy.api_key(&acme.id).await.unwrap().unwrap();
+    assert_eq!(found, acme);
+    assert!(found.opens_with(&acme_text.secret));
+    assert!(policy.api_key("000000000000").await.unwrap().is_none());
+    let listed = policy.list_api_keys(Some("acme")).await.unwrap();
+    assert_eq!(listed, vec![acme.clone()], "a tenant's keys only");
+    assert_eq!(policy.list_api_keys(None).await.unwrap().len(), 3);
+    assert_eq!(
+        policy.api_key(&global.id).await.unwrap().unwrap().tenant,
+        None
+    );
+    let later = now + jiff::SignedDuration::from_mins(5);
+    assert!(policy.revoke_api_key(&acme.id, later).await.unwrap());
+    assert!(!policy.revoke_api_key(&acme.id, later).await.unwrap());
+    assert!(!policy.revoke_api_key("000000000000", later).await.unwrap());
+    let revoked = policy.api_key(&acme.id).await.unwrap().unwrap();
+    assert_eq!(revoked.revoked_at, Some(later));
 }

@@ -28,8 +28,8 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 use crate::domain::{
-    Acknowledgement, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason, Platform,
-    Report, SmsShape, TargetStatus,
+    Acknowledgement, ApiKey, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason,
+    Platform, Report, SmsShape, TargetStatus,
 };
 
 pub use postgres::PostgresLedger;
@@ -498,4 +498,16 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         patterns: &[&str],
         now: Timestamp,
     ) -> Result<Vec<BlockEntry>, StoreError>;
+
+    /// Stores a new API key (its id is new: 48 random bits).
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+
+    /// The API key `id`, revoked or not.
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
+
+    /// API keys, of one tenant (its own only, not the global ones) or all, oldest first.
+    async fn list_api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Revokes the API key `id`; false when there is none that is still valid.
+    async fn revoke_api_key(&self, id: &str, now: Timestamp) -> Result<bool, StoreError>;
 }

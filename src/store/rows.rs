@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
-use crate::domain::{Attempt, FailureReason, Report, SmsEncoding, SmsShape, TargetResult};
+use crate::domain::{
+    ApiKey, Attempt, FailureReason, Report, SmsEncoding, SmsShape, TargetResult, parse_scopes,
+};
 use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule};
 use crate::store::StoreError;
 use crate::store::shared::{ALL_TENANTS, quiet_rule};
@@ -183,4 +185,21 @@ pub(crate) fn quiet_from_row(row: &dyn StoredRow) -> Result<QuietHoursRule, Stor
         &row.text(7)?,
         row.text(8)?,
     )
+}
+
+/// The columns of an API key row, in [`api_key_from_row`]'s order (the same in both backends).
+pub(crate) const API_KEY_COLUMNS: &str =
+    "id, tenant, scopes, label, secret_hash, created_at, revoked_at";
+
+/// An API key row ([`API_KEY_COLUMNS`]).
+pub(crate) fn api_key_from_row(row: &dyn StoredRow) -> Result<ApiKey, StoreError> {
+    Ok(ApiKey {
+        id: row.text(0)?,
+        tenant: tenant_of(row, 1)?,
+        scopes: parse_scopes(&row.text(2)?).map_err(StoreError::Corrupt)?,
+        label: row.text(3)?,
+        secret_hash: row.text(4)?,
+        created_at: timestamp(row.int(5)?)?,
+        revoked_at: opt_timestamp(row, 6)?,
+    })
 }

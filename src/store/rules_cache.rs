@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 use super::{PolicyStore, StoreError};
+use crate::domain::ApiKey;
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
@@ -85,6 +86,22 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[async_trait]
 impl PolicyStore for CachedRules {
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        self.inner.create_api_key(key).await
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        self.inner.api_key(id).await
+    }
+
+    async fn list_api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKey>, StoreError> {
+        self.inner.list_api_keys(tenant).await
+    }
+
+    async fn revoke_api_key(&self, id: &str, now: Timestamp) -> Result<bool, StoreError> {
+        self.inner.revoke_api_key(id, now).await
+    }
+
     async fn add_block(
         &self,
         entry: &NewBlockEntry,

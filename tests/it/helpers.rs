@@ -85,9 +85,11 @@ impl Names {
         ]
     }
 
-    /// The same settings as environment overrides, for the real binary.
+    /// The same settings as environment overrides, for the real binary (with no API keys:
+    /// its listeners are on loopback; the auth tests turn keys on).
     pub fn env(&self) -> Vec<(String, String)> {
-        self.amqp_settings()
+        let mut env: Vec<(String, String)> = self
+            .amqp_settings()
             .into_iter()
             .map(|(key, value)| {
                 (
@@ -95,7 +97,9 @@ impl Names {
                     value.clone(),
                 )
             })
-            .collect()
+            .collect();
+        env.push(("OTP_GATEWAY_AUTH__MODE".into(), "none".into()));
+        env
     }
 }
 
@@ -104,6 +108,8 @@ pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config 
     let mut figment = Config::figment(None)
         .merge(Serialized::default("grpc.listen", "127.0.0.1:0"))
         .merge(Serialized::default("receipts.listen", "127.0.0.1:0"))
+        // No API keys (loopback listeners) unless a test turns them on.
+        .merge(Serialized::default("auth.mode", "none"))
         .merge(Serialized::default("amqp.url", BROKER_URL))
         .merge(Serialized::default("amqp.reconnect_initial", "100ms"))
         .merge(Serialized::default("amqp.reconnect_max", "1s"))

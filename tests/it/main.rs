@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod auth;
 mod broker_outage;
 mod cli;
 mod engine;

@@ -30,12 +30,13 @@ use self::rows::{
     quiet_from_row, rule_from_row,
 };
 use crate::domain::{
-    Acknowledgement, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
+    Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
+    scopes_text,
 };
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
-use crate::store::rows::StoredRow;
+use crate::store::rows::{API_KEY_COLUMNS, StoredRow, api_key_from_row};
 use crate::store::shared::{Claimed, RateCounterKey, at_limit, page};
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
@@ -606,6 +607,53 @@ impl Ledger for PostgresLedger {
 
 #[async_trait]
 impl PolicyStore for PostgresLedger {
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant, scopes, label, secret_hash, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.id)
+        .bind(key.tenant.as_deref().unwrap_or(ALL_TENANTS))
+        .bind(scopes_text(&key.scopes))
+        .bind(&key.label)
+        .bind(&key.secret_hash)
+        .bind(micros(key.created_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = $1");
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(|row| api_key_from_row(row)).transpose()
+    }
+
+    async fn list_api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKey>, StoreError> {
+        let sql = format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE $1::text IS NULL OR tenant = $1
+             ORDER BY created_at, id"
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| api_key_from_row(row)).collect()
+    }
+
+    async fn revoke_api_key(&self, id: &str, now: Timestamp) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(micros(now))
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn add_block(
         &self,
         entry: &NewBlockEntry,

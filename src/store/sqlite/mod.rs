@@ -18,7 +18,7 @@ mod reads;
 mod writer;
 mod writes;
 
-use crate::domain::{Acknowledgement, DeliveryId, DeliveryStatus, Report, TargetStatus};
+use crate::domain::{Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, Report, TargetStatus};
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
@@ -297,6 +297,28 @@ impl Ledger for SqliteLedger {
 
 #[async_trait]
 impl PolicyStore for SqliteLedger {
+    async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.writer
+            .write(move |conn| writes::create_api_key(conn, &key))
+            .await
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        self.readers.with(|conn| reads::api_key(conn, id))
+    }
+
+    async fn list_api_keys(&self, tenant: Option<&str>) -> Result<Vec<ApiKey>, StoreError> {
+        self.readers.with(|conn| reads::list_api_keys(conn, tenant))
+    }
+
+    async fn revoke_api_key(&self, id: &str, now: Timestamp) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.writer
+            .write(move |conn| writes::revoke_api_key(conn, &id, now))
+            .await
+    }
+
     async fn set_quiet_hours(&self, rule: &QuietHoursRule) -> Result<QuietHoursRule, StoreError> {
         let owned = rule.clone();
         let stored = self

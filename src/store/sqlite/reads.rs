@@ -12,11 +12,12 @@ use jiff::Timestamp;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use crate::domain::{
-    Acknowledgement, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
+    Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
 };
 use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule, RateLimited};
 use crate::store::rows::{
-    StoredRow, attempt_from_row, parse, parse_opt, report_from_row, target_from_row,
+    API_KEY_COLUMNS, StoredRow, api_key_from_row, attempt_from_row, parse, parse_opt,
+    report_from_row, target_from_row,
 };
 use crate::store::{DeliveryKey, ListPage, ListQuery, StoreError};
 
@@ -348,4 +349,22 @@ pub(super) fn peek(
         }
     }
     Ok(None)
+}
+
+/// The API key `id`, revoked or not.
+pub(super) fn api_key(conn: &Connection, id: &str) -> Result<Option<ApiKey>, StoreError> {
+    let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?1");
+    Ok(all(conn, &sql, [id], api_key_from_row)?.pop())
+}
+
+/// API keys, of one tenant (its own only) or all, oldest first.
+pub(super) fn list_api_keys(
+    conn: &Connection,
+    tenant: Option<&str>,
+) -> Result<Vec<ApiKey>, StoreError> {
+    let sql = format!(
+        "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE ?1 IS NULL OR tenant = ?1
+         ORDER BY created_at, id"
+    );
+    all(conn, &sql, [tenant], api_key_from_row)
 }

@@ -9,7 +9,9 @@ use super::reads::{
     ALL_TENANTS, block_columns, block_from_row, load, micros, quiet_columns, quiet_from_row,
     rule_columns, rule_from_row,
 };
-use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus};
+use crate::domain::{
+    ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus, scopes_text,
+};
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
 };
@@ -502,4 +504,33 @@ pub(super) fn add_block(
         .next()?
         .ok_or_else(|| StoreError::Corrupt("a block entry vanished as it was added".into()))?;
     Ok((block_from_row(row)?, inserted))
+}
+
+/// Stores a new API key.
+pub(super) fn create_api_key(conn: &Connection, key: &ApiKey) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO api_keys (id, tenant, scopes, label, secret_hash, created_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(params![
+        key.id,
+        key.tenant.as_deref().unwrap_or(ALL_TENANTS),
+        scopes_text(&key.scopes),
+        key.label,
+        key.secret_hash,
+        micros(key.created_at),
+    ])?;
+    Ok(())
+}
+
+/// Revokes the API key `id`; false when there is none that is still valid.
+pub(super) fn revoke_api_key(
+    conn: &Connection,
+    id: &str,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let revoked = conn
+        .prepare_cached("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")?
+        .execute(params![micros(now), id])?;
+    Ok(revoked == 1)
 }
