@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{AuthMode, Config};
 use crate::delivery::{DeliveryService, Dispatcher, EngineSettings};
 use crate::domain::{Clock, SystemClock};
-use crate::grpc::Authenticator;
+use crate::grpc::{Authenticator, GrpcPort, GrpcTls};
 use crate::providers::KindSettings;
 use crate::providers::{ProviderReceipt, ProviderRegistry};
 use crate::queue::{BrokerLink, JobConsumer, LinkState, Publisher};
@@ -31,6 +31,8 @@ pub struct Application {
     service: Arc<DeliveryService>,
     policy: Arc<dyn PolicyStore>,
     auth: Arc<Authenticator>,
+    /// TLS on the gRPC port.
+    tls: Option<GrpcTls>,
     publisher: Publisher,
     link: BrokerLink,
     link_state: watch::Receiver<LinkState>,
@@ -91,6 +93,7 @@ impl Application {
                 )
             })?;
         let grpc_addr = listener.local_addr()?;
+        let tls = config.grpc.tls.as_ref().map(GrpcTls::load).transpose()?;
         let receipts_listener = TcpListener::bind(config.receipts.listen)
             .await
             .with_context(|| {
@@ -109,6 +112,7 @@ impl Application {
             service,
             policy,
             auth,
+            tls,
             publisher,
             link,
             link_state,
@@ -135,9 +139,15 @@ impl Application {
     pub async fn run_until_stopped(self, stop: CancellationToken) -> anyhow::Result<()> {
         let grace = self.config.delivery.shutdown_grace;
         let api_stop = CancellationToken::new();
-        tracing::info!(grpc = %self.grpc_addr, receipts = %self.receipts_addr, "otp-gateway serving");
+        tracing::info!(
+            grpc = %self.grpc_addr, grpc_tls = self.tls.is_some(), receipts = %self.receipts_addr,
+            auth = ?self.config.auth.mode, "otp-gateway serving"
+        );
         let api = tokio::spawn(crate::grpc::serve(
-            self.listener,
+            GrpcPort {
+                listener: self.listener,
+                tls: self.tls,
+            },
             Arc::clone(&self.service),
             Arc::clone(&self.policy),
             self.auth,

@@ -28,6 +28,27 @@ pub struct Cli {
     /// bootstrap admin key). Prefer the variable: a flag shows in the process list.
     #[arg(long, global = true, env = "OTP_GATEWAY_KEY", hide_env_values = true)]
     pub(super) key: Option<String>,
+    /// The gateway's TLS: a PEM file of the CA certificates its certificate chains to (without:
+    /// the system's roots, for an `https://` server). A `HOST:PORT` server is reached over TLS
+    /// when this or --client-cert is given.
+    #[arg(long, global = true, env = "OTP_GATEWAY_CA_FILE")]
+    pub(super) ca_file: Option<PathBuf>,
+    /// Mutual TLS: this client's certificate (PEM), with --client-key.
+    #[arg(
+        long,
+        global = true,
+        env = "OTP_GATEWAY_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    pub(super) client_cert: Option<PathBuf>,
+    /// Mutual TLS: the private key of --client-cert (PEM).
+    #[arg(
+        long,
+        global = true,
+        env = "OTP_GATEWAY_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    pub(super) client_key: Option<PathBuf>,
     #[command(subcommand)]
     pub(super) command: Command,
 }

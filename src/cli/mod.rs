@@ -34,7 +34,11 @@ pub fn run(cli: Cli) -> ExitCode {
         .enable_all()
         .build()
         .expect("a Tokio runtime");
-    let server = connection::Server::new(cli.server.as_deref(), cli.key);
+    let tls = connection::ClientTls {
+        ca_file: cli.ca_file,
+        client_cert: cli.client_cert.zip(cli.client_key),
+    };
+    let server = connection::Server::new(cli.server.as_deref(), cli.key, tls);
     let server = &server;
     let result = runtime.block_on(async move {
         match cli.command {

@@ -33,8 +33,8 @@ pub use crate::queue::AmqpConfig;
 pub use crate::store::StoreSettings as StoreConfig;
 pub use crate::telemetry::LogFormat;
 pub use sections::{
-    AuthConfig, AuthMode, BOOTSTRAP_KEY_MIN_LEN, DeliveryConfig, GrpcConfig, LogConfig,
-    ReceiptsConfig,
+    AuthConfig, AuthMode, BOOTSTRAP_KEY_MIN_LEN, DeliveryConfig, GrpcConfig, GrpcTlsConfig,
+    LogConfig, ReceiptsConfig,
 };
 pub use tenants::TenantConfig;
 
@@ -151,6 +151,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
         self.auth.bootstrap_admin_key()?;
+        if let Some(tls) = &self.grpc.tls {
+            crate::grpc::tls_server_config(tls)?;
+        }
         if self.auth.mode == AuthMode::None {
             let listeners = [
                 ("grpc.listen", self.grpc.listen),

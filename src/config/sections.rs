@@ -26,6 +26,23 @@ pub struct ReceiptsConfig {
 pub struct GrpcConfig {
     /// Listen address; port 0 picks a free one.
     pub listen: SocketAddr,
+    /// TLS on the port (none: plain text).
+    #[serde(default)]
+    pub tls: Option<GrpcTlsConfig>,
+}
+
+/// The gRPC port's certificate, reloaded on SIGHUP or when a file changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcTlsConfig {
+    /// PEM: the server's certificate, then its chain.
+    pub cert_file: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM: CA certificates a client certificate must chain to (mutual TLS); none: clients
+    /// show no certificate.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// Who may call the gRPC API.

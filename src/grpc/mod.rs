@@ -9,6 +9,7 @@ mod code_delivery;
 mod policy_admin;
 mod providers;
 mod status;
+mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,7 @@ pub use auth::{AuthLayer, Authenticator, Caller, KEY_TTL};
 pub use code_delivery::CodeDeliveryApi;
 pub use policy_admin::PolicyAdminApi;
 pub use providers::ProvidersApi;
+pub use tls::{GrpcTls, RELOAD_CHECK as TLS_RELOAD_CHECK, server_config as tls_server_config};
 
 /// The health-checked service name of `CodeDelivery`.
 pub const CODE_DELIVERY_SERVICE: &str = "otpgateway.v1.CodeDelivery";
@@ -39,9 +41,18 @@ pub const CODE_DELIVERY_SERVICE: &str = "otpgateway.v1.CodeDelivery";
 /// by other replicas are only seen this way).
 const WATCH_POLL: Duration = Duration::from_millis(500);
 
-/// Serves the gRPC API on `listener` until `stop` is cancelled.
+/// The gRPC port: the bound listener, and its TLS when it has one.
+#[derive(Debug)]
+pub struct GrpcPort {
+    /// The bound socket.
+    pub listener: TcpListener,
+    /// TLS settings (none: plain text).
+    pub tls: Option<GrpcTls>,
+}
+
+/// Serves the gRPC API on `port` until `stop` is cancelled.
 pub async fn serve(
-    listener: TcpListener,
+    port: GrpcPort,
     service: Arc<DeliveryService>,
     policy: Arc<dyn PolicyStore>,
     auth: Arc<Authenticator>,
@@ -70,7 +81,7 @@ pub async fn serve(
     let providers = ProvidersApi::new(Arc::clone(&service));
     let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()), Arc::clone(&auth));
     let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL, stop.clone());
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted,
         ))
@@ -80,9 +91,24 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(CodeDeliveryServer::new(api))
         .add_service(ProvidersServer::new(providers))
-        .add_service(PolicyAdminServer::new(policy_admin))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
-        .await
+        .add_service(PolicyAdminServer::new(policy_admin));
+    let GrpcPort { listener, tls } = port;
+    match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
+                .await
+        }
+        Some(tls) => {
+            let incoming = tls::incoming(listener, tls, stop.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        }
+    }
 }
 
 /// A request over the message size limit is RESOURCE_EXHAUSTED, as gRPC's conventions (and

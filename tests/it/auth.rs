@@ -19,9 +19,9 @@ use crate::helpers::*;
 const BINARY: &str = env!("CARGO_BIN_EXE_otp-gateway");
 
 /// The real gateway, with keys on and `bootstrap` as its bootstrap admin key.
-struct Served {
-    child: Child,
-    server: String,
+pub struct Served {
+    pub child: Child,
+    pub server: String,
 }
 
 impl Drop for Served {
@@ -36,10 +36,17 @@ fn free_address() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
-fn serve(names: &Names, dir: &std::path::Path, bootstrap: &str) -> Served {
+/// The gateway with keys on, `bootstrap` as its bootstrap key and the settings `env`.
+pub fn serve(
+    names: &Names,
+    dir: &std::path::Path,
+    bootstrap: &str,
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Served {
     let server = free_address();
     let child = Command::new(BINARY)
         .arg("serve")
+        .envs(env.iter().copied())
         .envs(names.env())
         .env("OTP_GATEWAY_AUTH__MODE", "keys")
         .env("OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY", bootstrap)
@@ -62,18 +69,29 @@ fn serve(names: &Names, dir: &std::path::Path, bootstrap: &str) -> Served {
 
 /// The CLI against `server`, with `key` in OTP_GATEWAY_KEY (or none).
 fn cli(server: &str, key: Option<&str>, args: &[&str]) -> Output {
+    cli_with(server, key, args, &[])
+}
+
+/// The CLI against `server`, with `key` in OTP_GATEWAY_KEY (or none) and more settings `env`.
+pub fn cli_with(
+    server: &str,
+    key: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Output {
     let mut command = Command::new(BINARY);
     command
         .args(args)
         .args(["--server", server])
-        .env_remove("OTP_GATEWAY_KEY");
+        .env_remove("OTP_GATEWAY_KEY")
+        .envs(env.iter().copied());
     if let Some(key) = key {
         command.env("OTP_GATEWAY_KEY", key);
     }
     command.output().unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
+pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
@@ -89,7 +107,7 @@ fn create_key(server: &str, admin: &str, args: &[&str]) -> String {
 }
 
 /// A request carrying `key` (or none).
-fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
+pub fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(key) = key {
         request.metadata_mut().insert(
@@ -100,7 +118,7 @@ fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
     request
 }
 
-fn send_request(
+pub fn send_request(
     tenant: &str,
     job_id: &str,
     key: Option<&str>,
@@ -128,7 +146,7 @@ fn send_request(
     with_key(v1::SendCodeRequest { job: Some(job) }, key)
 }
 
-fn get(id: &str, key: Option<&str>) -> tonic::Request<v1::GetDeliveryRequest> {
+pub fn get(id: &str, key: Option<&str>) -> tonic::Request<v1::GetDeliveryRequest> {
     with_key(
         v1::GetDeliveryRequest {
             delivery_id: id.into(),
@@ -151,6 +169,15 @@ async fn channel(server: &str) -> Channel {
     panic!("the gateway at {server} did not come up");
 }
 
+/// A fresh bootstrap admin key.
+pub fn bootstrap_key() -> String {
+    format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
 #[tokio::test]
 async fn keys_limit_every_call_to_their_tenant_and_scopes() {
     if !broker_available().await {
@@ -159,12 +186,8 @@ async fn keys_limit_every_call_to_their_tenant_and_scopes() {
     let names = Names::new("auth-keys");
     let broker = Broker::connect(&names).await;
     let dir = tempfile::tempdir().unwrap();
-    let bootstrap = format!(
-        "{:x}{:x}",
-        uuid::Uuid::new_v4().as_u128(),
-        uuid::Uuid::new_v4().as_u128()
-    );
-    let served = serve(&names, dir.path(), &bootstrap);
+    let bootstrap = bootstrap_key();
+    let served = serve(&names, dir.path(), &bootstrap, &[]);
     let server = served.server.as_str();
     let channel = channel(server).await;
 

@@ -545,3 +545,113 @@ pub async fn eventually<F: FnMut() -> bool>(within: Duration, what: &str, mut ch
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A private CA made with openssl in a test's directory, issuing certificates.
+pub struct PrivateCa {
+    dir: std::path::PathBuf,
+    name: String,
+}
+
+/// The names a test server's certificate is issued for.
+pub const SERVER_NAMES: &str = "subjectAltName=DNS:localhost,IP:127.0.0.1";
+
+/// A client certificate's purpose (mutual TLS).
+pub const CLIENT_AUTH: &str = "extendedKeyUsage=clientAuth";
+
+impl PrivateCa {
+    fn openssl(&self, args: &[&str]) {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("openssl (Debian's openssl package) makes the test certificates");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// A new CA, its files named after `name` in `dir`.
+    pub fn new(dir: &Path, name: &str) -> PrivateCa {
+        let ca = PrivateCa {
+            dir: dir.to_owned(),
+            name: name.to_owned(),
+        };
+        let (key, pem) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
+        let subject = format!("/CN=otp-gateway test CA {name}");
+        ca.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &subject,
+        ]);
+        ca
+    }
+
+    /// The CA's certificate (PEM).
+    pub fn pem(&self) -> std::path::PathBuf {
+        self.dir.join(format!("{}-ca.pem", self.name))
+    }
+
+    /// A certificate (and its key) for `leaf`, with the extension lines `extensions` (e.g.
+    /// [`SERVER_NAMES`] or [`CLIENT_AUTH`]): `(cert.pem, key.pem)`.
+    pub fn issue(&self, leaf: &str, extensions: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let name = format!("{}-{leaf}", self.name);
+        let (key, csr, pem, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(self.dir.join(&ext), format!("{extensions}\n")).unwrap();
+        let subject = format!("/CN={leaf}");
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &subject,
+        ]);
+        let (ca_pem, ca_key) = (
+            format!("{}-ca.pem", self.name),
+            format!("{}-ca.key", self.name),
+        );
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+        (self.dir.join(pem), self.dir.join(key))
+    }
+}

@@ -12,6 +12,7 @@ use otp_gateway::domain::{DeliveryStatus, FailureReason};
 use serde_json::{Value, json};
 
 use crate::engine::{deliver, engine, engine_config, job};
+use crate::helpers::{PrivateCa, SERVER_NAMES};
 
 #[derive(Default)]
 struct Aggregator {
@@ -130,79 +131,6 @@ async fn an_aggregator_is_driven_by_configuration_alone() {
     assert_eq!(attempt.provider_code.as_deref(), Some("503"));
 }
 
-/// A private CA and a certificate for `localhost` it signed, made with openssl in `dir`:
-/// `(ca.pem, server.pem, server.key)`.
-fn private_ca(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let run = |args: &[&str]| {
-        let output = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl (Debian's openssl package) makes the test certificates");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=otp-gateway test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    )
-}
-
 /// An HTTPS aggregator (HTTP/1.1 over rustls) that accepts every message as `msg-tls`.
 async fn tls_aggregator(cert: &std::path::Path, key: &std::path::Path) -> u16 {
     use rustls::pki_types::pem::PemObject;
@@ -273,7 +201,9 @@ async fn tls_aggregator(cert: &std::path::Path, key: &std::path::Path) -> u16 {
 #[tokio::test]
 async fn a_provider_behind_a_private_ca_is_trusted_through_its_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = private_ca(dir.path());
+    let authority = PrivateCa::new(dir.path(), "provider");
+    let (cert, key) = authority.issue("server", SERVER_NAMES);
+    let ca = authority.pem();
     let port = tls_aggregator(&cert, &key).await;
     let provider = |ca_file: Option<&std::path::Path>| {
         let mut provider = json!({

@@ -18,4 +18,5 @@ mod quiet;
 mod replicas;
 mod restart;
 mod smpp;
+mod tls;
 mod twilio;
