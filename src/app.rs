@@ -207,7 +207,7 @@ impl Application {
             self.publisher,
             self.config.delivery.max_in_flight,
         );
-        self.link.run(consumer, stop, grace).await;
+        let linked = self.link.run(consumer, stop, grace).await;
         api_stop.cancel();
         api.await
             .context("the gRPC server task failed")?
@@ -221,6 +221,7 @@ impl Application {
                 .await
                 .context("the receipt forwarder task failed")?;
         }
+        linked?;
         tracing::info!("otp-gateway stopped");
         Ok(())
     }

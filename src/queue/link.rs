@@ -2,7 +2,9 @@
 //! channels, and keeps doing so with back-off whenever the broker is unreachable or the
 //! connection drops, saying plainly what is wrong and how to fix it. Owns the orderly
 //! shutdown of consumption: stop taking jobs, let in-flight ones finish within the grace
-//! period, leave the rest unacked for redelivery.
+//! period, leave the rest unacked for redelivery. An amqps:// link whose certificates are
+//! refused before it ever connected stops the start, saying which certificate and why (that is
+//! a setting to fix, not an outage to wait out); once it has run, it keeps retrying instead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +15,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, Consumer, Event};
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, DefaultConnectionBuilder, Event};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +39,29 @@ pub enum LinkState {
     Down,
     /// Connected, topology declared, consuming.
     Up,
+}
+
+/// Why the link gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The TLS handshake with the broker failed on a certificate before the link ever worked.
+    #[error(
+        "the TLS connection to RabbitMQ at {url} was refused over a certificate ({error}): {advice}"
+    )]
+    Certificate {
+        /// The broker URL, without password.
+        url: String,
+        /// What the handshake said.
+        error: String,
+        /// What to check.
+        advice: String,
+    },
+}
+
+/// Whether a connection error is a certificate the handshake refused (ours or the broker's).
+fn certificate_refused(error: &str) -> bool {
+    let error = error.to_ascii_lowercase();
+    error.contains("certificate") || error.contains("unknownca") || error.contains("unknown ca")
 }
 
 /// One live connection and its channels.
@@ -77,7 +102,17 @@ impl BrokerLink {
     async fn open(&self) -> Result<Session, lapin::Error> {
         let properties = ConnectionProperties::default()
             .with_connection_name(self.config.connection_name.as_str().into());
-        let connect = Connection::connect(self.config.url.expose(), properties);
+        let tls = self.config.tls().map_err(|e| {
+            lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                e.to_string(),
+            ))
+        })?;
+        let builder = DefaultConnectionBuilder::new()?
+            .with_uri_str(self.config.url.expose().to_owned())
+            .with_properties(properties)
+            .with_tls_config(tls);
+        let connect = builder.connect();
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| {
@@ -113,14 +148,21 @@ impl BrokerLink {
         })
     }
 
-    /// Runs until `stop` is cancelled, then drains in-flight jobs for at most `grace`.
-    pub async fn run(self, consumer: JobConsumer, stop: CancellationToken, grace: Duration) {
+    /// Runs until `stop` is cancelled, then drains in-flight jobs for at most `grace`; gives
+    /// up only on certificates refused before the first connection.
+    pub async fn run(
+        self,
+        consumer: JobConsumer,
+        stop: CancellationToken,
+        grace: Duration,
+    ) -> Result<(), LinkError> {
         let (mut backoff, max) =
             reconnect_backoff(self.config.reconnect_initial, self.config.reconnect_max);
         let tracker = TaskTracker::new();
         let abandon = CancellationToken::new();
         let url = self.config.url.redacted();
         let mut failures = 0u32;
+        let mut ever_connected = false;
         while !stop.is_cancelled() {
             let opened = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -128,6 +170,13 @@ impl BrokerLink {
             };
             let session = match opened {
                 Ok(session) => session,
+                Err(error) if !ever_connected && certificate_refused(&error.to_string()) => {
+                    return Err(LinkError::Certificate {
+                        url,
+                        error: error.to_string(),
+                        advice: self.config.tls_advice(),
+                    });
+                }
                 Err(error) => {
                     failures += 1;
                     let delay = backoff.next_backoff().unwrap_or(max);
@@ -145,6 +194,7 @@ impl BrokerLink {
             };
             backoff.reset();
             failures = 0;
+            ever_connected = true;
             tracing::info!(%url, queue = %self.topology.jobs_queue, prefetch = self.config.prefetch, "connected to RabbitMQ; consuming jobs");
             let _ = self
                 .publish_channel
@@ -181,7 +231,7 @@ impl BrokerLink {
                         .close(200, "otp-gateway shutting down".into())
                         .await;
                     tracing::info!("disconnected from RabbitMQ");
-                    return;
+                    return Ok(());
                 }
                 ConsumeEnd::Lost(why) => {
                     let _ = self.state.send(LinkState::Down);
@@ -195,6 +245,7 @@ impl BrokerLink {
         drain(&tracker, &abandon, grace).await;
         let _ = self.state.send(LinkState::Down);
         let _ = self.publish_channel.send(None);
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@ mod topology;
 
 pub use consumer::JobConsumer;
 pub use decode::{CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, decode_job};
-pub use link::{BrokerLink, LinkState};
+pub use link::{BrokerLink, LinkError, LinkState};
 pub use publisher::{HEADER_ERROR, HEADER_ERROR_FIELD, PublishError, Publisher};
 pub use settings::AmqpConfig;
 pub use topology::Topology;

@@ -1,7 +1,9 @@
 //! The broker link's settings (`[amqp]`) and their validation.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use serde::Deserialize;
 
 use crate::domain::{InvalidSetting, SecretUrl};
@@ -37,6 +39,31 @@ pub struct AmqpConfig {
     pub dead_letter_queue: String,
     /// Topic exchange for `delivery.<status>` events.
     pub events_exchange: String,
+    /// amqps://: PEM CA certificates the broker's certificate chains to (none: the system's).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// amqps://: this client's certificate (PEM), for a broker that verifies clients.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// amqps://: the private key of `client_cert_file` (PKCS#8 PEM).
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// A PEM file's text, if it holds at least one block of `label`s (the error names `key`).
+fn pem_file(key: &str, path: &Path, label: &str) -> Result<String, InvalidSetting> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        InvalidSetting::new(key, format!("{}: cannot be read: {e}", path.display()))
+    })?;
+    let blocks = pem::parse_many(&text)
+        .map_err(|e| InvalidSetting::new(key, format!("{}: is not PEM: {e}", path.display())))?;
+    if !blocks.iter().any(|b| b.tag().ends_with(label)) {
+        return Err(InvalidSetting::new(
+            key,
+            format!("{}: holds no PEM {label}", path.display()),
+        ));
+    }
+    Ok(text)
 }
 
 impl AmqpConfig {
@@ -48,12 +75,20 @@ impl AmqpConfig {
             .expose()
             .parse::<lapin::uri::AMQPUri>()
             .map_err(|e| invalid("amqp.url", format!("not an AMQP URL ({e}): {}", self.url)))?;
-        if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
-            return Err(invalid(
-                "amqp.url",
-                "amqps:// (TLS) is not built into this release yet: use amqp:// (or a local TLS-terminating proxy)".into(),
-            ));
+        if uri.scheme != lapin::uri::AMQPScheme::AMQPS {
+            for (key, set) in [
+                ("amqp.ca_file", self.ca_file.is_some()),
+                ("amqp.client_cert_file", self.client_cert_file.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        "is set, but amqp.url is amqp:// (plain text): use amqps:// for TLS".into(),
+                    ));
+                }
+            }
         }
+        self.tls()?;
         if self.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1".into()));
         }
@@ -81,5 +116,61 @@ impl AmqpConfig {
             return Err(invalid("amqp.delivery_limit", "must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// The TLS settings of an amqps:// link, read from the files (the error names the key).
+    pub fn tls(&self) -> Result<OwnedTLSConfig, InvalidSetting> {
+        let cert_chain = self
+            .ca_file
+            .as_deref()
+            .map(|path| pem_file("amqp.ca_file", path, "CERTIFICATE"))
+            .transpose()?;
+        let identity = match (&self.client_cert_file, &self.client_key_file) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+                pem: pem_file("amqp.client_cert_file", cert, "CERTIFICATE")?.into_bytes(),
+                key: pem_file("amqp.client_key_file", key, "PRIVATE KEY")?.into_bytes(),
+            }),
+            (Some(_), None) => {
+                return Err(InvalidSetting::new(
+                    "amqp.client_key_file",
+                    "is needed with amqp.client_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(InvalidSetting::new(
+                    "amqp.client_cert_file",
+                    "is needed with amqp.client_key_file",
+                ));
+            }
+        };
+        Ok(OwnedTLSConfig {
+            identity,
+            cert_chain,
+        })
+    }
+
+    /// What to check when the broker's certificate (or ours) is refused.
+    pub fn tls_advice(&self) -> String {
+        let roots = match &self.ca_file {
+            Some(path) => format!("a CA in amqp.ca_file ({})", path.display()),
+            None => "the system's roots (set amqp.ca_file for a private CA)".to_owned(),
+        };
+        let host = self
+            .url
+            .expose()
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.authority.host)
+            .unwrap_or_default();
+        let client = match &self.client_cert_file {
+            Some(path) => format!(
+                "; the broker must trust our client certificate ({})",
+                path.display()
+            ),
+            None => String::new(),
+        };
+        format!(
+            "the broker's certificate must chain to {roots} and name the host `{host}` of amqp.url{client}"
+        )
     }
 }

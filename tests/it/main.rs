@@ -6,6 +6,7 @@ mod helpers;
 
 mod auth;
 mod broker_outage;
+mod broker_tls;
 mod cli;
 mod engine;
 mod grpc_api;
