@@ -192,6 +192,7 @@ impl Application {
                 public_url,
                 stop: api_stop.clone(),
             },
+            self.config.receipts.clone(),
             api_stop.clone(),
         ));
         let forwarder = self.provider_receipts.map(|receipts| {

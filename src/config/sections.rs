@@ -18,6 +18,13 @@ pub struct ReceiptsConfig {
     pub listen: SocketAddr,
     /// The base URL providers reach it at (signatures cover it); empty: `http://<listen>`.
     pub public_url: String,
+    /// The longest request body accepted (413 beyond).
+    pub max_body: usize,
+    /// How long a request's headers and body may take to arrive (408 for a slow body).
+    #[serde(deserialize_with = "crate::domain::positive_duration")]
+    pub read_timeout: Duration,
+    /// Requests per second one source address may send (429 beyond); 0: no limit.
+    pub rate_per_source: u32,
 }
 
 /// The gRPC listener.

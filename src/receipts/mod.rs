@@ -3,6 +3,7 @@
 //! verified, applied to the attempt it is about, and, when it settles a finished delivery (SENT
 //! to DELIVERED or FAILED), published as an event.
 
+mod guard;
 pub mod twilio;
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::sync::mpsc;
 
+use crate::config::ReceiptsConfig;
 use crate::delivery::{DeliveryService, ReceiptApplied};
 use crate::domain::SecretString;
 use crate::providers::ProviderReceipt;
@@ -36,18 +38,71 @@ pub struct ReceiptsState {
     pub stop: CancellationToken,
 }
 
-/// Serves the receipt endpoints on `listener` until `stop`.
+/// How long open callbacks may take to finish once the listener stops.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves the receipt endpoints on `listener` until `stop`, within `limits` (see `guard`).
 pub async fn serve(
     listener: TcpListener,
     state: ReceiptsState,
+    limits: ReceiptsConfig,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let guard = Arc::new(guard::Guard::new(
+        limits.max_body,
+        limits.read_timeout,
+        limits.rate_per_source,
+    ));
     let app = axum::Router::new()
         .route("/receipts/twilio/{provider}", post(twilio_callback))
-        .with_state(Arc::new(state));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
+        .with_state(Arc::new(state))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::guard));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "receipts: a connection could not be accepted");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(guard::Peer(peer));
+                request
+            },
+        );
+        let connection = builder
+            .serve_connection(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(service),
+            )
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "receipts: connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!("receipts: callbacks still open at shutdown were cut off");
+    }
+    Ok(())
 }
 
 async fn twilio_callback(

@@ -16,6 +16,7 @@ mod policy;
 mod push;
 mod queue_jobs;
 mod quiet;
+mod receipts_limits;
 mod replicas;
 mod restart;
 mod smpp;
