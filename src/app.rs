@@ -207,7 +207,8 @@ impl Application {
             self.service,
             self.publisher,
             self.config.delivery.max_in_flight,
-        );
+        )
+        .with_producers(self.config.amqp.producer_tenants()?);
         let linked = self.link.run(consumer, stop, grace).await;
         api_stop.cancel();
         api.await

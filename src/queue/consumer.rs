@@ -1,6 +1,7 @@
 //! The job consumer: decodes each message, hands the job to the delivery service, publishes
 //! the outcome (event, and reply when asked) and only then acks. Malformed messages are copied
-//! to the dead-letter exchange with the reason and acked; a ledger failure is retried with
+//! to the dead-letter exchange with the reason and acked (as are jobs whose producer may not
+//! send for their tenant, when `amqp.tenant_from_user_id` maps producers to tenants); a ledger failure is retried with
 //! back-off while the job stays unacked. Nothing is dropped silently.
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::ProducerTenants;
 use super::decode::{decode_job, identify};
 use super::publisher::{PublishError, Publisher};
 use crate::delivery::{DeliveryService, Handled};
@@ -47,6 +49,8 @@ pub struct JobConsumer {
     publisher: Publisher,
     slots: Arc<Semaphore>,
     in_flight: Arc<Mutex<HashMap<String, watch::Receiver<bool>>>>,
+    /// Which tenants each producer may send for (none: any).
+    producers: Option<Arc<ProducerTenants>>,
 }
 
 /// Removes a delivery from the in-flight map and wakes whoever waits for it.
@@ -74,7 +78,14 @@ impl JobConsumer {
             publisher,
             slots: Arc::new(Semaphore::new(max_in_flight)),
             in_flight: Arc::default(),
+            producers: None,
         }
+    }
+
+    /// Dead-letters jobs whose tenant their producer (the `user_id` property) may not send for.
+    pub fn with_producers(mut self, producers: Option<ProducerTenants>) -> Self {
+        self.producers = producers.map(Arc::new);
+        self
     }
 
     /// Takes deliveries from `consumer` until shutdown or until the link fails. Each job runs
@@ -131,7 +142,13 @@ impl JobConsumer {
             .content_type()
             .as_ref()
             .map(|ct| ct.as_str());
-        let job = match decode_job(content_type, &delivery.data) {
+        let user_id = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+        let decoded =
+            decode_job(content_type, &delivery.data).and_then(|job| match &self.producers {
+                Some(producers) => producers.check(user_id, &job.tenant).map(|()| job),
+                None => Ok(job),
+            });
+        let job = match decoded {
             Ok(job) => job,
             Err(error) => {
                 let (tenant, job_id) = identify(content_type, &delivery.data);

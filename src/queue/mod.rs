@@ -5,6 +5,7 @@
 mod consumer;
 mod decode;
 mod link;
+mod producers;
 mod publisher;
 mod settings;
 mod topology;
@@ -12,6 +13,7 @@ mod topology;
 pub use consumer::JobConsumer;
 pub use decode::{CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, decode_job};
 pub use link::{BrokerLink, LinkError, LinkState};
+pub use producers::ProducerTenants;
 pub use publisher::{HEADER_ERROR, HEADER_ERROR_FIELD, PublishError, Publisher};
 pub use settings::AmqpConfig;
 pub use topology::Topology;

@@ -129,10 +129,14 @@ impl Publisher {
         content_type: &str,
         message_id: &str,
     ) -> Result<(), PublishError> {
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_content_type(content_type.into())
             .with_delivery_mode(PERSISTENT)
             .with_message_id(short(message_id));
+        if self.topology.sign_jobs {
+            // RabbitMQ checks it is the user this link connected as.
+            properties = properties.with_user_id(short(&self.topology.gateway_user));
+        }
         self.publish(
             &self.topology.jobs_exchange,
             &self.topology.jobs_routing_key,
@@ -247,10 +251,8 @@ impl Publisher {
             "x-otp-deferred-until".into(),
             AMQPValue::LongString(until.into()),
         );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
+        let properties = self
+            .republished(delivery, headers)
             .with_delivery_mode(PERSISTENT);
         self.publish("", &queue, &delivery.data, properties, true)
             .await
@@ -280,7 +282,7 @@ impl Publisher {
             "x-otp-original-routing-key".into(),
             AMQPValue::LongString(delivery.routing_key.as_str().into()),
         );
-        let properties = delivery.properties.clone().with_headers(headers);
+        let properties = self.republished(delivery, headers);
         self.publish(
             &self.topology.dead_letter_exchange,
             delivery.routing_key.as_str(),
@@ -289,6 +291,27 @@ impl Publisher {
             true,
         )
         .await
+    }
+}
+
+impl Publisher {
+    /// A consumed message's properties with `headers`, to publish it again as the gateway: a
+    /// producer's `user_id` moves to the `x-otp-original-user-id` header and the gateway's own
+    /// takes its place (RabbitMQ refuses a message whose `user_id` is not its publisher's).
+    fn republished(&self, delivery: &Delivery, mut headers: FieldTable) -> BasicProperties {
+        let properties = delivery.properties.clone();
+        match delivery.properties.user_id() {
+            Some(user) if user.as_str() != self.topology.gateway_user => {
+                headers.insert(
+                    "x-otp-original-user-id".into(),
+                    AMQPValue::LongString(user.as_str().into()),
+                );
+                properties
+                    .with_headers(headers)
+                    .with_user_id(short(&self.topology.gateway_user))
+            }
+            _ => properties.with_headers(headers),
+        }
     }
 }
 

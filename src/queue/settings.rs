@@ -1,11 +1,13 @@
 //! The broker link's settings (`[amqp]`) and their validation.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use serde::Deserialize;
 
+use super::ProducerTenants;
 use crate::domain::{InvalidSetting, SecretUrl};
 
 /// The broker connection and topology names.
@@ -48,6 +50,9 @@ pub struct AmqpConfig {
     /// amqps://: the private key of `client_cert_file` (PKCS#8 PEM).
     #[serde(default)]
     pub client_key_file: Option<PathBuf>,
+    /// RabbitMQ user → the tenants its jobs may be for (empty: any producer, any tenant).
+    #[serde(default)]
+    pub tenant_from_user_id: BTreeMap<String, Vec<String>>,
 }
 
 /// A PEM file's text, if it holds at least one block of `label`s (the error names `key`).
@@ -89,6 +94,7 @@ impl AmqpConfig {
             }
         }
         self.tls()?;
+        self.producer_tenants()?;
         if self.prefetch == 0 {
             return Err(invalid("amqp.prefetch", "must be at least 1".into()));
         }
@@ -116,6 +122,20 @@ impl AmqpConfig {
             return Err(invalid("amqp.delivery_limit", "must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// The user the gateway connects as (from amqp.url; RabbitMQ's default `guest` without one).
+    pub fn user(&self) -> String {
+        self.url
+            .expose()
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|uri| uri.authority.userinfo.username)
+            .unwrap_or_else(|_| "guest".into())
+    }
+
+    /// Which tenants producers may send for (`None`: the mapping is off).
+    pub fn producer_tenants(&self) -> Result<Option<ProducerTenants>, InvalidSetting> {
+        ProducerTenants::new(&self.tenant_from_user_id, &self.user())
     }
 
     /// The TLS settings of an amqps:// link, read from the files (the error names the key).

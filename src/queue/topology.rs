@@ -25,6 +25,13 @@ pub struct Topology {
     pub dead_letter_queue: String,
     /// Topic exchange for delivery events.
     pub events_exchange: String,
+    /// The user the gateway connects as: a message it publishes again (dead-lettered,
+    /// deferred) that carried a producer's `user_id` carries this one instead (RabbitMQ refuses
+    /// a `user_id` that is not the publisher's).
+    pub gateway_user: String,
+    /// Whether the gateway's own jobs (`SendCode`) carry its `user_id` (producers are mapped
+    /// to tenants: `amqp.tenant_from_user_id`).
+    pub sign_jobs: bool,
 }
 
 impl From<&AmqpConfig> for Topology {
@@ -37,6 +44,8 @@ impl From<&AmqpConfig> for Topology {
             dead_letter_exchange: config.dead_letter_exchange.clone(),
             dead_letter_queue: config.dead_letter_queue.clone(),
             events_exchange: config.events_exchange.clone(),
+            gateway_user: config.user(),
+            sign_jobs: !config.tenant_from_user_id.is_empty(),
         }
     }
 }

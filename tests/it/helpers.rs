@@ -254,6 +254,8 @@ impl Broker {
             dead_letter_exchange: names.dead_letter_exchange.clone(),
             dead_letter_queue: names.dead_letter_queue.clone(),
             events_exchange: names.events_exchange.clone(),
+            gateway_user: "guest".into(),
+            sign_jobs: false,
         };
         topology.declare(&channel).await.unwrap();
         let events_queue = format!("test.events.{}", names.suffix);

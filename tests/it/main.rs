@@ -13,6 +13,7 @@ mod grpc_api;
 mod http_provider;
 mod logs;
 mod policy;
+mod producers;
 mod push;
 mod queue_jobs;
 mod quiet;
