@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::sync::watch;
 
-use super::decode::CONTENT_TYPE_JSON;
+use super::decode::{CONTENT_TYPE_JSON, without_code};
 use super::topology::Topology;
 use crate::domain::{DeviceInvalidated, JobError, Report};
 
@@ -282,11 +282,20 @@ impl Publisher {
             "x-otp-original-routing-key".into(),
             AMQPValue::LongString(delivery.routing_key.as_str().into()),
         );
-        let properties = self.republished(delivery, headers);
+        let mut properties = self.republished(delivery, headers);
+        if let Some(ttl) = self.topology.dead_letter_ttl {
+            properties = properties.with_expiration(ttl.as_millis().to_string().into());
+        }
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str());
+        let body = without_code(content_type, &delivery.data);
         self.publish(
             &self.topology.dead_letter_exchange,
             delivery.routing_key.as_str(),
-            &delivery.data,
+            &body,
             properties,
             true,
         )

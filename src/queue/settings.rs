@@ -39,6 +39,9 @@ pub struct AmqpConfig {
     pub dead_letter_exchange: String,
     /// Queue bound to the dead-letter exchange.
     pub dead_letter_queue: String,
+    /// How long a dead letter the gateway writes is kept (0: forever).
+    #[serde(deserialize_with = "crate::domain::non_negative_duration")]
+    pub dead_letter_ttl: Duration,
     /// Topic exchange for `delivery.<status>` events.
     pub events_exchange: String,
     /// amqps://: PEM CA certificates the broker's certificate chains to (none: the system's).

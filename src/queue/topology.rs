@@ -32,6 +32,8 @@ pub struct Topology {
     /// Whether the gateway's own jobs (`SendCode`) carry its `user_id` (producers are mapped
     /// to tenants: `amqp.tenant_from_user_id`).
     pub sign_jobs: bool,
+    /// How long a dead letter the gateway writes is kept (its per-message TTL); none: forever.
+    pub dead_letter_ttl: Option<std::time::Duration>,
 }
 
 impl From<&AmqpConfig> for Topology {
@@ -46,6 +48,7 @@ impl From<&AmqpConfig> for Topology {
             events_exchange: config.events_exchange.clone(),
             gateway_user: config.user(),
             sign_jobs: !config.tenant_from_user_id.is_empty(),
+            dead_letter_ttl: Some(config.dead_letter_ttl).filter(|ttl| !ttl.is_zero()),
         }
     }
 }

@@ -256,6 +256,7 @@ impl Broker {
             events_exchange: names.events_exchange.clone(),
             gateway_user: "guest".into(),
             sign_jobs: false,
+            dead_letter_ttl: None,
         };
         topology.declare(&channel).await.unwrap();
         let events_queue = format!("test.events.{}", names.suffix);

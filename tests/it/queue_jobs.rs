@@ -302,12 +302,31 @@ async fn malformed_messages_are_dead_lettered_and_undeliverable_jobs_reported() 
     assert_eq!(events["acme/valid-after"]["status"], "SENT");
 
     let mut dead = Vec::new();
+    let mut bodies = Vec::new();
     while let Some(message) = broker.get(&names.dead_letter_queue).await {
         dead.push((
             header(&message, "x-otp-error-field").unwrap(),
             header(&message, "x-otp-error").unwrap(),
         ));
+        // Kept 14 days by default (a per-message TTL), without the code.
+        assert_eq!(
+            message.properties.expiration().as_ref().map(|e| e.as_str()),
+            Some("1209600000")
+        );
+        bodies.push(String::from_utf8_lossy(&message.data).into_owned());
     }
+    for code in ["000000", "482913", "123456"] {
+        assert!(
+            bodies.iter().all(|b| !b.contains(code)),
+            "{code} in {bodies:?}"
+        );
+    }
+    assert!(
+        bodies
+            .iter()
+            .any(|b| b.contains("\"fax\"") && b.contains("[redacted]")),
+        "the rest of the job is kept for diagnosis: {bodies:?}"
+    );
     dead.sort();
     assert_eq!(dead.len(), 9, "{dead:?}");
     for (field, expected) in [
