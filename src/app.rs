@@ -203,6 +203,12 @@ impl Application {
                 api_stop.clone(),
             ))
         });
+        let retention = tokio::spawn(crate::store::purge_old_deliveries(
+            Arc::clone(self.service.ledger()),
+            self.config.retention.clone(),
+            Arc::clone(self.service.clock()),
+            api_stop.clone(),
+        ));
         let consumer = JobConsumer::new(
             self.service,
             self.publisher,
@@ -223,6 +229,7 @@ impl Application {
                 .await
                 .context("the receipt forwarder task failed")?;
         }
+        let _ = retention.await;
         linked?;
         tracing::info!("otp-gateway stopped");
         Ok(())

@@ -82,6 +82,13 @@ pub(super) enum Command {
         #[command(subcommand)]
         command: LimitsCommand,
     },
+    /// Delete an account's deliveries and account block entries for good (its opt-outs stay).
+    EraseAccount {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        account: String,
+    },
     /// Manage API keys (needs a key with the admin scope).
     Keys {
         #[command(subcommand)]

@@ -1,6 +1,6 @@
 //! `otp-gateway keys`: make an API key (printed once, alone on stdout, so a script can keep
-//! it), list keys, revoke one. The gateway checks that the caller's key may (admin scope, and
-//! its own tenant for a tenant's admin key).
+//! it), list keys, revoke one; and `otp-gateway erase-account`. The gateway checks that the
+//! caller's key may (admin scope, and its own tenant for a tenant's admin key).
 
 use std::process::ExitCode;
 
@@ -100,4 +100,29 @@ fn line(key: &v1::ApiKey) -> String {
         line.push_str(&format!("  {}", key.label));
     }
     line
+}
+
+/// `erase-account`: what was removed and what stays.
+pub(super) async fn erase_account(
+    tenant: &str,
+    account: &str,
+    server: &Server,
+) -> anyhow::Result<ExitCode> {
+    let mut client = match gateway(server).await {
+        Ok(channel) => PolicyAdminClient::new(channel),
+        Err(code) => return Ok(code),
+    };
+    let request = v1::EraseAccountRequest {
+        tenant: tenant.to_owned(),
+        account: account.to_owned(),
+    };
+    let erased = match client.erase_account(request).await {
+        Ok(erased) => erased.into_inner(),
+        Err(status) => return Ok(refused(&status, 1)),
+    };
+    println!(
+        "erased {tenant}/{account}: {} deliveries, {} block entries ({} opt-outs kept)",
+        erased.deliveries_removed, erased.block_entries_removed, erased.opt_outs_kept
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,7 @@
 //! - `connection`: how a client command reaches the gateway, and how errors read.
 //! - `deliveries`: `send`, `status`, `explain`, `health` and the report's printout.
 //! - `rules`: `block`, `quiet` and `limits`, one shape for the three kinds of rule.
-//! - `keys`: API keys (create, ls, revoke).
+//! - `keys`: API keys (create, ls, revoke), and `erase-account`.
 
 mod args;
 mod connection;
@@ -51,6 +51,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Quiet { command } => rules::run(command.into(), server).await,
             Command::Limits { command } => rules::run(command.into(), server).await,
             Command::Keys { command } => keys::run(command, server).await,
+            Command::EraseAccount { tenant, account } => {
+                keys::erase_account(&tenant, &account, server).await
+            }
         }
     });
     match result {

@@ -34,7 +34,7 @@ pub use crate::store::StoreSettings as StoreConfig;
 pub use crate::telemetry::LogFormat;
 pub use sections::{
     AuthConfig, AuthMode, BOOTSTRAP_KEY_MIN_LEN, DeliveryConfig, GrpcConfig, GrpcTlsConfig,
-    LogConfig, ReceiptsConfig,
+    LogConfig, ReceiptsConfig, RetentionConfig,
 };
 pub use tenants::TenantConfig;
 
@@ -88,6 +88,8 @@ pub struct Config {
     pub tenants: BTreeMap<String, TenantConfig>,
     /// The receipt (provider callback) listener.
     pub receipts: ReceiptsConfig,
+    /// How long personal data is kept.
+    pub retention: RetentionConfig,
     /// Message templates overriding the built-in ones: `templates.<purpose>.<locale>.<channel>`
     /// (`*` as the purpose matches any).
     #[serde(default)]
@@ -170,6 +172,9 @@ impl Config {
             }
         }
         self.store.validate()?;
+        if self.retention.batch == 0 {
+            return Err(invalid("retention.batch", "must be at least 1"));
+        }
         if self.delivery.max_in_flight == 0 {
             return Err(invalid("delivery.max_in_flight", "must be at least 1"));
         }

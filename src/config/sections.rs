@@ -118,6 +118,20 @@ impl AuthConfig {
     }
 }
 
+/// How long personal data is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Deliveries are deleted this long after they were made (0: kept forever).
+    #[serde(deserialize_with = "crate::domain::non_negative_duration")]
+    pub deliveries: Duration,
+    /// How often the purge runs.
+    #[serde(deserialize_with = "crate::domain::positive_duration")]
+    pub interval: Duration,
+    /// Deliveries deleted per statement.
+    pub batch: u32,
+}
+
 /// Delivery behaviour.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -79,7 +79,7 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     let providers = ProvidersApi::new(Arc::clone(&service));
-    let policy_admin = PolicyAdminApi::new(policy, Arc::clone(service.clock()), Arc::clone(&auth));
+    let policy_admin = PolicyAdminApi::new(policy, Arc::clone(&service), Arc::clone(&auth));
     let api = CodeDeliveryApi::new(service, publisher, WATCH_POLL, stop.clone());
     let router = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(

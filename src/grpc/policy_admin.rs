@@ -8,7 +8,8 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{Authenticator, Caller};
 use super::status::invalid_argument;
-use crate::domain::{Clock, JobError};
+use crate::delivery::DeliveryService;
+use crate::domain::{Clock, JobError, check_tenant};
 use crate::policy::{
     BlockEntry, BlockKind, BlockSource, NewBlockEntry, QuietAction, QuietHoursRule, RateLimitRule,
     RateScope, parse_time_of_day, parse_weekday, weekday_name,
@@ -37,19 +38,22 @@ pub struct PolicyAdminApi {
     pub(super) clock: Arc<dyn Clock>,
     /// Told of revoked keys, so they stop opening anything here at once.
     pub(super) auth: Arc<Authenticator>,
+    /// The deliveries, for `EraseAccount`.
+    pub(super) service: Arc<DeliveryService>,
 }
 
 impl PolicyAdminApi {
     /// The admin API over `policy`.
     pub fn new(
         policy: Arc<dyn PolicyStore>,
-        clock: Arc<dyn Clock>,
+        service: Arc<DeliveryService>,
         auth: Arc<Authenticator>,
     ) -> Self {
         PolicyAdminApi {
             policy,
-            clock,
+            clock: Arc::clone(service.clock()),
             auth,
+            service,
         }
     }
 }
@@ -426,5 +430,37 @@ impl PolicyAdmin for PolicyAdminApi {
         request: Request<v1::RevokeApiKeyRequest>,
     ) -> Result<Response<v1::RevokeApiKeyResponse>, Status> {
         self.revoke_key(request).await.map(Response::new)
+    }
+
+    async fn erase_account(
+        &self,
+        request: Request<v1::EraseAccountRequest>,
+    ) -> Result<Response<v1::EraseAccountResponse>, Status> {
+        let caller = Caller::of(&request);
+        let request = request.into_inner();
+        let (tenant, account) = (request.tenant.trim(), request.account.trim());
+        check_tenant("tenant", tenant).map_err(|e| invalid_argument(&e))?;
+        if account.is_empty() {
+            return Err(invalid_argument(&JobError::new("account", "is required")));
+        }
+        caller.acts_for(Some(tenant))?;
+        let deliveries_removed = self.service.ledger().erase_account(tenant, account).await?;
+        let (block_entries_removed, opt_outs_kept) =
+            self.policy.erase_account_blocks(tenant, account).await?;
+        tracing::info!(
+            tenant,
+            deliveries_removed,
+            block_entries_removed,
+            opt_outs_kept,
+            by = caller
+                .key_id()
+                .unwrap_or("the bootstrap key or an unauthenticated operator"),
+            "account erased"
+        );
+        Ok(Response::new(v1::EraseAccountResponse {
+            deliveries_removed,
+            block_entries_removed,
+            opt_outs_kept,
+        }))
     }
 }

@@ -89,6 +89,17 @@ macro_rules! store_contract {
             }
 
             #[tokio::test]
+            async fn old_deliveries_are_purged_and_an_account_erased_but_its_opt_outs() {
+                let Some(s) = super::$open().await else {
+                    return;
+                };
+                c::old_deliveries_are_purged_and_an_account_erased_but_its_opt_outs(
+                    &*s.ledger, &*s.policy,
+                )
+                .await;
+            }
+
+            #[tokio::test]
             async fn api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_once() {
                 let Some(s) = super::$open().await else {
                     return;
@@ -623,4 +634,83 @@ pub(crate) async fn api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_onc
     assert!(!policy.revoke_api_key("000000000000", later).await.unwrap());
     let revoked = policy.api_key(&acme.id).await.unwrap().unwrap();
     assert_eq!(revoked.revoked_at, Some(later));
+}
+
+/// The purge deletes deliveries made before the cut-off, a batch at a time; erasing an account
+/// deletes its deliveries and account entries, but its opt-outs.
+pub(crate) async fn old_deliveries_are_purged_and_an_account_erased_but_its_opt_outs(
+    ledger: &dyn Ledger,
+    policy: &dyn PolicyStore,
+) {
+    let early = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+    let late = early + jiff::SignedDuration::from_hours(24 * 40);
+    let made = |job_id: &str, account: &str| {
+        let mut new = new_delivery(job_id);
+        new.account = account.into();
+        new
+    };
+    for n in 0..3 {
+        ledger
+            .accept(&made(&format!("old-{n}"), "user-old"), early)
+            .await
+            .unwrap();
+    }
+    ledger.accept(&made("new", "user-new"), late).await.unwrap();
+    let cut_off = late - jiff::SignedDuration::from_hours(24 * 30);
+    assert_eq!(
+        ledger.purge(cut_off, 2).await.unwrap(),
+        2,
+        "a batch at a time"
+    );
+    assert_eq!(ledger.purge(cut_off, 2).await.unwrap(), 1);
+    assert_eq!(ledger.purge(cut_off, 2).await.unwrap(), 0);
+    let id = |job_id: &str| DeliveryId {
+        tenant: "acme".into(),
+        job_id: job_id.into(),
+    };
+    assert!(ledger.get(&id("old-0")).await.unwrap().is_none());
+    assert!(ledger.get(&id("new")).await.unwrap().is_some());
+
+    ledger
+        .accept(&made("other", "user-other"), late)
+        .await
+        .unwrap();
+    let block = |account: &str, source| NewBlockEntry {
+        tenant: Some("acme".into()),
+        kind: BlockKind::Account,
+        pattern: account.into(),
+        source,
+        note: String::new(),
+        expires_at: None,
+    };
+    policy
+        .add_block(&block("user-new", BlockSource::Admin), late)
+        .await
+        .unwrap();
+    policy
+        .add_block(&block("user-other", BlockSource::OptOut), late)
+        .await
+        .unwrap();
+    assert_eq!(ledger.erase_account("acme", "user-new").await.unwrap(), 1);
+    assert_eq!(
+        policy
+            .erase_account_blocks("acme", "user-new")
+            .await
+            .unwrap(),
+        (1, 0)
+    );
+    assert!(ledger.get(&id("new")).await.unwrap().is_none());
+    assert!(ledger.get(&id("other")).await.unwrap().is_some());
+    // An opt-out stays (the law may require it).
+    assert_eq!(
+        policy
+            .erase_account_blocks("acme", "user-other")
+            .await
+            .unwrap(),
+        (0, 1)
+    );
+    assert_eq!(
+        ledger.erase_account("globex", "user-other").await.unwrap(),
+        0
+    );
 }

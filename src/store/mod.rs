@@ -13,6 +13,7 @@
 #[cfg(test)]
 pub(crate) mod contract;
 mod postgres;
+mod retention;
 mod rows;
 mod rules_cache;
 mod settings;
@@ -33,6 +34,7 @@ use crate::domain::{
 };
 
 pub use postgres::PostgresLedger;
+pub use retention::purge_old_deliveries;
 pub use rules_cache::{CachedRules, RULES_TTL};
 pub use settings::StoreSettings;
 pub use sqlite::SqliteLedger;
@@ -428,6 +430,14 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Reports, newest first.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+
+    /// Deletes up to `batch` deliveries made before `before` and not in progress, with their
+    /// targets and attempts, for good; how many.
+    async fn purge(&self, before: Timestamp, batch: u32) -> Result<u64, StoreError>;
+
+    /// Deletes every delivery of `account` of `tenant` that is not in progress, with its
+    /// targets and attempts, for good; how many.
+    async fn erase_account(&self, tenant: &str, account: &str) -> Result<u64, StoreError>;
 }
 
 /// Policy rules (block lists so far).
@@ -498,6 +508,14 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         patterns: &[&str],
         now: Timestamp,
     ) -> Result<Vec<BlockEntry>, StoreError>;
+
+    /// Removes the block entries naming `account` of `tenant`, but not its opt-outs (kept as
+    /// the law may require): how many were removed, and how many opt-outs stay.
+    async fn erase_account_blocks(
+        &self,
+        tenant: &str,
+        account: &str,
+    ) -> Result<(u64, u64), StoreError>;
 
     /// Stores a new API key (its id is new: 48 random bits).
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError>;

@@ -90,6 +90,14 @@ impl PolicyStore for CachedRules {
         self.inner.create_api_key(key).await
     }
 
+    async fn erase_account_blocks(
+        &self,
+        tenant: &str,
+        account: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        self.inner.erase_account_blocks(tenant, account).await
+    }
+
     async fn api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
         self.inner.api_key(id).await
     }

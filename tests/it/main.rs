@@ -20,6 +20,7 @@ mod quiet;
 mod receipts_limits;
 mod replicas;
 mod restart;
+mod retention;
 mod smpp;
 mod tls;
 mod twilio;

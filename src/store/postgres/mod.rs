@@ -358,6 +358,30 @@ impl Ledger for PostgresLedger {
         Ok((self.load(key).await?, created))
     }
 
+    async fn purge(&self, before: Timestamp, batch: u32) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE created_at < $1 AND status <> 'IN_PROGRESS'
+                 ORDER BY created_at LIMIT $2)",
+        )
+        .bind(micros(before))
+        .bind(i64::from(batch))
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
+    async fn erase_account(&self, tenant: &str, account: &str) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM deliveries WHERE tenant = $1 AND account = $2 AND status <> 'IN_PROGRESS'",
+        )
+        .bind(tenant)
+        .bind(account)
+        .execute(&self.pool)
+        .await?;
+        Ok(deleted.rows_affected())
+    }
+
     async fn forget_accepted(&self, id: &DeliveryId) -> Result<(), StoreError> {
         sqlx::query(
             "DELETE FROM deliveries WHERE tenant = $1 AND job_id = $2 AND status = 'ACCEPTED'",
@@ -607,6 +631,31 @@ impl Ledger for PostgresLedger {
 
 #[async_trait]
 impl PolicyStore for PostgresLedger {
+    async fn erase_account_blocks(
+        &self,
+        tenant: &str,
+        account: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        let removed = sqlx::query(
+            "DELETE FROM block_entries WHERE tenant = $1 AND kind = 'ACCOUNT' AND pattern = $2
+             AND source <> 'OPT_OUT'",
+        )
+        .bind(tenant)
+        .bind(account)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let kept: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM block_entries WHERE tenant = $1 AND kind = 'ACCOUNT'
+             AND pattern = $2",
+        )
+        .bind(tenant)
+        .bind(account)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((removed, kept as u64))
+    }
+
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO api_keys (id, tenant, scopes, label, secret_hash, created_at)

@@ -285,6 +285,19 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    async fn purge(&self, before: Timestamp, batch: u32) -> Result<u64, StoreError> {
+        self.writer
+            .erase(move |conn| writes::purge(conn, before, batch))
+            .await
+    }
+
+    async fn erase_account(&self, tenant: &str, account: &str) -> Result<u64, StoreError> {
+        let (tenant, account) = (tenant.to_owned(), account.to_owned());
+        self.writer
+            .erase(move |conn| writes::erase_account(conn, &tenant, &account))
+            .await
+    }
+
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         // Up to a hundred reports: off the async workers.
         let readers = Arc::clone(&self.readers);
@@ -297,6 +310,17 @@ impl Ledger for SqliteLedger {
 
 #[async_trait]
 impl PolicyStore for SqliteLedger {
+    async fn erase_account_blocks(
+        &self,
+        tenant: &str,
+        account: &str,
+    ) -> Result<(u64, u64), StoreError> {
+        let (tenant, account) = (tenant.to_owned(), account.to_owned());
+        self.writer
+            .erase(move |conn| writes::erase_account_blocks(conn, &tenant, &account))
+            .await
+    }
+
     async fn create_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
         let key = key.clone();
         self.writer

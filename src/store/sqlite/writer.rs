@@ -66,6 +66,10 @@ struct WriteOp {
     run: Run,
     /// Once on disk (the syncer answers), rather than once committed.
     durable: bool,
+    /// Deletes personal data: once committed, the WAL is checkpointed and truncated, so that
+    /// the deleted rows' old pages do not linger in it (the database's own pages are
+    /// overwritten: `secure_delete`).
+    scrub: bool,
 }
 
 /// How far the commits are on disk.
@@ -126,6 +130,8 @@ impl GroupWriter {
         // The syncer thread fsyncs the WAL (see the module documentation).
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
+        // Deleted rows (purged or erased deliveries) are overwritten, not left in free pages.
+        connection.pragma_update(None, "secure_delete", "ON")?;
         connection.set_prepared_statement_cache_capacity(64);
         let (ops, queue) = mpsc::unbounded_channel();
         let commits = Arc::new(Commits {
@@ -180,7 +186,17 @@ impl GroupWriter {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
     {
         // Answered by the syncer once on disk: the caller wakes once.
-        self.commit(op, true).await
+        self.commit(op, true, false).await
+    }
+
+    /// As [`Self::write`], for a write that deletes personal data: the WAL is checkpointed
+    /// and truncated after its commit (see [`WriteOp::scrub`]).
+    pub(super) async fn erase<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
+    {
+        self.commit(op, true, true).await
     }
 
     /// Runs `op` in the next group transaction and returns its result once that transaction
@@ -190,7 +206,7 @@ impl GroupWriter {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
     {
-        self.commit(op, false).await
+        self.commit(op, false, false).await
     }
 
     /// Waits until every transaction committed so far is on disk.
@@ -216,7 +232,7 @@ impl GroupWriter {
     /// Runs `op` in the next group transaction; its result once committed (or, `durable`, once
     /// on disk too). A write rolled back because another write in its group failed runs again
     /// (hence `Clone`): one bad write never fails its neighbours.
-    async fn commit<T, F>(&self, op: F, durable: bool) -> Result<T, StoreError>
+    async fn commit<T, F>(&self, op: F, durable: bool, scrub: bool) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Clone + Send + 'static,
@@ -240,7 +256,11 @@ impl GroupWriter {
                 (ok, reply)
             });
             self.ops
-                .send(WriteOp { run, durable })
+                .send(WriteOp {
+                    run,
+                    durable,
+                    scrub,
+                })
                 .map_err(|_| StoreError::Unavailable("the ledger writer has stopped".to_owned()))?;
             // A write dropped unrun (its group was rolled back before it) has no answer.
             match answer.await.unwrap_or(Answer::Again) {
@@ -268,6 +288,7 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
                 Err(_) => break,
             }
         }
+        let scrub = batch.iter().any(|op| op.scrub);
         let ended = commit_batch(&connection, &mut batch, &mut replies);
         let fate = match &ended {
             Ok(true) => {
@@ -306,13 +327,32 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
         for (_, reply) in replies.drain(..) {
             reply(fate);
         }
+        if scrub && matches!(fate, Fate::Committed) {
+            truncate_wal(&connection);
+        }
     }
+    // What was written last leaves the WAL too (it is not deleted while a reader is open).
+    truncate_wal(&connection);
     commits
         .wanted
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .stopped = true;
     commits.wake_syncer.notify_one();
+}
+
+/// Copies the WAL into the database and empties it.
+fn truncate_wal(connection: &Connection) {
+    let checkpoint = connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    match checkpoint {
+        Ok(0) => {}
+        Ok(_) => tracing::warn!(
+            "the ledger's WAL could not be emptied now (readers were busy): its old pages go with the next checkpoint"
+        ),
+        Err(error) => tracing::warn!(%error, "the ledger's WAL could not be emptied"),
+    }
 }
 
 /// Runs the batch in one transaction: true when committed, false when a write failed (the

@@ -534,3 +534,52 @@ pub(super) fn revoke_api_key(
         .execute(params![micros(now), id])?;
     Ok(revoked == 1)
 }
+
+/// Deletes up to `batch` deliveries made before `before` and not in progress (targets and
+/// attempts go with them); how many.
+pub(super) fn purge(conn: &Connection, before: Timestamp, batch: u32) -> Result<u64, StoreError> {
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM deliveries WHERE id IN (
+                 SELECT id FROM deliveries WHERE created_at < ?1 AND status <> 'IN_PROGRESS'
+                 ORDER BY created_at LIMIT ?2)",
+        )?
+        .execute(params![micros(before), batch])?;
+    Ok(deleted as u64)
+}
+
+/// Deletes the deliveries of `account` of `tenant` that are not in progress; how many.
+pub(super) fn erase_account(
+    conn: &Connection,
+    tenant: &str,
+    account: &str,
+) -> Result<u64, StoreError> {
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM deliveries WHERE tenant = ?1 AND account = ?2 AND status <> 'IN_PROGRESS'",
+        )?
+        .execute(params![tenant, account])?;
+    Ok(deleted as u64)
+}
+
+/// Removes the account block entries of `account` of `tenant` but its opt-outs: how many were
+/// removed, how many opt-outs stay.
+pub(super) fn erase_account_blocks(
+    conn: &Connection,
+    tenant: &str,
+    account: &str,
+) -> Result<(u64, u64), StoreError> {
+    let removed = conn
+        .prepare_cached(
+            "DELETE FROM block_entries WHERE tenant = ?1 AND kind = 'ACCOUNT' AND pattern = ?2
+             AND source <> 'OPT_OUT'",
+        )?
+        .execute(params![tenant, account])?;
+    let kept: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM block_entries WHERE tenant = ?1 AND kind = 'ACCOUNT'
+             AND pattern = ?2",
+        )?
+        .query_row(params![tenant, account], |row| row.get(0))?;
+    Ok((removed as u64, kept as u64))
+}
