@@ -16,8 +16,8 @@ pub use api_key::{
 };
 pub use clock::{Clock, SystemClock};
 pub use job::{
-    Channel, Code, DeliveryId, DeviceTarget, Job, JobError, PhoneTarget, Platform, Target,
-    check_tenant, is_apns_token, is_e164,
+    Channel, Code, DeliveryId, DeviceTarget, Job, JobError, MAX_JOB_ID_LEN, PhoneTarget, Platform,
+    Target, check_tenant, is_apns_token, is_e164,
 };
 pub use mask::{mask_phone, mask_token, scrub};
 pub use message::{

@@ -44,28 +44,68 @@ pub fn decode_job(content_type: Option<&str>, body: &[u8]) -> Result<Job, JobErr
 }
 
 /// What a job that failed to decode says about itself, for the log line of its dead letter:
-/// its `tenant` and `job_id` when they can be read (short strings only; nothing else of the
-/// body, which may hold the code).
+/// its `tenant` and `job_id` when they can be read and look like a tenant and a job id (a
+/// corrupted message can run one field into the next), and never when they hold the message's
+/// own code, or, when its code cannot be read, when they could be one (4 to 16 letters and
+/// digits, a digit among them: a corrupted message may have put its code's bytes there).
 pub fn identify(content_type: Option<&str>, body: &[u8]) -> (Option<String>, Option<String>) {
-    const LONGEST: usize = 128;
-    let short = |s: String| Some(s).filter(|s| !s.is_empty() && s.len() <= LONGEST);
+    let (tenant, job_id, code) = read_identity(content_type, body);
+    let could_be_a_code = |v: &str| {
+        (4..=16).contains(&v.len())
+            && v.chars().all(|c| c.is_ascii_alphanumeric())
+            && v.chars().any(|c| c.is_ascii_digit())
+    };
+    let clean = |value: Option<String>, fits: &dyn Fn(&str) -> bool| {
+        value.filter(|v| {
+            fits(v)
+                && match code.as_str() {
+                    "" => !could_be_a_code(v),
+                    code => !v.contains(code),
+                }
+        })
+    };
+    (
+        clean(tenant, &|t| {
+            crate::domain::check_tenant("tenant", t).is_ok()
+        }),
+        clean(job_id, &|j| {
+            !j.trim().is_empty()
+                && j.len() <= crate::domain::MAX_JOB_ID_LEN
+                && !j.chars().any(char::is_control)
+        }),
+    )
+}
+
+/// The `tenant`, `job_id` and `code` a body holds, as far as they can be read.
+fn read_identity(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> (Option<String>, Option<String>, String) {
     if let Ok(job) = v1::SendCodeJob::decode(body)
         && content_type.is_some_and(|ct| ct.contains("protobuf"))
     {
-        return (short(job.tenant), short(job.job_id));
+        return (Some(job.tenant), Some(job.job_id), job.code);
     }
     #[derive(serde::Deserialize)]
     struct Identity {
         tenant: Option<serde_json::Value>,
         job_id: Option<serde_json::Value>,
+        code: Option<serde_json::Value>,
     }
     let text = |v: Option<serde_json::Value>| match v {
-        Some(serde_json::Value::String(s)) => short(s),
+        Some(serde_json::Value::String(s)) => Some(s),
         _ => None,
     };
     match serde_json::from_slice::<Identity>(body) {
-        Ok(identity) => (text(identity.tenant), text(identity.job_id)),
-        Err(_) => (None, None),
+        Ok(identity) => {
+            let code = match identity.code {
+                Some(serde_json::Value::String(code)) => code,
+                Some(other @ serde_json::Value::Number(_)) => other.to_string(),
+                _ => String::new(),
+            };
+            (text(identity.tenant), text(identity.job_id), code)
+        }
+        Err(_) => (None, None, String::new()),
     }
 }
 
@@ -200,5 +240,121 @@ mod redaction {
         );
         // Nothing that names a code: kept as it is.
         assert_eq!(without_code(None, b"no secrets here"), b"no secrets here");
+    }
+}
+
+/// A property of the decoder, over many generated inputs: whatever a message holds, no error
+/// it yields (which goes into dead-letter headers and logs) and nothing `identify` reads
+/// quotes the code back, and a dead-lettered copy never holds it.
+#[cfg(test)]
+mod code_never_quoted {
+    use super::*;
+
+    /// A code unlike anything else in the generated messages.
+    const CODE: &str = "739148";
+
+    /// A JSON job with the code, then `mutations` random edits of its text.
+    fn mutated_json(rng: &mut fastrand::Rng, mutations: usize) -> Vec<u8> {
+        let fields = [
+            format!(r#""code":"{CODE}""#),
+            format!(r#""code":{CODE}"#),
+            format!(r#""code":["{CODE}"]"#),
+            format!(r#""code":{{"v":"{CODE}"}}"#),
+            format!(r#""code":"{CODE}{CODE}{CODE}""#),
+        ];
+        let code = &fields[rng.usize(..fields.len())];
+        let others = [
+            r#""job_id":"j-1""#,
+            r#""tenant":"acme""#,
+            r#""account":"user-1""#,
+            r#""expires_at":"2030-01-01T00:00:00Z""#,
+            r#""channels":["sms","fax"]"#,
+            r#""targets":[{"phone":{"number":"+14155550101"}}]"#,
+            r#""targets":[{"device":{"id":"d","platform":"webpush","token":"ab"}}]"#,
+            r#""locale":7"#,
+        ];
+        let mut parts: Vec<&str> = others.iter().copied().filter(|_| rng.bool()).collect();
+        parts.insert(rng.usize(..=parts.len()), code);
+        let mut text = format!("{{{}}}", parts.join(",")).into_bytes();
+        let alphabet = b"{}[]\":,0123456789abcdef \\\x00\xff";
+        for _ in 0..mutations {
+            if text.is_empty() {
+                break;
+            }
+            let at = rng.usize(..text.len());
+            match rng.u8(..3) {
+                0 => text[at] = alphabet[rng.usize(..alphabet.len())],
+                1 => {
+                    text.remove(at);
+                }
+                _ => text.insert(at, alphabet[rng.usize(..alphabet.len())]),
+            }
+        }
+        text
+    }
+
+    fn check(content_type: Option<&str>, body: &[u8]) {
+        if let Err(error) = decode_job(content_type, body) {
+            let said = format!("{error} {}", error.field);
+            assert!(
+                !said.contains(CODE),
+                "{said:?} from {:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let (tenant, job_id) = identify(content_type, body);
+        for read in [tenant, job_id].into_iter().flatten() {
+            assert!(!read.contains(CODE), "{read:?}");
+        }
+    }
+
+    #[test]
+    fn no_json_message_makes_the_decoder_quote_its_code() {
+        let mut rng = fastrand::Rng::with_seed(20261207);
+        for case in 0..20_000 {
+            let body = mutated_json(&mut rng, case % 6);
+            check(Some(CONTENT_TYPE_JSON), &body);
+            check(None, &body);
+        }
+    }
+
+    #[test]
+    fn no_protobuf_message_makes_the_decoder_quote_its_code() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for case in 0..20_000 {
+            let job = v1::SendCodeJob {
+                job_id: if rng.bool() {
+                    "j-1".into()
+                } else {
+                    String::new()
+                },
+                tenant: if rng.bool() {
+                    "acme".into()
+                } else {
+                    "bad tenant!".into()
+                },
+                account: "user-1".into(),
+                code: CODE.repeat(1 + case % 2),
+                ..Default::default()
+            };
+            let mut body = job.encode_to_vec();
+            for _ in 0..case % 4 {
+                if body.is_empty() {
+                    break;
+                }
+                let at = rng.usize(..body.len());
+                body[at] = rng.u8(..);
+            }
+            check(Some(CONTENT_TYPE_PROTOBUF), &body);
+            // A dead-lettered copy holds no code in its `code` field (corruption may have moved
+            // the code's bytes into another field, where nothing can tell them from a name).
+            if decode_job(Some(CONTENT_TYPE_PROTOBUF), &body).is_err()
+                && v1::SendCodeJob::decode(body.as_slice()).is_ok()
+            {
+                let copy = without_code(Some(CONTENT_TYPE_PROTOBUF), &body);
+                let copy = v1::SendCodeJob::decode(copy.as_slice()).unwrap();
+                assert!(!copy.code.contains(CODE), "{copy:?}");
+            }
+        }
     }
 }
