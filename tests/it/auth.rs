@@ -329,15 +329,18 @@ async fn keys_limit_every_call_to_their_tenant_and_scopes() {
         .await
         .unwrap_err();
     assert_eq!(watch.code(), Code::NotFound);
-    let ack = delivery
-        .acknowledge_delivery(with_key(
+    let shown = |key: &str| {
+        with_key(
             v1::AcknowledgeDeliveryRequest {
                 delivery_id: "acme/job-1".into(),
                 device_id: "d".into(),
                 acknowledgement: v1::Acknowledgement::Shown as i32,
             },
-            Some(&globex),
-        ))
+            Some(key),
+        )
+    };
+    let ack = delivery
+        .acknowledge_delivery(shown(&globex))
         .await
         .unwrap_err();
     assert_eq!(ack.code(), Code::NotFound, "{ack:?}");
@@ -363,14 +366,7 @@ async fn keys_limit_every_call_to_their_tenant_and_scopes() {
 
     // Scopes: no ack, no admin, no status with a send,read key.
     let no_ack = delivery
-        .acknowledge_delivery(with_key(
-            v1::AcknowledgeDeliveryRequest {
-                delivery_id: "acme/job-1".into(),
-                device_id: "d".into(),
-                acknowledgement: v1::Acknowledgement::Shown as i32,
-            },
-            Some(&acme),
-        ))
+        .acknowledge_delivery(shown(&acme))
         .await
         .unwrap_err();
     assert_eq!(no_ack.code(), Code::PermissionDenied);
@@ -534,34 +530,22 @@ fn no_keys_is_refused_unless_every_listener_is_on_loopback() {
         ("0.0.0.0:0", "127.0.0.1:0", Some("grpc.listen")),
         ("127.0.0.1:0", "0.0.0.0:0", Some("receipts.listen")),
     ] {
-        let output = Command::new(BINARY)
-            .arg("serve")
-            .env("OTP_GATEWAY_AUTH__MODE", "none")
-            .env("OTP_GATEWAY_GRPC__LISTEN", grpc)
-            .env("OTP_GATEWAY_RECEIPTS__LISTEN", receipts)
-            .env(
-                "OTP_GATEWAY_STORE__URL",
-                format!("sqlite://{}/ledger.db", dir.path().display()),
-            )
-            .output()
-            .unwrap();
-        let stderr = text(&output.stderr);
-        assert_eq!(output.status.code(), Some(64), "{stderr}");
+        let stderr = refused_start(
+            dir.path(),
+            &[
+                ("OTP_GATEWAY_AUTH__MODE", "none".as_ref()),
+                ("OTP_GATEWAY_GRPC__LISTEN", grpc.as_ref()),
+                ("OTP_GATEWAY_RECEIPTS__LISTEN", receipts.as_ref()),
+            ],
+        );
         assert!(stderr.contains("auth.mode"), "{stderr}");
         assert!(stderr.contains(refused.unwrap()), "{stderr}");
     }
     // A bootstrap key too short to be a secret is refused, naming the setting.
-    let output = Command::new(BINARY)
-        .arg("serve")
-        .env("OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY", "admin")
-        .env(
-            "OTP_GATEWAY_STORE__URL",
-            format!("sqlite://{}/ledger.db", dir.path().display()),
-        )
-        .output()
-        .unwrap();
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(64), "{stderr}");
+    let stderr = refused_start(
+        dir.path(),
+        &[("OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY", "admin".as_ref())],
+    );
     assert!(stderr.contains("auth.bootstrap_admin_key"), "{stderr}");
     assert!(
         !stderr.contains("admin\""),

@@ -124,14 +124,9 @@ fn tls_settings_that_cannot_work_are_refused_naming_the_key() {
         ),
     ];
     for (url, env, key) in cases {
-        let output = Command::new(env!("CARGO_BIN_EXE_otp-gateway"))
-            .arg("serve")
-            .env("OTP_GATEWAY_AMQP__URL", url)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(64), "{url} {env:?}: {stderr}");
+        let mut settings = vec![("OTP_GATEWAY_AMQP__URL", url.as_ref())];
+        settings.extend_from_slice(env);
+        let stderr = refused_start(dir.path(), &settings);
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
 }

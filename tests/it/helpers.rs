@@ -713,3 +713,20 @@ pub async fn tls_broker_proxy(
     });
     (port, handshakes)
 }
+
+/// `serve` with the settings `env` and a SQLite ledger in `dir`, expected to refuse the start
+/// as a configuration error (exit 64): what it said on stderr.
+pub fn refused_start(dir: &Path, env: &[(&str, &std::ffi::OsStr)]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_otp-gateway"))
+        .arg("serve")
+        .env(
+            "OTP_GATEWAY_STORE__URL",
+            format!("sqlite://{}/ledger.db", dir.display()),
+        )
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(64), "{env:?}: {stderr}");
+    stderr
+}

@@ -289,18 +289,13 @@ fn certificate_files_that_do_not_load_stop_the_start_naming_the_key() {
         (&cert, &missing, "grpc.tls.key_file"),
         (&cert, &other_key, "grpc.tls.key_file"),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_otp-gateway"))
-            .arg("serve")
-            .env("OTP_GATEWAY_GRPC__TLS__CERT_FILE", cert)
-            .env("OTP_GATEWAY_GRPC__TLS__KEY_FILE", key)
-            .env(
-                "OTP_GATEWAY_STORE__URL",
-                format!("sqlite://{}/ledger.db", dir.path().display()),
-            )
-            .output()
-            .unwrap();
-        let stderr = text(&output.stderr);
-        assert_eq!(output.status.code(), Some(64), "{stderr}");
+        let stderr = refused_start(
+            dir.path(),
+            &[
+                ("OTP_GATEWAY_GRPC__TLS__CERT_FILE", cert.as_os_str()),
+                ("OTP_GATEWAY_GRPC__TLS__KEY_FILE", key.as_os_str()),
+            ],
+        );
         assert!(stderr.contains(named), "{named}: {stderr}");
     }
 }
