@@ -102,7 +102,15 @@ impl Dispatcher {
                 sms: rendered.sms,
             })
             .await?;
+        // A push carries the token its device's acknowledgement must show.
+        let ack_token = match target {
+            Target::Device(device) => {
+                Some(progress.ledger.ack_tokens().token(&progress.id, &device.id))
+            }
+            Target::Phone(_) => None,
+        };
         let message = OutboundMessage {
+            ack_token: ack_token.as_deref(),
             delivery_id: &progress.id,
             channel,
             recipient,

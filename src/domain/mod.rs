@@ -1,6 +1,7 @@
 //! Pure domain types: jobs, targets, channels, attempts, reports and the failure taxonomy.
 //! Nothing here does I/O; time comes in as an argument or through [`Clock`].
 
+mod ack_token;
 mod api_key;
 mod clock;
 mod job;
@@ -11,6 +12,7 @@ mod report;
 mod setting;
 mod sms;
 
+pub use ack_token::AckTokens;
 pub use api_key::{
     ApiKey, KEY_PREFIX, KeyText, Scope, normalize as normalize_scopes, parse_scopes, scopes_text,
 };

@@ -213,6 +213,14 @@ impl CodeDelivery for CodeDeliveryApi {
         let ack = acknowledgement_from_proto(request.acknowledgement).ok_or_else(|| {
             invalid_argument(&JobError::new("acknowledgement", "must be SHOWN or DENIED"))
         })?;
+        // Only the device that got the push holds its token; a wrong token reads the same
+        // whether or not the device is one of the delivery's.
+        let tokens = self.service.ledger().ack_tokens();
+        if !tokens.verify(&id.to_string(), &request.device_id, &request.ack_token) {
+            return Err(Status::permission_denied(
+                "the acknowledgement token is not the one this delivery's push to this device carried",
+            ));
+        }
         let report = match self
             .service
             .acknowledge(&id, &request.device_id, ack)

@@ -88,6 +88,8 @@ pub struct OutboundMessage<'a> {
     pub code: &'a Code,
     /// Nothing may be delivered after this.
     pub expires_at: Timestamp,
+    /// For a push: the token the device's acknowledgement (`AcknowledgeDelivery`) must carry.
+    pub ack_token: Option<&'a str>,
 }
 
 /// What a provider says when it accepts a message.

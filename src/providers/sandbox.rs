@@ -65,6 +65,9 @@ struct OutboxLine<'a> {
     to: &'a str,
     message: &'a str,
     message_id: &'a str,
+    /// A push's acknowledgement token, as the app would get it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack_token: Option<&'a str>,
 }
 
 impl SandboxProvider {
@@ -150,6 +153,7 @@ impl Provider for SandboxProvider {
             to: message.masked_recipient,
             message: message.text,
             message_id: &message_id,
+            ack_token: message.ack_token,
         })
         .map_err(|e| ProviderError::new(FailureReason::ProviderRejected, None, e.to_string()))?;
         line.push(b'\n');

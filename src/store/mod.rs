@@ -319,6 +319,10 @@ pub trait Ledger: Send + Sync + 'static {
     /// Waits until every write committed so far is on disk.
     async fn flush(&self) -> Result<(), StoreError>;
 
+    /// Makes and checks the acknowledgement tokens pushes carry (the same at every replica
+    /// sharing this ledger).
+    fn ack_tokens(&self) -> crate::domain::AckTokens;
+
     /// Records a delivery as ACCEPTED unless `(tenant, job_id)` is known; returns the report
     /// and whether it was new.
     async fn accept(&self, new: &NewDelivery, now: Timestamp)

@@ -35,6 +35,13 @@ impl RateCounterKey {
         Ok(fresh)
     }
 
+    /// The acknowledgement tokens' key, derived from the same secret (so every replica of a
+    /// shared ledger makes and checks the same tokens).
+    pub(crate) fn ack_tokens(&self) -> crate::domain::AckTokens {
+        let derived = ring::hmac::sign(&self.0, b"otp-gateway acknowledgement tokens v1");
+        crate::domain::AckTokens::new(derived.as_ref())
+    }
+
     /// The counters a send under `keys` touches, as stored: each rule, and its key's HMAC.
     pub(crate) fn counters(&self, keys: &[RateKey<'_>]) -> Vec<(RateLimitRule, String)> {
         keys.iter()

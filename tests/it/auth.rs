@@ -335,6 +335,7 @@ async fn keys_limit_every_call_to_their_tenant_and_scopes() {
                 delivery_id: "acme/job-1".into(),
                 device_id: "d".into(),
                 acknowledgement: v1::Acknowledgement::Shown as i32,
+                ack_token: String::new(),
             },
             Some(key),
         )

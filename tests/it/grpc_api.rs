@@ -410,35 +410,43 @@ async fn acknowledge_delivery_denied_stops_escalation_and_the_event_says_so() {
         }
     }
 
-    let wrong_device = client
-        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
-            delivery_id: "acme/ack-1".into(),
-            device_id: "someone-elses".into(),
-            acknowledgement: v1::Acknowledgement::Denied as i32,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(wrong_device.code(), Code::InvalidArgument);
-    assert_eq!(
-        wrong_device.metadata().get("x-otp-field").unwrap(),
-        "device_id"
-    );
+    // The push carried the token the device's acknowledgement must show.
+    let token = outbox(dir.path())
+        .iter()
+        .find(|l| l["channel"] == "push")
+        .and_then(|l| l["ack_token"].as_str().map(str::to_owned))
+        .expect("the push carries an acknowledgement token");
+    let ack = |device: &str, acknowledgement: i32, token: &str| v1::AcknowledgeDeliveryRequest {
+        delivery_id: "acme/ack-1".into(),
+        device_id: device.into(),
+        acknowledgement,
+        ack_token: token.into(),
+    };
+    let denied = v1::Acknowledgement::Denied as i32;
+    // Without the token, with another device's or a made-up one: refused alike, saying
+    // nothing of whether the device is the delivery's.
+    let mut refusals = Vec::new();
+    for (device, token) in [
+        ("ipad-1", ""),
+        ("ipad-1", "AAAAAAAAAAAAAAAAAAAAAA"),
+        ("someone-elses", token.as_str()),
+    ] {
+        let refused = client
+            .acknowledge_delivery(ack(device, denied, token))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{device} {token}");
+        refusals.push(refused.message().to_owned());
+    }
+    assert!(refusals.windows(2).all(|w| w[0] == w[1]), "{refusals:?}");
     let no_action = client
-        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
-            delivery_id: "acme/ack-1".into(),
-            device_id: "ipad-1".into(),
-            acknowledgement: 0,
-        })
+        .acknowledge_delivery(ack("ipad-1", 0, &token))
         .await
         .unwrap_err();
     assert!(no_action.message().contains("acknowledgement"));
 
     client
-        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
-            delivery_id: "acme/ack-1".into(),
-            device_id: "ipad-1".into(),
-            acknowledgement: v1::Acknowledgement::Denied as i32,
-        })
+        .acknowledge_delivery(ack("ipad-1", denied, &token))
         .await
         .unwrap();
     let (routing_key, report) = broker.next_event(Duration::from_secs(10)).await;
@@ -453,11 +461,7 @@ async fn acknowledge_delivery_denied_stops_escalation_and_the_event_says_so() {
     assert_eq!(sent, ["push"], "no SMS after the user denied");
 
     let finished = client
-        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
-            delivery_id: "acme/ack-1".into(),
-            device_id: "ipad-1".into(),
-            acknowledgement: v1::Acknowledgement::Shown as i32,
-        })
+        .acknowledge_delivery(ack("ipad-1", v1::Acknowledgement::Shown as i32, &token))
         .await
         .unwrap_err();
     assert_eq!(finished.code(), Code::FailedPrecondition);

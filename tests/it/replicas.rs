@@ -492,6 +492,20 @@ async fn an_acknowledgement_at_one_replica_decides_a_delivery_waiting_at_another
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, v1::DeliveryStatus::InProgress as i32);
+    // The token the push carried (made by the owner; the other checks it, under the same
+    // ledger secret).
+    let ack_token = replicas
+        .iter()
+        .flat_map(|r| {
+            std::fs::read_to_string(&r.outbox)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|line| serde_json::from_str::<Value>(&line).ok())
+        .find_map(|line| line["ack_token"].as_str().map(str::to_owned))
+        .expect("the push carried an acknowledgement token");
     let acked = Instant::now();
     let answer = other
         .client()
@@ -500,6 +514,7 @@ async fn an_acknowledgement_at_one_replica_decides_a_delivery_waiting_at_another
             delivery_id: "acme/ack-1".into(),
             device_id: "ipad-1".into(),
             acknowledgement: v1::Acknowledgement::Shown as i32,
+            ack_token,
         })
         .await
         .unwrap()

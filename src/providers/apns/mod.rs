@@ -188,6 +188,7 @@ impl ApnsProvider {
                 "code": message.code.expose(),
                 "delivery_id": message.delivery_id,
                 "expires_at": message.expires_at.to_string(),
+                "ack_token": message.ack_token,
             },
         });
         serde_json::to_vec(&payload).expect("JSON values serialize")

@@ -281,6 +281,7 @@ impl FcmProvider {
                     "code": message.code.expose(),
                     "delivery_id": message.delivery_id,
                     "expires_at": message.expires_at.to_string(),
+                    "ack_token": message.ack_token.unwrap_or_default(),
                 },
                 "android": {
                     "priority": "HIGH",

@@ -323,6 +323,10 @@ impl Ledger for PostgresLedger {
         })
     }
 
+    fn ack_tokens(&self) -> crate::domain::AckTokens {
+        self.counter_key.ack_tokens()
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering;
         let flushes = &self.flushes;

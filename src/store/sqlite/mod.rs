@@ -136,6 +136,10 @@ impl Ledger for SqliteLedger {
         self.writer.flush().await
     }
 
+    fn ack_tokens(&self) -> crate::domain::AckTokens {
+        self.counter_key.ack_tokens()
+    }
+
     async fn accept(
         &self,
         new: &NewDelivery,
