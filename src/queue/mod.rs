@@ -11,7 +11,9 @@ mod settings;
 mod topology;
 
 pub use consumer::JobConsumer;
-pub use decode::{CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, decode_job};
+pub use decode::{
+    CONTENT_TYPE_JSON, CONTENT_TYPE_PROTOBUF, REDACTED_CODE, decode_job, identify, without_code,
+};
 pub use link::{BrokerLink, LinkError, LinkState};
 pub use producers::ProducerTenants;
 pub use publisher::{HEADER_ERROR, HEADER_ERROR_FIELD, PublishError, Publisher};

@@ -405,7 +405,10 @@ async fn apns_pushes_are_signed_once_multiplexed_on_one_connection_and_carry_the
     );
     assert_eq!(push.payload["otp"]["code"], "482913");
     // With the token its acknowledgement must carry (128 bits, base64url).
-    assert_eq!(push.payload["otp"]["ack_token"].as_str().map(str::len), Some(22));
+    assert_eq!(
+        push.payload["otp"]["ack_token"].as_str().map(str::len),
+        Some(22)
+    );
     let expiry = jobs[0].expires_at.as_second().to_string();
     let expirations: HashSet<_> = pushes
         .iter()

@@ -1,5 +1,6 @@
 //! TLS on the gRPC port, from the outside: the real binary with a certificate from a private CA
-//! and client certificates required (mutual TLS), API keys on. The CLI and a gRPC client reach
+//! and client certificates required (mutual TLS), API keys on, and its broker link over TLS
+//! too (amqps:// through a TLS-terminating proxy in front of the local RabbitMQ). The CLI and a gRPC client reach
 //! it with the CA file and a client certificate; without one, with a CA that did not sign the
 //! gateway's certificate, or in plain text they are refused (and the gateway goes on serving);
 //! a new certificate is taken on SIGHUP and when its files change.
@@ -75,7 +76,8 @@ fn wait_healthy(served: &Served, ca: &Path, cert: &Path, key: &Path, what: &str)
     }
 }
 
-#[tokio::test]
+// Two workers: the broker's TLS proxy runs here while the CLI below blocks one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grpc_port_speaks_tls_requires_client_certificates_and_takes_new_certificates() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     if !broker_available().await {
@@ -94,6 +96,12 @@ async fn the_grpc_port_speaks_tls_requires_client_certificates_and_takes_new_cer
     let (client_cert, client_key) = clients_ca.issue("backend", CLIENT_AUTH);
     let bootstrap = bootstrap_key();
     let clients_pem = clients_ca.pem();
+    // The broker behind TLS too.
+    let broker_ca = PrivateCa::new(dir.path(), "broker");
+    let (broker_cert, broker_key) = broker_ca.issue("rabbit", SERVER_NAMES);
+    let (amqps_port, amqps_handshakes) = tls_broker_proxy(&broker_cert, &broker_key, None).await;
+    let amqps_url = format!("amqps://guest:guest@localhost:{amqps_port}/%2f");
+    let broker_pem = broker_ca.pem();
     let served = serve(
         &names,
         dir.path(),
@@ -105,6 +113,8 @@ async fn the_grpc_port_speaks_tls_requires_client_certificates_and_takes_new_cer
                 "OTP_GATEWAY_GRPC__TLS__CLIENT_CA_FILE",
                 clients_pem.as_os_str(),
             ),
+            ("OTP_GATEWAY_AMQP__URL", amqps_url.as_ref()),
+            ("OTP_GATEWAY_AMQP__CA_FILE", broker_pem.as_os_str()),
         ],
     );
     let server = served.server.clone();
@@ -159,6 +169,10 @@ async fn the_grpc_port_speaks_tls_requires_client_certificates_and_takes_new_cer
         text(&sent.stdout).contains("SENT"),
         "{}",
         text(&sent.stdout)
+    );
+    assert!(
+        amqps_handshakes.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the job went through the broker over TLS"
     );
 
     // A gRPC client with the CA and a client certificate reads it.
