@@ -327,8 +327,9 @@ where
                     inner.call(request).await
                 }
                 Err(status) => {
+                    // Debug only: a flood of bad keys must not flood the log.
                     if status.code() == tonic::Code::Unauthenticated {
-                        tracing::info!(
+                        tracing::debug!(
                             method = request.uri().path(),
                             "call refused: no valid API key"
                         );

@@ -42,10 +42,11 @@ impl Guard {
         }
     }
 
-    /// Whether `source` may send one more request this second (0: no limit).
-    fn admit(&self, source: IpAddr) -> bool {
+    /// Whether `source` may send one more request this second (0: no limit), and whether this
+    /// is its first refusal in the second (the one worth a log line).
+    fn admit(&self, source: IpAddr) -> (bool, bool) {
         if self.rate_per_source == 0 {
-            return true;
+            return (true, false);
         }
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -60,7 +61,10 @@ impl Guard {
             (*since, *count) = (now, 0);
         }
         *count += 1;
-        *count <= self.rate_per_source
+        (
+            *count <= self.rate_per_source,
+            *count == self.rate_per_source + 1,
+        )
     }
 }
 
@@ -71,11 +75,14 @@ pub(super) async fn guard(
     next: Next,
 ) -> Response {
     let peer = request.extensions().get::<Peer>().map(|p| p.0);
-    if let Some(peer) = peer
-        && !guard.admit(peer.ip())
-    {
-        tracing::warn!(%peer, "receipts: too many requests from one source: answered 429");
-        return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")]).into_response();
+    if let Some(peer) = peer {
+        let (admitted, first_refusal) = guard.admit(peer.ip());
+        if first_refusal {
+            tracing::warn!(%peer, "receipts: too many requests from one source: answering 429 for the rest of this second");
+        }
+        if !admitted {
+            return (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "1")]).into_response();
+        }
     }
     let declared = request
         .headers()
@@ -122,10 +129,12 @@ mod tests {
         let guard = Guard::new(1024, Duration::from_secs(1), 3);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!((0..3).all(|_| guard.admit(a)));
-        assert!(!guard.admit(a));
-        assert!(guard.admit(b));
+        assert!((0..3).all(|_| guard.admit(a).0));
+        // The first refusal is the one logged; the next ones are not.
+        assert_eq!(guard.admit(a), (false, true));
+        assert_eq!(guard.admit(a), (false, false));
+        assert!(guard.admit(b).0);
         let unlimited = Guard::new(1024, Duration::from_secs(1), 0);
-        assert!((0..1000).all(|_| unlimited.admit(a)));
+        assert!((0..1000).all(|_| unlimited.admit(a).0));
     }
 }
