@@ -124,6 +124,18 @@ mod tests {
     }
 
     #[test]
+    fn a_mask_shows_at_most_nine_characters_of_any_input() {
+        // Found by the `identifiers` fuzz target: an input that already looks masked.
+        let odd = "N\0/\0\0•••\0\0\0\0";
+        assert!(mask_phone(odd).chars().count() <= 12);
+        for input in ["", "+1", "+1415555010199999999", "••••••••••••••••••"]
+        {
+            assert!(mask_phone(input).chars().count() <= 12, "{input}");
+            assert!(mask_token(input).chars().count() <= 11, "{input}");
+        }
+    }
+
+    #[test]
     fn tokens_keep_only_their_ends() {
         assert_eq!(mask_token("a1b2c3d4e5f6a7b8c9d0"), "a1b2•••c9d0");
         assert_eq!(mask_token("short"), "•••");
