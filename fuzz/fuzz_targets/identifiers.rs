@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use otp_gateway::domain::{DeliveryId, KeyText, check_tenant, is_apns_token, is_e164, mask_phone, mask_token};
+use otp_gateway::domain::{
+    DeliveryId, KeyText, check_tenant, is_apns_token, is_e164, mask_phone, mask_token,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
