@@ -583,24 +583,23 @@ impl PrivateCa {
         };
         let (key, pem) = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
         let subject = format!("/CN=otp-gateway test CA {name}");
-        ca.openssl(&[
+        ca.new_key(&["-x509", "-days", "2"], &key, &pem, &subject);
+        ca
+    }
+
+    /// A new P-256 key in `key` and, for `subject`, a request in `out` (with `-x509`, a
+    /// self-signed certificate).
+    fn new_key(&self, extra: &[&str], key: &str, out: &str, subject: &str) {
+        let mut args = vec![
             "req",
-            "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
             "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &subject,
-        ]);
-        ca
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-nodes", "-keyout", key, "-out", out, "-subj", subject]);
+        self.openssl(&args);
     }
 
     /// The CA's certificate (PEM).
@@ -620,20 +619,7 @@ impl PrivateCa {
         );
         std::fs::write(self.dir.join(&ext), format!("{extensions}\n")).unwrap();
         let subject = format!("/CN={leaf}");
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &subject,
-        ]);
+        self.new_key(&[], &key, &csr, &subject);
         let (ca_pem, ca_key) = (
             format!("{}-ca.pem", self.name),
             format!("{}-ca.key", self.name),
