@@ -174,11 +174,21 @@ impl Drop for Replica {
 struct SlowCarrier {
     received: std::sync::Mutex<HashMap<String, usize>>,
     stalled: tokio::sync::watch::Sender<bool>,
+    /// The calls held open by the stall now, by delivery id.
+    held: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// After this many calls, the carrier stalls by itself.
+    stall_after: std::sync::atomic::AtomicUsize,
 }
 
 impl SlowCarrier {
     fn stall(&self, stalled: bool) {
         self.stalled.send_replace(stalled);
+    }
+
+    /// Stalls once `calls` calls reached the carrier (whatever the pace of the test).
+    fn stall_after(&self, calls: usize) {
+        self.stall_after
+            .store(calls, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -187,20 +197,33 @@ async fn slow_carrier(delay: Duration) -> (String, std::sync::Arc<SlowCarrier>) 
     let carrier = std::sync::Arc::new(SlowCarrier {
         received: Default::default(),
         stalled: tokio::sync::watch::Sender::new(false),
+        held: Default::default(),
+        stall_after: usize::MAX.into(),
     });
     let app = axum::Router::new()
         .route(
             "/send",
             axum::routing::post(
                 move |State(carrier): State<std::sync::Arc<SlowCarrier>>, body: String| async move {
-                    *carrier
-                        .received
-                        .lock()
-                        .unwrap()
-                        .entry(body.trim().to_owned())
-                        .or_default() += 1;
+                    let id = body.trim().to_owned();
+                    let calls = {
+                        let mut received = carrier.received.lock().unwrap();
+                        *received.entry(id.clone()).or_default() += 1;
+                        received.values().sum::<usize>()
+                    };
+                    if calls
+                        == carrier
+                            .stall_after
+                            .load(std::sync::atomic::Ordering::SeqCst)
+                    {
+                        carrier.stall(true);
+                    }
                     let mut stalled = carrier.stalled.subscribe();
-                    let _ = stalled.wait_for(|stalled| !*stalled).await;
+                    if *stalled.borrow_and_update() {
+                        carrier.held.lock().unwrap().insert(id.clone());
+                        let _ = stalled.wait_for(|stalled| !*stalled).await;
+                        carrier.held.lock().unwrap().remove(&id);
+                    }
                     tokio::time::sleep(delay).await;
                     (axum::http::StatusCode::ACCEPTED, "queued")
                 },
@@ -235,6 +258,20 @@ async fn start(names: &Names, database: &Database, dir: &Path, count: usize) -> 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     replicas
+}
+
+/// The end of each replica's log, for a failure's message.
+fn logs(dir: &Path) -> String {
+    let mut out = String::new();
+    for n in 0.. {
+        let Ok(log) = std::fs::read_to_string(dir.join(format!("replica-{n}.log"))) else {
+            break;
+        };
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        out.push_str(&format!("--- replica {n} log (last 20 lines)\n{tail}\n"));
+    }
+    out
 }
 
 fn sms_job(job_id: &str, number: &str) -> Value {
@@ -290,49 +327,56 @@ async fn a_replica_killed_mid_run_loses_no_job_and_resends_only_what_was_in_a_ca
     let broker = Broker::connect(&names).await;
     let pool = database.pool().await;
     const JOBS: usize = 2000;
+    carrier.stall_after(JOBS / 2);
     for n in 0..JOBS {
         let number = format!("+1415555{:04}", n % 10_000);
         broker
             .publish_json(&sms_job(&format!("k-{n}"), &number))
             .await;
     }
-    // Halfway through (half the jobs reached the carrier), the carrier holds every call it
-    // gets from then on open, and replica 0 dies in those calls without a word (as with a
-    // power cut).
-    let received = || carrier.received.lock().unwrap().values().sum::<usize>();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while received() < JOBS / 2 {
-        assert!(
-            Instant::now() < deadline,
-            "half the jobs did not reach the carrier"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    carrier.stall(true);
-    let victim = replicas[0].pid();
-    let victims_open = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery
-             WHERE a.outcome = 'IN_FLIGHT' AND d.owner LIKE $1",
+    // Halfway through (once half the jobs reached it), the carrier holds every call it gets
+    // from then on open, and a replica dies in those calls without a word (as with a power
+    // cut). The victim is the replica with the most calls held.
+    let pids: Vec<u32> = replicas.iter().map(Replica::pid).collect();
+    // Per replica, the calls the carrier holds open that it owns (by its pid, the first part
+    // of its worker name), most first.
+    let held_by = || async {
+        let held: Vec<String> = carrier.held.lock().unwrap().iter().cloned().collect();
+        let rows = sqlx::query_as::<_, (String, String)>(
+            "SELECT split_part(owner, '-', 1), tenant || '/' || job_id FROM deliveries
+             WHERE tenant || '/' || job_id = ANY($1) AND status = 'IN_PROGRESS'",
         )
-        .bind(format!("{victim}-%"))
-        .fetch_one(&pool)
+        .bind(&held)
+        .fetch_all(&pool)
         .await
-        .unwrap()
+        .unwrap();
+        let mut by: HashMap<u32, Vec<String>> = HashMap::new();
+        for (pid, id) in rows {
+            if let Ok(pid) = pid.parse::<u32>() {
+                by.entry(pid).or_default().push(id);
+            }
+        }
+        by.into_iter()
+            .filter(|(pid, _)| pids.contains(pid))
+            .max_by_key(|(_, ids)| ids.len())
     };
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut open_at_kill = victims_open().await;
-    while open_at_kill < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "replica {victim} never had calls open ({open_at_kill})"
-        );
+    let (victim, held_at_kill) = loop {
+        match held_by().await {
+            Some((pid, ids)) if ids.len() >= 2 => break (pid, ids),
+            held => assert!(
+                Instant::now() < deadline,
+                "no replica had calls held open by the carrier ({held:?})\n{}",
+                logs(dir.path())
+            ),
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
-        open_at_kill = victims_open().await;
-    }
-    replicas[0].kill();
+    };
+    let index = pids.iter().position(|pid| *pid == victim).unwrap();
+    replicas[index].kill();
     carrier.stall(false);
-    // Replica 1 finishes the rest, taking over what replica 0 held once its leases ran out.
+    // The other replica finishes the rest, taking over what the victim held once its leases
+    // ran out.
     all_final(&pool, JOBS as i64, Duration::from_secs(120)).await;
 
     assert_eq!(
@@ -369,12 +413,14 @@ async fn a_replica_killed_mid_run_loses_no_job_and_resends_only_what_was_in_a_ca
     assert!(resent.len() <= interrupted.len());
     assert!(sends.values().all(|n| *n <= 2));
     assert!(
-        !interrupted.is_empty(),
-        "replica {victim} was in {open_at_kill} held calls when it died: they were taken over"
+        held_at_kill.iter().all(|id| interrupted.contains(id)),
+        "replica {victim} died in the calls the carrier held ({held_at_kill:?}): each was taken \
+         over and recorded as interrupted ({interrupted:?})"
     );
     eprintln!(
-        "kill test: {} calls open at the kill (about {open_at_kill} just before), {} of them re-sent",
+        "kill test: {} calls open at the kill ({} of them held by the carrier), {} of them re-sent",
         interrupted.len(),
+        held_at_kill.len(),
         resent.len()
     );
     drop(replicas);
