@@ -385,6 +385,35 @@ mod tests {
     }
 
     #[test]
+    fn postgres_needs_a_hash_key_of_its_own() {
+        let postgres = |key: Option<&str>| {
+            let mut figment = Figment::from(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default("store.url", "postgres://otp@db/otp"));
+            if let Some(key) = key {
+                figment = figment.merge(Serialized::default("store.hash_key", key));
+            }
+            Config::from_figment(figment)
+        };
+        let err = postgres(None).unwrap_err().to_string();
+        assert!(
+            err.contains("store.hash_key") && err.contains("PostgreSQL"),
+            "{err}"
+        );
+        let err = postgres(Some("short")).unwrap_err().to_string();
+        assert!(
+            err.contains("store.hash_key") && err.contains("32"),
+            "{err}"
+        );
+        assert!(postgres(Some(&"k".repeat(32))).is_ok());
+        let err = Config::from_figment(Figment::from(Toml::string(DEFAULT_TOML)).merge(
+            Serialized::default("store.hash_key_file", "/nonexistent/key"),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("store.hash_key_file"), "{err}");
+    }
+
+    #[test]
     fn push_providers_are_checked_and_kept_to_push() {
         let apns = serde_json::json!({
             "kind": "apns", "team_id": "TEAM123456", "key_id": "KEY1234567",

@@ -82,39 +82,17 @@ pub const BOOTSTRAP_KEY_MIN_LEN: usize = 32;
 impl AuthConfig {
     /// The bootstrap admin key, from the setting or its file (`Ok(None)`: there is none).
     pub fn bootstrap_admin_key(&self) -> Result<Option<SecretString>, InvalidSetting> {
-        let key = match (&self.bootstrap_admin_key, &self.bootstrap_admin_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(InvalidSetting::new(
-                    "auth.bootstrap_admin_key_file",
-                    "is set together with auth.bootstrap_admin_key: give one of them",
-                ));
-            }
-            (Some(key), None) => key.expose().trim().to_owned(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| {
-                    InvalidSetting::new(
-                        "auth.bootstrap_admin_key_file",
-                        format!("cannot be read ({}): {e}", path.display()),
-                    )
-                })?
-                .trim()
-                .to_owned(),
-            (None, None) => return Ok(None),
-        };
-        let key_name = if self.bootstrap_admin_key.is_some() {
-            "auth.bootstrap_admin_key"
-        } else {
-            "auth.bootstrap_admin_key_file"
-        };
-        if key.chars().count() < BOOTSTRAP_KEY_MIN_LEN {
-            return Err(InvalidSetting::new(
-                key_name,
-                format!(
-                    "is shorter than {BOOTSTRAP_KEY_MIN_LEN} characters (make one with `openssl rand -hex 32`)"
-                ),
-            ));
-        }
-        Ok(Some(SecretString::new(key)))
+        crate::domain::secret_setting(
+            (
+                "auth.bootstrap_admin_key",
+                self.bootstrap_admin_key.as_ref(),
+            ),
+            (
+                "auth.bootstrap_admin_key_file",
+                self.bootstrap_admin_key_file.as_deref(),
+            ),
+            BOOTSTRAP_KEY_MIN_LEN,
+        )
     }
 }
 

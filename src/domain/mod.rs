@@ -33,7 +33,7 @@ pub use report::{
 };
 pub use setting::{
     InvalidSetting, SecretString, SecretUrl, http_url, non_negative_duration, optional_http_url,
-    positive_duration, reconnect_backoff,
+    positive_duration, reconnect_backoff, secret_setting,
 };
 pub use sms::{SmsEncoding, SmsShape, gsm7_septets, measure as measure_sms, ucs2_octets};
 

@@ -120,6 +120,45 @@ impl fmt::Debug for SecretString {
     }
 }
 
+/// A secret given either in a setting or in a file a setting names (a Docker secret), at least
+/// `min_len` characters; `Ok(None)` when neither is set. `key` and `file_key` name the settings
+/// in errors.
+pub fn secret_setting(
+    (key, value): (&str, Option<&SecretString>),
+    (file_key, file): (&str, Option<&std::path::Path>),
+    min_len: usize,
+) -> Result<Option<SecretString>, InvalidSetting> {
+    let (secret, named) = match (value, file) {
+        (Some(_), Some(_)) => {
+            return Err(InvalidSetting::new(
+                file_key,
+                format!("is set together with {key}: give one of them"),
+            ));
+        }
+        (Some(secret), None) => (secret.expose().trim().to_owned(), key),
+        (None, Some(path)) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| {
+                    InvalidSetting::new(
+                        file_key,
+                        format!("cannot be read ({}): {e}", path.display()),
+                    )
+                })?
+                .trim()
+                .to_owned(),
+            file_key,
+        ),
+        (None, None) => return Ok(None),
+    };
+    if secret.chars().count() < min_len {
+        return Err(InvalidSetting::new(
+            named,
+            format!("is shorter than {min_len} characters (make one with `openssl rand -hex 32`)"),
+        ));
+    }
+    Ok(Some(SecretString::new(secret)))
+}
+
 /// A URL that may carry a password: shown with the password replaced by `•••`.
 #[derive(Clone, Deserialize)]
 #[serde(transparent)]

@@ -109,7 +109,7 @@ fn entry_to_proto(entry: &BlockEntry) -> v1::BlockEntry {
         id: entry.id,
         tenant: entry.tenant.clone().unwrap_or_default(),
         kind: kind_to_proto(entry.kind) as i32,
-        pattern: entry.pattern.clone(),
+        pattern: entry.shown.clone(),
         source: source_to_proto(entry.source) as i32,
         note: entry.note.clone(),
         created_at: Some(timestamp_to_proto(entry.created_at)),

@@ -31,6 +31,17 @@ string_enum!(BlockKind {
     Account => "ACCOUNT",
 });
 
+impl BlockKind {
+    /// A pattern of this kind as it may be shown: numbers and tokens masked.
+    pub fn shown(self, pattern: &str) -> String {
+        match self {
+            BlockKind::Number => mask_phone(pattern),
+            BlockKind::DeviceToken => mask_token(pattern),
+            BlockKind::Prefix | BlockKind::Account => pattern.to_owned(),
+        }
+    }
+}
+
 /// Who created a block entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -58,8 +69,12 @@ pub struct BlockEntry {
     pub tenant: Option<String>,
     /// What it matches.
     pub kind: BlockKind,
-    /// The number, prefix, token or account.
+    /// What it matches: a prefix or an account in clear; a number or token as the store keeps
+    /// it (a keyed hash), except in the entries looked up for a job, which carry the job's own
+    /// number or token they matched.
     pub pattern: String,
+    /// The pattern as it may be shown (numbers and tokens masked).
+    pub shown: String,
     /// Who created it.
     pub source: BlockSource,
     /// Why, in words.
@@ -146,15 +161,6 @@ impl BlockEntry {
         }
     }
 
-    /// The pattern as it may be shown (numbers and tokens masked).
-    pub fn shown_pattern(&self) -> String {
-        match self.kind {
-            BlockKind::Number => mask_phone(&self.pattern),
-            BlockKind::DeviceToken => mask_token(&self.pattern),
-            BlockKind::Prefix | BlockKind::Account => self.pattern.clone(),
-        }
-    }
-
     /// "block-list entry #12 (prefix +882, admin, since 2026-11-21T10:00:00Z): premium range".
     pub fn describe(&self) -> String {
         let kind = self.kind.as_str().to_ascii_lowercase().replace('_', " ");
@@ -171,9 +177,7 @@ impl BlockEntry {
         };
         format!(
             "block-list entry #{} ({kind} {}, {source}{scope}, since {}){note}",
-            self.id,
-            self.shown_pattern(),
-            self.created_at
+            self.id, self.shown, self.created_at
         )
     }
 }
@@ -236,6 +240,7 @@ mod tests {
             tenant: tenant.map(str::to_owned),
             kind,
             pattern: pattern.into(),
+            shown: kind.shown(pattern),
             source: BlockSource::Admin,
             note: String::new(),
             created_at: Timestamp::UNIX_EPOCH,

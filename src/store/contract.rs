@@ -587,6 +587,44 @@ pub(crate) async fn block_entries_are_kept_once_and_found_for_a_job(policy: &dyn
     found.sort_unstable();
     assert_eq!(found, [first.id, global.id]);
     assert_eq!(policy.list_blocks(Some("acme")).await.unwrap().len(), 3);
+
+    // Numbers and tokens are kept as keyed hashes and listed masked; a job's own number or
+    // token finds its entry, which carries it back in clear to be matched.
+    let (token, _) = policy
+        .add_block(
+            &NewBlockEntry {
+                kind: BlockKind::DeviceToken,
+                pattern: "f00dfeedcafe0123456789abcdef".into(),
+                ..entry(Some("acme"), "", None)
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.shown, "+1415•••0101");
+    assert!(!token.shown.contains("cafe0123"), "{}", token.shown);
+    for listed in policy.list_blocks(None).await.unwrap() {
+        assert!(
+            !listed.pattern.contains("41555501") && !listed.pattern.contains("cafe0123"),
+            "{listed:?}"
+        );
+        assert!(!listed.shown.contains("41555501"), "{listed:?}");
+    }
+    let found = policy
+        .block_candidates(
+            "acme",
+            &["user-42", "+14155550101", "f00dfeedcafe0123456789abcdef"],
+            now,
+        )
+        .await
+        .unwrap();
+    let mut patterns: Vec<&str> = found.iter().map(|b| b.pattern.as_str()).collect();
+    patterns.sort_unstable();
+    assert_eq!(
+        patterns,
+        ["+14155550101", "f00dfeedcafe0123456789abcdef"],
+        "found by their hashes, given back in clear"
+    );
     assert!(policy.remove_block(first.id).await.unwrap());
     assert!(!policy.remove_block(first.id).await.unwrap());
 }
@@ -702,6 +740,28 @@ pub(crate) async fn old_deliveries_are_purged_and_an_account_erased_but_its_opt_
     assert!(ledger.get(&id("new")).await.unwrap().is_none());
     assert!(ledger.get(&id("other")).await.unwrap().is_some());
     // An opt-out stays (the law may require it).
+    assert_eq!(
+        policy
+            .erase_account_blocks("acme", "user-other")
+            .await
+            .unwrap(),
+        (0, 1)
+    );
+    // Hashed: still blocking the account, which it no longer names in clear.
+    let kept = policy.list_blocks(Some("acme")).await.unwrap();
+    assert!(
+        kept.iter()
+            .all(|b| b.pattern != "user-other" && b.shown == "(erased account)"),
+        "{kept:?}"
+    );
+    let found = policy
+        .block_candidates("acme", &["user-other"], late)
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].pattern, "user-other");
+    assert_eq!(found[0].source, BlockSource::OptOut);
+    // Erased again: the one opt-out is still kept, once.
     assert_eq!(
         policy
             .erase_account_blocks("acme", "user-other")

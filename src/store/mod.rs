@@ -10,6 +10,7 @@
 //! - `rules_cache`: the one-second rules cache, around any [`PolicyStore`].
 //! - `contract` (tests): the rules every backend keeps, written against the traits.
 
+mod block_hash;
 #[cfg(test)]
 pub(crate) mod contract;
 mod postgres;
@@ -62,7 +63,7 @@ pub async fn open(settings: &StoreSettings) -> Result<Stores, StoreError> {
     }
     match scheme {
         "sqlite" => Ok(stores(std::sync::Arc::new(
-            SqliteLedger::connect(url).await?,
+            SqliteLedger::open(settings).await?,
         ))),
         "postgres" | "postgresql" => Ok(stores(std::sync::Arc::new(
             PostgresLedger::connect(settings).await?,

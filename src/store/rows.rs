@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use crate::domain::{
     ApiKey, Attempt, FailureReason, Report, SmsEncoding, SmsShape, TargetResult, parse_scopes,
 };
-use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule};
+use crate::policy::{BlockEntry, BlockKind, QuietHoursRule, RateLimitRule};
 use crate::store::StoreError;
 use crate::store::shared::{ALL_TENANTS, quiet_rule};
 
@@ -145,13 +145,18 @@ pub(crate) fn attempt_from_row(row: &dyn StoredRow) -> Result<(u32, Attempt), St
     Ok((row.int(0)? as u32, attempt))
 }
 
-/// A block entry row (`id, tenant, kind, pattern, source, note, created_at, expires_at`).
+/// A block entry row (`id, tenant, kind, pattern, source, note, created_at, expires_at,
+/// shown`).
 pub(crate) fn block_from_row(row: &dyn StoredRow) -> Result<BlockEntry, StoreError> {
+    let kind: BlockKind = parsed(row, 2)?;
+    let pattern = row.text(3)?;
     Ok(BlockEntry {
         id: row.int(0)?,
         tenant: tenant_of(row, 1)?,
-        kind: parsed(row, 2)?,
-        pattern: row.text(3)?,
+        kind,
+        // Prefixes and accounts have none (they are shown as they are).
+        shown: row.opt_text(8)?.unwrap_or_else(|| kind.shown(&pattern)),
+        pattern,
         source: parsed(row, 4)?,
         note: row.text(5)?,
         created_at: timestamp(row.int(6)?)?,

@@ -1,10 +1,12 @@
 //! The store's settings (`[store]`) and their validation.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::domain::InvalidSetting;
+use crate::domain::{InvalidSetting, SecretString};
+use crate::store::block_hash::HASH_KEY_MIN_LEN;
 
 /// Where the ledger lives and, for PostgreSQL, how replicas share it.
 #[derive(Debug, Clone, Deserialize)]
@@ -21,6 +23,13 @@ pub struct StoreSettings {
         deserialize_with = "crate::domain::positive_duration"
     )]
     pub lease: Duration,
+    /// The secret block-list numbers and tokens are hashed under (SQLite: a key file beside
+    /// the database when unset; PostgreSQL: required, the same at every replica).
+    #[serde(default)]
+    pub hash_key: Option<SecretString>,
+    /// A file holding `hash_key` (a Docker secret).
+    #[serde(default)]
+    pub hash_key_file: Option<PathBuf>,
 }
 
 fn default_pool_size() -> u32 {
@@ -38,7 +47,33 @@ impl StoreSettings {
             url: url.into(),
             pool_size: default_pool_size(),
             lease: default_lease(),
+            hash_key: None,
+            hash_key_file: None,
         }
+    }
+
+    /// The same settings with `key` as `hash_key`.
+    pub fn with_hash_key(mut self, key: impl Into<String>) -> Self {
+        self.hash_key = Some(SecretString::new(key));
+        self.hash_key_file = None;
+        self
+    }
+
+    /// The configured block-list hash key, from the setting or its file (`Ok(None)`: neither).
+    pub fn hash_key(&self) -> Result<Option<SecretString>, InvalidSetting> {
+        crate::domain::secret_setting(
+            ("store.hash_key", self.hash_key.as_ref()),
+            ("store.hash_key_file", self.hash_key_file.as_deref()),
+            HASH_KEY_MIN_LEN,
+        )
+    }
+
+    /// Whether the ledger is PostgreSQL (shared by replicas).
+    pub fn is_postgres(&self) -> bool {
+        matches!(
+            self.url.split_once(':').map(|(scheme, _)| scheme),
+            Some("postgres" | "postgresql")
+        )
     }
 
     /// Checks what types alone cannot.
@@ -58,6 +93,14 @@ impl StoreSettings {
         }
         if self.lease < Duration::from_secs(1) {
             return Err(InvalidSetting::new("store.lease", "must be at least 1s"));
+        }
+        if self.hash_key()?.is_none() && self.is_postgres() {
+            return Err(InvalidSetting::new(
+                "store.hash_key",
+                "is required with PostgreSQL (or store.hash_key_file): every replica hashes \
+                 block-list numbers and tokens with it, so all must have the same one, kept \
+                 apart from the database (make one with `openssl rand -hex 32`)",
+            ));
         }
         Ok(())
     }

@@ -97,6 +97,29 @@ async fn a_blocked_number_is_passed_over_and_named_in_the_report() {
         .collect();
     assert_eq!(sent, ["+1415•••0102"]);
 
+    // The entry is listed masked and kept as a keyed hash: the number is nowhere in the
+    // ledger's files, and its key is in a file of its own beside them.
+    let listed = client
+        .list_block_entries(v1::ListBlockEntriesRequest {
+            tenant: "acme".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        listed.iter().any(|e| e.pattern == "+1415•••0101"),
+        "{listed:?}"
+    );
+    assert_eq!(entry.pattern, "+1415•••0101");
+    let mut bytes = std::fs::read(dir.path().join("ledger.db")).unwrap();
+    bytes.extend(std::fs::read(dir.path().join("ledger.db-wal")).unwrap_or_default());
+    assert!(
+        !bytes.windows(12).any(|w| w == b"+14155550101"),
+        "no clear number in the ledger"
+    );
+    assert!(dir.path().join("ledger.db.hash-key").exists());
+
     // Removed: the number gets codes again.
     client
         .remove_block_entry(v1::RemoveBlockEntryRequest { id: entry.id })
@@ -171,15 +194,21 @@ async fn opt_outs_and_dead_tokens_reported_by_a_provider_block_the_next_job() {
         sources.contains(&(
             v1::BlockKind::Number as i32,
             v1::BlockSource::OptOut as i32,
-            "+15005550004"
+            "+1500•••0004"
         )),
+        "numbers and tokens are listed masked: {sources:?}"
+    );
+    assert!(
+        !sources
+            .iter()
+            .any(|(_, _, p)| p.contains("5005550004") || p.contains("a1b2c3d4")),
         "{sources:?}"
     );
     assert!(
         sources.contains(&(
             v1::BlockKind::DeviceToken as i32,
             v1::BlockSource::ProviderFeedback as i32,
-            "unregistered-a1b2c3d4e5f6"
+            "unre•••e5f6"
         )),
         "{sources:?}"
     );

@@ -546,9 +546,12 @@ async fn apns_answers_become_reasons_retries_and_a_new_provider_token() {
     let blocked: HashSet<_> = blocks
         .iter()
         .filter(|b| b.kind == BlockKind::DeviceToken && b.source == BlockSource::ProviderFeedback)
-        .map(|b| b.pattern.clone())
+        .map(|b| b.shown.clone())
         .collect();
-    assert_eq!(blocked, HashSet::from([apns_token("dead", 1)]));
+    assert_eq!(
+        blocked,
+        HashSet::from([BlockKind::DeviceToken.shown(&apns_token("dead", 1))])
+    );
     // A later job to the dead token is refused before any call.
     let again = deliver(&service, &one("dead-again", apns_token("dead", 1))).await;
     assert_eq!(

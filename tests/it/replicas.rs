@@ -17,6 +17,8 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool};
 use crate::helpers::{BROKER_URL, Broker, Names, broker_available, in_minutes};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_otp-gateway");
+/// The block-list hash key every replica of a test shares.
+const HASH_KEY: &str = "replicas-test-block-list-hash-key-0123456789";
 const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// A database of its own for one test, dropped (with its connections) afterwards.
@@ -103,6 +105,7 @@ impl Replica {
             .env("OTP_GATEWAY_AMQP__URL", BROKER_URL)
             .env("OTP_GATEWAY_AMQP__RECONNECT_INITIAL", "100ms")
             .env("OTP_GATEWAY_STORE__URL", &database.url)
+            .env("OTP_GATEWAY_STORE__HASH_KEY", HASH_KEY)
             .env("OTP_GATEWAY_STORE__LEASE", "2s")
             // Four tests' replicas at once stay within PostgreSQL's 100 connections.
             .env("OTP_GATEWAY_STORE__POOL_SIZE", "8")

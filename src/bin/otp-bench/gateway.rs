@@ -218,6 +218,8 @@ events_exchange = {events_exchange}
 
 [store]
 url = {store}
+# Replicas share it (required with PostgreSQL).
+hash_key = "otp-bench-block-list-hash-key-0123456789"
 
 [delivery]
 max_in_flight = {max_in_flight}

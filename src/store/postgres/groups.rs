@@ -452,13 +452,13 @@ async fn block_candidates(pool: &PgPool, items: &[BlockQuery]) -> BatchResult<Ve
     // The entry's columns as `BLOCK_COLUMNS` lists them, then the query's number.
     let rows = sqlx::query(
         "SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
-                q.query
+                b.shown, q.query
          FROM UNNEST($1::int[], $2::text[], $3::bigint[]) AS q (query, tenant, now)
          JOIN block_entries b ON b.tenant IN (q.tenant, $7) AND b.kind = 'PREFIX'
          WHERE b.expires_at IS NULL OR b.expires_at > q.now
          UNION ALL
          SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
-                q.query
+                b.shown, q.query
          FROM UNNEST($4::int[], $5::text[], $6::bigint[], $8::text[])
               AS q (query, tenant, now, pattern)
          JOIN block_entries b ON b.pattern = q.pattern AND b.kind <> 'PREFIX'
@@ -477,7 +477,7 @@ async fn block_candidates(pool: &PgPool, items: &[BlockQuery]) -> BatchResult<Ve
     .await?;
     let mut found: Vec<Vec<BlockEntry>> = items.iter().map(|_| Vec::new()).collect();
     for row in &rows {
-        let query = row.try_get::<i32, _>(8)? as usize;
+        let query = row.try_get::<i32, _>(9)? as usize;
         if let Some(entries) = found.get_mut(query) {
             entries.push(block_from_row(row)?);
         }

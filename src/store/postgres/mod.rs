@@ -36,6 +36,7 @@ use crate::domain::{
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
+use crate::store::block_hash::{self, BlockHasher};
 use crate::store::rows::{API_KEY_COLUMNS, StoredRow, api_key_from_row};
 use crate::store::shared::{Claimed, RateCounterKey, at_limit, page};
 use crate::store::{
@@ -59,6 +60,8 @@ pub struct PostgresLedger {
     /// Whether this view's writes return only once on disk.
     durable: bool,
     counter_key: Arc<RateCounterKey>,
+    /// Hashes block-list numbers and tokens (see [`BlockHasher`]).
+    block_hasher: BlockHasher,
     lease: Duration,
     /// The workers (one per process) that claimed through this ledger: their leases are renewed.
     workers: Workers,
@@ -109,6 +112,15 @@ impl PostgresLedger {
     /// Connects to the database at `settings.url`, brings its schema up to date, and starts
     /// renewing this process's leases and listening for other replicas' changes.
     pub async fn connect(settings: &StoreSettings) -> Result<Self, StoreError> {
+        let block_hasher = match settings.hash_key() {
+            Ok(Some(key)) => BlockHasher::new(key.expose().as_bytes()),
+            Ok(None) => {
+                return Err(StoreError::Unavailable(
+                    "store.hash_key (or store.hash_key_file) is required with PostgreSQL".into(),
+                ));
+            }
+            Err(error) => return Err(StoreError::Unavailable(error.to_string())),
+        };
         let options: PgConnectOptions = settings.url.parse()?;
         // Most writes are staged (the engine's); reads and the few durable writes share the
         // rest of the budget.
@@ -128,6 +140,7 @@ impl PostgresLedger {
             .run(&pool)
             .await?;
         let counter_key = Arc::new(rate_counter_key(&pool).await?);
+        hash_block_entries(&pool, &block_hasher).await?;
         let (changes, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         let workers = Workers::default();
@@ -137,6 +150,7 @@ impl PostgresLedger {
             staged_pool,
             durable: true,
             counter_key,
+            block_hasher,
             lease: settings.lease,
             workers,
             groups,
@@ -238,6 +252,53 @@ impl PostgresLedger {
 }
 
 /// The ledger's rate-counter secret, made (32 random bytes) by the first replica.
+/// Hashes the block entries made before hashing, once the key is known to be the ledger's;
+/// replicas starting together take turns.
+async fn hash_block_entries(pool: &PgPool, hasher: &BlockHasher) -> Result<usize, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("LOCK TABLE block_entries IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let stored: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT value FROM ledger_secrets WHERE name = $1")
+            .bind(block_hash::FINGERPRINT)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let hashed: i64 = sqlx::query_scalar(block_hash::HASHED_ENTRIES)
+        .fetch_one(&mut *tx)
+        .await?;
+    if hasher.check(stored.as_deref(), hashed)? == block_hash::Fingerprint::Store {
+        sqlx::query(
+            "INSERT INTO ledger_secrets (name, value) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .bind(block_hash::FINGERPRINT)
+        .bind(hasher.fingerprint())
+        .execute(&mut *tx)
+        .await?;
+    }
+    let legacy = sqlx::query_as(block_hash::LEGACY_ENTRIES)
+        .fetch_all(&mut *tx)
+        .await?;
+    let rehashed = hasher.rehash(legacy)?;
+    for (id, pattern, shown) in &rehashed {
+        sqlx::query("UPDATE block_entries SET pattern = $1, shown = $2 WHERE id = $3")
+            .bind(pattern)
+            .bind(shown)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    if !rehashed.is_empty() {
+        tracing::info!(
+            entries = rehashed.len(),
+            "block-list numbers and tokens stored in clear before are now hashed"
+        );
+    }
+    Ok(rehashed.len())
+}
+
 async fn rate_counter_key(pool: &PgPool) -> Result<RateCounterKey, StoreError> {
     const NAME: &str = "rate_counter_key";
     let fresh = RateCounterKey::fresh_secret()?;
@@ -640,23 +701,44 @@ impl PolicyStore for PostgresLedger {
         tenant: &str,
         account: &str,
     ) -> Result<(u64, u64), StoreError> {
+        // The opt-outs kept are hashed: they still block the account, which is no longer in
+        // clear anywhere (one hashed by an earlier erasure makes the clear one go).
+        let (hashed, shown) = self.block_hasher.erased_account(account);
+        let mut tx = self.pool.begin().await?;
         let removed = sqlx::query(
-            "DELETE FROM block_entries WHERE tenant = $1 AND kind = 'ACCOUNT' AND pattern = $2
-             AND source <> 'OPT_OUT'",
+            "DELETE FROM block_entries WHERE tenant = $1 AND kind = 'ACCOUNT'
+             AND pattern IN ($2, $3) AND source <> 'OPT_OUT'",
         )
         .bind(tenant)
         .bind(account)
-        .execute(&self.pool)
+        .bind(&hashed)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        for statement in [
+            "DELETE FROM block_entries WHERE tenant = $1 AND kind = 'ACCOUNT' AND pattern = $2
+             AND EXISTS (SELECT 1 FROM block_entries h WHERE h.tenant = $1 AND h.kind = 'ACCOUNT'
+                         AND h.pattern = $3) AND $4::text IS NOT NULL",
+            "UPDATE block_entries SET pattern = $3, shown = $4
+             WHERE tenant = $1 AND kind = 'ACCOUNT' AND pattern = $2",
+        ] {
+            sqlx::query(statement)
+                .bind(tenant)
+                .bind(account)
+                .bind(&hashed)
+                .bind(shown)
+                .execute(&mut *tx)
+                .await?;
+        }
         let kept: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM block_entries WHERE tenant = $1 AND kind = 'ACCOUNT'
              AND pattern = $2",
         )
         .bind(tenant)
-        .bind(account)
-        .fetch_one(&self.pool)
+        .bind(&hashed)
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok((removed, kept as u64))
     }
 
@@ -712,11 +794,17 @@ impl PolicyStore for PostgresLedger {
         entry: &NewBlockEntry,
         now: Timestamp,
     ) -> Result<(BlockEntry, bool), StoreError> {
+        let (pattern, shown) = self.block_hasher.stored(entry.kind, &entry.pattern);
+        let entry = &NewBlockEntry {
+            pattern,
+            ..entry.clone()
+        };
         let mut conn = self.pool.acquire().await?;
         // A replica adding the same entry at the same moment makes the first try see neither
         // its insert nor the other's row: once more sees the other's.
-        match writes::add_block(&mut conn, entry, now).await {
-            Err(StoreError::Conflict(_)) => writes::add_block(&mut conn, entry, now).await,
+        let shown = shown.as_deref();
+        match writes::add_block(&mut conn, entry, shown, now).await {
+            Err(StoreError::Conflict(_)) => writes::add_block(&mut conn, entry, shown, now).await,
             other => other,
         }
     }
@@ -826,15 +914,18 @@ impl PolicyStore for PostgresLedger {
         let seq = self
             .block_queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.groups
+        let lookup = self.block_hasher.lookup(patterns);
+        let found = self
+            .groups
             .blocks
             .call(BlockQuery {
                 seq,
                 tenant: tenant.to_owned(),
-                patterns: patterns.iter().map(|p| (*p).to_owned()).collect(),
+                patterns: lookup.keys.clone(),
                 now: micros(now),
             })
-            .await
+            .await?;
+        Ok(lookup.reveal(found))
     }
 }
 
@@ -876,6 +967,13 @@ pub(crate) mod tests {
         }
     }
 
+    impl TempDatabase {
+        /// Settings for a replica of this database (every one with the same hash key).
+        pub(crate) fn settings(&self) -> StoreSettings {
+            StoreSettings::at(&self.url).with_hash_key("test-block-list-hash-key-0123456789")
+        }
+    }
+
     impl Drop for TempDatabase {
         fn drop(&mut self) {
             let name = self.name.clone();
@@ -901,11 +999,7 @@ pub(crate) mod tests {
 
     async fn open_temp() -> Option<Subject> {
         let database = TempDatabase::create().await?;
-        let store = Arc::new(
-            PostgresLedger::connect(&StoreSettings::at(&database.url))
-                .await
-                .unwrap(),
-        );
+        let store = Arc::new(PostgresLedger::connect(&database.settings()).await.unwrap());
         Some(Subject {
             ledger: store.clone(),
             policy: store,
@@ -916,11 +1010,56 @@ pub(crate) mod tests {
     store_contract!(open_temp);
 
     #[tokio::test]
+    async fn entries_stored_in_clear_before_are_hashed_at_open_and_another_key_is_refused() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let first = PostgresLedger::connect(&database.settings()).await.unwrap();
+        // As an older version left them: clear, with no masked form.
+        sqlx::query(
+            "INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at)
+             VALUES ('acme', 'DEVICE_TOKEN', 'f00dfeedcafe0123456789abcdef', 'PROVIDER_FEEDBACK',
+                     '', 0)",
+        )
+        .execute(&first.pool)
+        .await
+        .unwrap();
+        drop(first);
+        let reopened = PostgresLedger::connect(&database.settings()).await.unwrap();
+        let stored: Vec<(String, String)> =
+            sqlx::query_as("SELECT pattern, shown FROM block_entries")
+                .fetch_all(&reopened.pool)
+                .await
+                .unwrap();
+        assert_eq!(stored.len(), 1);
+        assert!(!stored[0].0.contains("cafe0123"), "{stored:?}");
+        assert_eq!(stored[0].1, "f00d•••cdef");
+        let found = reopened
+            .block_candidates("acme", &["f00dfeedcafe0123456789abcdef"], Timestamp::now())
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].pattern, "f00dfeedcafe0123456789abcdef");
+        // A replica with another key refuses to start; one without a key too.
+        let other = StoreSettings::at(&database.url).with_hash_key("another-key-".repeat(4));
+        let refused = PostgresLedger::connect(&other)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("store.hash_key"), "{refused}");
+        let keyless = PostgresLedger::connect(&StoreSettings::at(&database.url))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(keyless.contains("store.hash_key"), "{keyless}");
+    }
+
+    #[tokio::test]
     async fn a_change_at_one_replica_is_announced_to_the_others_at_once() {
         let Some(database) = TempDatabase::create().await else {
             return;
         };
-        let settings = StoreSettings::at(&database.url);
+        let settings = database.settings();
         let a = PostgresLedger::connect(&settings).await.unwrap();
         let b = PostgresLedger::connect(&settings).await.unwrap();
         let mut announced = a.changes().unwrap();
@@ -951,7 +1090,7 @@ pub(crate) mod tests {
         let Some(database) = TempDatabase::create().await else {
             return;
         };
-        let settings = StoreSettings::at(&database.url);
+        let settings = database.settings();
         let (a, b) = (
             PostgresLedger::connect(&settings).await.unwrap(),
             PostgresLedger::connect(&settings).await.unwrap(),
@@ -1036,7 +1175,7 @@ pub(crate) mod tests {
         let Some(database) = TempDatabase::create().await else {
             return;
         };
-        let settings = StoreSettings::at(&database.url);
+        let settings = database.settings();
         let (a, b) = (
             PostgresLedger::connect(&settings).await.unwrap(),
             PostgresLedger::connect(&settings).await.unwrap(),
@@ -1094,7 +1233,7 @@ pub(crate) mod tests {
         let Some(database) = TempDatabase::create().await else {
             return;
         };
-        let mut settings = StoreSettings::at(&database.url);
+        let mut settings = database.settings();
         settings.lease = Duration::from_secs(30);
         let ledger = PostgresLedger::connect(&settings).await.unwrap();
         let new = crate::store::contract::new_delivery("leased");

@@ -22,7 +22,7 @@ const ATTEMPT_COLUMNS: &str = "target_idx, provider, channel, masked_target, sta
      provider_code, provider_message, retry, provider_message_id, next_retry_at, token_invalid_since, sms_encoding, \
      sms_segments";
 pub(super) const BLOCK_COLUMNS: &str =
-    "id, tenant, kind, pattern, source, note, created_at, expires_at";
+    "id, tenant, kind, pattern, source, note, created_at, expires_at, shown";
 pub(super) const RULE_COLUMNS: &str = "id, tenant, scope, prefix, max_sends, window_ms";
 pub(super) const QUIET_COLUMNS: &str =
     "id, tenant, account, channels, start_time, end_time, days, action, default_zone";

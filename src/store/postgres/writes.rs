@@ -439,16 +439,19 @@ pub(super) async fn set_rate_limit(
 
 /// Adds a block entry unless one with the same tenant, kind and pattern is there; the entry,
 /// and whether it is new.
+/// `entry.pattern` is as stored (hashed where it must be), `shown` as listed.
 pub(super) async fn add_block(
     conn: &mut PgConnection,
     entry: &NewBlockEntry,
+    shown: Option<&str>,
     now: Timestamp,
 ) -> Result<(BlockEntry, bool), StoreError> {
     let tenant = entry.tenant.as_deref().unwrap_or(ALL_TENANTS);
     let sql = format!(
         "WITH i AS (
-             INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at, expires_at,
+                                        shown)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (tenant, kind, pattern) DO NOTHING RETURNING {BLOCK_COLUMNS}
          )
          SELECT {BLOCK_COLUMNS}, true FROM i
@@ -464,8 +467,9 @@ pub(super) async fn add_block(
         .bind(&entry.note)
         .bind(micros(now))
         .bind(entry.expires_at.map(micros))
+        .bind(shown)
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| StoreError::Conflict("a block entry vanished as it was added".into()))?;
-    Ok((block_from_row(&row)?, row.try_get(8)?))
+    Ok((block_from_row(&row)?, row.try_get(9)?))
 }

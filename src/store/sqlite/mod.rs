@@ -22,6 +22,7 @@ use crate::domain::{Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, Report,
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
+use crate::store::block_hash::{self, BlockHasher};
 use crate::store::shared::RateCounterKey;
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, Claim, DecideOutcome, DeliveryKey, KnownReport, Ledger,
@@ -40,6 +41,8 @@ pub struct SqliteLedger {
     writer: GroupWriter,
     /// Keys rate-limit counters (see [`RateCounterKey`]).
     counter_key: Arc<RateCounterKey>,
+    /// Hashes block-list numbers and tokens (see [`BlockHasher`]).
+    block_hasher: BlockHasher,
     /// Whether its ledger writes return only once on disk (else once committed: the staged
     /// view).
     durable: bool,
@@ -61,10 +64,81 @@ async fn rate_counter_key(conn: &mut sqlx::SqliteConnection) -> Result<RateCount
     Ok(RateCounterKey::new(&secret))
 }
 
+/// The database's file, or an empty path for an in-memory database.
+fn sqlite_file(url: &str, file: &Path) -> std::path::PathBuf {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        std::path::PathBuf::new()
+    } else {
+        file.to_path_buf()
+    }
+}
+
+/// Hashes the block entries made before hashing, once the key is known to be the ledger's.
+async fn hash_block_entries(
+    conn: &mut sqlx::SqliteConnection,
+    hasher: &BlockHasher,
+) -> Result<usize, StoreError> {
+    use sqlx::Connection;
+    // What the clear patterns were on is overwritten, not just freed.
+    sqlx::query("PRAGMA secure_delete = ON")
+        .execute(&mut *conn)
+        .await?;
+    let mut tx = conn.begin().await?;
+    let stored: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT value FROM ledger_secrets WHERE name = ?")
+            .bind(block_hash::FINGERPRINT)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let hashed: i64 = sqlx::query_scalar(block_hash::HASHED_ENTRIES)
+        .fetch_one(&mut *tx)
+        .await?;
+    if hasher.check(stored.as_deref(), hashed)? == block_hash::Fingerprint::Store {
+        sqlx::query("INSERT OR REPLACE INTO ledger_secrets (name, value) VALUES (?, ?)")
+            .bind(block_hash::FINGERPRINT)
+            .bind(hasher.fingerprint())
+            .execute(&mut *tx)
+            .await?;
+    }
+    let legacy = sqlx::query_as(block_hash::LEGACY_ENTRIES)
+        .fetch_all(&mut *tx)
+        .await?;
+    let rehashed = hasher.rehash(legacy)?;
+    for (id, pattern, shown) in &rehashed {
+        sqlx::query("UPDATE block_entries SET pattern = ?, shown = ? WHERE id = ?")
+            .bind(pattern)
+            .bind(shown)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    if !rehashed.is_empty() {
+        // The old pages in the write-ahead log go too.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut *conn)
+            .await?;
+        tracing::info!(
+            entries = rehashed.len(),
+            "block-list numbers and tokens stored in clear before are now hashed"
+        );
+    }
+    Ok(rehashed.len())
+}
+
 impl SqliteLedger {
-    /// Opens (creating if needed) the database at `url` (`sqlite://PATH`) and migrates it.
+    /// Opens (creating if needed) the database at `url` (`sqlite://PATH`) and migrates it;
+    /// block-list numbers and tokens are hashed under the key in the file beside it (made the
+    /// first time).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?;
+        Self::open(&crate::store::StoreSettings::at(url)).await
+    }
+
+    /// Opens (creating if needed) the database `settings` name and migrates it.
+    pub async fn open(settings: &crate::store::StoreSettings) -> Result<Self, StoreError> {
+        let configured_key = settings
+            .hash_key()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let options = SqliteConnectOptions::from_str(&settings.url)?;
         if let Some(parent) = options
             .get_filename()
             .parent()
@@ -85,6 +159,11 @@ impl SqliteLedger {
             .run(&mut migrating)
             .await?;
         let counter_key = rate_counter_key(&mut migrating).await?;
+        let block_hasher = block_hash::key_for_sqlite(
+            configured_key.as_ref(),
+            &sqlite_file(&settings.url, options.get_filename()),
+        )?;
+        hash_block_entries(&mut migrating, &block_hasher).await?;
         sqlx::Connection::close(migrating).await?;
         let path = options.get_filename();
         let writer = GroupWriter::start(path)?;
@@ -93,6 +172,7 @@ impl SqliteLedger {
             readers,
             writer,
             counter_key: Arc::new(counter_key),
+            block_hasher,
             durable: true,
         })
     }
@@ -320,8 +400,11 @@ impl PolicyStore for SqliteLedger {
         account: &str,
     ) -> Result<(u64, u64), StoreError> {
         let (tenant, account) = (tenant.to_owned(), account.to_owned());
+        let (hashed, shown) = self.block_hasher.erased_account(&account);
         self.writer
-            .erase(move |conn| writes::erase_account_blocks(conn, &tenant, &account))
+            .erase(move |conn| {
+                writes::erase_account_blocks(conn, &tenant, &account, (&hashed, shown))
+            })
             .await
     }
 
@@ -420,9 +503,13 @@ impl PolicyStore for SqliteLedger {
         entry: &NewBlockEntry,
         now: Timestamp,
     ) -> Result<(BlockEntry, bool), StoreError> {
-        let entry = entry.clone();
+        let (pattern, shown) = self.block_hasher.stored(entry.kind, &entry.pattern);
+        let entry = NewBlockEntry {
+            pattern,
+            ..entry.clone()
+        };
         self.writer
-            .write(move |conn| writes::add_block(conn, &entry, now))
+            .write(move |conn| writes::add_block(conn, &entry, shown.as_deref(), now))
             .await
     }
 
@@ -445,13 +532,16 @@ impl PolicyStore for SqliteLedger {
         // On the writer's connection: its pages are warm, where a reader's cache is dropped
         // whenever the ledger changed since its last read (every read, on a busy gateway).
         let tenant = tenant.to_owned();
-        let patterns: Vec<String> = patterns.iter().map(|p| (*p).to_owned()).collect();
-        self.writer
+        let lookup = Arc::new(self.block_hasher.lookup(patterns));
+        let keys = Arc::clone(&lookup);
+        let found = self
+            .writer
             .stage(move |conn| {
-                let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+                let patterns: Vec<&str> = keys.keys.iter().map(String::as_str).collect();
                 reads::block_candidates(conn, &tenant, &patterns, now)
             })
-            .await
+            .await?;
+        Ok(lookup.reveal(found))
     }
 }
 
@@ -479,6 +569,47 @@ mod tests {
     }
 
     store_contract!(open_temp);
+
+    #[tokio::test]
+    async fn entries_stored_in_clear_before_are_hashed_at_open_and_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let url = format!("sqlite://{}", path.display());
+        drop(ledger(&dir).await);
+        // As an older version left them: clear, with no masked form.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at)
+                 VALUES ('acme', 'NUMBER', '+14155550177', 'OPT_OUT', 'twilio 21610', 0),
+                        ('acme', 'PREFIX', '+882', 'ADMIN', '', 0);",
+            )
+            .unwrap();
+        let reopened = ledger(&dir).await;
+        let listed = reopened.list_blocks(Some("acme")).await.unwrap();
+        let shown: Vec<&str> = listed.iter().map(|b| b.shown.as_str()).collect();
+        assert_eq!(shown, ["+882", "+1415•••0177"]);
+        let found = reopened
+            .block_candidates("acme", &["user-1", "+14155550177"], Timestamp::now())
+            .await
+            .unwrap();
+        assert!(found.iter().any(|b| b.pattern == "+14155550177"));
+        drop(reopened);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend(std::fs::read(dir.path().join("ledger.db-wal")).unwrap_or_default());
+        assert!(
+            !bytes.windows(12).any(|w| w == b"+14155550177"),
+            "the clear number is gone from the file"
+        );
+        // A key that is not the one the entries were hashed with stops the start.
+        let other = crate::store::StoreSettings::at(&url).with_hash_key("another-key-".repeat(4));
+        let refused = SqliteLedger::open(&other).await.unwrap_err().to_string();
+        assert!(refused.contains("store.hash_key"), "{refused}");
+        assert!(
+            SqliteLedger::connect(&url).await.is_ok(),
+            "its own key still opens it"
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_share_commits_and_a_failing_one_undoes_only_itself() {

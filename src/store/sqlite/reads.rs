@@ -44,7 +44,7 @@ macro_rules! attempt_columns {
 }
 macro_rules! block_columns {
     () => {
-        "id, tenant, kind, pattern, source, note, created_at, expires_at"
+        "id, tenant, kind, pattern, source, note, created_at, expires_at, shown"
     };
 }
 macro_rules! rule_columns {

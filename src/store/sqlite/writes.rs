@@ -472,16 +472,19 @@ pub(super) fn set_rate_limit(
 
 /// Adds a block entry unless one with the same tenant, kind and pattern is there; the entry,
 /// and whether it is new.
+/// `entry.pattern` is as stored (hashed where it must be), `shown` as listed.
 pub(super) fn add_block(
     conn: &Connection,
     entry: &NewBlockEntry,
+    shown: Option<&str>,
     now: Timestamp,
 ) -> Result<(BlockEntry, bool), StoreError> {
     let tenant = entry.tenant.as_deref().unwrap_or(ALL_TENANTS);
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at, expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
+            "INSERT INTO block_entries (tenant, kind, pattern, source, note, created_at, expires_at,
+                                        shown)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (tenant, kind, pattern) DO NOTHING",
         )?
         .execute(params![
@@ -492,6 +495,7 @@ pub(super) fn add_block(
             entry.note,
             micros(now),
             entry.expires_at.map(micros),
+            shown,
         ])?
         == 1;
     let mut statement = conn.prepare_cached(concat!(
@@ -564,22 +568,38 @@ pub(super) fn erase_account(
 
 /// Removes the account block entries of `account` of `tenant` but its opt-outs: how many were
 /// removed, how many opt-outs stay.
+/// The opt-outs kept are hashed (`erased`: the account's hash and how it is listed).
 pub(super) fn erase_account_blocks(
     conn: &Connection,
     tenant: &str,
     account: &str,
+    (hashed, shown): (&str, &str),
 ) -> Result<(u64, u64), StoreError> {
     let removed = conn
         .prepare_cached(
-            "DELETE FROM block_entries WHERE tenant = ?1 AND kind = 'ACCOUNT' AND pattern = ?2
-             AND source <> 'OPT_OUT'",
+            "DELETE FROM block_entries WHERE tenant = ?1 AND kind = 'ACCOUNT'
+             AND pattern IN (?2, ?3) AND source <> 'OPT_OUT'",
         )?
-        .execute(params![tenant, account])?;
+        .execute(params![tenant, account, hashed])?;
+    for statement in ERASE_KEEPING_OPT_OUTS {
+        conn.prepare_cached(statement)?
+            .execute(params![tenant, account, hashed, shown])?;
+    }
     let kept: i64 = conn
         .prepare_cached(
             "SELECT count(*) FROM block_entries WHERE tenant = ?1 AND kind = 'ACCOUNT'
              AND pattern = ?2",
         )?
-        .query_row(params![tenant, account], |row| row.get(0))?;
+        .query_row(params![tenant, hashed], |row| row.get(0))?;
     Ok((removed as u64, kept as u64))
 }
+
+/// An erased account's opt-outs in clear (`?2`) become hashed (`?3`, listed as `?4`): one
+/// already hashed (an earlier erasure) makes the clear one go.
+const ERASE_KEEPING_OPT_OUTS: [&str; 2] = [
+    "DELETE FROM block_entries WHERE tenant = ?1 AND kind = 'ACCOUNT' AND pattern = ?2
+     AND EXISTS (SELECT 1 FROM block_entries h WHERE h.tenant = ?1 AND h.kind = 'ACCOUNT'
+                 AND h.pattern = ?3) AND ?4 IS NOT NULL",
+    "UPDATE block_entries SET pattern = ?3, shown = ?4
+     WHERE tenant = ?1 AND kind = 'ACCOUNT' AND pattern = ?2",
+];
