@@ -2,8 +2,8 @@
 //! it), so every request is bounded. A source address sending more than
 //! `receipts.rate_per_source` requests in a second gets 429; a body longer than
 //! `receipts.max_body` gets 413; a body not received within `receipts.read_timeout` gets 408
-//! (and headers not received within it close the connection). Nothing a caller sends can hold
-//! the listener or the gateway up.
+//! (as does a request head, see `head`). Nothing a caller sends can hold the listener or the
+//! gateway up.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -4,6 +4,7 @@
 //! to DELIVERED or FAILED), published as an event.
 
 mod guard;
+mod head;
 pub mod twilio;
 
 use std::collections::BTreeMap;
@@ -83,15 +84,17 @@ pub async fn serve(
                 request
             },
         );
-        let connection = builder
-            .serve_connection(
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let read_timeout = limits.read_timeout;
+        tokio::spawn(async move {
+            let Some(stream) = head::read_head(stream, read_timeout, peer).await else {
+                return;
+            };
+            let connection = builder.serve_connection(
                 TokioIo::new(stream),
                 hyper_util::service::TowerToHyperService::new(service),
-            )
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            );
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%peer, %error, "receipts: connection ended with an error");
             }
         });
