@@ -1,7 +1,8 @@
 //! The job consumer: decodes each message, hands the job to the delivery service, publishes
 //! the outcome (event, and reply when asked) and only then acks. Malformed messages are copied
 //! to the dead-letter exchange with the reason and acked (as are jobs whose producer may not
-//! send for their tenant, when `amqp.tenant_from_user_id` maps producers to tenants); a ledger failure is retried with
+//! send for their tenant, when `amqp.tenant_from_user_id` maps producers to tenants, and jobs
+//! handed out `amqp.delivery_limit` times without finishing); a ledger failure is retried with
 //! back-off while the job stays unacked. Nothing is dropped silently.
 
 use std::collections::HashMap;
@@ -142,6 +143,32 @@ impl JobConsumer {
             .content_type()
             .as_ref()
             .map(|ct| ct.as_str());
+        // The broker's last hand-out of a job that never finished (it may be what stops the
+        // gateway): dead-lettered by the gateway, with the code taken out, rather than by the
+        // broker with the body as published.
+        let limit = self.publisher.delivery_limit();
+        if let Some(count) = delivery_count(&delivery)
+            && count >= u64::from(limit)
+        {
+            let (tenant, job_id) = identify(content_type, &delivery.data);
+            tracing::error!(
+                tenant,
+                job_id,
+                handed_out = count + 1,
+                "job handed out amqp.delivery_limit times without finishing: dead-lettered"
+            );
+            let error = crate::domain::JobError::new(
+                "x-delivery-count",
+                format!(
+                    "the job was handed out {} times without finishing (amqp.delivery_limit = \
+                     {limit}): each time the gateway holding it stopped or lost the broker \
+                     before it finished; look at the gateway's logs for this job id",
+                    count + 1
+                ),
+            );
+            self.dead_letter(&delivery, &error).await;
+            return;
+        }
         let user_id = delivery.properties.user_id().as_ref().map(|u| u.as_str());
         let decoded =
             decode_job(content_type, &delivery.data).and_then(|job| match &self.producers {
@@ -154,13 +181,7 @@ impl JobConsumer {
                 let (tenant, job_id) = identify(content_type, &delivery.data);
                 tracing::warn!(tenant, job_id, field = %error.field, problem = %error.problem,
                     "malformed job: dead-lettered");
-                match Box::pin(self.publisher.dead_letter(&delivery, &error)).await {
-                    Ok(()) => ack(&delivery).await,
-                    Err(publish) => {
-                        tracing::error!(error = %publish, "could not dead-letter a malformed job: requeued");
-                        requeue(&delivery).await;
-                    }
-                }
+                self.dead_letter(&delivery, &error).await;
                 return;
             }
         };
@@ -254,6 +275,18 @@ impl JobConsumer {
         ack(&delivery).await;
     }
 
+    /// Copies the job to the dead-letter exchange with `error` and acks it (requeued when the
+    /// copy was not confirmed).
+    async fn dead_letter(&self, delivery: &Delivery, error: &crate::domain::JobError) {
+        match Box::pin(self.publisher.dead_letter(delivery, error)).await {
+            Ok(()) => ack(delivery).await,
+            Err(publish) => {
+                tracing::error!(error = %publish, "could not dead-letter a job: requeued");
+                requeue(delivery).await;
+            }
+        }
+    }
+
     /// Runs `publish` while the job's ledger writes are synced to disk, and gives its result
     /// once both are done. If they could not be synced, the job is requeued and nothing is
     /// given: it is acked only once its outcome could survive a power cut.
@@ -339,5 +372,22 @@ async fn requeue(delivery: &Delivery) {
         .await
     {
         tracing::warn!(%error, "nack failed (the broker will redeliver)");
+    }
+}
+
+/// How many times the broker handed the job out before without it being acked (quorum queues'
+/// `x-delivery-count`); `None` on a first delivery.
+fn delivery_count(delivery: &Delivery) -> Option<u64> {
+    use lapin::types::AMQPValue;
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get("x-delivery-count")? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        _ => None,
     }
 }

@@ -258,6 +258,11 @@ impl Publisher {
             .await
     }
 
+    /// The jobs queue's delivery limit (`amqp.delivery_limit`).
+    pub fn delivery_limit(&self) -> u32 {
+        self.topology.delivery_limit
+    }
+
     /// Copies a job message to the dead-letter exchange with the reason in `x-otp-error` (and
     /// the field in `x-otp-error-field`), keeping its body, properties and headers.
     pub async fn dead_letter(

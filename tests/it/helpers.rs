@@ -403,6 +403,32 @@ impl Broker {
         Some(message)
     }
 
+    /// Takes the next message of `queue` and hands it back (nack, requeued) `times` times, as
+    /// consumers that die holding it do: the broker counts each in `x-delivery-count`.
+    pub async fn hand_back(&self, queue: &str, times: u32) {
+        for _ in 0..times {
+            let message = loop {
+                if let Some(message) = self
+                    .channel
+                    .basic_get(queue.into(), BasicGetOptions::default())
+                    .await
+                    .unwrap()
+                {
+                    break message;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            message
+                .delivery
+                .nack(lapin::options::BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+
     /// Ready messages in `queue`.
     pub async fn ready(&self, queue: &str) -> u32 {
         self.state(queue).await.message_count()

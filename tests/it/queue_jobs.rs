@@ -187,6 +187,50 @@ async fn the_same_job_published_twice_is_sent_once() {
 }
 
 #[tokio::test]
+async fn a_job_handed_out_delivery_limit_times_is_dead_lettered_by_the_gateway_without_its_code() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("poison");
+    let mut broker = Broker::connect(&names).await;
+    broker.publish_json(&job("poison", "482913")).await;
+    // Handed out and never finished amqp.delivery_limit (10) times, as by gateways that died
+    // holding it; then a gateway gets it once more.
+    broker.hand_back(&names.jobs_queue, 10).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    broker.wait_ready(&names.dead_letter_queue, 1, WAIT).await;
+    let dead = broker.get(&names.dead_letter_queue).await.unwrap();
+    assert_eq!(
+        header(&dead, "x-otp-error-field").as_deref(),
+        Some("x-delivery-count")
+    );
+    let reason = header(&dead, "x-otp-error").unwrap();
+    assert!(
+        reason.contains("11 times") && reason.contains("amqp.delivery_limit"),
+        "{reason}"
+    );
+    let body = String::from_utf8_lossy(&dead.delivery.data);
+    assert!(
+        !body.contains("482913") && body.contains("[redacted]"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\"poison\""),
+        "the rest is kept for diagnosis: {body}"
+    );
+    assert!(outbox(dir.path()).is_empty(), "it was not sent again");
+    assert_eq!(broker.ready(&names.jobs_queue).await, 0);
+    // The next job goes through as usual.
+    broker.publish_json(&job("after-poison", "135790")).await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["job_id"], "after-poison");
+    assert_eq!(report["status"], "SENT");
+    gateway.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
 async fn malformed_messages_are_dead_lettered_and_undeliverable_jobs_reported() {
     if !broker_available().await {
         return;
