@@ -21,9 +21,10 @@ WORKDIR /var/lib/otp-gateway
 # OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY_FILE. There is no built-in one.
 ENV OTP_GATEWAY_GRPC__LISTEN=0.0.0.0:50051 \
     OTP_GATEWAY_RECEIPTS__LISTEN=0.0.0.0:8088 \
+    OTP_GATEWAY_OPS__LISTEN=0.0.0.0:9090 \
     OTP_GATEWAY_STORE__URL=sqlite:///var/lib/otp-gateway/ledger.db \
     OTP_GATEWAY_PROVIDERS__SANDBOX__OUTBOX=/var/lib/otp-gateway/outbox.jsonl
-EXPOSE 50051 8088
+EXPOSE 50051 8088 9090
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s \
   CMD ["otp-gateway", "health", "--server", "127.0.0.1:50051"]
 ENTRYPOINT ["otp-gateway"]

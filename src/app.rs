@@ -28,6 +28,8 @@ pub struct Application {
     grpc_addr: SocketAddr,
     receipts_listener: TcpListener,
     receipts_addr: SocketAddr,
+    ops_listener: TcpListener,
+    ops_addr: SocketAddr,
     service: Arc<DeliveryService>,
     policy: Arc<dyn PolicyStore>,
     auth: Arc<Authenticator>,
@@ -103,12 +105,20 @@ impl Application {
                 )
             })?;
         let receipts_addr = receipts_listener.local_addr()?;
+        let ops_listener = TcpListener::bind(config.ops.listen)
+            .await
+            .with_context(|| {
+                format!("binding the ops port (ops.listen = {})", config.ops.listen)
+            })?;
+        let ops_addr = ops_listener.local_addr()?;
         Ok(Application {
             config,
             listener,
             grpc_addr,
             receipts_listener,
             receipts_addr,
+            ops_listener,
+            ops_addr,
             service,
             policy,
             auth,
@@ -130,6 +140,11 @@ impl Application {
         self.receipts_addr
     }
 
+    /// The address of the ops listener (health, readiness, metrics).
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.ops_addr
+    }
+
     /// The broker link's state (Up while consuming).
     pub fn link_state(&self) -> watch::Receiver<LinkState> {
         self.link_state.clone()
@@ -141,8 +156,17 @@ impl Application {
         let api_stop = CancellationToken::new();
         tracing::info!(
             grpc = %self.grpc_addr, grpc_tls = self.tls.is_some(), receipts = %self.receipts_addr,
-            auth = ?self.config.auth.mode, "otp-gateway serving"
+            ops = %self.ops_addr, auth = ?self.config.auth.mode, "otp-gateway serving"
         );
+        let ops = tokio::spawn(crate::ops::serve(
+            self.ops_listener,
+            crate::ops::OpsState {
+                service: Arc::clone(&self.service),
+                link_state: self.link_state.clone(),
+                auth: Arc::clone(&self.auth),
+            },
+            api_stop.clone(),
+        ));
         let api = tokio::spawn(crate::grpc::serve(
             GrpcPort {
                 listener: self.listener,
@@ -230,6 +254,9 @@ impl Application {
                 .context("the receipt forwarder task failed")?;
         }
         let _ = retention.await;
+        ops.await
+            .context("the ops server task failed")?
+            .context("the ops server failed")?;
         linked?;
         tracing::info!("otp-gateway stopped");
         Ok(())

@@ -31,6 +31,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod grpc;
+pub mod ops;
 pub mod policy;
 pub mod proto;
 pub mod providers;

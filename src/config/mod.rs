@@ -34,7 +34,7 @@ pub use crate::store::StoreSettings as StoreConfig;
 pub use crate::telemetry::LogFormat;
 pub use sections::{
     AuthConfig, AuthMode, BOOTSTRAP_KEY_MIN_LEN, DeliveryConfig, GrpcConfig, GrpcTlsConfig,
-    LogConfig, ReceiptsConfig, RetentionConfig,
+    LogConfig, OpsConfig, ReceiptsConfig, RetentionConfig,
 };
 pub use tenants::TenantConfig;
 
@@ -90,6 +90,8 @@ pub struct Config {
     pub receipts: ReceiptsConfig,
     /// How long personal data is kept.
     pub retention: RetentionConfig,
+    /// The ops listener (health, readiness, metrics).
+    pub ops: OpsConfig,
     /// Message templates overriding the built-in ones: `templates.<purpose>.<locale>.<channel>`
     /// (`*` as the purpose matches any).
     #[serde(default)]
@@ -160,6 +162,7 @@ impl Config {
             let listeners = [
                 ("grpc.listen", self.grpc.listen),
                 ("receipts.listen", self.receipts.listen),
+                ("ops.listen", self.ops.listen),
             ];
             if let Some((key, address)) = listeners.iter().find(|(_, a)| !a.ip().is_loopback()) {
                 return Err(invalid(

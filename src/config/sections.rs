@@ -10,6 +10,14 @@ use serde::Deserialize;
 use super::LogFormat;
 use crate::domain::{InvalidSetting, SecretString};
 
+/// The ops listener: health, readiness and metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Where it listens (keys needed off loopback).
+    pub listen: SocketAddr,
+}
+
 /// The HTTP listener for provider callbacks.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

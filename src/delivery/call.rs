@@ -123,6 +123,7 @@ impl Dispatcher {
         };
         let span = tracing::info_span!("provider", provider = provider.name(), %channel, to = %masked, retry);
         let timeout = self.settings.provider_timeout;
+        let calling = std::time::Instant::now();
         let result = match tokio::time::timeout(timeout, provider.send(&message))
             .instrument(span)
             .await
@@ -134,6 +135,16 @@ impl Dispatcher {
                 format!("no answer within {timeout:?}"),
             )),
         };
+        self.metrics.call_ended(
+            provider.name(),
+            channel,
+            result.as_ref().err().map(|error| error.reason),
+            calling.elapsed(),
+        );
+        if let (Ok(_), Target::Phone(phone), Some(shape)) = (&result, target, rendered.sms) {
+            let country = crate::policy::destination::country_of(&phone.number);
+            self.metrics.sms_accepted(country.as_deref(), shape);
+        }
         match &result {
             Ok(_) => {
                 tracing::info!(provider = provider.name(), %channel, to = %masked, retry, "accepted by provider")

@@ -49,6 +49,8 @@ pub struct Dispatcher {
     pub(super) settings: EngineSettings,
     pub(super) policies: BTreeMap<String, RetryPolicy>,
     pub(super) breakers: Breakers,
+    /// What the engine counts (calls, deliveries).
+    pub(super) metrics: Arc<crate::ops::Metrics>,
 }
 
 /// What every stage of one dispatch works from.
@@ -141,6 +143,7 @@ impl Dispatcher {
             settings,
             policies,
             breakers,
+            metrics: Arc::default(),
         }
     }
 

@@ -27,9 +27,13 @@ impl DeliveryService {
             next_retry_at: None,
             token_invalid_since: None,
         };
+        let metrics = self.metrics();
         // The engine holding the job here waits for it: it records the receipt itself.
         let receipt = match self.receipts.hand_over(receipt.clone()) {
-            Ok(()) => return Ok(ReceiptApplied::Recorded),
+            Ok(()) => {
+                metrics.receipt(&receipt.provider, Some(receipt.outcome));
+                return Ok(ReceiptApplied::Recorded);
+            }
             Err(receipt) => receipt,
         };
         // Staged like the engine's own writes: the caller that must know it is on disk before
@@ -40,8 +44,10 @@ impl DeliveryService {
             .apply_receipt(&receipt.provider, &receipt.message_id, &end)
             .await?
         else {
+            metrics.receipt(&receipt.provider, None);
             return Ok(ReceiptApplied::UnknownMessage);
         };
+        metrics.receipt(&receipt.provider, Some(receipt.outcome));
         self.changes.changed(&id.to_string());
         if status != DeliveryStatus::Sent {
             // Still running (its engine, just woken, decides with it) or already final.

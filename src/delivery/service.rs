@@ -248,6 +248,7 @@ impl DeliveryService {
                 Some(known),
             )
             .await?;
+        self.dispatcher.metrics.delivery_ended(&report);
         if let Verdict::Deferred(until) = verdict
             && report.status == DeliveryStatus::Deferred
         {
@@ -274,8 +275,11 @@ impl DeliveryService {
             reason,
             summary: summarize(status, reason, report.expires_at, &report.targets),
         };
-        self.close(self.ledger.as_ref(), key, Arc::new(outcome), None)
-            .await
+        let report = self
+            .close(self.ledger.as_ref(), key, Arc::new(outcome), None)
+            .await?;
+        self.dispatcher.metrics.delivery_settled(&report);
+        Ok(report)
     }
 
     /// Writes the final outcome `decide` draws from the report as the ledger holds it (`known`,
@@ -302,6 +306,11 @@ impl DeliveryService {
         self.dispatcher
             .explain(job, at.unwrap_or_else(|| self.clock.now()))
             .await
+    }
+
+    /// The gateway's metrics (see [`crate::ops::metrics`]).
+    pub fn metrics(&self) -> &Arc<crate::ops::Metrics> {
+        &self.dispatcher.metrics
     }
 
     /// Every provider's circuit state and recent figures.

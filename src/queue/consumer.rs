@@ -122,6 +122,16 @@ impl JobConsumer {
                 delivery_tag = delivery.delivery_tag,
                 redelivered = delivery.redelivered
             );
+            let metrics = Arc::clone(self.service.metrics());
+            metrics.in_flight(1);
+            if let Some(stamped) = delivery.properties.timestamp()
+                && !delivery.redelivered
+            {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                metrics.queue_waited(now.saturating_sub(Duration::from_secs(*stamped)));
+            }
             tracker.spawn(
                 async move {
                     tokio::select! {
@@ -130,6 +140,7 @@ impl JobConsumer {
                             tracing::warn!("shutdown grace period over: job left unacked for redelivery");
                         }
                     }
+                    metrics.in_flight(-1);
                     drop(permit);
                 }
                 .instrument(span),
@@ -279,7 +290,10 @@ impl JobConsumer {
     /// copy was not confirmed).
     async fn dead_letter(&self, delivery: &Delivery, error: &crate::domain::JobError) {
         match Box::pin(self.publisher.dead_letter(delivery, error)).await {
-            Ok(()) => ack(delivery).await,
+            Ok(()) => {
+                self.service.metrics().dead_lettered(&error.field);
+                ack(delivery).await;
+            }
             Err(publish) => {
                 tracing::error!(error = %publish, "could not dead-letter a job: requeued");
                 requeue(delivery).await;

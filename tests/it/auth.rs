@@ -52,6 +52,7 @@ pub fn serve(
         .env("OTP_GATEWAY_AUTH__BOOTSTRAP_ADMIN_KEY", bootstrap)
         .env("OTP_GATEWAY_GRPC__LISTEN", &server)
         .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_OPS__LISTEN", "127.0.0.1:0")
         .env(
             "OTP_GATEWAY_STORE__URL",
             format!("sqlite://{}/ledger.db", dir.display()),
@@ -527,9 +528,10 @@ async fn keys_limit_every_call_to_their_tenant_and_scopes() {
 #[test]
 fn no_keys_is_refused_unless_every_listener_is_on_loopback() {
     let dir = tempfile::tempdir().unwrap();
-    for (grpc, receipts, refused) in [
-        ("0.0.0.0:0", "127.0.0.1:0", Some("grpc.listen")),
-        ("127.0.0.1:0", "0.0.0.0:0", Some("receipts.listen")),
+    for (grpc, receipts, ops, refused) in [
+        ("0.0.0.0:0", "127.0.0.1:0", "127.0.0.1:0", "grpc.listen"),
+        ("127.0.0.1:0", "0.0.0.0:0", "127.0.0.1:0", "receipts.listen"),
+        ("127.0.0.1:0", "127.0.0.1:0", "0.0.0.0:0", "ops.listen"),
     ] {
         let stderr = refused_start(
             dir.path(),
@@ -537,10 +539,11 @@ fn no_keys_is_refused_unless_every_listener_is_on_loopback() {
                 ("OTP_GATEWAY_AUTH__MODE", "none".as_ref()),
                 ("OTP_GATEWAY_GRPC__LISTEN", grpc.as_ref()),
                 ("OTP_GATEWAY_RECEIPTS__LISTEN", receipts.as_ref()),
+                ("OTP_GATEWAY_OPS__LISTEN", ops.as_ref()),
             ],
         );
         assert!(stderr.contains("auth.mode"), "{stderr}");
-        assert!(stderr.contains(refused.unwrap()), "{stderr}");
+        assert!(stderr.contains(refused), "{stderr}");
     }
     // A bootstrap key too short to be a secret is refused, naming the setting.
     let stderr = refused_start(

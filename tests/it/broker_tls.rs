@@ -71,6 +71,7 @@ async fn a_broker_certificate_the_ca_file_does_not_vouch_for_stops_the_start() {
         .env("OTP_GATEWAY_AMQP__CA_FILE", other_ca.pem())
         .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
         .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_OPS__LISTEN", "127.0.0.1:0")
         .env(
             "OTP_GATEWAY_STORE__URL",
             format!("sqlite://{}/ledger.db", dir.path().display()),

@@ -53,6 +53,7 @@ fn a_push_key_that_cannot_be_read_exits_64_and_names_the_key() {
         .arg(&file)
         .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
         .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_OPS__LISTEN", "127.0.0.1:0")
         .env(
             "OTP_GATEWAY_STORE__URL",
             format!("sqlite://{}/ledger.db", dir.path().display()),
@@ -79,6 +80,7 @@ fn an_unreachable_broker_is_explained_and_sigterm_still_stops_the_service() {
         )
         .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
         .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_OPS__LISTEN", "127.0.0.1:0")
         .env("OTP_GATEWAY_AMQP__RECONNECT_INITIAL", "100ms")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -129,6 +131,7 @@ fn a_ledger_that_cannot_be_opened_is_explained_once() {
         .arg("serve")
         .env("OTP_GATEWAY_GRPC__LISTEN", "127.0.0.1:0")
         .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
+        .env("OTP_GATEWAY_OPS__LISTEN", "127.0.0.1:0")
         .env(
             "OTP_GATEWAY_STORE__URL",
             format!("sqlite://{}", ledger.display()),

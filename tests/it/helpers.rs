@@ -108,6 +108,7 @@ pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config 
     let mut figment = Config::figment(None)
         .merge(Serialized::default("grpc.listen", "127.0.0.1:0"))
         .merge(Serialized::default("receipts.listen", "127.0.0.1:0"))
+        .merge(Serialized::default("ops.listen", "127.0.0.1:0"))
         // No API keys (loopback listeners) unless a test turns them on.
         .merge(Serialized::default("auth.mode", "none"))
         .merge(Serialized::default("amqp.url", BROKER_URL))
@@ -135,6 +136,7 @@ pub fn config(names: &Names, dir: &Path, overrides: &[(&str, Value)]) -> Config 
 pub struct Gateway {
     pub grpc_addr: std::net::SocketAddr,
     pub receipts_addr: std::net::SocketAddr,
+    pub ops_addr: std::net::SocketAddr,
     pub link_state: tokio::sync::watch::Receiver<LinkState>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -196,12 +198,14 @@ impl Gateway {
             .unwrap();
         let grpc_addr = app.grpc_addr();
         let receipts_addr = app.receipts_addr();
+        let ops_addr = app.ops_addr();
         let link_state = app.link_state();
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(stop.clone()));
         Gateway {
             grpc_addr,
             receipts_addr,
+            ops_addr,
             link_state,
             stop,
             task,

@@ -36,6 +36,10 @@ async fn logs_never_contain_a_code_and_mask_numbers() {
             "127.0.0.1:0".to_owned(),
         ),
         (
+            "OTP_GATEWAY_OPS__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ),
+        (
             "OTP_GATEWAY_STORE__URL".to_owned(),
             format!("sqlite://{}/ledger.db", dir.path().display()),
         ),

@@ -12,6 +12,7 @@ mod engine;
 mod grpc_api;
 mod http_provider;
 mod logs;
+mod ops;
 mod policy;
 mod producers;
 mod push;

@@ -111,6 +111,7 @@ impl Replica {
             .env("OTP_GATEWAY_STORE__POOL_SIZE", "8")
             .env("OTP_GATEWAY_GRPC__LISTEN", &grpc)
             .env("OTP_GATEWAY_RECEIPTS__LISTEN", &receipts)
+            .env("OTP_GATEWAY_OPS__LISTEN", "127.0.0.1:0")
             .env("OTP_GATEWAY_PROVIDERS__SANDBOX__OUTBOX", &outbox)
             .env("OTP_GATEWAY_DELIVERY__SHUTDOWN_GRACE", "2s")
             .stdout(Stdio::null())

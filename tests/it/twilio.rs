@@ -403,6 +403,39 @@ async fn signed_status_callbacks_move_deliveries_and_forged_ones_are_refused() {
         report["targets"][0]["attempts"][0]["provider_code"],
         "30005"
     );
+
+    // The metrics count both receipts and the deliveries they settled.
+    let (_, metrics) = crate::ops::get(gateway.ops_addr, "/metrics", None).await;
+    if let Some(parsed) = crate::ops::Exposition::parse(&metrics) {
+        for outcome in ["DELIVERED", "FAILED"] {
+            assert_eq!(
+                parsed.value(
+                    "otp_receipts_total",
+                    json!({"provider": "twilio", "outcome": outcome})
+                ),
+                Some(1.0),
+                "{metrics}"
+            );
+        }
+        for (status, reason) in [("DELIVERED", ""), ("FAILED", "RECIPIENT_UNKNOWN")] {
+            assert_eq!(
+                parsed.value(
+                    "otp_deliveries_settled_total",
+                    json!({"tenant": "acme", "status": status, "reason": reason})
+                ),
+                Some(1.0),
+                "{metrics}"
+            );
+        }
+        assert_eq!(
+            parsed.value(
+                "otp_time_to_delivered_seconds_count",
+                json!({"channel": "sms"})
+            ),
+            Some(1.0),
+            "{metrics}"
+        );
+    }
     gateway.stop().await;
     broker.cleanup().await;
 }

@@ -236,6 +236,9 @@ outbox = {outbox}
 [receipts]
 listen = "127.0.0.1:0"
 
+[ops]
+listen = "127.0.0.1:0"
+
 [log]
 level = "warn"
 "#,
