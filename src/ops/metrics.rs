@@ -482,4 +482,127 @@ mod tests {
         );
         assert!(text.contains("otp_broker_connected 0"));
     }
+
+    /// Every metric, with one series each, as the gateway writes them.
+    fn every_metric() -> String {
+        use crate::delivery::BreakerSnapshot;
+        use crate::domain::{Attempt, TargetResult};
+        let metrics = Metrics::new();
+        let mut sent = ended("acme", DeliveryStatus::Sent);
+        sent.targets = vec![TargetResult {
+            index: 0,
+            channel: Channel::Sms,
+            target: "+1415•••0101".into(),
+            platform: None,
+            status: TargetStatus::Sent,
+            reason: None,
+            hint: None,
+            detail: None,
+            acknowledgement: None,
+            attempts: vec![Attempt {
+                provider: "twilio".into(),
+                channel: Channel::Sms,
+                target: "+1415•••0101".into(),
+                started_at: Timestamp::UNIX_EPOCH,
+                ended_at: Some(Timestamp::from_second(1).unwrap()),
+                outcome: AttemptOutcome::Sent,
+                reason: None,
+                provider_code: None,
+                provider_message: None,
+                retry: 0,
+                provider_message_id: Some("SM1".into()),
+                next_retry_at: None,
+                sms: None,
+                token_invalid_since: None,
+            }],
+        }];
+        metrics.delivery_ended(&sent);
+        metrics.delivery_settled(&ended("acme", DeliveryStatus::Delivered));
+        metrics.call_ended(
+            "twilio",
+            Channel::Sms,
+            None,
+            std::time::Duration::from_millis(80),
+        );
+        metrics.dead_lettered("tenant");
+        metrics.in_flight(1);
+        metrics.queue_waited(std::time::Duration::from_secs(1));
+        metrics.receipt("twilio", Some(AttemptOutcome::Delivered));
+        let shape = SmsShape {
+            encoding: crate::domain::SmsEncoding::Gsm7,
+            segments: 1,
+        };
+        metrics.sms_accepted(Some("US"), shape);
+        let health = ProviderHealth {
+            name: "twilio".into(),
+            kind: "twilio",
+            circuit: BreakerSnapshot {
+                state: CircuitState::Open,
+                reopens_in: None,
+                error_rate: 1.0,
+                calls: 5,
+                latency: None,
+                last_error: None,
+            },
+            routes: Vec::new(),
+        };
+        metrics.render(true, &[health])
+    }
+
+    #[test]
+    fn the_alert_rules_and_the_dashboard_use_metrics_the_gateway_writes() {
+        // The samples' names, and the histograms' family names (which annotations mention).
+        let mut written: HashSet<String> = every_metric()
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect();
+        let histograms: Vec<String> = written
+            .iter()
+            .filter_map(|name| name.strip_suffix("_bucket"))
+            .map(str::to_owned)
+            .collect();
+        written.extend(histograms);
+        for (file, text) in [
+            (
+                "deploy/prometheus/otp-gateway.rules.yml",
+                include_str!("../../deploy/prometheus/otp-gateway.rules.yml"),
+            ),
+            (
+                "deploy/grafana/dashboards/otp-gateway.json",
+                include_str!("../../deploy/grafana/dashboards/otp-gateway.json"),
+            ),
+        ] {
+            let mut named = 0;
+            for (at, _) in text.match_indices("otp_") {
+                let before = text[..at].chars().next_back();
+                if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    continue;
+                }
+                let name: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    written.contains(&name),
+                    "{file} uses {name}, which the gateway does not write: {written:?}"
+                );
+                named += 1;
+            }
+            assert!(named >= 6, "{file} names only {named} metrics");
+        }
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../deploy/grafana/dashboards/otp-gateway.json"
+        ))
+        .unwrap();
+        assert_eq!(dashboard["uid"], "otp-gateway");
+        for panel in dashboard["panels"].as_array().unwrap() {
+            assert!(
+                !panel["targets"].as_array().unwrap().is_empty(),
+                "{}",
+                panel["title"]
+            );
+        }
+    }
 }

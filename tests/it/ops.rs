@@ -340,3 +340,44 @@ async fn off_loopback_the_ops_listener_wants_a_status_or_admin_key() {
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+/// `promtool` with `args` in deploy/prometheus: its output, or `None` without promtool (a
+/// failure under CI=true: `.ci/run` installs Debian's `prometheus`).
+fn promtool(args: &[&str]) -> Option<std::process::Output> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    match std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+    {
+        Ok(output) => Some(output),
+        Err(error) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "promtool is missing and CI=true ({error}): apt-get install prometheus"
+            );
+            eprintln!("skipping: promtool is not installed");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_alert_rules_and_the_scrape_config_pass_promtool_and_their_unit_tests() {
+    for args in [
+        &["check", "rules", "otp-gateway.rules.yml"][..],
+        // Each alert fires on the series it is for and stays quiet on the others.
+        &["test", "rules", "otp-gateway.rules.test.yml"],
+        &["check", "config", "--syntax-only", "prometheus.yml"],
+    ] {
+        let Some(output) = promtool(args) else {
+            return;
+        };
+        assert!(
+            output.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
