@@ -121,6 +121,9 @@ impl DeliveryService {
         if let Some(announced) = ledger.changes() {
             tokio::spawn(forward_changes(announced, Arc::downgrade(&changes)));
         }
+        ledger
+            .commit_watch()
+            .set(Arc::clone(&dispatcher.metrics) as Arc<dyn crate::store::CommitObserver>);
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();

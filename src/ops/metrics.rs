@@ -70,6 +70,21 @@ struct SmsLabels {
     encoding: String,
 }
 
+/// A provider's route: a channel and the route key (`*` or a configured prefix).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    provider: String,
+    channel: String,
+    route: String,
+}
+
+/// A ledger backend and the kind of grouped write it committed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommitLabels {
+    backend: String,
+    statement: String,
+}
+
 /// A channel.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ChannelLabels {
@@ -90,6 +105,14 @@ const QUEUE_BUCKETS: [f64; 12] = [
     0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
 ];
 
+/// Ledger commits: 0.25 ms to 2.5 s.
+const COMMIT_BUCKETS: [f64; 12] = [
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
+];
+
+/// Writes per ledger commit: 1 to 512 (the most one group takes).
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
 /// Provider call durations, 5 ms to 30 s.
 const CALL_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
@@ -107,12 +130,15 @@ pub struct Metrics {
     receipts: Family<ReceiptLabels, Counter>,
     sms: Family<SmsLabels, Counter>,
     sms_segments: Family<SmsLabels, Counter>,
+    commit_duration: Family<CommitLabels, Histogram>,
+    commit_writes: Family<CommitLabels, Histogram>,
     attempts: Family<AttemptLabels, Counter>,
     call_duration: Family<CallLabels, Histogram>,
     dead_letters: Family<DeadLetterLabels, Counter>,
     in_flight: Gauge<i64, AtomicI64>,
     broker_connected: Gauge<i64, AtomicI64>,
     circuit_open: Family<ProviderLabels, Gauge<i64, AtomicI64>>,
+    route_circuit_open: Family<RouteLabels, Gauge<i64, AtomicI64>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -236,8 +262,38 @@ impl Metrics {
              else 0 (closed, or half open: a probe call is allowed)",
             circuit_open.clone(),
         );
+        let commit_duration = Family::<CommitLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(COMMIT_BUCKETS)
+        });
+        registry.register_with_unit(
+            "ledger_commit_duration",
+            "How long the ledger's group commits took, by backend and the kind of grouped write \
+             (sqlite: one transaction of every write waiting; postgres: one multi-row statement \
+             per kind)",
+            Unit::Seconds,
+            commit_duration.clone(),
+        );
+        let commit_writes = Family::<CommitLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(BATCH_BUCKETS)
+        });
+        registry.register(
+            "ledger_commit_writes",
+            "Writes per ledger group commit (deliveries' writes sharing one commit), by backend \
+             and kind",
+            commit_writes.clone(),
+        );
+        let route_circuit_open = Family::<RouteLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "route_circuit_open",
+            "1 while the circuit of a provider's route (a channel and a destination prefix, `*` \
+             for the rest) is open, else 0",
+            route_circuit_open.clone(),
+        );
         Metrics {
             registry,
+            route_circuit_open,
+            commit_duration,
+            commit_writes,
             tenants: Mutex::default(),
             deliveries,
             settled,
@@ -413,11 +469,41 @@ impl Metrics {
                     provider: provider.name.clone(),
                 })
                 .set(i64::from(open));
+            for (route, channel, circuit) in &provider.routes {
+                self.route_circuit_open
+                    .get_or_create(&RouteLabels {
+                        provider: provider.name.clone(),
+                        channel: channel.as_str().to_owned(),
+                        route: route.clone(),
+                    })
+                    .set(i64::from(circuit.state == CircuitState::Open));
+            }
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String does not fail");
         text
+    }
+}
+
+impl crate::store::CommitObserver for Metrics {
+    fn committed(
+        &self,
+        backend: &'static str,
+        statement: &'static str,
+        writes: usize,
+        took: std::time::Duration,
+    ) {
+        let labels = CommitLabels {
+            backend: backend.to_owned(),
+            statement: statement.to_owned(),
+        };
+        self.commit_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.commit_writes
+            .get_or_create(&labels)
+            .observe(writes as f64);
     }
 }
 

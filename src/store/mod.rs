@@ -306,6 +306,51 @@ pub struct ListPage {
     pub next: Option<i64>,
 }
 
+/// Hears of the ledger's group commits (the ops metrics do).
+pub trait CommitObserver: Send + Sync {
+    /// `backend` (`sqlite`, `postgres`) committed `writes` writes of `statement` (its kind of
+    /// grouped write) in one commit that took `took`.
+    fn committed(
+        &self,
+        backend: &'static str,
+        statement: &'static str,
+        writes: usize,
+        took: std::time::Duration,
+    );
+}
+
+/// Where a ledger reports its group commits: to nobody until [`CommitWatch::set`].
+#[derive(Clone, Default)]
+pub struct CommitWatch(std::sync::Arc<std::sync::OnceLock<std::sync::Arc<dyn CommitObserver>>>);
+
+impl CommitWatch {
+    /// Reports to `observer` from now on (a second call changes nothing).
+    pub fn set(&self, observer: std::sync::Arc<dyn CommitObserver>) {
+        let _ = self.0.set(observer);
+    }
+
+    /// A group commit, told to the observer if there is one.
+    pub(crate) fn committed(
+        &self,
+        backend: &'static str,
+        statement: &'static str,
+        writes: usize,
+        took: std::time::Duration,
+    ) {
+        if let Some(observer) = self.0.get() {
+            observer.committed(backend, statement, writes, took);
+        }
+    }
+}
+
+impl std::fmt::Debug for CommitWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitWatch")
+            .field("observed", &self.0.get().is_some())
+            .finish()
+    }
+}
+
 /// The delivery ledger. Its writes return once they are on disk, except through
 /// [`Ledger::staged`].
 #[async_trait]
@@ -319,6 +364,12 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Waits until every write committed so far is on disk.
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// Where this ledger reports its group commits (a ledger without any: a watch nobody
+    /// hears).
+    fn commit_watch(&self) -> CommitWatch {
+        CommitWatch::default()
+    }
 
     /// Makes and checks the acknowledgement tokens pushes carry (the same at every replica
     /// sharing this ledger).

@@ -244,6 +244,24 @@ async fn metrics_count_what_the_gateway_did_in_openmetrics() {
         Some(0.0),
         "{metrics}"
     );
+    assert_eq!(
+        parsed.value(
+            "otp_route_circuit_open",
+            json!({"provider": "sandbox", "channel": "sms", "route": "*"})
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+    // The deliveries' writes went through the SQLite ledger's group commits.
+    let group = json!({"backend": "sqlite", "statement": "group"});
+    let commits = parsed
+        .value("otp_ledger_commit_writes_count", group.clone())
+        .unwrap();
+    let writes = parsed.value("otp_ledger_commit_writes_sum", group).unwrap();
+    assert!(
+        commits >= 1.0 && writes >= 5.0 * 3.0,
+        "{commits} commits, {writes} writes"
+    );
 
     gateway.stop().await;
     broker.cleanup().await;

@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::StoreError;
+use crate::store::{CommitWatch, StoreError};
 
 /// Statements of one kind running at once. One: with two, batches were half as large and
 /// queued behind each other for the database's CPU (BENCHMARKS.md, replicas: 0.59 against
@@ -57,12 +57,14 @@ where
     O: Send + 'static,
 {
     /// Starts the batcher's task, which stops with `stop`. `key` names the delivery a write
-    /// changes (one per batch).
+    /// changes (one per batch). A batch of writes tells `commits` of each statement it ran,
+    /// under its name.
     pub(super) fn start<K>(
         pool: PgPool,
         stop: CancellationToken,
         key: fn(&I) -> K,
         run: RunBatch<I, O>,
+        commits: Option<(&'static str, CommitWatch)>,
     ) -> Self
     where
         K: Hash + Eq + Send + 'static,
@@ -72,7 +74,16 @@ where
         let counted = Arc::clone(&statements);
         let run: RunBatch<I, O> = Arc::new(move |pool, items| {
             counted.fetch_add(1, Ordering::Relaxed);
-            run(pool, items)
+            let statement = run(pool, items);
+            let commits = commits.clone();
+            Box::pin(async move {
+                let began = std::time::Instant::now();
+                let ran = statement.await;
+                if let (Some((name, watch)), Ok(_)) = (&commits, &ran) {
+                    watch.committed("postgres", name, items.len(), began.elapsed());
+                }
+                ran
+            })
         });
         tokio::spawn(stop.run_until_cancelled_owned(gather(pool, arrivals, key, run)));
         Batcher { queue, statements }

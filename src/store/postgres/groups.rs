@@ -91,7 +91,9 @@ impl Groups {
         reads: &PgPool,
         workers: &Workers,
         stop: &tokio_util::sync::CancellationToken,
+        watch: &crate::store::CommitWatch,
     ) -> Self {
+        let told = |name: &'static str| Some((name, watch.clone()));
         let run_blocks: RunBatch<BlockQuery, Vec<BlockEntry>> =
             Arc::new(|pool, items| Box::pin(block_candidates(pool, items)));
         let run_claims: RunBatch<NewClaim, Option<DeliveryKey>> =
@@ -117,16 +119,36 @@ impl Groups {
                 stop.clone(),
                 |q: &BlockQuery| q.seq,
                 run_blocks,
+                None,
             ),
             claims: Batcher::start(
                 pool.clone(),
                 stop.clone(),
                 |c: &NewClaim| (c.new.id.tenant.clone(), c.new.id.job_id.clone()),
                 run_claims,
+                told("claims"),
             ),
-            starts: Batcher::start(pool.clone(), stop.clone(), |s: &Start| s.key, run_starts),
-            ends: Batcher::start(pool.clone(), stop.clone(), |e: &End| e.key, run_ends),
-            finishes: Batcher::start(pool.clone(), stop.clone(), |f: &Finish| f.key, run_finishes),
+            starts: Batcher::start(
+                pool.clone(),
+                stop.clone(),
+                |s: &Start| s.key,
+                run_starts,
+                told("attempt_starts"),
+            ),
+            ends: Batcher::start(
+                pool.clone(),
+                stop.clone(),
+                |e: &End| e.key,
+                run_ends,
+                told("attempt_ends"),
+            ),
+            finishes: Batcher::start(
+                pool.clone(),
+                stop.clone(),
+                |f: &Finish| f.key,
+                run_finishes,
+                told("finishes"),
+            ),
         }
     }
 }

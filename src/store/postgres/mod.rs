@@ -67,6 +67,8 @@ pub struct PostgresLedger {
     workers: Workers,
     /// The engine's hot statements, many deliveries per statement.
     groups: Arc<Groups>,
+    /// Told of each of those statements.
+    commit_watch: crate::store::CommitWatch,
     /// Numbers the block-list reads.
     block_queries: Arc<std::sync::atomic::AtomicU64>,
     changes: broadcast::Sender<LedgerChange>,
@@ -144,7 +146,14 @@ impl PostgresLedger {
         let (changes, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         let workers = Workers::default();
-        let groups = Arc::new(Groups::start(&staged_pool, &pool, &workers, &stop));
+        let commit_watch = crate::store::CommitWatch::default();
+        let groups = Arc::new(Groups::start(
+            &staged_pool,
+            &pool,
+            &workers,
+            &stop,
+            &commit_watch,
+        ));
         let ledger = PostgresLedger {
             pool,
             staged_pool,
@@ -154,6 +163,7 @@ impl PostgresLedger {
             lease: settings.lease,
             workers,
             groups,
+            commit_watch,
             block_queries: Arc::default(),
             flushes: Arc::default(),
             changes,
@@ -382,6 +392,10 @@ impl Ledger for PostgresLedger {
             durable: false,
             ..self.clone()
         })
+    }
+
+    fn commit_watch(&self) -> crate::store::CommitWatch {
+        self.commit_watch.clone()
     }
 
     fn ack_tokens(&self) -> crate::domain::AckTokens {
@@ -1085,6 +1099,22 @@ pub(crate) mod tests {
         );
     }
 
+    /// The group commits a ledger told of: backend, statement, writes.
+    #[derive(Default)]
+    struct Told(std::sync::Mutex<Vec<(&'static str, &'static str, usize)>>);
+
+    impl crate::store::CommitObserver for Told {
+        fn committed(
+            &self,
+            backend: &'static str,
+            statement: &'static str,
+            writes: usize,
+            _took: Duration,
+        ) {
+            self.0.lock().unwrap().push((backend, statement, writes));
+        }
+    }
+
     #[tokio::test]
     async fn deliveries_written_at_once_share_statements_and_a_fenced_one_fails_alone() {
         let Some(database) = TempDatabase::create().await else {
@@ -1096,6 +1126,8 @@ pub(crate) mod tests {
             PostgresLedger::connect(&settings).await.unwrap(),
         );
         let mut announced = b.changes().unwrap();
+        let told = Arc::new(Told::default());
+        a.commit_watch().set(Arc::clone(&told) as _);
         let staged = a.staged();
         let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
         let news: Vec<_> = (0..40)
@@ -1117,6 +1149,17 @@ pub(crate) mod tests {
             "40 claims at once took {} statements",
             a.groups.claims.statements()
         );
+        // Each of those statements was told, with the writes it carried.
+        let claims: Vec<usize> = told
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(backend, statement, _)| (*backend, *statement) == ("postgres", "claims"))
+            .map(|(_, _, writes)| *writes)
+            .collect();
+        assert_eq!(claims.iter().sum::<usize>(), 40, "{claims:?}");
+        assert_eq!(claims.len() as u64, a.groups.claims.statements());
         // `a` is cut off from one delivery past its lease: `b` takes it over.
         let later = now + jiff::SignedDuration::from_hours(1);
         assert!(matches!(

@@ -212,6 +212,10 @@ impl Ledger for SqliteLedger {
         })
     }
 
+    fn commit_watch(&self) -> crate::store::CommitWatch {
+        self.writer.watch.clone()
+    }
+
     async fn flush(&self) -> Result<(), StoreError> {
         self.writer.flush().await
     }

@@ -24,7 +24,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::store::StoreError;
+use crate::store::{CommitWatch, StoreError};
 
 /// The most writes committed together. Large enough that a busy gateway commits hundreds of
 /// writes at once, small enough that one transaction never holds the lock for long.
@@ -118,12 +118,15 @@ pub(super) struct GroupWriter {
     ops: mpsc::UnboundedSender<WriteOp>,
     commits: Arc<Commits>,
     durable: watch::Receiver<Durable>,
+    /// Told of each group transaction.
+    pub(super) watch: CommitWatch,
 }
 
 impl GroupWriter {
     /// Opens the writer's own connection to the (migrated) database at `path` and starts its
     /// thread and the syncer's.
     pub(super) fn start(path: &Path) -> Result<Self, StoreError> {
+        let watch = CommitWatch::default();
         let connection = Connection::open(path)?;
         connection.busy_timeout(Duration::from_secs(10))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
@@ -148,14 +151,16 @@ impl GroupWriter {
             .spawn(move || sync(&wal, &syncing, &durable))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger syncer: {e}")))?;
         let writing = Arc::clone(&commits);
+        let watching = watch.clone();
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || run(connection, queue, &writing))
+            .spawn(move || run(connection, queue, &writing, &watching))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger writer: {e}")))?;
         Ok(GroupWriter {
             ops,
             commits,
             durable: durable_rx,
+            watch,
         })
     }
 
@@ -276,7 +281,12 @@ impl GroupWriter {
 
 /// The writer thread: waits for a write, takes every other write already waiting, and commits
 /// them together; tells the syncer. Ends when every handle is gone.
-fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, commits: &Commits) {
+fn run(
+    connection: Connection,
+    mut queue: mpsc::UnboundedReceiver<WriteOp>,
+    commits: &Commits,
+    watch: &CommitWatch,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut replies = Vec::with_capacity(MAX_BATCH);
     let mut seq = 0;
@@ -289,7 +299,11 @@ fn run(connection: Connection, mut queue: mpsc::UnboundedReceiver<WriteOp>, comm
             }
         }
         let scrub = batch.iter().any(|op| op.scrub);
+        let (writes, began) = (batch.len(), std::time::Instant::now());
         let ended = commit_batch(&connection, &mut batch, &mut replies);
+        if let Ok(true) = ended {
+            watch.committed("sqlite", "group", writes, began.elapsed());
+        }
         let fate = match &ended {
             Ok(true) => {
                 seq += 1;
