@@ -3,6 +3,9 @@
 
 use jiff::Timestamp;
 
+use crate::delivery::Diagnosis;
+use crate::policy::{BlockEntry, BlockKind, BlockSource};
+
 use crate::domain::{
     self, Acknowledgement, ApiKey, Attempt, AttemptOutcome, Channel, Code, DeliveryStatus,
     DeviceTarget, FailureReason, Job, JobError, PhoneTarget, Platform, Report, Scope, SmsEncoding,
@@ -450,6 +453,100 @@ pub fn api_key_to_proto(key: &ApiKey) -> v1::ApiKey {
         label: key.label.clone(),
         created_at: Some(timestamp_to_proto(key.created_at)),
         revoked_at: key.revoked_at.map(timestamp_to_proto),
+    }
+}
+
+fn kind_to_proto(kind: BlockKind) -> v1::BlockKind {
+    match kind {
+        BlockKind::Number => v1::BlockKind::Number,
+        BlockKind::Prefix => v1::BlockKind::Prefix,
+        BlockKind::DeviceToken => v1::BlockKind::DeviceToken,
+        BlockKind::Account => v1::BlockKind::Account,
+    }
+}
+
+fn source_to_proto(source: BlockSource) -> v1::BlockSource {
+    match source {
+        BlockSource::Admin => v1::BlockSource::Admin,
+        BlockSource::OptOut => v1::BlockSource::OptOut,
+        BlockSource::ProviderFeedback => v1::BlockSource::ProviderFeedback,
+    }
+}
+
+/// The protobuf form of a block entry (numbers and tokens masked).
+pub fn entry_to_proto(entry: &BlockEntry) -> v1::BlockEntry {
+    v1::BlockEntry {
+        id: entry.id,
+        tenant: entry.tenant.clone().unwrap_or_default(),
+        kind: kind_to_proto(entry.kind) as i32,
+        pattern: entry.shown.clone(),
+        source: source_to_proto(entry.source) as i32,
+        note: entry.note.clone(),
+        created_at: Some(timestamp_to_proto(entry.created_at)),
+        expires_at: entry.expires_at.map(timestamp_to_proto),
+    }
+}
+
+/// The protobuf form of an account diagnosis.
+pub fn diagnosis_to_proto(diagnosis: &Diagnosis) -> v1::AccountDiagnosis {
+    let last = diagnosis.last_delivery.as_ref();
+    v1::AccountDiagnosis {
+        tenant: diagnosis.tenant.clone(),
+        account: diagnosis.account.clone(),
+        deliveries_examined: diagnosis.examined as u32,
+        since: diagnosis.since.map(timestamp_to_proto),
+        last_delivery_id: last.map(|(id, _, _)| id.clone()).unwrap_or_default(),
+        last_delivery_status: last.map_or(v1::DeliveryStatus::Unspecified, |(_, status, _)| {
+            status_to_proto(*status)
+        }) as i32,
+        last_delivery_at: last.map(|(_, _, at)| timestamp_to_proto(*at)),
+        summary: diagnosis.summary.clone(),
+        targets: diagnosis
+            .targets
+            .iter()
+            .map(|target| v1::TargetDiagnosis {
+                target: target.target.clone(),
+                platform: platform_to_proto(target.platform) as i32,
+                last_status: target_status_to_proto(target.last_status) as i32,
+                last_reason: reason_to_proto(target.last_reason) as i32,
+                last_at: Some(timestamp_to_proto(target.last_at)),
+                failures_in_a_row: target.failures_in_a_row,
+                last_success_at: target.last_success.map(timestamp_to_proto),
+                failures: target
+                    .failures
+                    .iter()
+                    .map(|seen| v1::FailureSeen {
+                        reason: reason_to_proto(Some(seen.reason)) as i32,
+                        channel: channel_to_proto(seen.channel) as i32,
+                        provider: seen.provider.clone().unwrap_or_default(),
+                        provider_code: seen.provider_code.clone().unwrap_or_default(),
+                        count: seen.count,
+                        last_at: Some(timestamp_to_proto(seen.last_at)),
+                    })
+                    .collect(),
+                blocks: target.blocks.iter().map(entry_to_proto).collect(),
+                token_invalid_since: target.token_invalid_since.map(timestamp_to_proto),
+                hint: target
+                    .last_reason
+                    .filter(|_| target.last_status == TargetStatus::Failed)
+                    .map(|reason| reason.hint().to_owned())
+                    .unwrap_or_default(),
+            })
+            .collect(),
+        account_blocks: diagnosis
+            .account_blocks
+            .iter()
+            .map(entry_to_proto)
+            .collect(),
+        fixes: diagnosis
+            .fixes
+            .iter()
+            .map(|fix| v1::DiagnosisFix {
+                target: fix.target.clone().unwrap_or_default(),
+                reason: reason_to_proto(fix.reason) as i32,
+                text: fix.text.clone(),
+            })
+            .collect(),
     }
 }
 

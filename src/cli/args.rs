@@ -82,6 +82,15 @@ pub(super) enum Command {
         #[command(subcommand)]
         command: LimitsCommand,
     },
+    /// Why an account's codes do not arrive: its numbers' and devices' recent outcomes, the
+    /// block entries on them, and what to do (needs the read scope).
+    Diagnose {
+        /// The tenant (a tenant's own key may leave it out).
+        #[arg(long, default_value = "")]
+        tenant: String,
+        #[arg(long)]
+        account: String,
+    },
     /// Delete an account's deliveries and account block entries for good (its opt-outs stay).
     EraseAccount {
         #[arg(long)]

@@ -1,5 +1,5 @@
 //! The command line: `serve` runs the gateway (the only verb that loads the configuration);
-//! `send`, `status`, `block`, `quiet`, `limits`, `keys`, `explain` and `health` are gRPC
+//! `send`, `status`, `diagnose`, `block`, `quiet`, `limits`, `keys`, `explain` and `health` are gRPC
 //! clients of a running gateway with their own connection settings (`--server` /
 //! `OTP_GATEWAY_SERVER`, `--key` / `OTP_GATEWAY_KEY`).
 //!
@@ -8,11 +8,13 @@
 //! - `connection`: how a client command reaches the gateway, and how errors read.
 //! - `deliveries`: `send`, `status`, `explain`, `health` and the report's printout.
 //! - `rules`: `block`, `quiet` and `limits`, one shape for the three kinds of rule.
+//! - `diagnose`: an account's diagnosis as a support agent reads it.
 //! - `keys`: API keys (create, ls, revoke), and `erase-account`.
 
 mod args;
 mod connection;
 mod deliveries;
+mod diagnose;
 mod keys;
 mod rules;
 mod serve;
@@ -51,6 +53,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Quiet { command } => rules::run(command.into(), server).await,
             Command::Limits { command } => rules::run(command.into(), server).await,
             Command::Keys { command } => keys::run(command, server).await,
+            Command::Diagnose { tenant, account } => {
+                diagnose::diagnose(&tenant, &account, server).await
+            }
             Command::EraseAccount { tenant, account } => {
                 keys::erase_account(&tenant, &account, server).await
             }

@@ -132,9 +132,10 @@ fn scope_of(path: &str) -> Option<Scope> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match (service, method) {
         ("otpgateway.v1.CodeDelivery", "SendCode" | "Explain") => Some(Scope::Send),
-        ("otpgateway.v1.CodeDelivery", "GetDelivery" | "WatchDelivery" | "ListDeliveries") => {
-            Some(Scope::Read)
-        }
+        (
+            "otpgateway.v1.CodeDelivery",
+            "GetDelivery" | "WatchDelivery" | "ListDeliveries" | "DiagnoseAccount",
+        ) => Some(Scope::Read),
         ("otpgateway.v1.CodeDelivery", "AcknowledgeDelivery") => Some(Scope::Ack),
         ("otpgateway.v1.PolicyAdmin", _) => Some(Scope::Admin),
         ("otpgateway.v1.Providers", _) => Some(Scope::Status),
@@ -357,6 +358,10 @@ mod tests {
             ),
             (
                 "/otpgateway.v1.CodeDelivery/ListDeliveries",
+                Some(Scope::Read),
+            ),
+            (
+                "/otpgateway.v1.CodeDelivery/DiagnoseAccount",
                 Some(Scope::Read),
             ),
             (

@@ -21,13 +21,13 @@ use crate::delivery::{AckOutcome, DeliveryService};
 use crate::domain::{DeliveryId, DeliveryStatus, JobError, Report};
 use crate::proto::v1::code_delivery_server::CodeDelivery;
 use crate::proto::v1::{
-    AcknowledgeDeliveryRequest, DeliveryReport, ExplainRequest, ExplainResponse,
-    GetDeliveryRequest, ListDeliveriesRequest, ListDeliveriesResponse, SendCodeRequest,
-    SendCodeResponse, WatchDeliveryRequest,
+    AccountDiagnosis, AcknowledgeDeliveryRequest, DeliveryReport, DiagnoseAccountRequest,
+    ExplainRequest, ExplainResponse, GetDeliveryRequest, ListDeliveriesRequest,
+    ListDeliveriesResponse, SendCodeRequest, SendCodeResponse, WatchDeliveryRequest,
 };
 use crate::proto::{
-    acknowledgement_from_proto, explanation_to_proto, job_from_proto, report_to_proto,
-    status_from_proto, status_to_proto, timestamp_from_proto,
+    acknowledgement_from_proto, diagnosis_to_proto, explanation_to_proto, job_from_proto,
+    report_to_proto, status_from_proto, status_to_proto, timestamp_from_proto,
 };
 use crate::queue::{CONTENT_TYPE_PROTOBUF, Publisher};
 use crate::store::ListQuery;
@@ -258,6 +258,22 @@ impl CodeDelivery for CodeDeliveryApi {
         };
         let plan = self.service.explain(&job, at).await?;
         Ok(Response::new(explanation_to_proto(&plan)))
+    }
+
+    async fn diagnose_account(
+        &self,
+        request: Request<DiagnoseAccountRequest>,
+    ) -> Result<Response<AccountDiagnosis>, Status> {
+        let caller = Caller::of(&request);
+        let request = request.into_inner();
+        let tenant = caller
+            .listing(&request.tenant)?
+            .ok_or_else(|| invalid_argument(&JobError::new("tenant", "is required")))?;
+        if request.account.is_empty() {
+            return Err(invalid_argument(&JobError::new("account", "is required")));
+        }
+        let diagnosis = self.service.diagnose(&tenant, &request.account).await?;
+        Ok(Response::new(diagnosis_to_proto(&diagnosis)))
     }
 
     async fn list_deliveries(

@@ -11,8 +11,8 @@ use super::status::invalid_argument;
 use crate::delivery::DeliveryService;
 use crate::domain::{Clock, JobError, check_tenant};
 use crate::policy::{
-    BlockEntry, BlockKind, BlockSource, NewBlockEntry, QuietAction, QuietHoursRule, RateLimitRule,
-    RateScope, parse_time_of_day, parse_weekday, weekday_name,
+    BlockKind, BlockSource, NewBlockEntry, QuietAction, QuietHoursRule, RateLimitRule, RateScope,
+    parse_time_of_day, parse_weekday, weekday_name,
 };
 use crate::proto::v1::policy_admin_server::PolicyAdmin;
 use crate::proto::v1::{
@@ -26,8 +26,7 @@ use crate::proto::v1::{ListRateLimitsRequest, ListRateLimitsResponse, RemoveRate
 use crate::proto::v1::{RemoveQuietHoursResponse, SetQuietHoursRequest};
 use crate::proto::v1::{RemoveRateLimitResponse, SetRateLimitRequest};
 use crate::proto::{
-    channel_from_proto, channel_to_proto, duration_to_proto, timestamp_from_proto,
-    timestamp_to_proto,
+    channel_from_proto, channel_to_proto, duration_to_proto, entry_to_proto, timestamp_from_proto,
 };
 use crate::store::{PolicyStore, StoreError};
 
@@ -84,36 +83,6 @@ fn kind_from_proto(value: i32) -> Option<BlockKind> {
         v1::BlockKind::DeviceToken => Some(BlockKind::DeviceToken),
         v1::BlockKind::Account => Some(BlockKind::Account),
         v1::BlockKind::Unspecified => None,
-    }
-}
-
-fn kind_to_proto(kind: BlockKind) -> v1::BlockKind {
-    match kind {
-        BlockKind::Number => v1::BlockKind::Number,
-        BlockKind::Prefix => v1::BlockKind::Prefix,
-        BlockKind::DeviceToken => v1::BlockKind::DeviceToken,
-        BlockKind::Account => v1::BlockKind::Account,
-    }
-}
-
-fn source_to_proto(source: BlockSource) -> v1::BlockSource {
-    match source {
-        BlockSource::Admin => v1::BlockSource::Admin,
-        BlockSource::OptOut => v1::BlockSource::OptOut,
-        BlockSource::ProviderFeedback => v1::BlockSource::ProviderFeedback,
-    }
-}
-
-fn entry_to_proto(entry: &BlockEntry) -> v1::BlockEntry {
-    v1::BlockEntry {
-        id: entry.id,
-        tenant: entry.tenant.clone().unwrap_or_default(),
-        kind: kind_to_proto(entry.kind) as i32,
-        pattern: entry.shown.clone(),
-        source: source_to_proto(entry.source) as i32,
-        note: entry.note.clone(),
-        created_at: Some(timestamp_to_proto(entry.created_at)),
-        expires_at: entry.expires_at.map(timestamp_to_proto),
     }
 }
 

@@ -365,6 +365,31 @@ async fn keys_limit_every_call_to_their_tenant_and_scopes() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::PermissionDenied);
+    // A diagnosis too: of the key's own tenant when none is named, never of another's.
+    let diagnosis = delivery
+        .diagnose_account(with_key(
+            v1::DiagnoseAccountRequest {
+                account: "user-1".into(),
+                ..Default::default()
+            },
+            Some(&acme),
+        ))
+        .await
+        .expect("a read key diagnoses its tenant's accounts")
+        .into_inner();
+    assert_eq!(diagnosis.tenant, "acme");
+    assert!(diagnosis.deliveries_examined >= 1, "{diagnosis:?}");
+    let other = delivery
+        .diagnose_account(with_key(
+            v1::DiagnoseAccountRequest {
+                tenant: "acme".into(),
+                account: "user-1".into(),
+            },
+            Some(&globex),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
 
     // Scopes: no ack, no admin, no status with a send,read key.
     let no_ack = delivery

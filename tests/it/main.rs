@@ -8,6 +8,7 @@ mod auth;
 mod broker_outage;
 mod broker_tls;
 mod cli;
+mod diagnose;
 mod engine;
 mod grpc_api;
 mod http_provider;
