@@ -27,6 +27,17 @@ pub enum CircuitState {
     HalfOpen,
 }
 
+impl CircuitState {
+    /// `CLOSED`, `OPEN` or `HALF_OPEN`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "CLOSED",
+            CircuitState::Open => "OPEN",
+            CircuitState::HalfOpen => "HALF_OPEN",
+        }
+    }
+}
+
 /// Whether a call may go ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {

@@ -50,7 +50,7 @@ pub struct Caller {
 
 impl Caller {
     /// No authentication (`auth.mode = "none"`): everything, for every tenant.
-    fn unrestricted() -> Caller {
+    pub(crate) fn unrestricted() -> Caller {
         Caller {
             tenant: None,
             key: None,

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::recent::{DeadLetter, Recent};
 use crate::delivery::{CircuitState, ProviderHealth};
 use crate::domain::{
     AttemptOutcome, Channel, DeliveryStatus, FailureReason, Report, SmsShape, TargetStatus,
@@ -122,6 +123,8 @@ const CALL_BUCKETS: [f64; 14] = [
 pub struct Metrics {
     registry: Registry,
     tenants: Mutex<HashSet<String>>,
+    /// The last hour, for the status page.
+    recent: Mutex<Recent>,
     deliveries: Family<DeliveryLabels, Counter>,
     settled: Family<DeliveryLabels, Counter>,
     first_send: Family<ChannelLabels, Histogram>,
@@ -295,6 +298,7 @@ impl Metrics {
             commit_duration,
             commit_writes,
             tenants: Mutex::default(),
+            recent: Mutex::default(),
             deliveries,
             settled,
             first_send,
@@ -343,9 +347,10 @@ impl Metrics {
         if !report.status.is_terminal() {
             return;
         }
-        self.deliveries
-            .get_or_create(&self.delivery_labels(report))
-            .inc();
+        let labels = self.delivery_labels(report);
+        self.recent()
+            .delivery(report.updated_at, &labels.status, &labels.reason);
+        self.deliveries.get_or_create(&labels).inc();
         let first = report
             .targets
             .iter()
@@ -444,8 +449,27 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// A job was dead-lettered for a reason naming `field`.
-    pub fn dead_lettered(&self, field: &str) {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deliveries the engine ended in the hour before `now`, by (status, reason), most first.
+    pub fn last_hour(&self, now: jiff::Timestamp) -> Vec<(String, String, u32)> {
+        self.recent().last_hour(now)
+    }
+
+    /// The newest dead letters, newest first.
+    pub fn recent_dead_letters(&self) -> Vec<DeadLetter> {
+        self.recent().dead_letters()
+    }
+
+    /// A job was dead-lettered for a reason naming `field`: `problem` (never the code).
+    pub fn dead_lettered(&self, field: &str, problem: &str) {
+        self.recent().dead_letter(DeadLetter {
+            at: jiff::Timestamp::now(),
+            field: field.to_owned(),
+            problem: problem.to_owned(),
+        });
         self.dead_letters
             .get_or_create(&DeadLetterLabels {
                 reason: field.to_owned(),
@@ -610,7 +634,7 @@ mod tests {
             None,
             std::time::Duration::from_millis(80),
         );
-        metrics.dead_lettered("tenant");
+        metrics.dead_lettered("tenant", "is required");
         metrics.in_flight(1);
         metrics.queue_waited(std::time::Duration::from_secs(1));
         metrics.receipt("twilio", Some(AttemptOutcome::Delivered));

@@ -1,16 +1,20 @@
 //! The ops listener (`ops.listen`, its own port): `/livez` (the process serves), `/readyz`
-//! (it can take jobs: the broker link is up and the ledger takes writes) and `/metrics`
-//! (Prometheus' text format, see [`metrics`]). On a loopback address anyone who reaches it may
-//! read it; on any other, a request needs an API key with the `status` or `admin` scope (or
-//! the bootstrap admin key), as gRPC calls do: `Authorization: Bearer otpk_…`.
+//! (it can take jobs: the broker link is up and the ledger takes writes), `/metrics`
+//! (OpenMetrics, see [`metrics`]) and `/` (the status page with the account diagnosis, see
+//! `page`). On a loopback address anyone who reaches it may read it; on any other, a request
+//! needs an API key with the `status` or `admin` scope (or the bootstrap admin key), as gRPC
+//! calls do: `Authorization: Bearer otpk_…`, or for a browser HTTP Basic with the key as the
+//! password. On the page a tenant's `read` key may diagnose its tenant's accounts.
 
 pub mod metrics;
+mod page;
+pub mod recent;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
@@ -48,6 +52,7 @@ pub async fn serve(
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(status_page))
         .with_state(state);
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -56,44 +61,191 @@ pub async fn serve(
 
 type Shared = Arc<(OpsState, bool)>;
 
-/// `None` when the request may read the listener, else the answer (401 or 403).
-async fn refused(state: &Shared, headers: &HeaderMap) -> Option<Response> {
+/// The request's key as a bearer token: `Authorization: Bearer <key>` as it came, or the
+/// password of `Authorization: Basic` (what a browser sends after its login prompt).
+fn bearer(headers: &HeaderMap) -> HeaderMap {
+    use base64::Engine;
+    let mut bearer = HeaderMap::new();
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return bearer;
+    };
+    let key = match value.trim().split_once(' ') {
+        Some((scheme, encoded)) if scheme.eq_ignore_ascii_case("basic") => {
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded.trim())
+                .ok()
+                .and_then(|decoded| String::from_utf8(decoded).ok())
+                .and_then(|pair| pair.split_once(':').map(|(_, key)| key.to_owned()))
+        }
+        _ => None,
+    };
+    match key.map(|key| format!("Bearer {key}").parse()) {
+        Some(Ok(value)) => {
+            bearer.insert(header::AUTHORIZATION, value);
+        }
+        _ => {
+            bearer.insert(
+                header::AUTHORIZATION,
+                value.parse().expect("it was a header value"),
+            );
+        }
+    }
+    bearer
+}
+
+/// The operator's paths: the provider status, or policy administration.
+const OPERATOR_PATHS: [&str; 2] = [
+    "/otpgateway.v1.Providers/ListProviders",
+    "/otpgateway.v1.PolicyAdmin/ListBlockEntries",
+];
+
+/// How a request fared at the key check.
+enum Admitted {
+    /// It may read everything.
+    Operator,
+    /// Its key lacks the scopes (403), or the key store did not answer (503).
+    Refused(Response),
+    /// No valid key (401).
+    Unknown(String),
+}
+
+async fn admitted(state: &Shared, headers: &HeaderMap) -> Admitted {
     let (state, open) = (&state.0, state.1);
     if open || state.auth.mode() == AuthMode::None {
-        return None;
+        return Admitted::Operator;
     }
-    // The scopes that open the provider status, or policy administration.
-    for path in [
-        "/otpgateway.v1.Providers/ListProviders",
-        "/otpgateway.v1.PolicyAdmin/ListBlockEntries",
-    ] {
-        match state.auth.admit(path, headers).await {
-            Ok(_) => return None,
+    let headers = bearer(headers);
+    for path in OPERATOR_PATHS {
+        match state.auth.admit(path, &headers).await {
+            Ok(_) => return Admitted::Operator,
             Err(status) if status.code() == tonic::Code::PermissionDenied => continue,
             Err(status) if status.code() == tonic::Code::Unavailable => {
-                return Some(
+                return Admitted::Refused(
                     (StatusCode::SERVICE_UNAVAILABLE, status.message().to_owned()).into_response(),
                 );
             }
-            Err(status) => {
-                return Some(
-                    (
-                        StatusCode::UNAUTHORIZED,
-                        [(header::WWW_AUTHENTICATE, "Bearer")],
-                        format!("{}\n", status.message()),
-                    )
-                        .into_response(),
-                );
-            }
+            Err(status) => return Admitted::Unknown(format!("{}\n", status.message())),
         }
     }
-    Some(
+    Admitted::Refused(
         (
             StatusCode::FORBIDDEN,
             "this API key needs the `status` or `admin` scope to read the ops listener\n",
         )
             .into_response(),
     )
+}
+
+/// `None` when the request may read the listener, else the answer (401, 403 or 503).
+async fn refused(state: &Shared, headers: &HeaderMap) -> Option<Response> {
+    match admitted(state, headers).await {
+        Admitted::Operator => None,
+        Admitted::Refused(response) => Some(response),
+        Admitted::Unknown(message) => Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                message,
+            )
+                .into_response(),
+        ),
+    }
+}
+
+/// The status page. An operator's key (or loopback) sees everything; a tenant's `read` key
+/// sees the search and its tenant's diagnoses; anything else is asked for a key (a browser
+/// shows its login prompt: any user name, the key as the password).
+async fn status_page(State(state): State<Shared>, uri: Uri, headers: HeaderMap) -> Response {
+    let mut tenant = String::new();
+    let mut account = String::new();
+    for (name, value) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match name.as_ref() {
+            "tenant" => tenant = value.trim().to_owned(),
+            "account" => account = value.trim().to_owned(),
+            _ => {}
+        }
+    }
+    let operator = match admitted(&state, &headers).await {
+        Admitted::Operator => true,
+        Admitted::Refused(response) if response.status() == StatusCode::SERVICE_UNAVAILABLE => {
+            return response;
+        }
+        Admitted::Refused(_) | Admitted::Unknown(_) => false,
+    };
+    let ops = &state.0;
+    // The diagnosis is a `DiagnoseAccount` call: its scope (`read`) and tenant apply.
+    let reader = if operator {
+        Ok(crate::grpc::Caller::unrestricted())
+    } else {
+        match ops
+            .auth
+            .admit(
+                "/otpgateway.v1.CodeDelivery/DiagnoseAccount",
+                &bearer(&headers),
+            )
+            .await
+        {
+            Ok(caller) => Ok(caller.unwrap_or_else(crate::grpc::Caller::unrestricted)),
+            Err(status) => Err(status),
+        }
+    };
+    let reader = match reader {
+        Ok(reader) => reader,
+        Err(status) if status.code() == tonic::Code::Unavailable => {
+            return (StatusCode::SERVICE_UNAVAILABLE, status.message().to_owned()).into_response();
+        }
+        Err(_) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    "Basic realm=\"otp-gateway status\", charset=\"UTF-8\"",
+                )],
+                "the status page needs an API key with the status or admin scope, or a \
+                 tenant's read key to diagnose its accounts: give it as the password\n",
+            )
+                .into_response();
+        }
+    };
+    let diagnosis = if account.is_empty() {
+        None
+    } else {
+        Some(match reader.listing(&tenant) {
+            Ok(Some(named)) => ops
+                .service
+                .diagnose(&named, &account)
+                .await
+                .map_err(|error| format!("the ledger did not answer: {error}")),
+            Ok(None) => Err("name the tenant".to_owned()),
+            Err(status) => Err(status.message().to_owned()),
+        })
+    };
+    let now = ops.service.clock().now();
+    let overview = operator.then(|| page::Overview {
+        providers: ops.service.provider_health(),
+        last_hour: ops.service.metrics().last_hour(now),
+        dead_letters: ops.service.metrics().recent_dead_letters(),
+    });
+    let html = page::render(&page::Page {
+        replica: ops.service.replica(),
+        broker_up: *ops.link_state.borrow() == LinkState::Up,
+        now,
+        overview,
+        tenant: &tenant,
+        account: &account,
+        diagnosis,
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> Response {

@@ -291,7 +291,9 @@ impl JobConsumer {
     async fn dead_letter(&self, delivery: &Delivery, error: &crate::domain::JobError) {
         match Box::pin(self.publisher.dead_letter(delivery, error)).await {
             Ok(()) => {
-                self.service.metrics().dead_lettered(&error.field);
+                self.service
+                    .metrics()
+                    .dead_lettered(&error.field, &error.problem);
                 ack(delivery).await;
             }
             Err(publish) => {

@@ -24,5 +24,6 @@ mod replicas;
 mod restart;
 mod retention;
 mod smpp;
+mod status_page;
 mod tls;
 mod twilio;

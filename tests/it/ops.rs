@@ -17,9 +17,16 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// A GET of `path` with `key` as a bearer token (or none): the status and the body.
 pub async fn get(addr: SocketAddr, path: &str, key: Option<&str>) -> (u16, String) {
+    let authorization = key.map(|key| format!("Bearer {key}"));
+    get_with(addr, path, authorization.as_deref()).await
+}
+
+/// A GET of `path` with `authorization` as the header's value (or none): the status and the
+/// answer's head and body.
+async fn get_with(addr: SocketAddr, path: &str, authorization: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let authorization = key
-        .map(|key| format!("Authorization: Bearer {key}\r\n"))
+    let authorization = authorization
+        .map(|value| format!("Authorization: {value}\r\n"))
         .unwrap_or_default();
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: ops\r\n{authorization}Connection: close\r\n\r\n");
@@ -32,7 +39,13 @@ pub async fn get(addr: SocketAddr, path: &str, key: Option<&str>) -> (u16, Strin
     let answer = String::from_utf8(answer).unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
+    let body = if authorization.is_empty() && status == 401 {
+        // The challenge matters to a browser: keep it with the body.
+        format!("{head}\r\n\r\n{body}")
+    } else {
+        body.to_owned()
+    };
+    (status, body)
 }
 
 /// An exposition as the Prometheus project's OpenMetrics parser reads it (Debian's
@@ -354,6 +367,43 @@ async fn off_loopback_the_ops_listener_wants_a_status_or_admin_key() {
     }
     // Liveness stays open: a load balancer or kubelet probes it without a key.
     assert_eq!(get(ops, "/livez", None).await.0, 200);
+
+    // The status page asks a browser for a key (HTTP Basic, the key as the password).
+    let (code, answer) = get(ops, "/", None).await;
+    assert_eq!(code, 401);
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("www-authenticate: basic realm="),
+        "{answer}"
+    );
+    let basic = |key: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("support:{key}"))
+        )
+    };
+    let (code, page) = get_with(ops, "/", Some(&basic(&status))).await;
+    assert_eq!(code, 200);
+    assert!(page.contains(r#"id="providers""#), "{page}");
+    // A tenant's read key sees the search and its own tenant's diagnoses, not the overview.
+    let reader = create("acme", &[v1::ApiKeyScope::Read]).await;
+    let (code, page) = get_with(ops, "/?tenant=acme&account=user-42", Some(&basic(&reader))).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(!page.contains(r#"id="providers""#) && page.contains(r#"id="diagnosis""#));
+    let (code, page) = get_with(
+        ops,
+        "/?tenant=globex&account=user-42",
+        Some(&basic(&reader)),
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(
+        page.contains(r#"id="diagnosis-error""#) && !page.contains(r#"id="diagnosis""#),
+        "{page}"
+    );
+    assert_eq!(get_with(ops, "/", Some(&basic(&sender))).await.0, 401);
 
     gateway.stop().await;
     broker.cleanup().await;
