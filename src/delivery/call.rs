@@ -142,7 +142,7 @@ impl Dispatcher {
             calling.elapsed(),
         );
         if let (Ok(_), Target::Phone(phone), Some(shape)) = (&result, target, rendered.sms) {
-            let country = crate::policy::destination::country_of(&phone.number);
+            let country = self.metrics.country(&phone.number);
             self.metrics.sms_accepted(country.as_deref(), shape);
         }
         match &result {

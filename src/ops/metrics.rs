@@ -92,6 +92,9 @@ struct ChannelLabels {
     channel: String,
 }
 
+/// Number shapes whose country [`Metrics::country`] keeps.
+const COUNTRY_SHAPES: usize = 4096;
+
 /// How many tenants get a label value of their own; the rest are counted as `_other`, so that
 /// a producer inventing tenants cannot grow the series without bound.
 const TENANT_LABELS: usize = 200;
@@ -125,6 +128,8 @@ pub struct Metrics {
     tenants: Mutex<HashSet<String>>,
     /// The last hour, for the status page.
     recent: Mutex<Recent>,
+    /// Countries of the numbers SMS went to, by number shape (see [`Metrics::country`]).
+    countries: Mutex<std::collections::HashMap<(String, usize), Option<String>>>,
     deliveries: Family<DeliveryLabels, Counter>,
     settled: Family<DeliveryLabels, Counter>,
     first_send: Family<ChannelLabels, Histogram>,
@@ -299,6 +304,7 @@ impl Metrics {
             commit_writes,
             tenants: Mutex::default(),
             recent: Mutex::default(),
+            countries: Mutex::default(),
             deliveries,
             settled,
             first_send,
@@ -408,6 +414,30 @@ impl Metrics {
                     .to_owned(),
             })
             .inc();
+    }
+
+    /// The ISO 3166 country of `number` for the SMS metrics. libphonenumber's parse costs more
+    /// than the rest of a send's accounting, so the answer is kept per number shape: the number
+    /// without its last four digits, and its length (a region never turns on the subscriber's
+    /// last digits). At most [`COUNTRY_SHAPES`] shapes are kept; then the memory starts afresh.
+    pub fn country(&self, number: &str) -> Option<String> {
+        let shape = (
+            number
+                .get(..number.len().saturating_sub(4))
+                .unwrap_or(number)
+                .to_owned(),
+            number.len(),
+        );
+        let mut countries = self.countries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(country) = countries.get(&shape) {
+            return country.clone();
+        }
+        let country = crate::policy::country_of(number);
+        if countries.len() >= COUNTRY_SHAPES {
+            countries.clear();
+        }
+        countries.insert(shape, country.clone());
+        country
     }
 
     /// A provider accepted an SMS to `country` (ISO 3166 alpha-2, `None` when unknown).
@@ -557,6 +587,28 @@ mod tests {
             expires_at: Timestamp::from_second(300).unwrap(),
             targets: Vec::new(),
         }
+    }
+
+    #[test]
+    fn countries_are_kept_per_number_shape_and_agree_with_libphonenumber() {
+        let metrics = Metrics::new();
+        for number in [
+            "+14155550101",
+            "+14155550199",
+            "+14165550101",
+            "+447700900123",
+            "+447911123456",
+            "+4930123456789",
+            "+999123",
+        ] {
+            assert_eq!(
+                metrics.country(number),
+                crate::policy::country_of(number),
+                "{number}"
+            );
+        }
+        // Numbers that differ in their last four digits share one entry.
+        assert_eq!(metrics.countries.lock().unwrap().len(), 6);
     }
 
     #[test]
