@@ -25,7 +25,14 @@ pub async fn serve(config: Option<&Path>, log_json: bool) -> anyhow::Result<Exit
     } else {
         config.log.format
     };
-    crate::telemetry::init(format, &config.log.level);
+    let telemetry =
+        match crate::telemetry::init_with_traces(format, &config.log.level, &config.traces) {
+            Ok(telemetry) => telemetry,
+            Err(error) => {
+                eprintln!("otp-gateway: {error}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        };
     let app = match Application::build(config).await {
         Ok(app) => app,
         // A key file that cannot be read or does not hold a key is a configuration error.
@@ -37,7 +44,11 @@ pub async fn serve(config: Option<&Path>, log_json: bool) -> anyhow::Result<Exit
     };
     let stop = CancellationToken::new();
     tokio::spawn(stop_on_signal(stop.clone()));
-    app.run_until_stopped(stop).await?;
+    let ran = app.run_until_stopped(stop).await;
+    // Spans of the last jobs go out before the process ends (on a blocking thread: the
+    // exporter waits for its own sends).
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    ran?;
     Ok(ExitCode::SUCCESS)
 }
 

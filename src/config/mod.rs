@@ -92,6 +92,9 @@ pub struct Config {
     pub retention: RetentionConfig,
     /// The ops listener (health, readiness, metrics).
     pub ops: OpsConfig,
+    /// Traces to an OpenTelemetry collector (off unless an endpoint is set).
+    #[serde(default)]
+    pub traces: crate::telemetry::TracesConfig,
     /// Message templates overriding the built-in ones: `templates.<purpose>.<locale>.<channel>`
     /// (`*` as the purpose matches any).
     #[serde(default)]

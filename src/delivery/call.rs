@@ -121,7 +121,26 @@ impl Dispatcher {
             code: &job.code,
             expires_at: job.expires_at,
         };
-        let span = tracing::info_span!("provider", provider = provider.name(), %channel, to = %masked, retry);
+        let span = tracing::info_span!(
+            "provider",
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty,
+            provider = provider.name(),
+            %channel,
+            to = %masked,
+            retry
+        );
+        crate::telemetry::describe(
+            &span,
+            "client",
+            || format!("{} {channel}", provider.name()),
+            || {
+                vec![
+                    ("otp.provider", provider.name().to_owned()),
+                    ("otp.channel", channel.as_str().to_owned()),
+                ]
+            },
+        );
         let timeout = self.settings.provider_timeout;
         let calling = std::time::Instant::now();
         let result = match tokio::time::timeout(timeout, provider.send(&message))

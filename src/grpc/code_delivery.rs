@@ -13,7 +13,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{Instrument, instrument};
 
 use super::auth::Caller;
 use super::status::invalid_argument;
@@ -93,10 +93,9 @@ fn parse_id(text: &str) -> Result<DeliveryId, Status> {
 
 type ReportStream = Pin<Box<dyn Stream<Item = Result<DeliveryReport, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl CodeDelivery for CodeDeliveryApi {
-    #[instrument(skip_all, fields(delivery_id))]
-    async fn send_code(
+impl CodeDeliveryApi {
+    /// SendCode's work, inside its span.
+    async fn accept_and_queue(
         &self,
         request: Request<SendCodeRequest>,
     ) -> Result<Response<SendCodeResponse>, Status> {
@@ -138,6 +137,40 @@ impl CodeDelivery for CodeDeliveryApi {
             status: status_to_proto(DeliveryStatus::Accepted) as i32,
             duplicate: !created,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl CodeDelivery for CodeDeliveryApi {
+    async fn send_code(
+        &self,
+        request: Request<SendCodeRequest>,
+    ) -> Result<Response<SendCodeResponse>, Status> {
+        // A server span (RPC conventions) that continues the caller's trace when its metadata
+        // carries a W3C traceparent; the parent is set before the span is first entered.
+        let span = tracing::info_span!(
+            "send_code",
+            delivery_id = tracing::field::Empty,
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty,
+        );
+        crate::telemetry::describe(
+            &span,
+            "server",
+            || "otpgateway.v1.CodeDelivery/SendCode".into(),
+            || {
+                vec![
+                    ("rpc.system", "grpc".into()),
+                    ("rpc.service", "otpgateway.v1.CodeDelivery".into()),
+                    ("rpc.method", "SendCode".into()),
+                ]
+            },
+        );
+        crate::telemetry::continue_trace(&span, |name| {
+            let value = request.metadata().get(name)?.to_str().ok()?;
+            Some(value.to_owned())
+        });
+        self.accept_and_queue(request).instrument(span).await
     }
 
     async fn get_delivery(

@@ -117,11 +117,36 @@ impl JobConsumer {
             };
             let this = self.clone();
             let abandon = abandon.clone();
+            // A consumer span (messaging conventions), continuing the trace the job's producer
+            // started when its headers carry one.
             let span = tracing::info_span!(
                 "job",
+                otel.name = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
                 delivery_tag = delivery.delivery_tag,
                 redelivered = delivery.redelivered
             );
+            let queue = self.publisher.jobs_queue();
+            crate::telemetry::describe(
+                &span,
+                "consumer",
+                || format!("{queue} process"),
+                || {
+                    vec![
+                        ("messaging.system", "rabbitmq".into()),
+                        ("messaging.operation.type", "process".into()),
+                        ("messaging.destination.name", queue.to_owned()),
+                    ]
+                },
+            );
+            crate::telemetry::continue_trace(&span, |name| {
+                let headers = delivery.properties.headers().as_ref()?;
+                match headers.inner().get(name)? {
+                    lapin::types::AMQPValue::LongString(value) => Some(value.to_string()),
+                    lapin::types::AMQPValue::ShortString(value) => Some(value.to_string()),
+                    _ => None,
+                }
+            });
             let metrics = Arc::clone(self.service.metrics());
             metrics.in_flight(1);
             if let Some(stamped) = delivery.properties.timestamp()

@@ -137,14 +137,50 @@ impl Publisher {
             // RabbitMQ checks it is the user this link connected as.
             properties = properties.with_user_id(short(&self.topology.gateway_user));
         }
+        // A producer span (messaging conventions), whose context the job carries on to the
+        // consumer in W3C headers when traces are on.
+        let exchange = &self.topology.jobs_exchange;
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = tracing::field::Empty,
+            otel.kind = tracing::field::Empty,
+        );
+        crate::telemetry::describe(
+            &span,
+            "producer",
+            || format!("{exchange} publish"),
+            || {
+                vec![
+                    ("messaging.system", "rabbitmq".into()),
+                    ("messaging.operation.type", "send".into()),
+                    ("messaging.destination.name", exchange.clone()),
+                    ("messaging.message.id", message_id.to_owned()),
+                ]
+            },
+        );
+        let headers = crate::telemetry::trace_headers(&span);
+        if !headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (name, value) in headers {
+                table.insert(ShortString::from(name), AMQPValue::LongString(value.into()));
+            }
+            properties = properties.with_headers(table);
+        }
+        use tracing::Instrument;
         self.publish(
-            &self.topology.jobs_exchange,
+            exchange,
             &self.topology.jobs_routing_key,
             body,
             properties,
             true,
         )
+        .instrument(span)
         .await
+    }
+
+    /// The queue jobs are consumed from.
+    pub fn jobs_queue(&self) -> &str {
+        &self.topology.jobs_queue
     }
 
     /// Publishes the report as `delivery.<status>` on the events exchange.

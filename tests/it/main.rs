@@ -26,4 +26,5 @@ mod retention;
 mod smpp;
 mod status_page;
 mod tls;
+mod traces;
 mod twilio;
