@@ -407,6 +407,21 @@ impl Broker {
         Some(message)
     }
 
+    /// Waits up to `within` for a message on `queue` and takes it.
+    pub async fn next_message(&self, queue: &str, within: Duration) -> BasicGetMessage {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(message) = self.get(queue).await {
+                return message;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no message on {queue} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Takes the next message of `queue` and hands it back (nack, requeued) `times` times, as
     /// consumers that die holding it do: the broker counts each in `x-delivery-count`.
     pub async fn hand_back(&self, queue: &str, times: u32) {

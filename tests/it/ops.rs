@@ -160,15 +160,8 @@ async fn metrics_count_what_the_gateway_did_in_openmetrics() {
     let mut bad = job("no-tenant", "111222");
     bad.as_object_mut().unwrap().remove("tenant");
     broker.publish_json(&bad).await;
-    let mut dead = None;
-    for _ in 0..400 {
-        dead = broker.get(&names.dead_letter_queue).await;
-        if dead.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let field = header(&dead.expect("a dead letter"), "x-otp-error-field").unwrap();
+    let dead = broker.next_message(&names.dead_letter_queue, WAIT).await;
+    let field = header(&dead, "x-otp-error-field").unwrap();
 
     let (status, metrics) = get(ops, "/metrics", None).await;
     assert_eq!(status, 200);

@@ -105,12 +105,7 @@ async fn the_status_page_shows_an_open_circuit_failing_reasons_and_an_account_s_
     let mut bad = job("no-tenant", "111222");
     bad.as_object_mut().unwrap().remove("tenant");
     broker.publish_json(&bad).await;
-    for _ in 0..400 {
-        if broker.get(&names.dead_letter_queue).await.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    broker.next_message(&names.dead_letter_queue, WAIT).await;
 
     let url = format!("http://{}/?tenant=acme&account=user-42", gateway.ops_addr);
     let png = dir.path().join("status.png");

@@ -131,26 +131,7 @@ async fn one_trace_runs_from_the_upstream_call_through_the_queue_to_the_provider
     // The upstream service's trace: its span is the parent of the gateway's first span.
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let upstream = "00f067aa0ba902b7";
-    let job = v1::SendCodeJob {
-        job_id: "traced-1".into(),
-        tenant: "acme".into(),
-        account: "user-42".into(),
-        code: "482913".into(),
-        expires_at: Some(prost_types::Timestamp {
-            seconds: jiff::Timestamp::now().as_second() + 600,
-            nanos: 0,
-        }),
-        purpose: "sign_in".into(),
-        locale: "en".into(),
-        channels: vec![v1::Channel::Sms as i32],
-        targets: vec![v1::Target {
-            kind: Some(v1::target::Kind::Phone(v1::PhoneTarget {
-                number: "+14155550101".into(),
-            })),
-        }],
-        ..Default::default()
-    };
-    let mut request = tonic::Request::new(v1::SendCodeRequest { job: Some(job) });
+    let mut request = crate::auth::send_request("acme", "traced-1", None);
     request.metadata_mut().insert(
         "traceparent",
         format!("00-{trace_id}-{upstream}-01").parse().unwrap(),
@@ -159,9 +140,7 @@ async fn one_trace_runs_from_the_upstream_call_through_the_queue_to_the_provider
     let mut sent = false;
     for _ in 0..400 {
         let report = client
-            .get_delivery(v1::GetDeliveryRequest {
-                delivery_id: "acme/traced-1".into(),
-            })
+            .get_delivery(crate::auth::get("acme/traced-1", None))
             .await
             .unwrap()
             .into_inner();
