@@ -57,6 +57,12 @@ impl Caller {
         }
     }
 
+    /// Whether the caller acts for every tenant (a global key, the bootstrap key, or no
+    /// authentication).
+    pub fn is_global(&self) -> bool {
+        self.tenant.is_none()
+    }
+
     /// The caller a service sees for `request`. A request that did not pass the layer has
     /// none, and may do nothing inside any tenant.
     pub fn of<T>(request: &tonic::Request<T>) -> Caller {

@@ -120,6 +120,17 @@ async fn admitted(state: &Shared, headers: &HeaderMap) -> Admitted {
     let headers = bearer(headers);
     for path in OPERATOR_PATHS {
         match state.auth.admit(path, &headers).await {
+            // The operator's view spans every tenant: a tenant's key may not have it.
+            Ok(Some(caller)) if !caller.is_global() => {
+                return Admitted::Refused(
+                    (
+                        StatusCode::FORBIDDEN,
+                        "this API key acts inside one tenant: the ops listener wants a key for \
+                         every tenant (`keys create --scopes status` without --tenant)\n",
+                    )
+                        .into_response(),
+                );
+            }
             Ok(_) => return Admitted::Operator,
             Err(status) if status.code() == tonic::Code::PermissionDenied => continue,
             Err(status) if status.code() == tonic::Code::Unavailable => {

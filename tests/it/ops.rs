@@ -397,6 +397,21 @@ async fn off_loopback_the_ops_listener_wants_a_status_or_admin_key() {
         "{page}"
     );
     assert_eq!(get_with(ops, "/", Some(&basic(&sender))).await.0, 401);
+    // A tenant's admin key does not open the view of every tenant, nor other tenants' accounts.
+    let tenant_admin = create("acme", &[v1::ApiKeyScope::Admin]).await;
+    let (code, body) = get(ops, "/metrics", Some(&tenant_admin)).await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("every tenant"), "{body}");
+    let (code, page) = get_with(
+        ops,
+        "/?tenant=globex&account=user-42",
+        Some(&basic(&tenant_admin)),
+    )
+    .await;
+    assert!(
+        code == 401 || (!page.contains(r#"id="diagnosis""#) && !page.contains(r#"id="providers""#)),
+        "{code}: {page}"
+    );
 
     gateway.stop().await;
     broker.cleanup().await;
