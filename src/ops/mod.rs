@@ -66,33 +66,25 @@ type Shared = Arc<(OpsState, bool)>;
 fn bearer(headers: &HeaderMap) -> HeaderMap {
     use base64::Engine;
     let mut bearer = HeaderMap::new();
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(original) = headers.get(header::AUTHORIZATION) else {
         return bearer;
     };
-    let key = match value.trim().split_once(' ') {
-        Some((scheme, encoded)) if scheme.eq_ignore_ascii_case("basic") => {
+    let basic_key = original
+        .to_str()
+        .ok()
+        .and_then(|value| value.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+        .and_then(|(_, encoded)| {
             base64::engine::general_purpose::STANDARD
                 .decode(encoded.trim())
                 .ok()
-                .and_then(|decoded| String::from_utf8(decoded).ok())
-                .and_then(|pair| pair.split_once(':').map(|(_, key)| key.to_owned()))
-        }
-        _ => None,
-    };
-    match key.map(|key| format!("Bearer {key}").parse()) {
-        Some(Ok(value)) => {
-            bearer.insert(header::AUTHORIZATION, value);
-        }
-        _ => {
-            bearer.insert(
-                header::AUTHORIZATION,
-                value.parse().expect("it was a header value"),
-            );
-        }
-    }
+        })
+        .and_then(|decoded| String::from_utf8(decoded).ok())
+        .and_then(|pair| pair.split_once(':').map(|(_, key)| key.to_owned()));
+    let value = basic_key
+        .and_then(|key| format!("Bearer {key}").parse().ok())
+        .unwrap_or_else(|| original.clone());
+    bearer.insert(header::AUTHORIZATION, value);
     bearer
 }
 
