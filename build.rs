@@ -1,6 +1,7 @@
 //! Compiles `proto/otpgateway/v1/*.proto` with protox (a pure-Rust protobuf compiler, so no
 //! system `protoc` is needed) and generates the prost messages and tonic services from it.
-//! The encoded descriptor set is kept for gRPC server reflection.
+//! The encoded descriptor set is kept for gRPC server reflection. The ledger's migrations are
+//! watched too (they are embedded at compile time).
 
 use std::path::PathBuf;
 
@@ -12,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     files.sort();
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds the migrations at compile time; without this a new or changed
+    // migration is not seen until something else in the crate changes.
+    println!("cargo:rerun-if-changed=src/store/migrations");
 
     let descriptors = protox::compile(&files, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

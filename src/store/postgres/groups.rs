@@ -3,6 +3,11 @@
 //! with its target's state, a delivery's end, and the block entries that could apply to a job.
 //! Each write fences the owner as the single writes do (a delivery in progress is written only
 //! by a worker that still owns it) and locks the deliveries it changes in key order.
+//!
+//! Every table a statement changes or joins is also narrowed by its keys as an array
+//! (`id = ANY($n)`), besides the join on the unnested rows: the planner then reaches the rows
+//! through the key's index whatever its statistics say, instead of hashing a whole table that
+//! grew since autovacuum last analyzed it (see the staged pool's settings in `mod.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -290,7 +295,7 @@ async fn start_attempts(
               AS x (delivery, target_idx, provider, channel, masked_target, started_at, retry,
                     sms_encoding, sms_segments)
          JOIN deliveries d ON d.id = x.delivery
-         WHERE d.status <> 'IN_PROGRESS' OR d.owner = ANY($10)
+         WHERE d.id = ANY($1) AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($10))
          RETURNING delivery, id",
     )
     .bind(&keys)
@@ -369,16 +374,17 @@ async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> Bat
                                  next_retry_at = x.next_retry_at,
                                  token_invalid_since = x.token_invalid_since
              FROM x JOIN own ON own.id = x.delivery
-             WHERE attempts.id = x.attempt
+             WHERE attempts.id = x.attempt AND attempts.id = ANY($2)
          ), t AS (
              UPDATE targets SET channel = x.channel, status = x.status, reason = x.target_reason,
                                 detail = x.detail
              FROM x JOIN own ON own.id = x.delivery
              WHERE targets.delivery = x.delivery AND targets.idx = x.idx
+                   AND targets.delivery = ANY($1)
          )
          UPDATE deliveries d SET updated_at = x.ended_at, revision = d.revision + 1
          FROM x JOIN own ON own.id = x.delivery
-         WHERE d.id = x.delivery
+         WHERE d.id = x.delivery AND d.id = ANY($1)
          RETURNING d.id",
     )
     .bind(&keys)
@@ -431,13 +437,14 @@ async fn finish_deliveries(
                  AS x (delivery, status, reason, summary, now, revision)
          ), own AS (
              SELECT d.id FROM deliveries d JOIN x ON x.delivery = d.id
-             WHERE d.revision = x.revision AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($7))
+             WHERE d.id = ANY($1) AND d.revision = x.revision
+                   AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($7))
              ORDER BY d.id FOR UPDATE OF d
          )
          UPDATE deliveries d SET status = x.status, reason = x.reason, summary = x.summary,
                                  updated_at = x.now, revision = d.revision + 1, lease_until = NULL
          FROM x JOIN own ON own.id = x.delivery
-         WHERE d.id = x.delivery AND d.revision = x.revision
+         WHERE d.id = x.delivery AND d.id = ANY($1) AND d.revision = x.revision
          RETURNING d.id",
     )
     .bind(&keys)
@@ -483,7 +490,8 @@ async fn block_candidates(pool: &PgPool, items: &[BlockQuery]) -> BatchResult<Ve
                 b.shown, q.query
          FROM UNNEST($4::int[], $5::text[], $6::bigint[], $8::text[])
               AS q (query, tenant, now, pattern)
-         JOIN block_entries b ON b.pattern = q.pattern AND b.kind <> 'PREFIX'
+         JOIN block_entries b ON b.pattern = q.pattern AND b.pattern = ANY($8)
+                              AND b.kind <> 'PREFIX'
                               AND b.tenant IN (q.tenant, $7)
          WHERE b.expires_at IS NULL OR b.expires_at > q.now",
     )

@@ -136,7 +136,15 @@ impl PostgresLedger {
         let staged_pool = PgPoolOptions::new()
             .max_connections(settings.pool_size.saturating_sub(durable_size).max(2))
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.options([("synchronous_commit", "off")]))
+            // Its statements are keyed writes. While a table grows faster than autovacuum's
+            // statistics follow it (a new database under load), the planner priced a scan of
+            // the whole of `attempts` and `targets` below a few hundred index probes and ran one
+            // for every grouped statement (BENCHMARKS.md, replicas). With the keys given as an
+            // array (groups.rs) and a sequential scan only a last resort, each statement reads
+            // just its rows through the key's index.
+            .connect_with(
+                options.options([("synchronous_commit", "off"), ("enable_seqscan", "off")]),
+            )
             .await?;
         sqlx::migrate!("src/store/migrations/postgres")
             .run(&pool)
@@ -1211,6 +1219,87 @@ pub(crate) mod tests {
             TargetStatus::Pending,
             "nothing of `a`'s"
         );
+    }
+
+    /// A new database under load: its tables grow faster than autovacuum analyzes them. The
+    /// grouped statements still reach each delivery's rows through the keys' indexes: a
+    /// whole-table scan per statement would make every batch cost as much as the table.
+    #[tokio::test]
+    async fn grouped_writes_reach_their_rows_by_key_while_the_tables_are_unanalyzed() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let ledger = PostgresLedger::connect(&database.settings()).await.unwrap();
+        let staged = ledger.staged();
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        // Analyzed once while small (as autovacuum did early in a bench round), then grown.
+        for (round, count) in [50, 300, 300, 300].into_iter().enumerate() {
+            if round == 1 {
+                sqlx::query("ANALYZE attempts, targets, deliveries")
+                    .execute(&ledger.pool)
+                    .await
+                    .unwrap();
+            }
+            let news: Vec<_> = (0..count)
+                .map(|i| crate::store::contract::new_delivery(&format!("scan-{round}-{i}")))
+                .collect();
+            let keys: Vec<DeliveryKey> = futures_util::future::join_all(
+                news.iter().map(|new| staged.claim(new, "a", false, now)),
+            )
+            .await
+            .into_iter()
+            .map(|claim| match claim.unwrap() {
+                Claim::Started(key, _) => key,
+                other => panic!("a new delivery starts: {other:?}"),
+            })
+            .collect();
+            let start = sms_start(1, now);
+            let attempts = futures_util::future::join_all(
+                keys.iter().map(|key| staged.start_attempt(*key, &start)),
+            )
+            .await;
+            let end = sent_end(now, "m");
+            let update = TargetUpdate::after(crate::domain::Channel::Sms, &end);
+            let ended =
+                futures_util::future::join_all(keys.iter().zip(attempts).map(|(key, attempt)| {
+                    staged.finish_attempt(*key, attempt.unwrap(), &end, 1, &update)
+                }))
+                .await;
+            assert!(ended.iter().all(Result::is_ok), "{ended:?}");
+        }
+        // Closing the connections makes their backends report what they read.
+        ledger.staged_pool.close().await;
+        ledger.pool.close().await;
+        drop((staged, ledger));
+        let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+                // Rows read by whole-table scans (PostgreSQL 15 counts a bitmap heap scan in
+                // `seq_scan` too, but it reads no rows that way).
+                "SELECT relname::text, seq_tup_read, COALESCE(idx_scan, 0) FROM pg_stat_user_tables
+                 WHERE relname IN ('attempts', 'targets') ORDER BY relname",
+            )
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            let reported = rows.iter().all(|(_, _, by_index)| *by_index > 0);
+            if reported || tokio::time::Instant::now() > deadline {
+                for (table, scanned, by_index) in &rows {
+                    assert_eq!(
+                        *scanned, 0,
+                        "{table}: {scanned} rows read by whole-table scans ({by_index} index scans)"
+                    );
+                    assert!(*by_index > 0, "{table}: no index scan was reported");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            sqlx::query("SELECT pg_stat_clear_snapshot()")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
     }
 
     #[tokio::test]
