@@ -71,6 +71,27 @@ pub fn describe(
     }
 }
 
+/// Sets attributes on `span` (one already [`describe`]d) when traces are on, such as what an
+/// answer said; otherwise nothing is made.
+pub fn annotate(
+    span: &tracing::Span,
+    attributes: impl FnOnce() -> Vec<(&'static str, opentelemetry::Value)>,
+) {
+    if !TRACES_ON.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    for (key, value) in attributes() {
+        span.set_attribute(key, value);
+    }
+}
+
+/// Marks `span` failed (its OpenTelemetry status ERROR) when traces are on.
+pub fn mark_failed(span: &tracing::Span) {
+    if TRACES_ON.load(std::sync::atomic::Ordering::Relaxed) {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 /// Keeps the trace exporter running; [`Telemetry::shutdown`] sends what is left.
 #[derive(Debug, Default)]
 pub struct Telemetry {

@@ -196,6 +196,78 @@ pub(crate) fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     )
 }
 
+/// Sends `request` inside an HTTP client span, a child of the provider attempt's span, named
+/// and attributed per OpenTelemetry's HTTP conventions when traces are on: the method as its
+/// name; `http.request.method`, `server.address`, `server.port` and `url.scheme`; from the
+/// answer `http.response.status_code` and `network.protocol.version`; `error.type` (the status
+/// code, or `timeout`, `connect` or `request` when no answer came) when it failed. The URL's
+/// path and query are left out: they can hold a device token or a phone number.
+pub(crate) async fn send_traced(
+    request: reqwest::RequestBuilder,
+) -> reqwest::Result<reqwest::Response> {
+    use tracing::Instrument;
+    let (client, request) = request.build_split();
+    let request = request?;
+    let span = tracing::info_span!(
+        "http",
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let url = request.url();
+    crate::telemetry::describe(
+        &span,
+        "client",
+        || request.method().as_str().to_owned(),
+        || {
+            let mut attributes = vec![
+                ("http.request.method", request.method().as_str().to_owned()),
+                ("url.scheme", url.scheme().to_owned()),
+            ];
+            if let Some(host) = url.host_str() {
+                attributes.push(("server.address", host.to_owned()));
+            }
+            if let Some(port) = url.port_or_known_default() {
+                attributes.push(("server.port", port.to_string()));
+            }
+            attributes
+        },
+    );
+    let sent = client.execute(request).instrument(span.clone()).await;
+    let failed = match &sent {
+        Ok(response) => {
+            let status = response.status();
+            let version = match response.version() {
+                reqwest::Version::HTTP_09 => "0.9",
+                reqwest::Version::HTTP_10 => "1.0",
+                reqwest::Version::HTTP_11 => "1.1",
+                reqwest::Version::HTTP_2 => "2",
+                reqwest::Version::HTTP_3 => "3",
+                _ => "",
+            };
+            crate::telemetry::annotate(&span, || {
+                vec![
+                    (
+                        "http.response.status_code",
+                        i64::from(status.as_u16()).into(),
+                    ),
+                    ("network.protocol.version", version.into()),
+                ]
+            });
+            (status.is_client_error() || status.is_server_error())
+                .then(|| status.as_u16().to_string())
+        }
+        Err(error) if error.is_timeout() => Some("timeout".to_owned()),
+        Err(error) if error.is_connect() => Some("connect".to_owned()),
+        Err(_) => Some("request".to_owned()),
+    };
+    if let Some(kind) = failed {
+        crate::telemetry::mark_failed(&span);
+        crate::telemetry::annotate(&span, || vec![("error.type", kind.into())]);
+    }
+    sent
+}
+
 /// A request that got no response: `PROVIDER_TIMEOUT` when it timed out, else
 /// `PROVIDER_UNAVAILABLE`. The URL is left out of the message: it may hold a device token.
 pub(crate) fn unreachable(who: &str, error: reqwest::Error) -> ProviderError {

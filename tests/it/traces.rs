@@ -1,7 +1,7 @@
 //! Traces from the outside: the real binary exports to an in-process OTLP collector (a tonic
 //! server for the OTLP trace service) and continues the W3C trace context its caller sent, so
 //! one trace runs from the upstream call through SendCode, the queue and the consumer to the
-//! provider attempt, with no code and no full number in any span.
+//! provider attempt and its HTTP request, with no code and no full number in any span.
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -77,6 +77,37 @@ async fn one_trace_runs_from_the_upstream_call_through_the_queue_to_the_provider
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
+    // The SMS provider: a generic HTTP one, so the attempt makes an HTTP request.
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_port = hook.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/send",
+        axum::routing::post(|| async {
+            (
+                axum::http::StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({"id": "hook-1"})),
+            )
+        }),
+    );
+    tokio::spawn(async move { axum::serve(hook, app).await.unwrap() });
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[providers.hook]
+kind = "http"
+url = "http://127.0.0.1:{hook_port}/send"
+body = '{{"to": "{{{{to}}}}", "text": "{{{{text}}}}"}}'
+message_id_field = "/id"
+
+[routes]
+sms = ["hook"]
+"#
+        ),
+    )
+    .unwrap();
+
     let server = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -84,6 +115,8 @@ async fn one_trace_runs_from_the_upstream_call_through_the_queue_to_the_provider
         .to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_otp-gateway"))
         .arg("serve")
+        .arg("--config")
+        .arg(&config)
         .envs(names.env())
         .env("OTP_GATEWAY_GRPC__LISTEN", &server)
         .env("OTP_GATEWAY_RECEIPTS__LISTEN", "127.0.0.1:0")
@@ -184,7 +217,7 @@ async fn one_trace_runs_from_the_upstream_call_through_the_queue_to_the_provider
     assert_eq!(attribute(send, "rpc.system").as_deref(), Some("grpc"));
     let publish = named(&format!("{} publish", names_of(&broker).jobs_exchange));
     let process = named(&format!("{} process", names_of(&broker).jobs_queue));
-    let provider = named("sandbox sms");
+    let provider = named("hook sms");
     assert_eq!(
         attribute(process, "messaging.system").as_deref(),
         Some("rabbitmq")
@@ -208,10 +241,22 @@ async fn one_trace_runs_from_the_upstream_call_through_the_queue_to_the_provider
     }
     assert_eq!(hex(&process.parent_span_id), hex(&publish.span_id));
     assert_eq!(attribute(provider, "to").as_deref(), Some("+1415•••0101"));
-    assert_eq!(
-        attribute(provider, "otp.provider").as_deref(),
-        Some("sandbox")
-    );
+    assert_eq!(attribute(provider, "otp.provider").as_deref(), Some("hook"));
+    // The attempt's HTTP request: a client span under it, per the HTTP conventions.
+    let http = named("POST");
+    assert_eq!(hex(&http.parent_span_id), hex(&provider.span_id));
+    assert_eq!(http.kind, 3, "SPAN_KIND_CLIENT");
+    for (key, value) in [
+        ("http.request.method", "POST".to_owned()),
+        ("server.address", "127.0.0.1".to_owned()),
+        ("server.port", hook_port.to_string()),
+        ("url.scheme", "http".to_owned()),
+        ("http.response.status_code", "202".to_owned()),
+        ("network.protocol.version", "1.1".to_owned()),
+    ] {
+        assert_eq!(attribute(http, key), Some(value), "{key}");
+    }
+    assert_eq!(attribute(http, "error.type"), None);
     assert_eq!(
         attribute(publish, "messaging.destination.name").as_deref(),
         Some(names_of(&broker).jobs_exchange.as_str())

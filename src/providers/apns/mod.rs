@@ -202,7 +202,8 @@ impl ApnsProvider {
         message: &OutboundMessage<'_>,
         body: Vec<u8>,
     ) -> Result<reqwest::Response, ProviderError> {
-        self.client
+        let request = self
+            .client
             .post(format!("{}/3/device/{token}", self.settings.endpoint()))
             .header(reqwest::header::AUTHORIZATION, format!("bearer {jwt}"))
             .header("apns-topic", topic)
@@ -214,8 +215,8 @@ impl ApnsProvider {
             )
             .header("apns-collapse-id", collapse_id(message.delivery_id))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
+            .body(body);
+        super::send_traced(request)
             .await
             .map_err(|error| super::unreachable("APNs", error))
     }

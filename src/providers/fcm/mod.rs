@@ -218,14 +218,11 @@ impl FcmProvider {
             .key
             .sign(self.account.private_key_id.as_deref(), &claims)
             .map_err(|e| ProviderError::new(FailureReason::ProviderMisconfigured, None, e))?;
-        let response = self
-            .token_client
-            .post(&self.account.token_uri)
-            .form(&[
-                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                ("assertion", assertion.as_str()),
-            ])
-            .send()
+        let request = self.token_client.post(&self.account.token_uri).form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", assertion.as_str()),
+        ]);
+        let response = super::send_traced(request)
             .await
             .map_err(|error| super::unreachable("the OAuth token endpoint", error))?;
         let status = response.status();
@@ -408,13 +405,13 @@ impl Provider for FcmProvider {
         let mut access = self.access_token(None).await?;
         let mut refreshed = false;
         loop {
-            let response = self
+            let request = self
                 .client
                 .post(&url)
                 .bearer_auth(&access)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(body.clone())
-                .send()
+                .body(body.clone());
+            let response = super::send_traced(request)
                 .await
                 .map_err(|error| super::unreachable("FCM", error))?;
             let status = response.status();

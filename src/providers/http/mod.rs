@@ -145,8 +145,7 @@ impl Provider for HttpProvider {
         for (name, value) in &self.settings.headers {
             request = request.header(name.as_str(), value.expose());
         }
-        let response = request
-            .send()
+        let response = super::send_traced(request)
             .await
             .map_err(|error| super::unreachable(&self.name, error))?;
         let status = response.status();

@@ -223,17 +223,17 @@ impl Provider for TwilioProvider {
             }
         };
         let form = self.form(message, to)?;
-        let response = self
-            .client
-            .post(self.url(resource))
-            .basic_auth(
-                &self.settings.account_sid,
-                Some(self.settings.auth_token.expose()),
-            )
-            .form(&form)
-            .send()
-            .await
-            .map_err(|error| super::unreachable("Twilio", error))?;
+        let response = super::send_traced(
+            self.client
+                .post(self.url(resource))
+                .basic_auth(
+                    &self.settings.account_sid,
+                    Some(self.settings.auth_token.expose()),
+                )
+                .form(&form),
+        )
+        .await
+        .map_err(|error| super::unreachable("Twilio", error))?;
         let status = response.status();
         let retry_after = super::retry_after(&response);
         let body = response.text().await.unwrap_or_default();
