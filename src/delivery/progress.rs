@@ -1,5 +1,10 @@
 //! One delivery's writes: every write goes to the ledger's staged view and into the delivery's
 //! own copy of the report (so the final outcome needs no read back), and tells watchers.
+//!
+//! A provider call's end is held back until the delivery's next write, wait or flush: when
+//! the next is the delivery's end (the common case: the call reached its target), the ledger
+//! writes both at once (see [`KnownReport::pending_end`]), one statement instead of two. Every
+//! other write, every wait for what another task writes, and every flush writes it first.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,7 +14,7 @@ use super::changes::{ChangeNotices, ChangeWatch};
 use super::receipt_waiters::ReceiptWaiters;
 use crate::domain::{Attempt, AttemptOutcome, Clock, FailureReason, Report};
 use crate::store::{
-    AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, KnownReport, Ledger, StoreError,
+    AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, KnownReport, Ledger, PendingEnd, StoreError,
     TargetUpdate, as_stored,
 };
 
@@ -61,6 +66,7 @@ impl Progress<'_> {
         &self,
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
+        self.write_pending_end().await?;
         let attempt = self.ledger.start_attempt(self.key, start).await?;
         let mut own = lock(&self.own);
         let OwnWrites { known, attempts } = &mut *own;
@@ -89,7 +95,8 @@ impl Progress<'_> {
         Ok(attempt)
     }
 
-    /// Records how a provider call ended and its target's new state, and tells watchers.
+    /// Records how a provider call ended and its target's new state, and tells watchers. Held
+    /// back until the delivery's next write, wait or flush (see the module's note).
     pub(crate) async fn finish_attempt(
         &self,
         attempt: AttemptKey,
@@ -97,26 +104,39 @@ impl Progress<'_> {
         index: usize,
         update: &TargetUpdate,
     ) -> Result<(), StoreError> {
-        self.ledger
-            .finish_attempt(self.key, attempt, end, index as u32, update)
-            .await?;
-        let mut own = lock(&self.own);
-        let OwnWrites { known, attempts } = &mut *own;
-        known.revision += 1;
-        if let Some(&(_, target, position)) = attempts.iter().find(|(key, _, _)| *key == attempt)
-            && let Some(started) = known.report.targets[target].attempts.get_mut(position)
-        {
-            started.ended_at = Some(as_stored(end.ended_at));
-            started.outcome = end.outcome;
-            started.reason = end.reason;
-            started.provider_code = end.provider_code.clone();
-            started.provider_message = end.provider_message.clone();
-            started.provider_message_id = end.provider_message_id.clone();
-            started.next_retry_at = end.next_retry_at.map(as_stored);
-            started.token_invalid_since = end.token_invalid_since.map(as_stored);
+        let displaced = {
+            let mut own = lock(&self.own);
+            let OwnWrites { known, attempts } = &mut *own;
+            known.revision += 1;
+            // Calls to several devices end concurrently: this end is held back, and one held
+            // before it (another device's) is written now.
+            let displaced = known.pending_end.replace(PendingEnd {
+                attempt,
+                end: end.clone(),
+                target: index as u32,
+                update: update.clone(),
+            });
+            if let Some(&(_, target, position)) =
+                attempts.iter().find(|(key, _, _)| *key == attempt)
+                && let Some(started) = known.report.targets[target].attempts.get_mut(position)
+            {
+                started.ended_at = Some(as_stored(end.ended_at));
+                started.outcome = end.outcome;
+                started.reason = end.reason;
+                started.provider_code = end.provider_code.clone();
+                started.provider_message = end.provider_message.clone();
+                started.provider_message_id = end.provider_message_id.clone();
+                started.next_retry_at = end.next_retry_at.map(as_stored);
+                started.token_invalid_since = end.token_invalid_since.map(as_stored);
+            }
+            apply_update(&mut known.report, index, update);
+            displaced
+        };
+        if let Some(p) = displaced {
+            self.ledger
+                .finish_attempt(self.key, p.attempt, &p.end, p.target, &p.update)
+                .await?;
         }
-        apply_update(&mut known.report, index, update);
-        drop(own);
         self.changed();
         Ok(())
     }
@@ -127,6 +147,7 @@ impl Progress<'_> {
         index: usize,
         update: &TargetUpdate,
     ) -> Result<(), StoreError> {
+        self.write_pending_end().await?;
         self.ledger
             .update_target(self.key, index as u32, update, self.now())
             .await?;
@@ -141,7 +162,21 @@ impl Progress<'_> {
     /// Waits until everything written so far is on disk: before a retry's back-off and before
     /// waiting for a device, so a worker that takes over after a power cut finds what was sent.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        self.write_pending_end().await?;
         self.ledger.flush().await
+    }
+
+    /// Writes the provider call's end held back, if there is one.
+    async fn write_pending_end(&self) -> Result<(), StoreError> {
+        let pending = lock(&self.own).known.pending_end.take();
+        match pending {
+            Some(p) => {
+                self.ledger
+                    .finish_attempt(self.key, p.attempt, &p.end, p.target, &p.update)
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Watches this delivery's changes, for waiting on what another task writes

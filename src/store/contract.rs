@@ -313,7 +313,8 @@ pub(crate) fn sent_end(now: Timestamp, message_id: &str) -> AttemptEnd {
 /// The revision rule the engine's own copy of a report relies on: starting an attempt leaves
 /// the revision as it is, ending one (with its target) and updating a target raise it by one
 /// each; `finish` with a report known at the current revision takes it as exact, and once
-/// anything else wrote (an acknowledgement) it reads the delivery afresh.
+/// anything else wrote (an acknowledgement) it reads the delivery afresh. A known report may
+/// carry the engine's last call's end unwritten: `finish` writes it in either case.
 pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_delivery(
     ledger: &dyn Ledger,
 ) {
@@ -387,6 +388,60 @@ pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_del
         Some(Acknowledgement::Denied),
         "what another writer recorded is in the final report"
     );
+
+    // The engine's last call's end left unwritten: `finish` writes it with the outcome.
+    let pending = |attempt, id: &str| crate::store::PendingEnd {
+        attempt,
+        end: sent_end(now, id),
+        target: 1,
+        update: sent.clone(),
+    };
+    let Claim::Started(key, mut known) = ledger
+        .claim(&new_delivery("rev-3"), "w1", false, now)
+        .await
+        .unwrap()
+    else {
+        panic!("a new delivery starts");
+    };
+    let attempt = ledger.start_attempt(key, &start(1)).await.unwrap();
+    known.revision += 1;
+    known.pending_end = Some(pending(attempt, "m3"));
+    known.report.targets[0].detail = Some("the engine's copy".into());
+    let finished = ledger
+        .finish(key, now, Arc::new(summary), Some(known))
+        .await
+        .unwrap();
+    assert_eq!(finished.summary, "detail Some(\"the engine's copy\")");
+    let stored = ledger.report(key).await.unwrap();
+    assert_eq!(stored.status, DeliveryStatus::Sent);
+    assert_eq!(stored.targets[1].status, TargetStatus::Sent);
+    let ended = &stored.targets[1].attempts[0];
+    assert_eq!(ended.outcome, crate::domain::AttemptOutcome::Sent);
+    assert_eq!(ended.provider_message_id.as_deref(), Some("m3"));
+    assert!(ended.ended_at.is_some(), "the call's end is in the ledger");
+
+    // ... and when another writer came between, the end still lands and the ledger decides.
+    let Claim::Started(key, mut known) = ledger
+        .claim(&new_delivery("rev-4"), "w1", false, now)
+        .await
+        .unwrap()
+    else {
+        panic!("a new delivery starts");
+    };
+    let attempt = ledger.start_attempt(key, &start(1)).await.unwrap();
+    ledger.update_target(key, 0, &skipped, now).await.unwrap();
+    known.revision += 1;
+    known.pending_end = Some(pending(attempt, "m4"));
+    known.report.targets[0].detail = Some("the engine's copy".into());
+    let finished = ledger
+        .finish(key, now, Arc::new(summary), Some(known))
+        .await
+        .unwrap();
+    assert_eq!(finished.summary, "detail Some(\"in the ledger\")");
+    assert_eq!(finished.targets[1].status, TargetStatus::Sent);
+    let ended = &finished.targets[1].attempts[0];
+    assert_eq!(ended.outcome, crate::domain::AttemptOutcome::Sent);
+    assert_eq!(ended.provider_message_id.as_deref(), Some("m4"));
 }
 
 fn rate_rule(tenant: Option<&str>, scope: RateScope, limit: u32) -> RateLimitRule {

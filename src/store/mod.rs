@@ -147,8 +147,24 @@ pub fn as_stored(at: Timestamp) -> Timestamp {
 pub struct KnownReport {
     /// The report.
     pub report: Report,
-    /// The delivery's revision after the engine's last write.
+    /// The delivery's revision after the engine's last write (counting `pending_end`).
     pub revision: Revision,
+    /// The engine's last provider call's end when nothing came after it but the delivery's
+    /// end: not written yet, and written by [`Ledger::finish`] before (or with) the outcome.
+    pub pending_end: Option<PendingEnd>,
+}
+
+/// A provider call's end and its target's new state, as [`Ledger::finish_attempt`] takes them.
+#[derive(Debug, Clone)]
+pub struct PendingEnd {
+    /// The attempt that ended.
+    pub attempt: AttemptKey,
+    /// How it ended.
+    pub end: AttemptEnd,
+    /// Its target's index.
+    pub target: u32,
+    /// Its target's new state.
+    pub update: TargetUpdate,
 }
 
 /// The result of [`Ledger::claim`].

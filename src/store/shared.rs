@@ -124,7 +124,11 @@ impl Claimed {
         F: FnOnce(DeliveryKey) -> Fut,
         Fut: Future<Output = Result<Report, StoreError>>,
     {
-        let known = |report, revision| KnownReport { report, revision };
+        let known = |report, revision| KnownReport {
+            report,
+            revision,
+            pending_end: None,
+        };
         Ok(match self {
             Claimed::Inserted(key) => Claim::Started(key, known(fresh_report(new, now), 0)),
             Claimed::Taken(key, revision) => Claim::Started(key, known(load(key).await?, revision)),

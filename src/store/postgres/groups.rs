@@ -21,8 +21,8 @@ use super::writes::taken_over;
 use crate::domain::{DeliveryStatus, FailureReason, TargetStatus};
 use crate::policy::BlockEntry;
 use crate::store::{
-    AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, NewDelivery, Outcome, Revision, StoreError,
-    TargetUpdate,
+    AttemptEnd, AttemptKey, AttemptStart, DeliveryKey, NewDelivery, Outcome, PendingEnd, Revision,
+    StoreError, TargetUpdate,
 };
 
 /// A new delivery claimed by `owner` (inserted unless its `(tenant, job_id)` is known).
@@ -48,12 +48,14 @@ pub(super) struct End {
     pub(super) update: TargetUpdate,
 }
 
-/// A delivery's end, written only if the delivery is still at `revision`.
+/// A delivery's end, written only if the delivery is still at `revision`; with the engine's
+/// last provider call's end (`end`) when that was not written yet.
 pub(super) struct Finish {
     pub(super) key: DeliveryKey,
     pub(super) outcome: Outcome,
     pub(super) now: i64,
     pub(super) revision: Revision,
+    pub(super) end: Option<PendingEnd>,
 }
 
 /// The block entries in force at `now` that could apply to a job of `tenant` whose account,
@@ -409,7 +411,9 @@ async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> Bat
 }
 
 /// Marks the deliveries terminal with their outcomes where each is still at the revision its
-/// engine knows; per finish, whether it was written.
+/// engine knows, writing first the provider call's end a finish carries (its attempt and its
+/// target, as [`finish_attempts`] does); per finish, whether it was written (with its end, or
+/// not at all).
 async fn finish_deliveries(
     pool: &PgPool,
     items: &[Finish],
@@ -422,6 +426,21 @@ async fn finish_deliveries(
     let mut summaries = Vec::with_capacity(count);
     let mut nows = Vec::with_capacity(count);
     let mut revisions = Vec::with_capacity(count);
+    let mut steps = Vec::with_capacity(count);
+    let mut attempts: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut ended: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut outcomes: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut end_reasons: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut codes: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut messages: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut message_ids: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut next_retries: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut invalid_since: Vec<Option<i64>> = Vec::with_capacity(count);
+    let mut indexes: Vec<Option<i32>> = Vec::with_capacity(count);
+    let mut channels: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut target_statuses: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut target_reasons: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut details: Vec<Option<&str>> = Vec::with_capacity(count);
     for item in items {
         keys.push(item.key);
         statuses.push(item.outcome.status.as_str());
@@ -429,20 +448,58 @@ async fn finish_deliveries(
         summaries.push(item.outcome.summary.as_str());
         nows.push(item.now);
         revisions.push(item.revision as i64);
+        steps.push(if item.end.is_some() { 2_i64 } else { 1 });
+        let end = item.end.as_ref();
+        attempts.push(end.map(|p| p.attempt));
+        ended.push(end.map(|p| super::rows::micros(p.end.ended_at)));
+        outcomes.push(end.map(|p| p.end.outcome.as_str()));
+        end_reasons.push(end.and_then(|p| p.end.reason.map(FailureReason::as_str)));
+        codes.push(end.and_then(|p| p.end.provider_code.as_deref()));
+        messages.push(end.and_then(|p| p.end.provider_message.as_deref()));
+        message_ids.push(end.and_then(|p| p.end.provider_message_id.as_deref()));
+        next_retries.push(end.and_then(|p| p.end.next_retry_at.map(super::rows::micros)));
+        invalid_since.push(end.and_then(|p| p.end.token_invalid_since.map(super::rows::micros)));
+        indexes.push(end.map(|p| p.target as i32));
+        channels.push(end.map(|p| p.update.channel.as_str()));
+        target_statuses.push(end.map(|p| p.update.status.as_str()));
+        target_reasons.push(end.and_then(|p| p.update.reason.map(FailureReason::as_str)));
+        details.push(end.and_then(|p| p.update.detail.as_deref()));
     }
     let rows = sqlx::query(
         "WITH x AS (
              SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                                  $6::bigint[])
-                 AS x (delivery, status, reason, summary, now, revision)
+                                  $6::bigint[], $7::bigint[], $9::bigint[], $10::bigint[],
+                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+                                  $16::bigint[], $17::bigint[], $18::int[], $19::text[],
+                                  $20::text[], $21::text[], $22::text[])
+                 AS x (delivery, status, reason, summary, now, revision, steps, attempt,
+                       ended_at, outcome, end_reason, provider_code, provider_message,
+                       provider_message_id, next_retry_at, token_invalid_since, idx, channel,
+                       target_status, target_reason, detail)
          ), own AS (
              SELECT d.id FROM deliveries d JOIN x ON x.delivery = d.id
              WHERE d.id = ANY($1) AND d.revision = x.revision
-                   AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($7))
+                   AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($8))
              ORDER BY d.id FOR UPDATE OF d
+         ), a AS (
+             UPDATE attempts SET ended_at = x.ended_at, outcome = x.outcome, reason = x.end_reason,
+                                 provider_code = x.provider_code,
+                                 provider_message = x.provider_message,
+                                 provider_message_id = x.provider_message_id,
+                                 next_retry_at = x.next_retry_at,
+                                 token_invalid_since = x.token_invalid_since
+             FROM x JOIN own ON own.id = x.delivery
+             WHERE attempts.id = x.attempt AND attempts.id = ANY($9)
+         ), t AS (
+             UPDATE targets SET channel = x.channel, status = x.target_status,
+                                reason = x.target_reason, detail = x.detail
+             FROM x JOIN own ON own.id = x.delivery
+             WHERE x.attempt IS NOT NULL AND targets.delivery = x.delivery AND targets.idx = x.idx
+                   AND targets.delivery = ANY($1)
          )
          UPDATE deliveries d SET status = x.status, reason = x.reason, summary = x.summary,
-                                 updated_at = x.now, revision = d.revision + 1, lease_until = NULL
+                                 updated_at = x.now, revision = d.revision + x.steps,
+                                 lease_until = NULL
          FROM x JOIN own ON own.id = x.delivery
          WHERE d.id = x.delivery AND d.id = ANY($1) AND d.revision = x.revision
          RETURNING d.id",
@@ -453,7 +510,22 @@ async fn finish_deliveries(
     .bind(&summaries)
     .bind(&nows)
     .bind(&revisions)
+    .bind(&steps)
     .bind(owners)
+    .bind(&attempts)
+    .bind(&ended)
+    .bind(&outcomes)
+    .bind(&end_reasons)
+    .bind(&codes)
+    .bind(&messages)
+    .bind(&message_ids)
+    .bind(&next_retries)
+    .bind(&invalid_since)
+    .bind(&indexes)
+    .bind(&channels)
+    .bind(&target_statuses)
+    .bind(&target_reasons)
+    .bind(&details)
     .fetch_all(pool)
     .await?;
     let written = returned(&rows)?;

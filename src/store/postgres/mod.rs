@@ -632,9 +632,12 @@ impl Ledger for PostgresLedger {
     ) -> Result<Report, StoreError> {
         let now = as_stored(now);
         // The engine's own copy, while nothing else wrote: decided here and written (with the
-        // other deliveries ending) only if the revision is still the copy's.
+        // other deliveries ending, and the engine's last call's end if it left that unwritten)
+        // only if the revision is still the copy's.
         if let Some(known) = known {
             let outcome = decide(&known.report);
+            let pending = known.pending_end.clone();
+            let stored = known.revision - u64::from(pending.is_some());
             let written = self
                 .groups
                 .finishes
@@ -642,12 +645,27 @@ impl Ledger for PostgresLedger {
                     key,
                     outcome: outcome.clone(),
                     now: micros(now),
-                    revision: known.revision,
+                    revision: stored,
+                    end: pending.clone(),
                 })
                 .await?;
             if written {
                 self.settle().await?;
                 return Ok(outcome.conclude(known.report, now));
+            }
+            // Something else wrote meanwhile (a receipt, an acknowledgement): the call's end
+            // goes in on its own, and the outcome is decided from the ledger's report.
+            if let Some(p) = pending {
+                self.groups
+                    .ends
+                    .call(End {
+                        key,
+                        attempt: p.attempt,
+                        end: p.end,
+                        target: p.target,
+                        update: p.update,
+                    })
+                    .await?;
             }
         }
         let mut conn = self.writer().acquire().await?;

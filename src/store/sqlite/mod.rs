@@ -341,12 +341,18 @@ impl Ledger for SqliteLedger {
     ) -> Result<Report, StoreError> {
         // The report returned must match the one stored.
         let now = as_stored(now);
+        // The engine's last call's end, if it left one unwritten, goes first in the same
+        // transaction (every run of it).
+        let pending = known.as_ref().and_then(|k| k.pending_end.clone());
         // Taken by the first run of the write (one rolled back with a neighbour and run again
         // reads the report instead).
         let known = Arc::new(Mutex::new(known));
         // Decided on the writer's connection, whose pages are warm: a reader would have to
         // fetch them again after every commit.
         self.write(move |conn| {
+            if let Some(p) = &pending {
+                writes::finish_attempt(conn, key, p.attempt, &p.end, p.target, &p.update)?;
+            }
             let known = known.lock().unwrap_or_else(|p| p.into_inner()).take();
             writes::finish(conn, key, now, &decide, known)
         })
