@@ -13,7 +13,8 @@ mod groups;
 mod rows;
 mod writes;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,6 +66,9 @@ pub struct PostgresLedger {
     lease: Duration,
     /// The workers (one per process) that claimed through this ledger: their leases are renewed.
     workers: Workers,
+    /// The deliveries this process claimed and has not finished: their leases are renewed
+    /// (by key: no index on the owner or the status, so a delivery's end stays heap-only).
+    held: Held,
     /// The engine's hot statements, many deliveries per statement.
     groups: Arc<Groups>,
     /// Told of each of those statements.
@@ -154,6 +158,7 @@ impl PostgresLedger {
         let (changes, _) = broadcast::channel(4096);
         let stop = CancellationToken::new();
         let workers = Workers::default();
+        let held = Held::default();
         let commit_watch = crate::store::CommitWatch::default();
         let groups = Arc::new(Groups::start(
             &staged_pool,
@@ -170,6 +175,7 @@ impl PostgresLedger {
             block_hasher,
             lease: settings.lease,
             workers,
+            held,
             groups,
             commit_watch,
             block_queries: Arc::default(),
@@ -190,6 +196,7 @@ impl PostgresLedger {
         );
         tokio::spawn(stop.run_until_cancelled_owned(renew_leases(
             Arc::clone(&ledger.workers),
+            Arc::clone(&ledger.held),
             ledger.pool.clone(),
             ledger.lease,
         )));
@@ -234,6 +241,14 @@ impl PostgresLedger {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(|row| map(row)).collect()
+    }
+
+    /// Forgets a delivery this process finished (its lease is no longer renewed).
+    fn let_go(&self, key: DeliveryKey) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
     }
 
     /// Where this view's writes go.
@@ -361,8 +376,12 @@ async fn listen(mut listener: PgListener, changes: broadcast::Sender<LedgerChang
     }
 }
 
-/// Renews the leases of this process's workers three times per lease.
-async fn renew_leases(workers: Workers, pool: PgPool, lease: Duration) {
+/// The deliveries a process holds (claimed, not finished yet).
+type Held = Arc<Mutex<HashSet<DeliveryKey>>>;
+
+/// Renews the leases of the deliveries this process holds three times per lease; forgets the
+/// ones that are no longer in progress under its workers (finished, or taken over).
+async fn renew_leases(workers: Workers, held: Held, pool: PgPool, lease: Duration) {
     let every = lease / 3;
     loop {
         tokio::time::sleep(every).await;
@@ -372,23 +391,41 @@ async fn renew_leases(workers: Workers, pool: PgPool, lease: Duration) {
             .iter()
             .cloned()
             .collect();
-        if names.is_empty() {
+        let keys: Vec<DeliveryKey> = held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if names.is_empty() || keys.is_empty() {
             continue;
         }
         let until = micros(Timestamp::now()) + lease.as_micros() as i64;
         // Rows locked in key order, as the grouped writes lock them (no deadlock with them).
-        let renewed = sqlx::query(
+        let renewed: Result<Vec<i64>, _> = sqlx::query_scalar(
             "UPDATE deliveries d SET lease_until = $1
-             FROM (SELECT id FROM deliveries WHERE status = 'IN_PROGRESS' AND owner = ANY($2)
+             FROM (SELECT id FROM deliveries
+                   WHERE id = ANY($3) AND status = 'IN_PROGRESS' AND owner = ANY($2)
                    ORDER BY id FOR UPDATE) own
-             WHERE d.id = own.id",
+             WHERE d.id = own.id
+             RETURNING d.id",
         )
         .bind(until)
         .bind(&names)
-        .execute(&pool)
+        .bind(&keys)
+        .fetch_all(&pool)
         .await;
-        if let Err(error) = renewed {
-            tracing::warn!(%error, "could not renew this replica's leases: another replica may take its deliveries over once they run out");
+        match renewed {
+            Ok(renewed) => {
+                let renewed: HashSet<DeliveryKey> = renewed.into_iter().collect();
+                let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+                for key in keys.iter().filter(|key| !renewed.contains(key)) {
+                    held.remove(key);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not renew this replica's leases: another replica may take its deliveries over once they run out");
+            }
         }
     }
 }
@@ -519,7 +556,14 @@ impl Ledger for PostgresLedger {
                 claimed
             }
         };
-        claimed.into_claim(new, now, |key| self.load(key)).await
+        let claim = claimed.into_claim(new, now, |key| self.load(key)).await?;
+        if let Claim::Started(key, _) | Claim::Resumed(key, _) = &claim {
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*key);
+        }
+        Ok(claim)
     }
 
     async fn start_attempt(
@@ -650,6 +694,7 @@ impl Ledger for PostgresLedger {
                 })
                 .await?;
             if written {
+                self.let_go(key);
                 self.settle().await?;
                 return Ok(outcome.conclude(known.report, now));
             }
@@ -672,6 +717,7 @@ impl Ledger for PostgresLedger {
         let mut tx = conn.begin().await?;
         let report = writes::finish(&mut tx, key, now, &decide, None, &self.owners()).await?;
         tx.commit().await?;
+        self.let_go(key);
         Ok(report)
     }
 
@@ -1320,6 +1366,78 @@ pub(crate) mod tests {
         }
     }
 
+    /// A delivery's end (its status, with its last call's end) stays on the row's page without
+    /// a new entry in any of the delivery's indexes (a heap-only update).
+    #[tokio::test]
+    async fn a_delivery_s_end_is_a_heap_only_update() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let ledger = PostgresLedger::connect(&database.settings()).await.unwrap();
+        let staged = ledger.staged();
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        let news: Vec<_> = (0..60)
+            .map(|i| crate::store::contract::new_delivery(&format!("hot-{i}")))
+            .collect();
+        let ends = news.iter().map(|new| {
+            let staged = Arc::clone(&staged);
+            async move {
+                let Claim::Started(key, mut known) =
+                    staged.claim(new, "a", false, now).await.unwrap()
+                else {
+                    panic!("a new delivery starts");
+                };
+                let attempt = staged.start_attempt(key, &sms_start(1, now)).await.unwrap();
+                let end = sent_end(now, "m");
+                known.revision += 1;
+                known.pending_end = Some(crate::store::PendingEnd {
+                    attempt,
+                    update: TargetUpdate::after(crate::domain::Channel::Sms, &end),
+                    end,
+                    target: 1,
+                });
+                let outcome = |_: &crate::domain::Report| crate::store::Outcome {
+                    status: crate::domain::DeliveryStatus::Sent,
+                    reason: None,
+                    summary: String::new(),
+                };
+                let report = staged
+                    .finish(key, now, Arc::new(outcome), Some(known))
+                    .await
+                    .unwrap();
+                assert_eq!(report.status, crate::domain::DeliveryStatus::Sent);
+            }
+        });
+        futures_util::future::join_all(ends).await;
+        ledger.staged_pool.close().await;
+        ledger.pool.close().await;
+        drop((staged, ledger));
+        let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (updates, heap_only): (i64, i64) = sqlx::query_as(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+                 WHERE relname = 'deliveries'",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            if updates >= 60 || tokio::time::Instant::now() > deadline {
+                assert!(updates >= 60, "{updates} updates of 60 deliveries reported");
+                assert!(
+                    heap_only * 10 >= updates * 9,
+                    "only {heap_only} of {updates} updates of deliveries were heap-only"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            sqlx::query("SELECT pg_stat_clear_snapshot()")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn a_replica_whose_delivery_was_taken_over_writes_nothing_to_it() {
         let Some(database) = TempDatabase::create().await else {
@@ -1404,10 +1522,11 @@ pub(crate) mod tests {
         assert_eq!(until, now + jiff::SignedDuration::from_secs(30));
         // Once it ran out, `b` takes it over, whether or not the job came back redelivered.
         let after = until + jiff::SignedDuration::from_secs(1);
-        assert!(matches!(
-            ledger.claim(&new, "b", false, after).await.unwrap(),
-            Claim::Resumed(..)
-        ));
+        let Claim::Resumed(key, _) = ledger.claim(&new, "b", false, after).await.unwrap() else {
+            panic!("an expired lease is taken over");
+        };
+        let held = |ledger: &PostgresLedger| ledger.held.lock().unwrap().contains(&key);
+        assert!(held(&ledger), "the replica renews what it holds");
         // `b`'s lease is renewed while it works: `c` still finds it held later on.
         ledger.workers.lock().unwrap().insert("b".into());
         sqlx::query("UPDATE deliveries SET lease_until = 0")
@@ -1416,6 +1535,7 @@ pub(crate) mod tests {
             .unwrap();
         let renewing = tokio::spawn(renew_leases(
             Arc::clone(&ledger.workers),
+            Arc::clone(&ledger.held),
             ledger.pool.clone(),
             Duration::from_secs(3),
         ));
@@ -1435,6 +1555,44 @@ pub(crate) mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Taken over by another replica meanwhile: no longer renewed, and forgotten.
+        sqlx::query("UPDATE deliveries SET owner = 'z'")
+            .execute(&ledger.pool)
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while held(&ledger) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a delivery another replica took over is still renewed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         renewing.abort();
+
+        // A delivery this replica finishes is let go at once.
+        let Claim::Started(key, _) = ledger
+            .claim(
+                &crate::store::contract::new_delivery("let-go"),
+                "b",
+                false,
+                now,
+            )
+            .await
+            .unwrap()
+        else {
+            panic!("a new delivery starts");
+        };
+        assert!(ledger.held.lock().unwrap().contains(&key));
+        let outcome = |_: &crate::domain::Report| crate::store::Outcome {
+            status: crate::domain::DeliveryStatus::Sent,
+            reason: None,
+            summary: String::new(),
+        };
+        ledger
+            .finish(key, now, Arc::new(outcome), None)
+            .await
+            .unwrap();
+        assert!(!ledger.held.lock().unwrap().contains(&key));
     }
 }
