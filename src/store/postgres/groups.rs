@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use super::batch::{BatchResult, Batcher, RunBatch};
 use super::rows::{ALL_TENANTS, block_from_row};
@@ -319,94 +319,149 @@ async fn start_attempts(
         .collect())
 }
 
-/// Records how the provider calls ended with their targets' new states; per end, a Conflict
-/// where the delivery was taken over by another replica.
-async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> BatchResult<()> {
-    let count = items.len();
-    let mut keys = Vec::with_capacity(count);
-    let mut attempts = Vec::with_capacity(count);
-    let mut ended = Vec::with_capacity(count);
-    let mut outcomes = Vec::with_capacity(count);
-    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut codes: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut messages: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut message_ids: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut next_retries: Vec<Option<i64>> = Vec::with_capacity(count);
-    let mut invalid_since: Vec<Option<i64>> = Vec::with_capacity(count);
-    let mut indexes = Vec::with_capacity(count);
-    let mut channels = Vec::with_capacity(count);
-    let mut statuses = Vec::with_capacity(count);
-    let mut target_reasons: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut details: Vec<Option<&str>> = Vec::with_capacity(count);
-    for item in items {
-        let (end, update) = (&item.end, &item.update);
-        keys.push(item.key);
-        attempts.push(item.attempt);
-        ended.push(super::rows::micros(end.ended_at));
-        outcomes.push(end.outcome.as_str());
-        reasons.push(end.reason.map(FailureReason::as_str));
-        codes.push(end.provider_code.as_deref());
-        messages.push(end.provider_message.as_deref());
-        message_ids.push(end.provider_message_id.as_deref());
-        next_retries.push(end.next_retry_at.map(super::rows::micros));
-        invalid_since.push(end.token_invalid_since.map(super::rows::micros));
-        indexes.push(item.target as i32);
-        channels.push(update.channel.as_str());
-        statuses.push(update.status.as_str());
-        target_reasons.push(update.reason.map(FailureReason::as_str));
-        details.push(update.detail.as_deref());
+/// The columns of provider calls' ends and their targets' new states, one row per write (all
+/// NULL for a write that carries no end), bound in this order after the statement's earlier
+/// parameters, and unnested as [`END_COLUMNS`] names them.
+#[derive(Default)]
+struct EndColumns<'a> {
+    attempts: Vec<Option<i64>>,
+    ended: Vec<Option<i64>>,
+    outcomes: Vec<Option<&'a str>>,
+    reasons: Vec<Option<&'a str>>,
+    codes: Vec<Option<&'a str>>,
+    messages: Vec<Option<&'a str>>,
+    message_ids: Vec<Option<&'a str>>,
+    next_retries: Vec<Option<i64>>,
+    invalid_since: Vec<Option<i64>>,
+    indexes: Vec<Option<i32>>,
+    channels: Vec<Option<&'a str>>,
+    statuses: Vec<Option<&'a str>>,
+    target_reasons: Vec<Option<&'a str>>,
+    details: Vec<Option<&'a str>>,
+}
+
+impl<'a> EndColumns<'a> {
+    fn push(&mut self, end: Option<(AttemptKey, &'a AttemptEnd, u32, &'a TargetUpdate)>) {
+        let attempt = end.map(|(attempt, ..)| attempt);
+        let update = end.map(|(.., update)| update);
+        let (end, target) = (end.map(|(_, end, ..)| end), end.map(|(_, _, t, _)| t));
+        self.attempts.push(attempt);
+        self.ended
+            .push(end.map(|e| super::rows::micros(e.ended_at)));
+        self.outcomes.push(end.map(|e| e.outcome.as_str()));
+        self.reasons
+            .push(end.and_then(|e| e.reason.map(FailureReason::as_str)));
+        self.codes
+            .push(end.and_then(|e| e.provider_code.as_deref()));
+        self.messages
+            .push(end.and_then(|e| e.provider_message.as_deref()));
+        self.message_ids
+            .push(end.and_then(|e| e.provider_message_id.as_deref()));
+        self.next_retries
+            .push(end.and_then(|e| e.next_retry_at.map(super::rows::micros)));
+        self.invalid_since
+            .push(end.and_then(|e| e.token_invalid_since.map(super::rows::micros)));
+        self.indexes.push(target.map(|t| t as i32));
+        self.channels.push(update.map(|u| u.channel.as_str()));
+        self.statuses.push(update.map(|u| u.status.as_str()));
+        self.target_reasons
+            .push(update.and_then(|u| u.reason.map(FailureReason::as_str)));
+        self.details.push(update.and_then(|u| u.detail.as_deref()));
     }
-    let rows = sqlx::query(
-        "WITH x AS (
-             SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
-                                  $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
-                                  $11::int[], $12::text[], $13::text[], $14::text[], $15::text[])
-                 AS x (delivery, attempt, ended_at, outcome, reason, provider_code,
-                       provider_message, provider_message_id, next_retry_at, token_invalid_since,
-                       idx, channel, status, target_reason, detail)
-         ), own AS (
-             SELECT id FROM deliveries
-             WHERE id = ANY($1) AND (status <> 'IN_PROGRESS' OR owner = ANY($16))
-             ORDER BY id FOR UPDATE
-         ), a AS (
-             UPDATE attempts SET ended_at = x.ended_at, outcome = x.outcome, reason = x.reason,
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.attempts)
+            .bind(&self.ended)
+            .bind(&self.outcomes)
+            .bind(&self.reasons)
+            .bind(&self.codes)
+            .bind(&self.messages)
+            .bind(&self.message_ids)
+            .bind(&self.next_retries)
+            .bind(&self.invalid_since)
+            .bind(&self.indexes)
+            .bind(&self.channels)
+            .bind(&self.statuses)
+            .bind(&self.target_reasons)
+            .bind(&self.details)
+    }
+}
+
+/// The names [`EndColumns`] are unnested as, in their order.
+const END_COLUMNS: &str = "attempt, ended_at, outcome, end_reason, provider_code, provider_message,
+     provider_message_id, next_retry_at, token_invalid_since, idx, channel, target_status,
+     target_reason, detail";
+
+/// The statement parts that write the ends of `x` (unnested with [`END_COLUMNS`]) for the
+/// deliveries in `own`: `a`, the attempts (whose keys are parameter `$attempts`), and `t`, their
+/// targets (the deliveries' keys are `$1`).
+macro_rules! end_writes {
+    ($attempts:literal) => {
+        concat!(
+            "a AS (
+             UPDATE attempts SET ended_at = x.ended_at, outcome = x.outcome, reason = x.end_reason,
                                  provider_code = x.provider_code,
                                  provider_message = x.provider_message,
                                  provider_message_id = x.provider_message_id,
                                  next_retry_at = x.next_retry_at,
                                  token_invalid_since = x.token_invalid_since
              FROM x JOIN own ON own.id = x.delivery
-             WHERE attempts.id = x.attempt AND attempts.id = ANY($2)
+             WHERE attempts.id = x.attempt AND attempts.id = ANY(",
+            $attempts,
+            ")
          ), t AS (
-             UPDATE targets SET channel = x.channel, status = x.status, reason = x.target_reason,
-                                detail = x.detail
+             UPDATE targets SET channel = x.channel, status = x.target_status,
+                                reason = x.target_reason, detail = x.detail
              FROM x JOIN own ON own.id = x.delivery
-             WHERE targets.delivery = x.delivery AND targets.idx = x.idx
+             WHERE x.attempt IS NOT NULL AND targets.delivery = x.delivery AND targets.idx = x.idx
                    AND targets.delivery = ANY($1)
-         )
-         UPDATE deliveries d SET updated_at = x.ended_at, revision = d.revision + 1
-         FROM x JOIN own ON own.id = x.delivery
-         WHERE d.id = x.delivery AND d.id = ANY($1)
-         RETURNING d.id",
-    )
-    .bind(&keys)
-    .bind(&attempts)
-    .bind(&ended)
-    .bind(&outcomes)
-    .bind(&reasons)
-    .bind(&codes)
-    .bind(&messages)
-    .bind(&message_ids)
-    .bind(&next_retries)
-    .bind(&invalid_since)
-    .bind(&indexes)
-    .bind(&channels)
-    .bind(&statuses)
-    .bind(&target_reasons)
-    .bind(&details)
-    .bind(owners)
-    .fetch_all(pool)
-    .await?;
+         )"
+        )
+    };
+}
+
+/// The types of [`EndColumns`]' parameters from `$2` (`finish_attempts`) ...
+const END_TYPES_FROM_2: &str = "$2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+     $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::int[], $12::text[], $13::text[],
+     $14::text[], $15::text[]";
+
+/// ... and from `$9` (`finish_deliveries`).
+const END_TYPES_FROM_9: &str = "$9::bigint[], $10::bigint[], $11::text[], $12::text[],
+     $13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::int[], $19::text[],
+     $20::text[], $21::text[], $22::text[]";
+
+/// Records how the provider calls ended with their targets' new states; per end, a Conflict
+/// where the delivery was taken over by another replica.
+async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> BatchResult<()> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH x AS (
+                 SELECT * FROM UNNEST($1::bigint[], {END_TYPES_FROM_2})
+                     AS x (delivery, {END_COLUMNS})
+             ), own AS (
+                 SELECT id FROM deliveries
+                 WHERE id = ANY($1) AND (status <> 'IN_PROGRESS' OR owner = ANY($16))
+                 ORDER BY id FOR UPDATE
+             ), {}
+             UPDATE deliveries d SET updated_at = x.ended_at, revision = d.revision + 1
+             FROM x JOIN own ON own.id = x.delivery
+             WHERE d.id = x.delivery AND d.id = ANY($1)
+             RETURNING d.id",
+            end_writes!("$2")
+        )
+    });
+    let mut keys = Vec::with_capacity(items.len());
+    let mut ends = EndColumns::default();
+    for item in items {
+        keys.push(item.key);
+        ends.push(Some((item.attempt, &item.end, item.target, &item.update)));
+    }
+    let query = ends.bind(sqlx::query(AssertSqlSafe(SQL.as_str())).bind(&keys));
+    let rows = query.bind(owners).fetch_all(pool).await?;
     fenced(&keys, &rows)
 }
 
@@ -419,6 +474,27 @@ async fn finish_deliveries(
     items: &[Finish],
     owners: &[String],
 ) -> BatchResult<bool> {
+    static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "WITH x AS (
+                 SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[],
+                                      $5::bigint[], $6::bigint[], $7::bigint[], {END_TYPES_FROM_9})
+                     AS x (delivery, status, reason, summary, now, revision, steps, {END_COLUMNS})
+             ), own AS (
+                 SELECT d.id FROM deliveries d JOIN x ON x.delivery = d.id
+                 WHERE d.id = ANY($1) AND d.revision = x.revision
+                       AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($8))
+                 ORDER BY d.id FOR UPDATE OF d
+             ), {}
+             UPDATE deliveries d SET status = x.status, reason = x.reason, summary = x.summary,
+                                     updated_at = x.now, revision = d.revision + x.steps,
+                                     lease_until = NULL
+             FROM x JOIN own ON own.id = x.delivery
+             WHERE d.id = x.delivery AND d.id = ANY($1) AND d.revision = x.revision
+             RETURNING d.id",
+            end_writes!("$9")
+        )
+    });
     let count = items.len();
     let mut keys = Vec::with_capacity(count);
     let mut statuses = Vec::with_capacity(count);
@@ -427,20 +503,7 @@ async fn finish_deliveries(
     let mut nows = Vec::with_capacity(count);
     let mut revisions = Vec::with_capacity(count);
     let mut steps = Vec::with_capacity(count);
-    let mut attempts: Vec<Option<i64>> = Vec::with_capacity(count);
-    let mut ended: Vec<Option<i64>> = Vec::with_capacity(count);
-    let mut outcomes: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut end_reasons: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut codes: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut messages: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut message_ids: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut next_retries: Vec<Option<i64>> = Vec::with_capacity(count);
-    let mut invalid_since: Vec<Option<i64>> = Vec::with_capacity(count);
-    let mut indexes: Vec<Option<i32>> = Vec::with_capacity(count);
-    let mut channels: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut target_statuses: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut target_reasons: Vec<Option<&str>> = Vec::with_capacity(count);
-    let mut details: Vec<Option<&str>> = Vec::with_capacity(count);
+    let mut ends = EndColumns::default();
     for item in items {
         keys.push(item.key);
         statuses.push(item.outcome.status.as_str());
@@ -449,85 +512,22 @@ async fn finish_deliveries(
         nows.push(item.now);
         revisions.push(item.revision as i64);
         steps.push(if item.end.is_some() { 2_i64 } else { 1 });
-        let end = item.end.as_ref();
-        attempts.push(end.map(|p| p.attempt));
-        ended.push(end.map(|p| super::rows::micros(p.end.ended_at)));
-        outcomes.push(end.map(|p| p.end.outcome.as_str()));
-        end_reasons.push(end.and_then(|p| p.end.reason.map(FailureReason::as_str)));
-        codes.push(end.and_then(|p| p.end.provider_code.as_deref()));
-        messages.push(end.and_then(|p| p.end.provider_message.as_deref()));
-        message_ids.push(end.and_then(|p| p.end.provider_message_id.as_deref()));
-        next_retries.push(end.and_then(|p| p.end.next_retry_at.map(super::rows::micros)));
-        invalid_since.push(end.and_then(|p| p.end.token_invalid_since.map(super::rows::micros)));
-        indexes.push(end.map(|p| p.target as i32));
-        channels.push(end.map(|p| p.update.channel.as_str()));
-        target_statuses.push(end.map(|p| p.update.status.as_str()));
-        target_reasons.push(end.and_then(|p| p.update.reason.map(FailureReason::as_str)));
-        details.push(end.and_then(|p| p.update.detail.as_deref()));
+        ends.push(
+            item.end
+                .as_ref()
+                .map(|p| (p.attempt, &p.end, p.target, &p.update)),
+        );
     }
-    let rows = sqlx::query(
-        "WITH x AS (
-             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                                  $6::bigint[], $7::bigint[], $9::bigint[], $10::bigint[],
-                                  $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
-                                  $16::bigint[], $17::bigint[], $18::int[], $19::text[],
-                                  $20::text[], $21::text[], $22::text[])
-                 AS x (delivery, status, reason, summary, now, revision, steps, attempt,
-                       ended_at, outcome, end_reason, provider_code, provider_message,
-                       provider_message_id, next_retry_at, token_invalid_since, idx, channel,
-                       target_status, target_reason, detail)
-         ), own AS (
-             SELECT d.id FROM deliveries d JOIN x ON x.delivery = d.id
-             WHERE d.id = ANY($1) AND d.revision = x.revision
-                   AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($8))
-             ORDER BY d.id FOR UPDATE OF d
-         ), a AS (
-             UPDATE attempts SET ended_at = x.ended_at, outcome = x.outcome, reason = x.end_reason,
-                                 provider_code = x.provider_code,
-                                 provider_message = x.provider_message,
-                                 provider_message_id = x.provider_message_id,
-                                 next_retry_at = x.next_retry_at,
-                                 token_invalid_since = x.token_invalid_since
-             FROM x JOIN own ON own.id = x.delivery
-             WHERE attempts.id = x.attempt AND attempts.id = ANY($9)
-         ), t AS (
-             UPDATE targets SET channel = x.channel, status = x.target_status,
-                                reason = x.target_reason, detail = x.detail
-             FROM x JOIN own ON own.id = x.delivery
-             WHERE x.attempt IS NOT NULL AND targets.delivery = x.delivery AND targets.idx = x.idx
-                   AND targets.delivery = ANY($1)
-         )
-         UPDATE deliveries d SET status = x.status, reason = x.reason, summary = x.summary,
-                                 updated_at = x.now, revision = d.revision + x.steps,
-                                 lease_until = NULL
-         FROM x JOIN own ON own.id = x.delivery
-         WHERE d.id = x.delivery AND d.id = ANY($1) AND d.revision = x.revision
-         RETURNING d.id",
-    )
-    .bind(&keys)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&summaries)
-    .bind(&nows)
-    .bind(&revisions)
-    .bind(&steps)
-    .bind(owners)
-    .bind(&attempts)
-    .bind(&ended)
-    .bind(&outcomes)
-    .bind(&end_reasons)
-    .bind(&codes)
-    .bind(&messages)
-    .bind(&message_ids)
-    .bind(&next_retries)
-    .bind(&invalid_since)
-    .bind(&indexes)
-    .bind(&channels)
-    .bind(&target_statuses)
-    .bind(&target_reasons)
-    .bind(&details)
-    .fetch_all(pool)
-    .await?;
+    let query = sqlx::query(AssertSqlSafe(SQL.as_str()))
+        .bind(&keys)
+        .bind(&statuses)
+        .bind(&reasons)
+        .bind(&summaries)
+        .bind(&nows)
+        .bind(&revisions)
+        .bind(&steps)
+        .bind(owners);
+    let rows = ends.bind(query).fetch_all(pool).await?;
     let written = returned(&rows)?;
     Ok(keys.iter().map(|key| Ok(written.contains(key))).collect())
 }

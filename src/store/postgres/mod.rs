@@ -1331,32 +1331,46 @@ pub(crate) mod tests {
                 .await;
             assert!(ended.iter().all(Result::is_ok), "{ended:?}");
         }
-        // Closing the connections makes their backends report what they read.
+        drop(staged);
+        let rows: Vec<(String, i64, i64)> = statistics_after(
+            ledger,
+            &database.url,
+            // Rows read by whole-table scans (PostgreSQL 15 counts a bitmap heap scan in
+            // `seq_scan` too, but it reads no rows that way).
+            "SELECT relname::text, seq_tup_read, COALESCE(idx_scan, 0) FROM pg_stat_user_tables
+             WHERE relname IN ('attempts', 'targets') ORDER BY relname",
+            |rows: &Vec<(String, i64, i64)>| rows.iter().all(|(_, _, by_index)| *by_index > 0),
+        )
+        .await;
+        for (table, scanned, by_index) in &rows {
+            assert_eq!(
+                *scanned, 0,
+                "{table}: {scanned} rows read by whole-table scans ({by_index} index scans)"
+            );
+            assert!(*by_index > 0, "{table}: no index scan was reported");
+        }
+    }
+
+    /// Closes `ledger`'s connections (their backends then report what they did) and reads
+    /// `query` from the statistics views until `reported` holds, or for 10 s.
+    async fn statistics_after<T>(
+        ledger: PostgresLedger,
+        url: &str,
+        query: &'static str,
+        reported: impl Fn(&Vec<T>) -> bool,
+    ) -> Vec<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    {
         ledger.staged_pool.close().await;
         ledger.pool.close().await;
-        drop((staged, ledger));
-        let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+        drop(ledger);
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-                // Rows read by whole-table scans (PostgreSQL 15 counts a bitmap heap scan in
-                // `seq_scan` too, but it reads no rows that way).
-                "SELECT relname::text, seq_tup_read, COALESCE(idx_scan, 0) FROM pg_stat_user_tables
-                 WHERE relname IN ('attempts', 'targets') ORDER BY relname",
-            )
-            .fetch_all(&mut conn)
-            .await
-            .unwrap();
-            let reported = rows.iter().all(|(_, _, by_index)| *by_index > 0);
-            if reported || tokio::time::Instant::now() > deadline {
-                for (table, scanned, by_index) in &rows {
-                    assert_eq!(
-                        *scanned, 0,
-                        "{table}: {scanned} rows read by whole-table scans ({by_index} index scans)"
-                    );
-                    assert!(*by_index > 0, "{table}: no index scan was reported");
-                }
-                break;
+            let rows: Vec<T> = sqlx::query_as(query).fetch_all(&mut conn).await.unwrap();
+            if reported(&rows) || tokio::time::Instant::now() > deadline {
+                return rows;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             sqlx::query("SELECT pg_stat_clear_snapshot()")
@@ -1409,33 +1423,20 @@ pub(crate) mod tests {
             }
         });
         futures_util::future::join_all(ends).await;
-        ledger.staged_pool.close().await;
-        ledger.pool.close().await;
-        drop((staged, ledger));
-        let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let (updates, heap_only): (i64, i64) = sqlx::query_as(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
-                 WHERE relname = 'deliveries'",
-            )
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
-            if updates >= 60 || tokio::time::Instant::now() > deadline {
-                assert!(updates >= 60, "{updates} updates of 60 deliveries reported");
-                assert!(
-                    heap_only * 10 >= updates * 9,
-                    "only {heap_only} of {updates} updates of deliveries were heap-only"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            sqlx::query("SELECT pg_stat_clear_snapshot()")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
+        drop(staged);
+        let counts: Vec<(i64, i64)> = statistics_after(
+            ledger,
+            &database.url,
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'deliveries'",
+            |rows: &Vec<(i64, i64)>| rows.first().is_some_and(|(updates, _)| *updates >= 60),
+        )
+        .await;
+        let (updates, heap_only) = counts[0];
+        assert!(updates >= 60, "{updates} updates of 60 deliveries reported");
+        assert!(
+            heap_only * 10 >= updates * 9,
+            "only {heap_only} of {updates} updates of deliveries were heap-only"
+        );
     }
 
     #[tokio::test]
