@@ -77,16 +77,27 @@ async fn one_trace_runs_from_the_upstream_call_through_the_queue_to_the_provider
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
-    // The SMS provider: a generic HTTP one, so the attempt makes an HTTP request.
+    // The SMS provider: a generic HTTP one, so each attempt makes an HTTP request. It is down
+    // (503) for the first request and takes the retry.
     let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hook_port = hook.local_addr().unwrap().port();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let app = axum::Router::new().route(
         "/send",
-        axum::routing::post(|| async {
-            (
-                axum::http::StatusCode::ACCEPTED,
-                axum::Json(serde_json::json!({"id": "hook-1"})),
-            )
+        axum::routing::post(move || {
+            let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    return (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(serde_json::json!({"error": "down"})),
+                    );
+                }
+                (
+                    axum::http::StatusCode::ACCEPTED,
+                    axum::Json(serde_json::json!({"id": "hook-1"})),
+                )
+            }
         }),
     );
     tokio::spawn(async move { axum::serve(hook, app).await.unwrap() });
@@ -100,6 +111,7 @@ kind = "http"
 url = "http://127.0.0.1:{hook_port}/send"
 body = '{{"to": "{{{{to}}}}", "text": "{{{{text}}}}"}}'
 message_id_field = "/id"
+retry = {{ initial_interval = "10ms" }}
 
 [routes]
 sms = ["hook"]
@@ -242,21 +254,44 @@ sms = ["hook"]
     assert_eq!(hex(&process.parent_span_id), hex(&publish.span_id));
     assert_eq!(attribute(provider, "to").as_deref(), Some("+1415•••0101"));
     assert_eq!(attribute(provider, "otp.provider").as_deref(), Some("hook"));
-    // The attempt's HTTP request: a client span under it, per the HTTP conventions.
-    let http = named("POST");
-    assert_eq!(hex(&http.parent_span_id), hex(&provider.span_id));
-    assert_eq!(http.kind, 3, "SPAN_KIND_CLIENT");
-    for (key, value) in [
-        ("http.request.method", "POST".to_owned()),
-        ("server.address", "127.0.0.1".to_owned()),
-        ("server.port", hook_port.to_string()),
-        ("url.scheme", "http".to_owned()),
-        ("http.response.status_code", "202".to_owned()),
-        ("network.protocol.version", "1.1".to_owned()),
-    ] {
-        assert_eq!(attribute(http, key), Some(value), "{key}");
+    // Each attempt's HTTP request: a client span under it, per the HTTP conventions; the
+    // refused one says why and is marked failed.
+    let requests: Vec<&Span> = traced
+        .iter()
+        .copied()
+        .filter(|s| s.name == "POST")
+        .collect();
+    assert_eq!(requests.len(), 2, "{names:?}");
+    for http in &requests {
+        let attempt = by_id[&hex(&http.parent_span_id)];
+        assert_eq!(attempt.name, "hook sms");
+        assert_eq!(http.kind, 3, "SPAN_KIND_CLIENT");
+        for (key, value) in [
+            ("http.request.method", "POST".to_owned()),
+            ("server.address", "127.0.0.1".to_owned()),
+            ("server.port", hook_port.to_string()),
+            ("url.scheme", "http".to_owned()),
+            ("network.protocol.version", "1.1".to_owned()),
+        ] {
+            assert_eq!(attribute(http, key), Some(value), "{key}");
+        }
     }
-    assert_eq!(attribute(http, "error.type"), None);
+    let status = |http: &Span| attribute(http, "http.response.status_code");
+    let refused = requests
+        .iter()
+        .find(|http| status(http).as_deref() == Some("503"))
+        .expect("the refused request");
+    assert_eq!(attribute(refused, "error.type").as_deref(), Some("503"));
+    assert_eq!(
+        refused.status.as_ref().map(|s| s.code),
+        Some(2),
+        "STATUS_CODE_ERROR"
+    );
+    let accepted = requests
+        .iter()
+        .find(|http| status(http).as_deref() == Some("202"))
+        .expect("the accepted request");
+    assert_eq!(attribute(accepted, "error.type"), None);
     assert_eq!(
         attribute(publish, "messaging.destination.name").as_deref(),
         Some(names_of(&broker).jobs_exchange.as_str())
