@@ -63,7 +63,7 @@ impl Dispatcher {
                         seen.stopped_by_deadline = true;
                         break 'providers;
                     }
-                    let Some(slot) = self.call_slot(entry, deadline, progress).await else {
+                    let Some(slot) = self.call_slot(entry, deadline, progress).await? else {
                         self.cancel_retry(planned_retry.take(), index, channel, progress)
                             .await?;
                         tracing::warn!(
@@ -150,7 +150,7 @@ impl Dispatcher {
             if seen.stopped_by_deadline
                 || !self
                     .wait_for_route(&route, channel, deadline, &mut waiting_since, progress)
-                    .await
+                    .await?
             {
                 break 'rounds;
             }
@@ -167,6 +167,7 @@ impl Dispatcher {
     /// the code has time left: waits for a circuit to let a call through again (its cool-down
     /// ending, a probe's success) and returns true to go round the route once more. Waits are
     /// bounded by `circuit_wait` in all (from `waiting_since`) and never pass the deadline.
+    /// The last call's end is written before waiting.
     pub(super) async fn wait_for_route(
         &self,
         route: &Route<'_>,
@@ -174,9 +175,9 @@ impl Dispatcher {
         deadline: Timestamp,
         waiting_since: &mut Option<Instant>,
         progress: &Progress<'_>,
-    ) -> bool {
+    ) -> Result<bool, StoreError> {
         if route.providers.is_empty() || self.settings.circuit_wait.is_zero() {
-            return false;
+            return Ok(false);
         }
         let route_key = route.prefix.unwrap_or(DEFAULT_ROUTE);
         let now = Instant::now();
@@ -195,11 +196,11 @@ impl Dispatcher {
             .iter()
             .any(|pair| pair.iter().all(|b| b.takes_calls(now)))
         {
-            return false;
+            return Ok(false);
         }
         let left = deadline.duration_since(progress.now());
         if !left.is_positive() {
-            return false;
+            return Ok(false);
         }
         let since = *waiting_since.get_or_insert_with(|| {
             tracing::info!(channel = %channel, "every provider's circuit is open: waiting for one to take calls again");
@@ -207,7 +208,7 @@ impl Dispatcher {
         });
         let until = (since + self.settings.circuit_wait).min(now + left.unsigned_abs());
         if now >= until {
-            return false;
+            return Ok(false);
         }
         // A provider takes calls when both its circuits do: the later of their chances. A
         // probe under way has none of its own (its result wakes us).
@@ -227,31 +228,35 @@ impl Dispatcher {
                 .flatten()
                 .map(|breaker| Box::pin(breaker.changed())),
         );
+        progress.write_held_end().await?;
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
             _ = changes => {}
         }
-        true
+        Ok(true)
     }
 
     /// A slot for one call to `entry` (one of its `max_concurrent_calls`), waiting for a call
     /// to end while all are open, for at most the provider timeout and never past the deadline;
-    /// `None` when none came free.
+    /// `None` when none came free. The last call's end is written before waiting.
     pub(super) async fn call_slot(
         &self,
         entry: &ProviderEntry,
         deadline: Timestamp,
         progress: &Progress<'_>,
-    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, StoreError> {
         if let Ok(slot) = Arc::clone(&entry.calls).try_acquire_owned() {
-            return Some(slot);
+            return Ok(Some(slot));
         }
+        progress.write_held_end().await?;
         let left = progress.time_left(deadline);
         let wait = self.settings.provider_timeout.min(left);
-        tokio::time::timeout(wait, Arc::clone(&entry.calls).acquire_owned())
-            .await
-            .ok()?
-            .ok()
+        Ok(
+            tokio::time::timeout(wait, Arc::clone(&entry.calls).acquire_owned())
+                .await
+                .ok()
+                .and_then(Result::ok),
+        )
     }
 
     /// A planned retry that will not happen after all (the deadline passed while waiting, or

@@ -4,7 +4,8 @@
 //! A provider call's end is held back until the delivery's next write, wait or flush: when
 //! the next is the delivery's end (the common case: the call reached its target), the ledger
 //! writes both at once (see [`KnownReport::pending_end`]), one statement instead of two. Every
-//! other write, every wait for what another task writes, and every flush writes it first.
+//! other write, every flush and every wait (for a receipt or an acknowledgement, a retry's
+//! back-off, a circuit, a free call slot) writes it first.
 
 use std::sync::{Arc, Mutex};
 
@@ -66,7 +67,7 @@ impl Progress<'_> {
         &self,
         start: &AttemptStart,
     ) -> Result<AttemptKey, StoreError> {
-        self.write_pending_end().await?;
+        self.write_held_end().await?;
         let attempt = self.ledger.start_attempt(self.key, start).await?;
         let mut own = lock(&self.own);
         let OwnWrites { known, attempts } = &mut *own;
@@ -147,7 +148,7 @@ impl Progress<'_> {
         index: usize,
         update: &TargetUpdate,
     ) -> Result<(), StoreError> {
-        self.write_pending_end().await?;
+        self.write_held_end().await?;
         self.ledger
             .update_target(self.key, index as u32, update, self.now())
             .await?;
@@ -162,12 +163,12 @@ impl Progress<'_> {
     /// Waits until everything written so far is on disk: before a retry's back-off and before
     /// waiting for a device, so a worker that takes over after a power cut finds what was sent.
     pub(crate) async fn flush(&self) -> Result<(), StoreError> {
-        self.write_pending_end().await?;
+        self.write_held_end().await?;
         self.ledger.flush().await
     }
 
-    /// Writes the provider call's end held back, if there is one.
-    async fn write_pending_end(&self) -> Result<(), StoreError> {
+    /// Writes the provider call's end held back, if there is one: before any wait.
+    pub(crate) async fn write_held_end(&self) -> Result<(), StoreError> {
         let pending = lock(&self.own).known.pending_end.take();
         match pending {
             Some(p) => {

@@ -1425,6 +1425,53 @@ async fn shown_counts_only_from_a_device_that_got_a_push_and_the_answer_shows_th
     assert!(sms.call_times().is_empty());
 }
 
+/// A job that waits for a circuit has its failed call written down first: whoever reads the
+/// delivery meanwhile (GetDelivery, the status page, support) sees why it waits.
+#[tokio::test]
+async fn a_failed_call_is_in_the_ledger_while_its_job_waits_for_the_circuit() {
+    let dir = tempfile::tempdir().unwrap();
+    let once = json!({"max_attempts": 1});
+    let breaker = json!({"consecutive_failures": 1, "cool_down": "2s"});
+    let config = engine_config(
+        dir.path(),
+        json!({"only": provider_settings(dir.path(), "only", once, breaker)}),
+        &[
+            (
+                "routes",
+                json!({"push": ["only"], "sms": ["only"], "voice": ["only"]}),
+            ),
+            ("delivery.circuit_wait", json!("20s")),
+        ],
+    );
+    let only = Scripted::new("only", vec![fail(unavailable())], ok());
+    let service = engine(&config, vec![("only", only.clone())]).await;
+    let job = sms_job("waits", 60.0, &["+14155550101"]);
+    let running = spawn_delivery(&service, job.clone());
+    // The call failed and opened the circuit: the job now waits for the cool-down's probe.
+    let mut seen = None;
+    for _ in 0..150 {
+        if let Some(report) = service.ledger().get(&job.delivery_id()).await.unwrap()
+            && let Some(attempt) = report.targets[0].attempts.first()
+            && attempt.outcome != AttemptOutcome::InFlight
+        {
+            seen = Some((report.status, attempt.outcome, attempt.reason));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        seen,
+        Some((
+            DeliveryStatus::InProgress,
+            AttemptOutcome::Failed,
+            Some(FailureReason::ProviderUnavailable)
+        )),
+        "the failed call is written before the wait"
+    );
+    let report = running.await.unwrap();
+    assert_eq!(report.status, DeliveryStatus::Sent, "{report:#?}");
+}
+
 #[tokio::test]
 async fn jobs_wait_out_an_open_circuit_while_their_codes_are_valid_and_a_probe_releases_them() {
     let dir = tempfile::tempdir().unwrap();
