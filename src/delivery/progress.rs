@@ -38,6 +38,8 @@ pub(super) struct OwnWrites {
     pub(super) known: KnownReport,
     /// Where each attempt they started sits in `known`: its key, target and position.
     pub(super) attempts: Vec<(AttemptKey, usize, usize)>,
+    /// Provider calls started and not ended yet (several devices are pushed at once).
+    pub(super) calls_in_flight: usize,
 }
 
 impl Progress<'_> {
@@ -70,7 +72,9 @@ impl Progress<'_> {
         self.write_held_end().await?;
         let attempt = self.ledger.start_attempt(self.key, start).await?;
         let mut own = lock(&self.own);
-        let OwnWrites { known, attempts } = &mut *own;
+        let OwnWrites {
+            known, attempts, ..
+        } = &mut *own;
         let index = start.target as usize;
         if let Some(target) = known.report.targets.get_mut(index) {
             target.attempts.push(Attempt {
@@ -91,6 +95,7 @@ impl Progress<'_> {
             });
             attempts.push((attempt, index, target.attempts.len() - 1));
         }
+        own.calls_in_flight += 1;
         drop(own);
         self.changed();
         Ok(attempt)
@@ -107,16 +112,27 @@ impl Progress<'_> {
     ) -> Result<(), StoreError> {
         let displaced = {
             let mut own = lock(&self.own);
-            let OwnWrites { known, attempts } = &mut *own;
+            let OwnWrites {
+                known,
+                attempts,
+                calls_in_flight,
+            } = &mut *own;
             known.revision += 1;
-            // Calls to several devices end concurrently: this end is held back, and one held
-            // before it (another device's) is written now.
-            let displaced = known.pending_end.replace(PendingEnd {
+            *calls_in_flight = calls_in_flight.saturating_sub(1);
+            let this = PendingEnd {
                 attempt,
                 end: end.clone(),
                 target: index as u32,
                 update: update.clone(),
-            });
+            };
+            // Held back only when no other call of the delivery is still under way (several
+            // devices are pushed at once): the one under way could take as long as a provider
+            // lets it, and this end must not wait for it. One held before is written now.
+            let displaced = if *calls_in_flight == 0 {
+                known.pending_end.replace(this)
+            } else {
+                Some(this)
+            };
             if let Some(&(_, target, position)) =
                 attempts.iter().find(|(key, _, _)| *key == attempt)
                 && let Some(started) = known.report.targets[target].attempts.get_mut(position)

@@ -229,6 +229,7 @@ impl DeliveryService {
             changes: &self.changes,
             receipts: &self.receipts,
             own: Mutex::new(OwnWrites {
+                calls_in_flight: 0,
                 known: prior.clone(),
                 attempts: Vec::new(),
             }),

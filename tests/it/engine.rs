@@ -546,6 +546,62 @@ async fn pushes_sent(service: &DeliveryService, job_id: &str, devices: usize) {
     panic!("the pushes were never sent");
 }
 
+/// Devices are pushed at once: a push that was accepted is in the ledger while another device's
+/// push is still under way, however long that one takes.
+#[tokio::test]
+async fn a_push_accepted_is_written_while_another_device_s_push_is_under_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = engine_config(
+        dir.path(),
+        json!({"push": provider_settings(dir.path(), "push", json!({}), json!({}))}),
+        &[
+            (
+                "routes",
+                json!({"push": ["push"], "sms": ["push"], "voice": ["push"]}),
+            ),
+            ("delivery.push_ack_timeout", json!("200ms")),
+            ("tenants.quiet.push_acknowledgement", json!(false)),
+        ],
+    );
+    let push = Scripted::new(
+        "push",
+        vec![
+            Step::Accept(Duration::ZERO),
+            Step::Accept(Duration::from_millis(1500)),
+        ],
+        ok(),
+    );
+    let service = engine(&config, vec![("push", push.clone())]).await;
+    let targets = json!([
+        device("phone", "a1b2c3d4e5f6a7b8"),
+        device("ipad", "b2c3d4e5f6a7b8c9")
+    ]);
+    let job = job("two-devices", 60.0, &["push"], targets);
+    let running = spawn_delivery(&service, job.clone());
+    let mut seen = false;
+    for _ in 0..100 {
+        if let Some(report) = service.ledger().get(&job.delivery_id()).await.unwrap() {
+            let outcomes: Vec<AttemptOutcome> = report
+                .targets
+                .iter()
+                .filter_map(|t| t.attempts.first().map(|a| a.outcome))
+                .collect();
+            if outcomes.contains(&AttemptOutcome::Sent)
+                && outcomes.contains(&AttemptOutcome::InFlight)
+            {
+                seen = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        seen,
+        "the quick push was not in the ledger while the slow one was under way"
+    );
+    running.await.unwrap();
+}
+
 #[tokio::test]
 async fn an_unregistered_device_and_no_acknowledgement_escalate_to_sms() {
     let dir = tempfile::tempdir().unwrap();
