@@ -111,6 +111,19 @@ macro_rules! store_contract {
 }
 pub(crate) use store_contract;
 
+/// `new` claimed by `worker` at `now` as a new delivery: its key and the engine's copy.
+pub(crate) async fn started(
+    ledger: &dyn Ledger,
+    new: &NewDelivery,
+    worker: &str,
+    now: Timestamp,
+) -> (super::DeliveryKey, KnownReport) {
+    match ledger.claim(new, worker, false, now).await.unwrap() {
+        Claim::Started(key, known) => (key, known),
+        other => panic!("a new delivery starts: {other:?}"),
+    }
+}
+
 pub(crate) fn new_delivery(job_id: &str) -> NewDelivery {
     NewDelivery {
         id: DeliveryId {
@@ -333,13 +346,7 @@ pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_del
     };
 
     // Only the engine writes: its copy, at its counted revision, is used as it is.
-    let Claim::Started(key, mut known) = ledger
-        .claim(&new_delivery("rev-1"), "w1", false, now)
-        .await
-        .unwrap()
-    else {
-        panic!("a new delivery starts");
-    };
+    let (key, mut known) = started(ledger, &new_delivery("rev-1"), "w1", now).await;
     let attempt = ledger.start_attempt(key, &start(1)).await.unwrap();
     ledger
         .finish_attempt(key, attempt, &sent_end(now, "m1"), 1, &sent)
@@ -364,13 +371,7 @@ pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_del
     );
 
     // An acknowledgement recorded meanwhile raises the revision: the ledger is read again.
-    let Claim::Started(key, mut known) = ledger
-        .claim(&new_delivery("rev-2"), "w1", false, now)
-        .await
-        .unwrap()
-    else {
-        panic!("a new delivery starts");
-    };
+    let (key, mut known) = started(ledger, &new_delivery("rev-2"), "w1", now).await;
     ledger.update_target(key, 0, &skipped, now).await.unwrap();
     ledger
         .record_ack(key, 0, Acknowledgement::Denied, now)
@@ -396,13 +397,7 @@ pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_del
         target: 1,
         update: sent.clone(),
     };
-    let Claim::Started(key, mut known) = ledger
-        .claim(&new_delivery("rev-3"), "w1", false, now)
-        .await
-        .unwrap()
-    else {
-        panic!("a new delivery starts");
-    };
+    let (key, mut known) = started(ledger, &new_delivery("rev-3"), "w1", now).await;
     let attempt = ledger.start_attempt(key, &start(1)).await.unwrap();
     known.revision += 1;
     known.pending_end = Some(pending(attempt, "m3"));
@@ -421,13 +416,7 @@ pub(crate) async fn a_known_report_is_exact_until_another_writer_changes_the_del
     assert!(ended.ended_at.is_some(), "the call's end is in the ledger");
 
     // ... and when another writer came between, the end still lands and the ledger decides.
-    let Claim::Started(key, mut known) = ledger
-        .claim(&new_delivery("rev-4"), "w1", false, now)
-        .await
-        .unwrap()
-    else {
-        panic!("a new delivery starts");
-    };
+    let (key, mut known) = started(ledger, &new_delivery("rev-4"), "w1", now).await;
     let attempt = ledger.start_attempt(key, &start(1)).await.unwrap();
     ledger.update_target(key, 0, &skipped, now).await.unwrap();
     known.revision += 1;

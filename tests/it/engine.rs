@@ -1481,16 +1481,13 @@ async fn shown_counts_only_from_a_device_that_got_a_push_and_the_answer_shows_th
     assert!(sms.call_times().is_empty());
 }
 
-/// A job that waits for a circuit has its failed call written down first: whoever reads the
-/// delivery meanwhile (GetDelivery, the status page, support) sees why it waits.
-#[tokio::test]
-async fn a_failed_call_is_in_the_ledger_while_its_job_waits_for_the_circuit() {
-    let dir = tempfile::tempdir().unwrap();
+/// One provider `only` for every channel, one call per target, its circuit opened by
+/// `breaker`, and jobs waiting up to 20 s for a circuit to take calls again.
+fn waiting_for_circuits(dir: &std::path::Path, breaker: Value) -> Config {
     let once = json!({"max_attempts": 1});
-    let breaker = json!({"consecutive_failures": 1, "cool_down": "2s"});
-    let config = engine_config(
-        dir.path(),
-        json!({"only": provider_settings(dir.path(), "only", once, breaker)}),
+    engine_config(
+        dir,
+        json!({"only": provider_settings(dir, "only", once, breaker)}),
         &[
             (
                 "routes",
@@ -1498,6 +1495,17 @@ async fn a_failed_call_is_in_the_ledger_while_its_job_waits_for_the_circuit() {
             ),
             ("delivery.circuit_wait", json!("20s")),
         ],
+    )
+}
+
+/// A job that waits for a circuit has its failed call written down first: whoever reads the
+/// delivery meanwhile (GetDelivery, the status page, support) sees why it waits.
+#[tokio::test]
+async fn a_failed_call_is_in_the_ledger_while_its_job_waits_for_the_circuit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = waiting_for_circuits(
+        dir.path(),
+        json!({"consecutive_failures": 1, "cool_down": "2s"}),
     );
     let only = Scripted::new("only", vec![fail(unavailable())], ok());
     let service = engine(&config, vec![("only", only.clone())]).await;
@@ -1531,18 +1539,9 @@ async fn a_failed_call_is_in_the_ledger_while_its_job_waits_for_the_circuit() {
 #[tokio::test]
 async fn jobs_wait_out_an_open_circuit_while_their_codes_are_valid_and_a_probe_releases_them() {
     let dir = tempfile::tempdir().unwrap();
-    let once = json!({"max_attempts": 1});
-    let breaker = json!({"consecutive_failures": 3, "cool_down": "500ms"});
-    let config = engine_config(
+    let config = waiting_for_circuits(
         dir.path(),
-        json!({"only": provider_settings(dir.path(), "only", once, breaker)}),
-        &[
-            (
-                "routes",
-                json!({"push": ["only"], "sms": ["only"], "voice": ["only"]}),
-            ),
-            ("delivery.circuit_wait", json!("20s")),
-        ],
+        json!({"consecutive_failures": 3, "cool_down": "500ms"}),
     );
     // A short outage: three calls fail, then the provider is back.
     let only = Scripted::new(

@@ -1018,7 +1018,7 @@ impl PolicyStore for PostgresLedger {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::store::contract::{Subject, sent_end, sms_start, store_contract};
+    use crate::store::contract::{Subject, sent_end, sms_start, started, store_contract};
 
     /// The machine's PostgreSQL (trust auth), as tests reach it.
     const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -1151,9 +1151,7 @@ pub(crate) mod tests {
         let mut announced = a.changes().unwrap();
         let new = crate::store::contract::new_delivery("announced");
         let now = Timestamp::UNIX_EPOCH;
-        let Claim::Started(key, _) = a.staged().claim(&new, "a", false, now).await.unwrap() else {
-            panic!("a new delivery starts");
-        };
+        let (key, _) = started(&*a.staged(), &new, "a", now).await;
         a.staged().flush().await.unwrap();
         let recorded = std::time::Instant::now();
         b.record_ack(key, 0, Acknowledgement::Shown, now)
@@ -1396,11 +1394,7 @@ pub(crate) mod tests {
         let ends = news.iter().map(|new| {
             let staged = Arc::clone(&staged);
             async move {
-                let Claim::Started(key, mut known) =
-                    staged.claim(new, "a", false, now).await.unwrap()
-                else {
-                    panic!("a new delivery starts");
-                };
+                let (key, mut known) = started(&*staged, new, "a", now).await;
                 let attempt = staged.start_attempt(key, &sms_start(1, now)).await.unwrap();
                 let end = sent_end(now, "m");
                 known.revision += 1;
@@ -1451,9 +1445,7 @@ pub(crate) mod tests {
         );
         let new = crate::store::contract::new_delivery("fenced");
         let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
-        let Claim::Started(key, known) = a.claim(&new, "a", false, now).await.unwrap() else {
-            panic!("a new delivery starts");
-        };
+        let (key, known) = started(&a, &new, "a", now).await;
         let start = sms_start(1, now);
         let attempt = a.start_attempt(key, &start).await.unwrap();
         // `a` is cut off past its lease; `b` takes the delivery over.
@@ -1572,18 +1564,13 @@ pub(crate) mod tests {
         renewing.abort();
 
         // A delivery this replica finishes is let go at once.
-        let Claim::Started(key, _) = ledger
-            .claim(
-                &crate::store::contract::new_delivery("let-go"),
-                "b",
-                false,
-                now,
-            )
-            .await
-            .unwrap()
-        else {
-            panic!("a new delivery starts");
-        };
+        let (key, _) = started(
+            &ledger,
+            &crate::store::contract::new_delivery("let-go"),
+            "b",
+            now,
+        )
+        .await;
         assert!(ledger.held.lock().unwrap().contains(&key));
         let outcome = |_: &crate::domain::Report| crate::store::Outcome {
             status: crate::domain::DeliveryStatus::Sent,
