@@ -14,13 +14,16 @@ use crate::providers::{OutboundMessage, ProviderEntry, ProviderError, Recipient}
 use crate::store::{AttemptEnd, AttemptStart, StoreError, TargetUpdate};
 
 impl AttemptEnd {
-    pub(super) fn sent(ended_at: Timestamp, message_id: Option<String>) -> Self {
+    /// A call the provider accepted, as `message_id` if it gave one; `receipts`: whether the
+    /// provider reports the fate of what it accepts on this channel.
+    pub(super) fn sent(ended_at: Timestamp, message_id: Option<String>, receipts: bool) -> Self {
         AttemptEnd {
             ended_at,
             outcome: AttemptOutcome::Sent,
             reason: None,
             provider_code: None,
             provider_message: None,
+            awaits_receipt: receipts && message_id.is_some(),
             provider_message_id: message_id,
             next_retry_at: None,
             token_invalid_since: None,
@@ -39,6 +42,7 @@ impl AttemptEnd {
             provider_code: error.raw_code.clone(),
             provider_message: Some(error.raw_message.clone()),
             provider_message_id: None,
+            awaits_receipt: false,
             next_retry_at,
             token_invalid_since: error.token_invalid_since,
         }

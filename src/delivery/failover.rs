@@ -105,7 +105,8 @@ impl Dispatcher {
                                     message_id,
                                     attempt,
                                 });
-                            let end = AttemptEnd::sent(progress.now(), accept.message_id);
+                            let receipts = entry.provider.may_send_receipts(channel);
+                            let end = AttemptEnd::sent(progress.now(), accept.message_id, receipts);
                             self.finish_call(attempt, &end, index, channel, progress)
                                 .await?;
                             return Ok(TargetEnd::Accepted { receipt });

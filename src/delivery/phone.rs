@@ -99,6 +99,7 @@ impl Dispatcher {
             provider_code: receipt.code,
             provider_message: Some(receipt.detail),
             provider_message_id: Some(awaited.message_id.clone()),
+            awaits_receipt: true,
             next_retry_at: None,
             token_invalid_since: None,
         };

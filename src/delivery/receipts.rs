@@ -24,6 +24,7 @@ impl DeliveryService {
             provider_code: receipt.code.clone(),
             provider_message: Some(receipt.detail.clone()),
             provider_message_id: None,
+            awaits_receipt: false,
             next_retry_at: None,
             token_invalid_since: None,
         };

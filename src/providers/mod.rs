@@ -174,6 +174,13 @@ pub trait Provider: Send + Sync + 'static {
     fn sends_receipts(&self, _channel: Channel) -> bool {
         false
     }
+
+    /// Whether a delivery receipt for a message accepted on `channel` can reach the gateway at
+    /// all, even where the engine does not wait for one: the ledger matches receipts only to
+    /// the calls of providers that may send them.
+    fn may_send_receipts(&self, channel: Channel) -> bool {
+        self.sends_receipts(channel)
+    }
 }
 
 /// The wait a response's `Retry-After` asks for: seconds, or an HTTP date (its distance from

@@ -100,6 +100,14 @@ macro_rules! store_contract {
             }
 
             #[tokio::test]
+            async fn a_receipt_is_matched_only_to_an_attempt_that_awaits_one() {
+                let Some(s) = super::$open().await else {
+                    return;
+                };
+                c::a_receipt_is_matched_only_to_an_attempt_that_awaits_one(&*s.ledger).await;
+            }
+
+            #[tokio::test]
             async fn api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_once() {
                 let Some(s) = super::$open().await else {
                     return;
@@ -210,6 +218,7 @@ pub(crate) async fn claims_are_exclusive_and_finished_deliveries_stay_finished(
                 provider_code: None,
                 provider_message: None,
                 provider_message_id: Some("m1".into()),
+                awaits_receipt: true,
                 next_retry_at: None,
                 token_invalid_since: None,
             },
@@ -296,6 +305,65 @@ pub(crate) async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_f
     );
 }
 
+/// A receipt finds the newest attempt that awaits one under its provider and message id, once:
+/// not an attempt whose provider reports no fate (the same message id from a provider without
+/// receipts), and not one a receipt has already decided.
+pub(crate) async fn a_receipt_is_matched_only_to_an_attempt_that_awaits_one(ledger: &dyn Ledger) {
+    let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+    let update = |end: &AttemptEnd| TargetUpdate::after(Channel::Sms, end);
+    let delivered = AttemptEnd {
+        outcome: AttemptOutcome::Delivered,
+        ..sent_end(now, "m1")
+    };
+    // Two deliveries whose calls the provider accepted as the same message id: one awaits a
+    // receipt, the newer one does not.
+    let mut keys = Vec::new();
+    for (job, awaits) in [("awaits", true), ("no-receipts", false)] {
+        let (key, _) = started(ledger, &new_delivery(job), "w", now).await;
+        let attempt = ledger.start_attempt(key, &sms_start(1, now)).await.unwrap();
+        let end = AttemptEnd {
+            awaits_receipt: awaits,
+            ..sent_end(now, "m1")
+        };
+        ledger
+            .finish_attempt(key, attempt, &end, 1, &update(&end))
+            .await
+            .unwrap();
+        keys.push(key);
+    }
+    let matched = ledger
+        .apply_receipt("sandbox", "m1", &delivered)
+        .await
+        .unwrap()
+        .expect("the attempt awaiting a receipt is found");
+    assert_eq!(matched.0, keys[0]);
+    assert_eq!(matched.1.job_id, "awaits");
+    let report = ledger.get(&matched.1).await.unwrap().unwrap();
+    assert_eq!(
+        report.targets[1].attempts[0].outcome,
+        AttemptOutcome::Delivered
+    );
+    assert!(
+        ledger
+            .apply_receipt("sandbox", "m1", &delivered)
+            .await
+            .unwrap()
+            .is_none(),
+        "a decided attempt and one awaiting no receipt are never matched"
+    );
+    let other = ledger
+        .get(&new_delivery("no-receipts").id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.targets[1].attempts[0].outcome, AttemptOutcome::Sent);
+    assert_eq!(
+        other.targets[1].attempts[0].provider_message_id.as_deref(),
+        Some("m1"),
+        "the message id is kept for support either way"
+    );
+}
+
 /// An SMS call to target `target` starting at `at`, as the engine records it.
 pub(crate) fn sms_start(target: u32, at: Timestamp) -> AttemptStart {
     AttemptStart {
@@ -318,6 +386,7 @@ pub(crate) fn sent_end(now: Timestamp, message_id: &str) -> AttemptEnd {
         provider_code: None,
         provider_message: None,
         provider_message_id: Some(message_id.into()),
+        awaits_receipt: true,
         next_retry_at: None,
         token_invalid_since: None,
     }

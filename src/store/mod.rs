@@ -234,10 +234,24 @@ pub struct AttemptEnd {
     pub provider_message: Option<String>,
     /// The provider's message id.
     pub provider_message_id: Option<String>,
+    /// Whether the provider may report the message's fate (a delivery receipt) under that
+    /// message id: receipts are matched only to attempts that await one. Once an attempt awaits a
+    /// receipt, a later end (the receipt's) leaves it matchable; an attempt's end that awaits
+    /// none writes no index entry (on PostgreSQL, a heap-only update).
+    pub awaits_receipt: bool,
     /// When the same provider will be called again for this target, if it will.
     pub next_retry_at: Option<Timestamp>,
     /// For a dead push token: since when the push service has known it is invalid.
     pub token_invalid_since: Option<Timestamp>,
+}
+
+impl AttemptEnd {
+    /// The key a receipt for this call is matched on, where the end makes it await one.
+    pub(crate) fn receipt_key(&self) -> Option<&str> {
+        self.provider_message_id
+            .as_deref()
+            .filter(|_| self.awaits_receipt)
+    }
 }
 
 /// A change to one target.
@@ -446,7 +460,8 @@ pub trait Ledger: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Applies a provider's delivery receipt to the newest attempt it sent as `message_id` that
-    /// still waits for a receipt (outcome SENT): the attempt's outcome and the target's status.
+    /// awaits one ([`AttemptEnd::awaits_receipt`]) and still waits for its fate (outcome SENT):
+    /// the attempt's outcome and the target's status.
     /// Returns the delivery's key, id and status (as the receipt left it) when found; an attempt
     /// already final is never matched (providers reuse message ids).
     async fn apply_receipt(

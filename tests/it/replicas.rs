@@ -131,7 +131,9 @@ impl Replica {
     }
 
     async fn client(&self) -> CodeDeliveryClient<tonic::transport::Channel> {
-        for _ in 0..200 {
+        // A replica's start (the migrations of a new database) can take a while on two cores
+        // shared with every other test.
+        for _ in 0..600 {
             if let Ok(client) = CodeDeliveryClient::connect(self.grpc.clone()).await {
                 return client;
             }

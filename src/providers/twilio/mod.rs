@@ -203,6 +203,12 @@ impl Provider for TwilioProvider {
         self.settings.status_callback.is_some()
     }
 
+    /// Without a `status_callback` of the gateway's, Twilio still calls back where the
+    /// account's Messaging Service has a status callback URL of its own.
+    fn may_send_receipts(&self, _channel: Channel) -> bool {
+        true
+    }
+
     async fn send(&self, message: &OutboundMessage<'_>) -> Result<ProviderAccept, ProviderError> {
         let Recipient::Phone(to) = message.recipient else {
             return Err(ProviderError::new(

@@ -7,7 +7,8 @@
 //! Every table a statement changes or joins is also narrowed by its keys as an array
 //! (`id = ANY($n)`), besides the join on the unnested rows: the planner then reaches the rows
 //! through the key's index whatever its statistics say, instead of hashing a whole table that
-//! grew since autovacuum last analyzed it (see the staged pool's settings in `mod.rs`).
+//! grew since autovacuum last analyzed it (see the staged pool's settings in `mod.rs`). Those
+//! arrays are bound sorted and without repeats ([`in_key_order`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -297,7 +298,7 @@ async fn start_attempts(
               AS x (delivery, target_idx, provider, channel, masked_target, started_at, retry,
                     sms_encoding, sms_segments)
          JOIN deliveries d ON d.id = x.delivery
-         WHERE d.id = ANY($1) AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($10))
+         WHERE d.id = ANY($11) AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($10))
          RETURNING delivery, id",
     )
     .bind(&keys)
@@ -310,6 +311,7 @@ async fn start_attempts(
     .bind(&encodings)
     .bind(&segments)
     .bind(owners)
+    .bind(in_key_order(keys.iter().copied()))
     .fetch_all(pool)
     .await?;
     let started = keyed(&rows)?;
@@ -331,6 +333,7 @@ struct EndColumns<'a> {
     codes: Vec<Option<&'a str>>,
     messages: Vec<Option<&'a str>>,
     message_ids: Vec<Option<&'a str>>,
+    receipt_keys: Vec<Option<&'a str>>,
     next_retries: Vec<Option<i64>>,
     invalid_since: Vec<Option<i64>>,
     indexes: Vec<Option<i32>>,
@@ -357,6 +360,8 @@ impl<'a> EndColumns<'a> {
             .push(end.and_then(|e| e.provider_message.as_deref()));
         self.message_ids
             .push(end.and_then(|e| e.provider_message_id.as_deref()));
+        self.receipt_keys
+            .push(end.and_then(AttemptEnd::receipt_key));
         self.next_retries
             .push(end.and_then(|e| e.next_retry_at.map(super::rows::micros)));
         self.invalid_since
@@ -381,6 +386,7 @@ impl<'a> EndColumns<'a> {
             .bind(&self.codes)
             .bind(&self.messages)
             .bind(&self.message_ids)
+            .bind(&self.receipt_keys)
             .bind(&self.next_retries)
             .bind(&self.invalid_since)
             .bind(&self.indexes)
@@ -393,20 +399,21 @@ impl<'a> EndColumns<'a> {
 
 /// The names [`EndColumns`] are unnested as, in their order.
 const END_COLUMNS: &str = "attempt, ended_at, outcome, end_reason, provider_code, provider_message,
-     provider_message_id, next_retry_at, token_invalid_since, idx, channel, target_status,
+     provider_message_id, receipt_key, next_retry_at, token_invalid_since, idx, channel, target_status,
      target_reason, detail";
 
 /// The statement parts that write the ends of `x` (unnested with [`END_COLUMNS`]) for the
-/// deliveries in `own`: `a`, the attempts (whose keys are parameter `$attempts`), and `t`, their
-/// targets (the deliveries' keys are `$1`).
+/// deliveries in `own`: `a`, the attempts (whose keys in key order are parameter `$attempts`),
+/// and `t`, their targets (the deliveries' keys in key order are `$keys`).
 macro_rules! end_writes {
-    ($attempts:literal) => {
+    ($attempts:literal, $keys:literal) => {
         concat!(
             "a AS (
              UPDATE attempts SET ended_at = x.ended_at, outcome = x.outcome, reason = x.end_reason,
                                  provider_code = x.provider_code,
                                  provider_message = x.provider_message,
                                  provider_message_id = x.provider_message_id,
+                                 receipt_key = COALESCE(x.receipt_key, attempts.receipt_key),
                                  next_retry_at = x.next_retry_at,
                                  token_invalid_since = x.token_invalid_since
              FROM x JOIN own ON own.id = x.delivery
@@ -418,21 +425,29 @@ macro_rules! end_writes {
                                 reason = x.target_reason, detail = x.detail
              FROM x JOIN own ON own.id = x.delivery
              WHERE x.attempt IS NOT NULL AND targets.delivery = x.delivery AND targets.idx = x.idx
-                   AND targets.delivery = ANY($1)
+                   AND targets.delivery = ANY(",
+            $keys,
+            ")
          )"
         )
     };
 }
 
-/// The types of [`EndColumns`]' parameters from `$2` (`finish_attempts`) ...
-const END_TYPES_FROM_2: &str = "$2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-     $7::text[], $8::text[], $9::bigint[], $10::bigint[], $11::int[], $12::text[], $13::text[],
-     $14::text[], $15::text[]";
+/// The types of [`EndColumns`]' parameters, in their order.
+const END_TYPES: [&str; 15] = [
+    "bigint", "bigint", "text", "text", "text", "text", "text", "text", "bigint", "bigint", "int",
+    "text", "text", "text", "text",
+];
 
-/// ... and from `$9` (`finish_deliveries`).
-const END_TYPES_FROM_9: &str = "$9::bigint[], $10::bigint[], $11::text[], $12::text[],
-     $13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::int[], $19::text[],
-     $20::text[], $21::text[], $22::text[]";
+/// [`EndColumns`]' parameters from `$first` on, typed, for an `UNNEST`.
+fn end_parameters(first: usize) -> String {
+    let typed: Vec<String> = END_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| format!("${}::{kind}[]", first + i))
+        .collect();
+    typed.join(", ")
+}
 
 /// Records how the provider calls ended with their targets' new states; per end, a Conflict
 /// where the delivery was taken over by another replica.
@@ -440,18 +455,19 @@ async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> Bat
     static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         format!(
             "WITH x AS (
-                 SELECT * FROM UNNEST($1::bigint[], {END_TYPES_FROM_2})
+                 SELECT * FROM UNNEST($1::bigint[], {})
                      AS x (delivery, {END_COLUMNS})
              ), own AS (
                  SELECT id FROM deliveries
-                 WHERE id = ANY($1) AND (status <> 'IN_PROGRESS' OR owner = ANY($16))
+                 WHERE id = ANY($18) AND (status <> 'IN_PROGRESS' OR owner = ANY($17))
                  ORDER BY id FOR UPDATE
              ), {}
              UPDATE deliveries d SET updated_at = x.ended_at, revision = d.revision + 1
              FROM x JOIN own ON own.id = x.delivery
-             WHERE d.id = x.delivery AND d.id = ANY($1)
+             WHERE d.id = x.delivery AND d.id = ANY($18)
              RETURNING d.id",
-            end_writes!("$2")
+            end_parameters(2),
+            end_writes!("$19", "$18")
         )
     });
     let mut keys = Vec::with_capacity(items.len());
@@ -461,7 +477,12 @@ async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> Bat
         ends.push(Some((item.attempt, &item.end, item.target, &item.update)));
     }
     let query = ends.bind(sqlx::query(AssertSqlSafe(SQL.as_str())).bind(&keys));
-    let rows = query.bind(owners).fetch_all(pool).await?;
+    let rows = query
+        .bind(owners)
+        .bind(in_key_order(keys.iter().copied()))
+        .bind(in_key_order(items.iter().map(|item| item.attempt)))
+        .fetch_all(pool)
+        .await?;
     fenced(&keys, &rows)
 }
 
@@ -478,11 +499,11 @@ async fn finish_deliveries(
         format!(
             "WITH x AS (
                  SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[],
-                                      $5::bigint[], $6::bigint[], $7::bigint[], {END_TYPES_FROM_9})
+                                      $5::bigint[], $6::bigint[], $7::bigint[], {})
                      AS x (delivery, status, reason, summary, now, revision, steps, {END_COLUMNS})
              ), own AS (
                  SELECT d.id FROM deliveries d JOIN x ON x.delivery = d.id
-                 WHERE d.id = ANY($1) AND d.revision = x.revision
+                 WHERE d.id = ANY($24) AND d.revision = x.revision
                        AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($8))
                  ORDER BY d.id FOR UPDATE OF d
              ), {}
@@ -490,9 +511,10 @@ async fn finish_deliveries(
                                      updated_at = x.now, revision = d.revision + x.steps,
                                      lease_until = NULL
              FROM x JOIN own ON own.id = x.delivery
-             WHERE d.id = x.delivery AND d.id = ANY($1) AND d.revision = x.revision
+             WHERE d.id = x.delivery AND d.id = ANY($24) AND d.revision = x.revision
              RETURNING d.id",
-            end_writes!("$9")
+            end_parameters(9),
+            end_writes!("$25", "$24")
         )
     });
     let count = items.len();
@@ -527,7 +549,12 @@ async fn finish_deliveries(
         .bind(&revisions)
         .bind(&steps)
         .bind(owners);
-    let rows = ends.bind(query).fetch_all(pool).await?;
+    let rows = ends
+        .bind(query)
+        .bind(in_key_order(keys.iter().copied()))
+        .bind(in_key_order(ends.attempts.iter().flatten().copied()))
+        .fetch_all(pool)
+        .await?;
     let written = returned(&rows)?;
     Ok(keys.iter().map(|key| Ok(written.contains(key))).collect())
 }
@@ -562,7 +589,7 @@ async fn block_candidates(pool: &PgPool, items: &[BlockQuery]) -> BatchResult<Ve
                 b.shown, q.query
          FROM UNNEST($4::int[], $5::text[], $6::bigint[], $8::text[])
               AS q (query, tenant, now, pattern)
-         JOIN block_entries b ON b.pattern = q.pattern AND b.pattern = ANY($8)
+         JOIN block_entries b ON b.pattern = q.pattern AND b.pattern = ANY($9)
                               AND b.kind <> 'PREFIX'
                               AND b.tenant IN (q.tenant, $7)
          WHERE b.expires_at IS NULL OR b.expires_at > q.now",
@@ -575,6 +602,7 @@ async fn block_candidates(pool: &PgPool, items: &[BlockQuery]) -> BatchResult<Ve
     .bind(&p_nows)
     .bind(ALL_TENANTS)
     .bind(&patterns)
+    .bind(in_key_order(patterns.iter().copied()))
     .fetch_all(pool)
     .await?;
     let mut found: Vec<Vec<BlockEntry>> = items.iter().map(|_| Vec::new()).collect();
@@ -595,6 +623,19 @@ fn returned(rows: &[PgRow]) -> Result<HashSet<DeliveryKey>, StoreError> {
 }
 
 /// The second column of each row by its first (an attempt's key by its delivery's).
+/// `keys` sorted and without repeats, for a statement's `= ANY(..)` narrowing. A B-tree scan
+/// sorts its array each time it is rescanned (once per row on the outer side of a nested loop,
+/// which is how the grouped statements probe a table), and PostgreSQL's sort returns after one
+/// pass over input that is already in order; unordered, the sorting took a tenth of the
+/// database's time (BENCHMARKS.md, replicas). Text is ordered by bytes, as the C collations
+/// order it; in any other collation the array is still correct, only sorted again.
+fn in_key_order<T: Ord>(keys: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut keys: Vec<T> = keys.into_iter().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
 fn keyed(rows: &[PgRow]) -> Result<HashMap<DeliveryKey, i64>, StoreError> {
     rows.iter()
         .map(|row| Ok((row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)?)))

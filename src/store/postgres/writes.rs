@@ -213,8 +213,8 @@ pub(super) async fn set_target(
     Ok(())
 }
 
-/// Applies a delivery receipt to the newest attempt `provider` sent as `message_id` that still
-/// waits for one (outcome SENT), with its target, in one statement.
+/// Applies a delivery receipt to the newest attempt `provider` sent as `message_id` that awaits
+/// one and still waits for its fate (outcome SENT), with its target, in one statement.
 pub(super) async fn apply_receipt(
     conn: &mut PgConnection,
     provider: &str,
@@ -225,7 +225,7 @@ pub(super) async fn apply_receipt(
     let row = sqlx::query(
         "WITH a AS (
              SELECT id, delivery, target_idx, channel FROM attempts
-             WHERE provider = $1 AND provider_message_id = $2 AND outcome = 'SENT'
+             WHERE provider = $1 AND receipt_key = $2 AND outcome = 'SENT'
              ORDER BY id DESC LIMIT 1 FOR UPDATE
          ), u AS (
              UPDATE attempts SET outcome = $3, reason = $4,

@@ -196,7 +196,8 @@ pub(super) fn finish_attempt(
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, provider_code = ?, provider_message = ?,
-                             provider_message_id = ?, next_retry_at = ?, token_invalid_since = ?
+                             provider_message_id = ?, next_retry_at = ?, token_invalid_since = ?,
+                             receipt_key = COALESCE(?, receipt_key)
          WHERE id = ?",
     )?
     .execute(params![
@@ -208,6 +209,7 @@ pub(super) fn finish_attempt(
         end.provider_message_id,
         end.next_retry_at.map(micros),
         end.token_invalid_since.map(micros),
+        end.receipt_key(),
         attempt,
     ])?;
     set_target(conn, key, target, update, end.ended_at)
@@ -245,9 +247,9 @@ fn touch(conn: &Connection, key: DeliveryKey, now: Timestamp) -> Result<(), Stor
     Ok(())
 }
 
-/// Applies a delivery receipt to the newest attempt `provider` sent as `message_id` that still
-/// waits for one (outcome SENT); the delivery's key when found. Providers reuse message ids (an
-/// SMSC after a restart), so an attempt already final is never matched.
+/// Applies a delivery receipt to the newest attempt `provider` sent as `message_id` that awaits
+/// one and still waits for its fate (outcome SENT); the delivery's key when found. Providers
+/// reuse message ids (an SMSC after a restart), so an attempt already final is never matched.
 pub(super) fn apply_receipt(
     conn: &Connection,
     provider: &str,
@@ -260,7 +262,7 @@ pub(super) fn apply_receipt(
         .prepare_cached(
             "SELECT a.id, a.delivery, a.target_idx, a.channel, d.status, d.tenant, d.job_id
              FROM attempts a JOIN deliveries d ON d.id = a.delivery
-             WHERE a.provider = ? AND a.provider_message_id = ? AND a.outcome = 'SENT'
+             WHERE a.provider = ? AND a.receipt_key = ? AND a.outcome = 'SENT'
              ORDER BY a.id DESC LIMIT 1",
         )?
         .query_row(params![provider, message_id], |row| {
