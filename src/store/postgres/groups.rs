@@ -18,7 +18,7 @@ use sqlx::{AssertSqlSafe, PgPool, Row};
 
 use super::batch::{BatchResult, Batcher, RunBatch};
 use super::rows::{ALL_TENANTS, block_from_row};
-use super::writes::taken_over;
+use super::writes::{ANNOUNCED, taken_over};
 use crate::domain::{DeliveryStatus, FailureReason, TargetStatus};
 use crate::policy::BlockEntry;
 use crate::store::{
@@ -461,11 +461,12 @@ async fn finish_attempts(pool: &PgPool, items: &[End], owners: &[String]) -> Bat
                  SELECT id FROM deliveries
                  WHERE id = ANY($18) AND (status <> 'IN_PROGRESS' OR owner = ANY($17))
                  ORDER BY id FOR UPDATE
-             ), {}
+             ), {}, changed AS (
              UPDATE deliveries d SET updated_at = x.ended_at, revision = d.revision + 1
              FROM x JOIN own ON own.id = x.delivery
              WHERE d.id = x.delivery AND d.id = ANY($18)
-             RETURNING d.id",
+             RETURNING d.id, d.tenant, d.job_id
+             ) {ANNOUNCED} SELECT id FROM changed, announced",
             end_parameters(2),
             end_writes!("$19", "$18")
         )
@@ -506,13 +507,14 @@ async fn finish_deliveries(
                  WHERE d.id = ANY($24) AND d.revision = x.revision
                        AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($8))
                  ORDER BY d.id FOR UPDATE OF d
-             ), {}
+             ), {}, changed AS (
              UPDATE deliveries d SET status = x.status, reason = x.reason, summary = x.summary,
                                      updated_at = x.now, revision = d.revision + x.steps,
                                      lease_until = NULL
              FROM x JOIN own ON own.id = x.delivery
              WHERE d.id = x.delivery AND d.id = ANY($24) AND d.revision = x.revision
-             RETURNING d.id",
+             RETURNING d.id, d.tenant, d.job_id
+             ) {ANNOUNCED} SELECT id FROM changed, announced",
             end_parameters(9),
             end_writes!("$25", "$24")
         )

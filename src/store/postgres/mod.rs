@@ -3,8 +3,9 @@
 //! deliveries to the others when the lease runs out (and the broker hands the job out again),
 //! and a replica that comes back after that has its writes to them refused. Rate-limit
 //! counters are counted under a lock per counter, so replicas never overshoot; every change of
-//! a delivery is announced on `otp_delivery_changed` (a trigger), so a replica waiting for an
-//! acknowledgement or a receipt that another replica recorded wakes at once. The durable view
+//! a delivery is announced on `otp_delivery_changed` (by the statement that makes it), so a
+//! replica waiting for an acknowledgement or a receipt that another replica recorded wakes at
+//! once. The durable view
 //! commits synchronously; the staged view (the engine's writes) asynchronously, made durable by
 //! [`Ledger::flush`], whose concurrent calls share one synchronous commit.
 
@@ -1185,6 +1186,101 @@ pub(crate) mod tests {
             "{:?}",
             recorded.elapsed()
         );
+    }
+
+    /// Every statement that changes a delivery announces it (migration 0009 left that to the
+    /// statements): a call's end, a target's update, a receipt, an acknowledgement, a delivery's
+    /// end (grouped, and read afresh) and a takeover, each heard by another replica.
+    #[tokio::test]
+    async fn every_change_of_a_delivery_is_announced_to_the_other_replicas() {
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let settings = database.settings();
+        let a = PostgresLedger::connect(&settings).await.unwrap();
+        let b = PostgresLedger::connect(&settings).await.unwrap();
+        let mut heard = b.changes().unwrap();
+        let mut heard_at_a = a.changes().unwrap();
+        async fn hears(heard: &mut broadcast::Receiver<LedgerChange>, job: &str, what: &str) {
+            let wanted = LedgerChange::Delivery(format!("acme/{job}"));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                let change = tokio::time::timeout_at(deadline, heard.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("{what} of {job} was not announced"))
+                    .unwrap();
+                if change == wanted {
+                    return;
+                }
+            }
+        }
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        let sent = |_: &Report| crate::store::Outcome {
+            status: DeliveryStatus::Sent,
+            reason: None,
+            summary: String::new(),
+        };
+        let staged = a.staged();
+        let mut keys = Vec::new();
+        for job in ["one-by-one", "grouped-end"] {
+            let (key, mut known) = started(
+                &*staged,
+                &crate::store::contract::new_delivery(job),
+                "a",
+                now,
+            )
+            .await;
+            let attempt = staged.start_attempt(key, &sms_start(1, now)).await.unwrap();
+            let end = sent_end(now, job);
+            let update = TargetUpdate::after(crate::domain::Channel::Sms, &end);
+            staged
+                .finish_attempt(key, attempt, &end, 1, &update)
+                .await
+                .unwrap();
+            hears(&mut heard, job, "a call's end").await;
+            known.revision += 1;
+            keys.push((key, known));
+        }
+        let (key, _) = keys[0].clone();
+        let update = TargetUpdate {
+            channel: crate::domain::Channel::Sms,
+            status: TargetStatus::Sent,
+            reason: None,
+            detail: None,
+        };
+        a.update_target(key, 1, &update, now).await.unwrap();
+        hears(&mut heard, "one-by-one", "a target's update").await;
+        let delivered = AttemptEnd {
+            outcome: crate::domain::AttemptOutcome::Delivered,
+            ..sent_end(now, "one-by-one")
+        };
+        a.apply_receipt("sandbox", "one-by-one", &delivered)
+            .await
+            .unwrap()
+            .expect("the receipt matches");
+        hears(&mut heard, "one-by-one", "a receipt").await;
+        a.record_ack(key, 0, Acknowledgement::Shown, now)
+            .await
+            .unwrap();
+        hears(&mut heard, "one-by-one", "an acknowledgement").await;
+        staged.finish(key, now, Arc::new(sent), None).await.unwrap();
+        hears(&mut heard, "one-by-one", "a delivery's end read afresh").await;
+        let (key, known) = keys[1].clone();
+        staged
+            .finish(key, now, Arc::new(sent), Some(known))
+            .await
+            .unwrap();
+        hears(&mut heard, "grouped-end", "a grouped delivery's end").await;
+
+        let stalled = crate::store::contract::new_delivery("taken-over");
+        started(&*staged, &stalled, "a", now).await;
+        staged.flush().await.unwrap();
+        let later = now + jiff::SignedDuration::from_hours(1);
+        assert!(matches!(
+            b.claim(&stalled, "b", true, later).await.unwrap(),
+            Claim::Resumed(..)
+        ));
+        hears(&mut heard_at_a, "taken-over", "a takeover").await;
     }
 
     /// The group commits a ledger told of: backend, statement, writes.

@@ -92,6 +92,14 @@ pub(super) async fn accept(
         .ok_or_else(|| StoreError::NotFound(new.id.to_string()))
 }
 
+/// The end of a statement whose data-modifying part `changed` changed deliveries' revisions
+/// and returns their `tenant` and `job_id`: announces them once to every replica listening
+/// (migration 0009). It follows `changed`, and the statement then reads `FROM changed,
+/// announced`.
+pub(super) const ANNOUNCED: &str = ", announced AS MATERIALIZED (
+         SELECT otp_announce(array_agg(tenant || '/' || job_id)) FROM changed
+     )";
+
 /// The claim of a delivery already known (its insert found it), inside a transaction: take it
 /// over when it is not started, not finished and not held under a live lease.
 pub(super) async fn claim(
@@ -103,21 +111,25 @@ pub(super) async fn claim(
     lease_until: i64,
 ) -> Result<Claimed, StoreError> {
     // Only one worker's UPDATE matches: the row is locked while it decides.
-    let taken = sqlx::query(
+    let taken = sqlx::query(AssertSqlSafe(format!(
         "WITH old AS (
-             SELECT id, status, owner FROM deliveries WHERE tenant = $1 AND job_id = $2 FOR UPDATE
-         )
-         UPDATE deliveries d
-         SET status = 'IN_PROGRESS', owner = $3, lease_until = $4, updated_at = $5,
-             revision = d.revision + 1
-         FROM old
-         WHERE d.id = old.id
-           AND (old.status IN ('ACCEPTED', 'DEFERRED')
-                OR (old.status = 'IN_PROGRESS'
-                    AND (old.owner = $3 OR old.owner IS NULL OR d.lease_until IS NULL
-                         OR d.lease_until <= $5)))
-         RETURNING d.id, d.revision, old.status, old.owner",
-    )
+                 SELECT id, status, owner FROM deliveries
+                 WHERE tenant = $1 AND job_id = $2 FOR UPDATE
+             ), changed AS (
+                 UPDATE deliveries d
+                 SET status = 'IN_PROGRESS', owner = $3, lease_until = $4, updated_at = $5,
+                     revision = d.revision + 1
+                 FROM old
+                 WHERE d.id = old.id
+                   AND (old.status IN ('ACCEPTED', 'DEFERRED')
+                        OR (old.status = 'IN_PROGRESS'
+                            AND (old.owner = $3 OR old.owner IS NULL OR d.lease_until IS NULL
+                                 OR d.lease_until <= $5)))
+                 RETURNING d.id, d.revision, old.status AS old_status, old.owner AS old_owner,
+                           d.tenant, d.job_id
+             ) {ANNOUNCED}
+             SELECT id, revision, old_status, old_owner FROM changed, announced"
+    )))
     .bind(&new.id.tenant)
     .bind(&new.id.job_id)
     .bind(worker)
@@ -186,17 +198,19 @@ pub(super) async fn set_target(
     now: Timestamp,
     owners: &[String],
 ) -> Result<(), StoreError> {
-    let done = sqlx::query(
+    let done = sqlx::query(AssertSqlSafe(format!(
         "WITH own AS (
-             SELECT id FROM deliveries
-             WHERE id = $5 AND (status <> 'IN_PROGRESS' OR owner = ANY($8)) FOR UPDATE
-         ), t AS (
-             UPDATE targets SET channel = $1, status = $2, reason = $3, detail = $4
-             WHERE delivery = $5 AND idx = $6 AND EXISTS (SELECT 1 FROM own)
-         )
-         UPDATE deliveries SET updated_at = $7, revision = revision + 1
-         WHERE id IN (SELECT id FROM own)",
-    )
+                 SELECT id FROM deliveries
+                 WHERE id = $5 AND (status <> 'IN_PROGRESS' OR owner = ANY($8)) FOR UPDATE
+             ), t AS (
+                 UPDATE targets SET channel = $1, status = $2, reason = $3, detail = $4
+                 WHERE delivery = $5 AND idx = $6 AND EXISTS (SELECT 1 FROM own)
+             ), changed AS (
+                 UPDATE deliveries SET updated_at = $7, revision = revision + 1
+                 WHERE id IN (SELECT id FROM own)
+                 RETURNING tenant, job_id
+             ) {ANNOUNCED} SELECT 1 FROM changed, announced"
+    )))
     .bind(update.channel.as_str())
     .bind(update.status.as_str())
     .bind(update.reason.map(FailureReason::as_str))
@@ -222,7 +236,7 @@ pub(super) async fn apply_receipt(
     end: &AttemptEnd,
 ) -> Result<Option<(DeliveryKey, DeliveryId, DeliveryStatus)>, StoreError> {
     let status = TargetUpdate::after(crate::domain::Channel::Sms, end).status;
-    let row = sqlx::query(
+    let row = sqlx::query(AssertSqlSafe(format!(
         "WITH a AS (
              SELECT id, delivery, target_idx, channel FROM attempts
              WHERE provider = $1 AND receipt_key = $2 AND outcome = 'SENT'
@@ -235,11 +249,12 @@ pub(super) async fn apply_receipt(
          ), t AS (
              UPDATE targets SET channel = a.channel, status = $7, reason = $4, detail = NULL
              FROM a WHERE targets.delivery = a.delivery AND targets.idx = a.target_idx
-         )
-         UPDATE deliveries d SET updated_at = $8, revision = d.revision + 1
-         FROM a WHERE d.id = a.delivery
-         RETURNING d.id, d.status, d.tenant, d.job_id",
-    )
+         ), changed AS (
+             UPDATE deliveries d SET updated_at = $8, revision = d.revision + 1
+             FROM a WHERE d.id = a.delivery
+             RETURNING d.id, d.status, d.tenant, d.job_id
+         ) {ANNOUNCED} SELECT id, status, tenant, job_id FROM changed, announced"
+    )))
     .bind(provider)
     .bind(message_id)
     .bind(end.outcome.as_str())
@@ -272,10 +287,13 @@ pub(super) async fn record_ack(
     ack: &str,
     now: Timestamp,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "WITH t AS (UPDATE targets SET ack = $1, ack_at = $2 WHERE delivery = $3 AND idx = $4)
-         UPDATE deliveries SET updated_at = $2, revision = revision + 1 WHERE id = $3",
-    )
+    sqlx::query(AssertSqlSafe(format!(
+        "WITH t AS (UPDATE targets SET ack = $1, ack_at = $2 WHERE delivery = $3 AND idx = $4),
+             changed AS (
+                 UPDATE deliveries SET updated_at = $2, revision = revision + 1 WHERE id = $3
+                 RETURNING tenant, job_id
+             ) {ANNOUNCED} SELECT 1 FROM changed, announced"
+    )))
     .bind(ack)
     .bind(micros(now))
     .bind(key)
@@ -316,11 +334,14 @@ pub(super) async fn finish(
             .ok_or_else(|| StoreError::NotFound(format!("delivery #{key}")))?,
     };
     let outcome = decide(&report);
-    sqlx::query(
-        "UPDATE deliveries SET status = $1, reason = $2, summary = $3, updated_at = $4,
-                               revision = revision + 1, lease_until = NULL
-         WHERE id = $5",
-    )
+    sqlx::query(AssertSqlSafe(format!(
+        "WITH changed AS (
+                 UPDATE deliveries SET status = $1, reason = $2, summary = $3, updated_at = $4,
+                                       revision = revision + 1, lease_until = NULL
+                 WHERE id = $5
+                 RETURNING tenant, job_id
+             ) {ANNOUNCED} SELECT 1 FROM changed, announced"
+    )))
     .bind(outcome.status.as_str())
     .bind(outcome.reason.map(FailureReason::as_str))
     .bind(&outcome.summary)
