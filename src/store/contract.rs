@@ -132,6 +132,15 @@ pub(crate) async fn started(
     }
 }
 
+/// The outcome of a delivery whose call was sent: SENT, with no reason or summary.
+pub(crate) fn sent_outcome(_: &Report) -> super::Outcome {
+    super::Outcome {
+        status: DeliveryStatus::Sent,
+        reason: None,
+        summary: String::new(),
+    }
+}
+
 pub(crate) fn new_delivery(job_id: &str) -> NewDelivery {
     NewDelivery {
         id: DeliveryId {

@@ -1037,7 +1037,9 @@ impl PolicyStore for PostgresLedger {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::store::contract::{Subject, sent_end, sms_start, started, store_contract};
+    use crate::store::contract::{
+        Subject, sent_end, sent_outcome, sms_start, started, store_contract,
+    };
 
     /// The machine's PostgreSQL (trust auth), as tests reach it.
     const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -1215,11 +1217,7 @@ pub(crate) mod tests {
             }
         }
         let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
-        let sent = |_: &Report| crate::store::Outcome {
-            status: DeliveryStatus::Sent,
-            reason: None,
-            summary: String::new(),
-        };
+        let sent = sent_outcome;
         let staged = a.staged();
         let mut keys = Vec::new();
         for job in ["one-by-one", "grouped-end"] {
@@ -1522,11 +1520,7 @@ pub(crate) mod tests {
                     end,
                     target: 1,
                 });
-                let outcome = |_: &crate::domain::Report| crate::store::Outcome {
-                    status: crate::domain::DeliveryStatus::Sent,
-                    reason: None,
-                    summary: String::new(),
-                };
+                let outcome = sent_outcome;
                 let report = staged
                     .finish(key, now, Arc::new(outcome), Some(known))
                     .await
@@ -1564,11 +1558,7 @@ pub(crate) mod tests {
         };
         let ledger = PostgresLedger::connect(&database.settings()).await.unwrap();
         let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
-        let sent = |_: &Report| crate::store::Outcome {
-            status: DeliveryStatus::Sent,
-            reason: None,
-            summary: String::new(),
-        };
+        let sent = sent_outcome;
         // Two sent deliveries with a call each, one of another account; one accepted.
         for (job, account) in [("old", "user-a"), ("erased", "user-b")] {
             let mut new = crate::store::contract::new_delivery(job);
@@ -1754,11 +1744,7 @@ pub(crate) mod tests {
         )
         .await;
         assert!(ledger.held.lock().unwrap().contains(&key));
-        let outcome = |_: &crate::domain::Report| crate::store::Outcome {
-            status: crate::domain::DeliveryStatus::Sent,
-            reason: None,
-            summary: String::new(),
-        };
+        let outcome = sent_outcome;
         ledger
             .finish(key, now, Arc::new(outcome), None)
             .await
