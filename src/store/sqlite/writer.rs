@@ -120,6 +120,26 @@ pub(super) struct GroupWriter {
     durable: watch::Receiver<Durable>,
     /// Told of each group transaction.
     pub(super) watch: CommitWatch,
+    /// Dropped after `ops` (fields drop in order): with the last handle, the queue closes and
+    /// the writer thread is waited for.
+    _thread: Arc<WriterThread>,
+}
+
+/// The writer thread, waited for when the last handle goes: it ends once its queue is closed
+/// and it has closed its connection (which, as the database's last, checkpoints the WAL under
+/// an exclusive lock), so a ledger dropped can be opened again at once (a restart, a test).
+#[derive(Debug)]
+struct WriterThread(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            // A handle dropped on the writer thread itself (in a write's reply) cannot wait.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
 }
 
 impl GroupWriter {
@@ -152,7 +172,7 @@ impl GroupWriter {
             .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger syncer: {e}")))?;
         let writing = Arc::clone(&commits);
         let watching = watch.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || run(connection, queue, &writing, &watching))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the ledger writer: {e}")))?;
@@ -161,6 +181,7 @@ impl GroupWriter {
             commits,
             durable: durable_rx,
             watch,
+            _thread: Arc::new(WriterThread(Some(thread))),
         })
     }
 
