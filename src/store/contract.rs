@@ -319,7 +319,6 @@ pub(crate) async fn accepted_deliveries_are_claimed_once_and_lists_page_newest_f
 /// receipts), and not one a receipt has already decided.
 pub(crate) async fn a_receipt_is_matched_only_to_an_attempt_that_awaits_one(ledger: &dyn Ledger) {
     let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
-    let update = |end: &AttemptEnd| TargetUpdate::after(Channel::Sms, end);
     let delivered = AttemptEnd {
         outcome: AttemptOutcome::Delivered,
         ..sent_end(now, "m1")
@@ -329,15 +328,11 @@ pub(crate) async fn a_receipt_is_matched_only_to_an_attempt_that_awaits_one(ledg
     let mut keys = Vec::new();
     for (job, awaits) in [("awaits", true), ("no-receipts", false)] {
         let (key, _) = started(ledger, &new_delivery(job), "w", now).await;
-        let attempt = ledger.start_attempt(key, &sms_start(1, now)).await.unwrap();
         let end = AttemptEnd {
             awaits_receipt: awaits,
             ..sent_end(now, "m1")
         };
-        ledger
-            .finish_attempt(key, attempt, &end, 1, &update(&end))
-            .await
-            .unwrap();
+        recorded_call(ledger, key, &end).await;
         keys.push(key);
     }
     let matched = ledger
@@ -384,6 +379,25 @@ pub(crate) fn sms_start(target: u32, at: Timestamp) -> AttemptStart {
         retry: 0,
         sms: None,
     }
+}
+
+/// An SMS call to target 1 of delivery `key` started and ended with `end` (its target updated
+/// after it), as the engine records one; the attempt's key.
+pub(crate) async fn recorded_call(
+    ledger: &dyn Ledger,
+    key: super::DeliveryKey,
+    end: &AttemptEnd,
+) -> super::AttemptKey {
+    let attempt = ledger
+        .start_attempt(key, &sms_start(1, end.ended_at))
+        .await
+        .unwrap();
+    let update = TargetUpdate::after(Channel::Sms, end);
+    ledger
+        .finish_attempt(key, attempt, end, 1, &update)
+        .await
+        .unwrap();
+    attempt
 }
 
 /// A call's end as the engine records it.

@@ -1038,7 +1038,7 @@ impl PolicyStore for PostgresLedger {
 pub(crate) mod tests {
     use super::*;
     use crate::store::contract::{
-        Subject, sent_end, sent_outcome, sms_start, started, store_contract,
+        Subject, recorded_call, sent_end, sent_outcome, sms_start, started, store_contract,
     };
 
     /// The machine's PostgreSQL (trust auth), as tests reach it.
@@ -1228,13 +1228,7 @@ pub(crate) mod tests {
                 now,
             )
             .await;
-            let attempt = staged.start_attempt(key, &sms_start(1, now)).await.unwrap();
-            let end = sent_end(now, job);
-            let update = TargetUpdate::after(crate::domain::Channel::Sms, &end);
-            staged
-                .finish_attempt(key, attempt, &end, 1, &update)
-                .await
-                .unwrap();
+            recorded_call(&*staged, key, &sent_end(now, job)).await;
             hears(&mut heard, job, "a call's end").await;
             known.revision += 1;
             keys.push((key, known));
@@ -1564,13 +1558,7 @@ pub(crate) mod tests {
             let mut new = crate::store::contract::new_delivery(job);
             new.account = account.into();
             let (key, _) = started(&ledger, &new, "w", now).await;
-            let attempt = ledger.start_attempt(key, &sms_start(1, now)).await.unwrap();
-            let end = sent_end(now, job);
-            let update = TargetUpdate::after(crate::domain::Channel::Sms, &end);
-            ledger
-                .finish_attempt(key, attempt, &end, 1, &update)
-                .await
-                .unwrap();
+            recorded_call(&ledger, key, &sent_end(now, job)).await;
             ledger.finish(key, now, Arc::new(sent), None).await.unwrap();
         }
         let accepted = crate::store::contract::new_delivery("accepted");
