@@ -48,6 +48,17 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 /// The prefix of environment overrides; nested keys are joined with `__`.
 pub const ENV_PREFIX: &str = "OTP_GATEWAY_";
 
+/// The command line's own variables (`OTP_GATEWAY_CONFIG`, the client commands' connection):
+/// not settings, so the environment layer leaves them alone (keys without the prefix).
+const COMMAND_LINE_VARIABLES: [&str; 6] = [
+    "CONFIG",
+    "SERVER",
+    "KEY",
+    "CA_FILE",
+    "CLIENT_CERT",
+    "CLIENT_KEY",
+];
+
 /// A configuration that could not be loaded or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -113,7 +124,11 @@ impl Config {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+        figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .ignore(&COMMAND_LINE_VARIABLES)
+                .split("__"),
+        )
     }
 
     /// Extracts and validates a configuration from `figment`.
@@ -485,6 +500,20 @@ mod tests {
             let config = Config::load(None).unwrap();
             assert_eq!(config.amqp.prefetch, 7);
             assert_eq!(config.delivery.max_in_flight, 3);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn the_command_line_s_own_variables_are_not_settings() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gateway.toml", "[amqp]\nprefetch = 9\n")?;
+            jail.set_env("OTP_GATEWAY_CONFIG", "gateway.toml");
+            jail.set_env("OTP_GATEWAY_KEY", "otpk_for_the_client_commands");
+            jail.set_env("OTP_GATEWAY_SERVER", "127.0.0.1:50051");
+            let config = Config::load(Some(Path::new("gateway.toml"))).unwrap();
+            assert_eq!(config.amqp.prefetch, 9);
             Ok(())
         });
     }
