@@ -1,11 +1,12 @@
-# otp-gateway: build with the Rust toolchain, run on a slim Debian.
+# otp-gateway (and otp-sim, the provider simulators): build with the Rust toolchain, run on a
+# slim Debian.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY config config
 COPY src src
-RUN cargo build --release --locked --bin otp-gateway
+RUN cargo build --release --locked --bin otp-gateway --bin otp-sim
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -13,6 +14,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --home /var/lib/otp-gateway --create-home otp
 COPY --from=build /src/target/release/otp-gateway /usr/local/bin/otp-gateway
+# The provider simulators of the local stack (docker-compose.yml's otp-sim service).
+COPY --from=build /src/target/release/otp-sim /usr/local/bin/otp-sim
 USER otp
 WORKDIR /var/lib/otp-gateway
 # Listening on every interface of the container: API keys are on (auth.mode = "keys", the

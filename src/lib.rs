@@ -18,6 +18,8 @@
 //! - [`providers`]: the `Provider` trait, the registry and its routes, and one folder per
 //!   provider kind owning its settings, validation and adapter.
 //! - [`receipts`]: delivery receipts from providers (Twilio status callbacks).
+//! - [`sim`]: provider simulators (Twilio, SMPP, APNs, FCM) with fault knobs, run by `otp-sim`
+//!   for a local stack and by the benchmark; never part of the gateway's own path.
 //! - [`store`]: the ledger and policy-store traits with neutral errors; [`store::open`] is the
 //!   one place naming a backend (SQLite, with group commit, in `store/sqlite/`); the rules
 //!   cache and the contract tests every backend runs.
@@ -37,5 +39,6 @@ pub mod proto;
 pub mod providers;
 pub mod queue;
 pub mod receipts;
+pub mod sim;
 pub mod store;
 pub mod telemetry;

@@ -35,7 +35,9 @@ pub use setting::{
     InvalidSetting, SecretString, SecretUrl, http_url, non_negative_duration, optional_http_url,
     positive_duration, reconnect_backoff, secret_setting,
 };
-pub use sms::{SmsEncoding, SmsShape, gsm7_septets, measure as measure_sms, ucs2_octets};
+pub use sms::{
+    SmsEncoding, SmsShape, gsm7_septets, gsm7_text, measure as measure_sms, ucs2_octets, ucs2_text,
+};
 
 /// Generates `as_str`, `ALL` and `FromStr` for a fieldless enum whose stored and wire form is
 /// the variant name in SCREAMING_SNAKE_CASE.

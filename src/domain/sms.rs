@@ -99,6 +99,36 @@ pub fn ucs2_octets(text: &str) -> Vec<u8> {
     text.encode_utf16().flat_map(u16::to_be_bytes).collect()
 }
 
+/// The text of unpacked GSM-7 septets (the reverse of [`gsm7_septets`]); a septet with no
+/// character becomes U+FFFD.
+pub fn gsm7_text(septets: &[u8]) -> String {
+    let mut out = String::with_capacity(septets.len());
+    let mut units = septets.iter();
+    while let Some(&septet) = units.next() {
+        let c = if septet == ESCAPE {
+            units.next().and_then(|&extended| {
+                GSM7_EXTENSION
+                    .iter()
+                    .find(|(_, s)| *s == extended)
+                    .map(|(c, _)| *c)
+            })
+        } else {
+            GSM7_BASIC.chars().nth(usize::from(septet))
+        };
+        out.push(c.unwrap_or('\u{fffd}'));
+    }
+    out
+}
+
+/// The text of UCS-2 / UTF-16 big-endian octets (the reverse of [`ucs2_octets`]).
+pub fn ucs2_text(octets: &[u8]) -> String {
+    let units: Vec<u16> = octets
+        .chunks_exact(2)
+        .map(|pair| u16::from_be_bytes([pair[0], pair[1]]))
+        .collect();
+    String::from_utf16_lossy(&units)
+}
+
 /// Segments needed for characters of the given unit sizes, never splitting a character (an
 /// escape pair or a surrogate pair) across two segments.
 fn count_segments(units: impl Iterator<Item = usize> + Clone, single: usize, multi: usize) -> u32 {
@@ -148,6 +178,22 @@ mod tests {
         assert_eq!(gsm7_septets("€{"), Some(vec![0x1B, 0x65, 0x1B, 0x28]));
         assert_eq!(gsm7_septets("código"), None, "ó is not in GSM-7");
         assert_eq!(gsm7_septets("\u{1b}"), None);
+    }
+
+    #[test]
+    fn septets_and_ucs2_octets_read_back_as_the_text() {
+        for text in [
+            "482913 is your Example code. @acme.example #482913",
+            "Código {x} €5 ñ",
+        ] {
+            if let Some(septets) = gsm7_septets(text) {
+                assert_eq!(gsm7_text(&septets), text);
+            }
+            assert_eq!(ucs2_text(&ucs2_octets(text)), text);
+        }
+        assert_eq!(gsm7_text(&[0x1B, 0x65, 0x41]), "€A");
+        assert_eq!(gsm7_text(&[0x1B, 0x00]), "\u{fffd}", "no such extension");
+        assert_eq!(ucs2_text(&ucs2_octets("日本 😀")), "日本 😀");
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod replicas;
 mod restart;
 mod retention;
 mod smpp;
+mod stack;
 mod status_page;
 mod tls;
 mod traces;

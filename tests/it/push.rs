@@ -17,17 +17,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt;
 use axum::{Form, Json, Router};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::StreamExt;
 use otp_gateway::config::Config;
 use otp_gateway::delivery::DeliveryService;
 use otp_gateway::domain::{AttemptOutcome, DeliveryStatus, FailureReason, TargetStatus};
 use otp_gateway::policy::{BlockKind, BlockSource};
+use otp_gateway::sim::verify_jwt;
 use ring::rand::SystemRandom;
 use ring::signature::{
     ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
-    RSA_PKCS1_2048_8192_SHA256, RsaKeyPair, UnparsedPublicKey, VerificationAlgorithm,
+    RSA_PKCS1_2048_8192_SHA256, RsaKeyPair,
 };
 use serde_json::{Value, json};
 
@@ -54,28 +53,6 @@ async fn serve(router: Router) -> (String, Arc<AtomicUsize>) {
     });
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     (url, connections)
-}
-
-/// A JWT's header and claims, once its signature checks out with `public`.
-fn verify_jwt(
-    jwt: &str,
-    algorithm: &'static dyn VerificationAlgorithm,
-    public: &[u8],
-) -> Result<(Value, Value), String> {
-    let parts: Vec<&str> = jwt.split('.').collect();
-    let [header, claims, signature] = parts[..] else {
-        return Err(format!("not a JWT: {jwt:?}"));
-    };
-    let decode = |part: &str| -> Result<Vec<u8>, String> {
-        URL_SAFE_NO_PAD.decode(part).map_err(|e| e.to_string())
-    };
-    UnparsedPublicKey::new(algorithm, public)
-        .verify(format!("{header}.{claims}").as_bytes(), &decode(signature)?)
-        .map_err(|_| "the JWT's signature does not verify".to_owned())?;
-    let json = |part: &str| -> Result<Value, String> {
-        serde_json::from_slice(&decode(part)?).map_err(|e| e.to_string())
-    };
-    Ok((json(header)?, json(claims)?))
 }
 
 fn now_secs() -> i64 {

@@ -22,14 +22,14 @@ const HASH_KEY: &str = "replicas-test-block-list-hash-key-0123456789";
 const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// A database of its own for one test, dropped (with its connections) afterwards.
-struct Database {
+pub(crate) struct Database {
     name: String,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Database {
     /// `None` (the test skips) when PostgreSQL is not there, unless CI=true: then it fails.
-    async fn create() -> Option<Database> {
+    pub(crate) async fn create() -> Option<Database> {
         let mut admin = match PgConnection::connect(ADMIN_URL).await {
             Ok(admin) => admin,
             Err(error) if std::env::var("CI").as_deref() != Ok("true") => {
@@ -82,7 +82,7 @@ struct Replica {
     outbox: PathBuf,
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }

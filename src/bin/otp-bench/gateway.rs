@@ -198,8 +198,10 @@ fn config_toml(setup: &GatewaySetup<'_>, dir: &Path) -> String {
         SmsProvider::Smpp(addr) => (
             "bench",
             format!(
-                "[providers.bench]\nkind = \"smpp\"\naddress = {}\nsystem_id = \"bench\"\npassword = \"bench\"\nsource_addr = \"OTP\"\nwindow = {SMPP_WINDOW}\nthroughput = {SMPP_THROUGHPUT:.1}\n",
+                "[providers.bench]\nkind = \"smpp\"\naddress = {}\nsystem_id = {}\npassword = {}\nsource_addr = \"OTP\"\nwindow = {SMPP_WINDOW}\nthroughput = {SMPP_THROUGHPUT:.1}\n",
                 quoted(&addr.to_string()),
+                quoted(crate::smsc::SYSTEM_ID),
+                quoted(crate::smsc::PASSWORD),
             ),
         ),
     };

@@ -11,6 +11,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
+use otp_gateway::sim::log_normal;
 use tokio_util::sync::CancellationToken;
 
 /// How the provider answers.
@@ -59,25 +60,6 @@ impl Behaviour {
             }
         }
     }
-}
-
-/// The 99th percentile of the standard normal distribution.
-const Z_99: f64 = 2.326_347_874;
-
-/// A log-normal draw with `median` and `p99`: exp(mu + sigma * z), mu = ln(median),
-/// sigma = ln(p99 / median) / z_0.99, z standard normal (Box-Muller from two uniforms).
-fn log_normal(median: Duration, p99: Duration) -> Duration {
-    let mu = median.as_secs_f64().ln();
-    let sigma = (p99.as_secs_f64() / median.as_secs_f64()).ln() / Z_99;
-    let u1 = 1.0 - fastrand::f64(); // (0, 1]: ln stays finite
-    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * fastrand::f64()).cos();
-    Duration::from_secs_f64((mu + sigma * z).exp())
-}
-
-/// The mean of that log-normal: exp(mu + sigma^2 / 2).
-pub fn log_normal_mean(median: Duration, p99: Duration) -> Duration {
-    let sigma = (p99.as_secs_f64() / median.as_secs_f64()).ln() / Z_99;
-    Duration::from_secs_f64(median.as_secs_f64() * (sigma * sigma / 2.0).exp())
 }
 
 /// What the provider saw.

@@ -32,7 +32,8 @@ pub(crate) async fn realistic(bench: &Bench) -> anyhow::Result<()> {
     // What each job kept a slot busy for at the provider, as measured there (retries included).
     let provider_time_per_job = stats.busy().as_secs_f64() / jobs;
     let bound = in_flight / provider_time_per_job;
-    let designed_mean = provider::log_normal_mean(REALISTIC_MEDIAN, REALISTIC_P99).as_secs_f64()
+    let designed_mean = otp_gateway::sim::log_normal_mean(REALISTIC_MEDIAN, REALISTIC_P99)
+        .as_secs_f64()
         * (1.0 - REALISTIC_HANGS)
         + REALISTIC_TIMEOUT.as_secs_f64() * REALISTIC_HANGS;
     println!(
