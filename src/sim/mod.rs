@@ -466,3 +466,74 @@ async fn messages(
         .collect();
     Json(messages)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Simulators on free local ports, with +14155550123 opted out, and the defaults otherwise.
+    pub(crate) async fn start() -> Sim {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        Sim::start(SimSettings {
+            http: local,
+            smpp: local,
+            faults: Faults {
+                opted_out: ["+14155550123".to_owned()].into(),
+                receipt_delay_ms: 10,
+                ..Faults::default()
+            },
+            twilio: twilio::Account {
+                sid: "ACsim".into(),
+                auth_token: "sim-token".into(),
+            },
+            smpp_bind: smpp::Bind {
+                system_id: "otp".into(),
+                password: "secret".into(),
+            },
+            apns: None,
+            fcm_service_account: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn faults_change_field_by_field_and_bad_values_are_refused_naming_the_field() {
+        let sim = start().await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let put = |body: &'static str| {
+            client
+                .put(format!("http://{}/sim/faults/twilio", sim.http))
+                .body(body)
+                .send()
+        };
+        let answer = put(r#"{"error_rate": 0.25}"#).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let twilio = sim.knobs.get("twilio");
+        assert_eq!(twilio.error_rate, 0.25);
+        assert!(
+            twilio.opted_out.contains("+14155550123"),
+            "the fields not named keep their value"
+        );
+        assert_eq!(sim.knobs.get("smpp").error_rate, 0.0, "one simulator only");
+        for (body, named) in [
+            (r#"{"error_rate": 2}"#, "error_rate"),
+            (r#"{"eror_rate": 1}"#, "eror_rate"),
+            (r#"{"receipts": "yes"}"#, "bool"),
+        ] {
+            let answer = put(body).await.unwrap();
+            assert_eq!(answer.status(), 400);
+            let text = answer.text().await.unwrap();
+            assert!(text.contains(named), "{text}");
+        }
+        assert_eq!(sim.knobs.get("twilio").error_rate, 0.25, "left as it was");
+        let unknown = client
+            .put(format!("http://{}/sim/faults/sms", sim.http))
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), 404);
+    }
+}

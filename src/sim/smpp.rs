@@ -5,7 +5,8 @@
 //! (registered_delivery), a deliver_sm follows, on the same session (transceiver) or on a
 //! receiver bound with the same system_id: the receipt text (`id:… sub:001 dlvrd:… submit
 //! date:… done date:… stat:… err:…`) and the receipted_message_id and message_state TLVs.
-//! `DELIVRD`, `UNDELIV` for a filtered number, `REJECTD` for an opted-out one.
+//! `DELIVRD`, `UNDELIV` for a filtered number, `REJECTD` for an opted-out one. Any other
+//! operation (query_sm, data_sm, submit_multi, …) gets a generic_nack with `ESME_RINVCMDID`.
 
 use std::net::SocketAddr;
 use std::str::FromStr;
@@ -170,8 +171,10 @@ async fn session(stream: tokio::net::TcpStream, smsc: Arc<Smsc>, stop: Cancellat
                     }
                 }
             }
-            // deliver_sm_resp, generic_nack and the rest need no answer.
-            Some(_) | None => continue,
+            // deliver_sm_resp, generic_nack and the other responses need no answer.
+            _ if command.id().is_response() => continue,
+            // An operation this SMSC does not offer (query_sm, data_sm, submit_multi, …).
+            _ => Command::new(CommandStatus::EsmeRinvcmdid, seq, Pdu::GenericNack),
         };
         if out.send(reply).is_err() {
             return;
@@ -342,5 +345,129 @@ fn text(submit: &SubmitSm) -> String {
         crate::domain::ucs2_text(&octets)
     } else {
         crate::domain::gsm7_text(&octets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use rusmpp::pdus::{BindTransceiver, QuerySm, SubmitSm};
+    use rusmpp::tokio_codec::CommandCodec;
+    use rusmpp::types::{COctetString, OctetString};
+    use rusmpp::values::{MessageState, RegisteredDelivery};
+    use rusmpp::{Command, CommandId, CommandStatus, Pdu};
+    use std::str::FromStr;
+    use tokio_util::codec::Framed;
+
+    use crate::sim::tests::start;
+
+    type Client = Framed<tokio::net::TcpStream, CommandCodec>;
+
+    async fn next(client: &mut Client) -> Command {
+        tokio::time::timeout(Duration::from_secs(5), client.next())
+            .await
+            .expect("an answer within 5 s")
+            .expect("the session stays open")
+            .expect("a well-formed PDU")
+    }
+
+    fn bind(password: &str) -> BindTransceiver {
+        BindTransceiver::builder()
+            .system_id(COctetString::from_str("otp").unwrap())
+            .password(COctetString::from_str(password).unwrap())
+            .build()
+    }
+
+    #[tokio::test]
+    async fn the_smsc_checks_the_bind_nacks_what_it_lacks_and_receipts_what_it_takes() {
+        let sim = start().await;
+        let mut client = Framed::new(
+            tokio::net::TcpStream::connect(sim.smpp).await.unwrap(),
+            CommandCodec::new(),
+        );
+        let submit = |number: &str| {
+            SubmitSm::builder()
+                .destination_addr(COctetString::from_str(number).unwrap())
+                .registered_delivery(RegisteredDelivery::from(0x01))
+                .short_message(OctetString::from_slice(b"482913 is your code").unwrap())
+                .build()
+        };
+        // Before a bind, a submit is out of place.
+        client
+            .send(Command::new(
+                CommandStatus::EsmeRok,
+                1,
+                submit("14155550101"),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut client).await.status(),
+            CommandStatus::EsmeRinvbndsts
+        );
+        client
+            .send(Command::new(CommandStatus::EsmeRok, 2, bind("wrong")))
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut client).await.status(),
+            CommandStatus::EsmeRinvpaswd
+        );
+        client
+            .send(Command::new(CommandStatus::EsmeRok, 3, bind("secret")))
+            .await
+            .unwrap();
+        let bound = next(&mut client).await;
+        assert_eq!(
+            (bound.id(), bound.status()),
+            (CommandId::BindTransceiverResp, CommandStatus::EsmeRok)
+        );
+        let query = QuerySm::builder()
+            .message_id(COctetString::from_str("1").unwrap())
+            .build();
+        client
+            .send(Command::new(CommandStatus::EsmeRok, 4, query))
+            .await
+            .unwrap();
+        let nack = next(&mut client).await;
+        assert_eq!(
+            (nack.id(), nack.status(), nack.sequence_number()),
+            (CommandId::GenericNack, CommandStatus::EsmeRinvcmdid, 4)
+        );
+        // An opted-out number: accepted, then a REJECTD receipt naming the message id.
+        client
+            .send(Command::new(
+                CommandStatus::EsmeRok,
+                5,
+                submit("14155550123"),
+            ))
+            .await
+            .unwrap();
+        let accepted = next(&mut client).await;
+        let Some(Pdu::SubmitSmResp(resp)) = accepted.pdu() else {
+            panic!("{accepted:?}")
+        };
+        let id = resp.message_id().as_str().to_owned();
+        let receipt = next(&mut client).await;
+        let Some(Pdu::DeliverSm(deliver)) = receipt.pdu() else {
+            panic!("{receipt:?}")
+        };
+        let text = String::from_utf8_lossy(deliver.short_message().as_ref()).into_owned();
+        assert!(
+            text.starts_with(&format!("id:{id} ")) && text.contains("stat:REJECTD"),
+            "{text}"
+        );
+        assert!(deliver.tlvs().iter().any(|tlv| matches!(
+            tlv.value(),
+            Some(rusmpp::tlvs::TlvValue::MessageState(MessageState::Rejected))
+        )));
+        let inbox = sim.inbox.messages();
+        assert_eq!(inbox.len(), 1, "a refused submit is not in the inbox");
+        assert_eq!(
+            (inbox[0].to.as_str(), inbox[0].text.as_str()),
+            ("+14155550123", "482913 is your code")
+        );
     }
 }

@@ -178,7 +178,13 @@ async fn create(
             },
         ));
     }
-    let (from, status) = (field("From"), if voice { "queued" } else { "accepted" });
+    // Twilio answers `accepted` for a message sent through a Messaging Service, else `queued`.
+    let from = field("From");
+    let status = if !voice && !field("MessagingServiceSid").is_empty() {
+        "accepted"
+    } else {
+        "queued"
+    };
     let mut resource = json!({
         "sid": sid,
         "account_sid": twilio.account.sid,
@@ -260,5 +266,117 @@ async fn callbacks(twilio: Twilio, faults: Faults, callback: Callback) {
         if status != "sent" {
             twilio.shared.inbox.receipt("twilio", &callback.sid, status);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::http::HeaderMap;
+    use axum::{Form, routing::post};
+
+    use crate::sim::tests::start;
+
+    type Seen = Arc<Mutex<Vec<(Vec<(String, String)>, bool)>>>;
+
+    /// A status-callback endpoint that records each callback and whether its signature holds.
+    async fn callback_endpoint() -> (String, Seen) {
+        let seen: Seen = Arc::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/receipts/twilio/twilio",
+            listener.local_addr().unwrap()
+        );
+        let app = axum::Router::new()
+            .route(
+                "/receipts/twilio/twilio",
+                post(
+                    |State((seen, url)): State<(Seen, String)>,
+                     headers: HeaderMap,
+                     Form(params): Form<Vec<(String, String)>>| async move {
+                        let signature = headers
+                            .get("x-twilio-signature")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default();
+                        let valid =
+                            crate::receipts::twilio::verify("sim-token", &url, &params, signature);
+                        seen.lock().unwrap().push((params, valid));
+                    },
+                ),
+            )
+            .with_state((Arc::clone(&seen), url.clone()));
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn twilio_checks_the_account_answers_its_errors_and_signs_the_callbacks() {
+        let sim = start().await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (callback, seen) = callback_endpoint().await;
+        let client = reqwest::Client::new();
+        let url = format!(
+            "http://{}/2010-04-01/Accounts/ACsim/Messages.json",
+            sim.http
+        );
+        let send = |token: &str, to: &str| {
+            client
+                .post(&url)
+                .basic_auth("ACsim", Some(token))
+                .form(&[
+                    ("To", to),
+                    ("From", "+15005550006"),
+                    ("Body", "482913 is your code"),
+                    ("StatusCallback", callback.as_str()),
+                ])
+                .send()
+        };
+        let body = |answer: reqwest::Response| async move {
+            let status = answer.status().as_u16();
+            let json: serde_json::Value =
+                serde_json::from_str(&answer.text().await.unwrap()).unwrap();
+            (status, json)
+        };
+        let (status, refused) = body(send("wrong", "+14155550101").await.unwrap()).await;
+        assert_eq!((status, refused["code"].as_u64()), (401, Some(20003)));
+        let (status, refused) = body(send("sim-token", "+14155550123").await.unwrap()).await;
+        assert_eq!((status, refused["code"].as_u64()), (400, Some(21610)));
+        let (status, accepted) = body(send("sim-token", "+14155550101").await.unwrap()).await;
+        assert_eq!(status, 201);
+        let sid = accepted["sid"].as_str().unwrap().to_owned();
+        assert!(sid.starts_with("SM") && sid.len() == 34, "{sid}");
+        for _ in 0..100 {
+            if seen.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.lock().unwrap().clone();
+        let statuses: Vec<(String, bool)> = seen
+            .iter()
+            .map(|(params, valid)| {
+                let get = |name: &str| {
+                    params
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                assert_eq!(get("MessageSid"), sid);
+                (get("MessageStatus"), *valid)
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            [("sent".to_owned(), true), ("delivered".to_owned(), true)],
+            "both callbacks signed with the auth token"
+        );
+        assert_eq!(
+            sim.inbox.messages()[0].receipt.as_deref(),
+            Some("delivered")
+        );
     }
 }
