@@ -159,6 +159,26 @@ async fn the_compose_stack_runs_without_containers_and_explains_each_failure() {
             "`docker compose up` runs {service}"
         );
     }
+    // Grafana (no container here): its provisioning finds the dashboards where the compose file
+    // mounts them, and the data source is the compose file's Prometheus.
+    let provider = std::fs::read_to_string(
+        repo().join("deploy/grafana/provisioning/dashboards/otp-gateway.yml"),
+    )
+    .unwrap();
+    let dashboards = provider
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("path: "))
+        .unwrap();
+    let mounts = services["grafana"]["volumes"].to_string();
+    assert!(
+        mounts.contains(dashboards) && mounts.contains("deploy/grafana/dashboards"),
+        "{mounts}"
+    );
+    let source = std::fs::read_to_string(
+        repo().join("deploy/grafana/provisioning/datasources/prometheus.yml"),
+    )
+    .unwrap();
+    assert!(source.contains("url: http://prometheus:9090"), "{source}");
     let names = Names::new("stack");
     let dir = tempfile::tempdir().unwrap();
     let (sim_http, sim_smpp) = (
