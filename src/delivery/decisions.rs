@@ -257,6 +257,7 @@ mod tests {
 
     fn report(targets: Vec<TargetResult>) -> Report {
         Report {
+            verification: None,
             delivery_id: "acme/j1".into(),
             tenant: "acme".into(),
             job_id: "j1".into(),

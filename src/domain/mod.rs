@@ -29,7 +29,7 @@ pub use message::{
 pub use reason::{FailureReason, RetryClass};
 pub use report::{
     Acknowledgement, Attempt, AttemptOutcome, DeliveryStatus, DeviceInvalidated, Report,
-    TargetResult, TargetStatus, headline_reason, summarize,
+    TargetResult, TargetStatus, Verification, headline_reason, summarize,
 };
 pub use setting::{
     InvalidSetting, SecretString, SecretUrl, http_url, non_negative_duration, optional_http_url,

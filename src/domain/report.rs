@@ -191,6 +191,17 @@ pub struct Report {
     pub expires_at: Timestamp,
     /// Per-target results, in job order.
     pub targets: Vec<TargetResult>,
+    /// What upstream reported of the user entering the code (`ReportVerification`).
+    pub verification: Option<Verification>,
+}
+
+/// Whether the user entered the code, as upstream reported it: the conversion signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    /// The user entered the code (`false`: they tried and failed, or gave up).
+    pub verified: bool,
+    /// When, as upstream says.
+    pub at: Timestamp,
 }
 
 /// A push token a provider called dead (unregistered or invalid), as published on

@@ -573,6 +573,7 @@ mod tests {
 
     fn ended(tenant: &str, status: DeliveryStatus) -> Report {
         Report {
+            verification: None,
             delivery_id: format!("{tenant}/j1"),
             tenant: tenant.into(),
             job_id: "j1".into(),

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::domain::{
     Acknowledgement, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, Platform, Report,
-    SmsEncoding, SmsShape, TargetStatus,
+    SmsEncoding, SmsShape, TargetStatus, Verification,
 };
 use crate::policy::{
     BlockKind, BlockSource, NewBlockEntry, QuietAction, QuietHoursRule, RateKey, RateLimitRule,
@@ -105,6 +105,15 @@ macro_rules! store_contract {
                     return;
                 };
                 c::a_receipt_is_matched_only_to_an_attempt_that_awaits_one(&*s.ledger).await;
+            }
+
+            #[tokio::test]
+            async fn a_verified_delivery_stays_verified_and_a_failure_can_be_replaced() {
+                let Some(s) = super::$open().await else {
+                    return;
+                };
+                c::a_verified_delivery_stays_verified_and_a_failure_can_be_replaced(&*s.ledger)
+                    .await;
             }
 
             #[tokio::test]
@@ -366,6 +375,53 @@ pub(crate) async fn a_receipt_is_matched_only_to_an_attempt_that_awaits_one(ledg
         Some("m1"),
         "the message id is kept for support either way"
     );
+}
+
+pub(crate) async fn a_verified_delivery_stays_verified_and_a_failure_can_be_replaced(
+    ledger: &dyn Ledger,
+) {
+    let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+    let at = |minutes: i64| now + jiff::SignedDuration::from_mins(minutes);
+    let new = new_delivery("verified");
+    let (key, _) = started(ledger, &new, "w", now).await;
+    let id = new.id.clone();
+    let report = async |ledger: &dyn Ledger| ledger.get(&id).await.unwrap().unwrap();
+    assert_eq!(report(ledger).await.verification, None);
+    let failed = Verification {
+        verified: false,
+        at: at(1),
+    };
+    assert!(
+        ledger
+            .record_verification(key, failed, at(1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(report(ledger).await.verification, Some(failed));
+    let verified = Verification {
+        verified: true,
+        at: at(2),
+    };
+    assert!(
+        ledger
+            .record_verification(key, verified, at(2))
+            .await
+            .unwrap()
+    );
+    let shown = report(ledger).await;
+    assert_eq!(shown.verification, Some(verified));
+    assert_eq!(shown.updated_at, at(2));
+    for later in [true, false] {
+        let again = Verification {
+            verified: later,
+            at: at(3),
+        };
+        assert!(
+            !ledger.record_verification(key, again, at(3)).await.unwrap(),
+            "a verified delivery stays verified at its first verification's time"
+        );
+    }
+    assert_eq!(report(ledger).await.verification, Some(verified));
 }
 
 /// An SMS call to target `target` starting at `at`, as the engine records it.

@@ -31,7 +31,7 @@ use jiff::Timestamp;
 
 use crate::domain::{
     Acknowledgement, ApiKey, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason,
-    Platform, Report, SmsShape, TargetStatus,
+    Platform, Report, SmsShape, TargetStatus, Verification,
 };
 
 pub use postgres::PostgresLedger;
@@ -479,6 +479,16 @@ pub trait Ledger: Send + Sync + 'static {
         ack: Acknowledgement,
         now: Timestamp,
     ) -> Result<(), StoreError>;
+
+    /// Records upstream's report of the user entering the code (or not) at `verification.at`;
+    /// `false` when it changes nothing: a delivery once verified stays verified (the first
+    /// verification's time stands), while a failure is replaced by a later report.
+    async fn record_verification(
+        &self,
+        key: DeliveryKey,
+        verification: Verification,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
 
     /// The acknowledgements recorded on a delivery's targets, by target index.
     async fn acknowledgements(

@@ -9,7 +9,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use crate::domain::{
-    ApiKey, Attempt, FailureReason, Report, SmsEncoding, SmsShape, TargetResult, parse_scopes,
+    ApiKey, Attempt, FailureReason, Report, SmsEncoding, SmsShape, TargetResult, Verification,
+    parse_scopes,
 };
 use crate::policy::{BlockEntry, BlockKind, QuietHoursRule, RateLimitRule};
 use crate::store::StoreError;
@@ -71,7 +72,7 @@ fn tenant_of(row: &dyn StoredRow, index: usize) -> Result<Option<String>, StoreE
 }
 
 /// A delivery row (`tenant, job_id, account, purpose, status, reason, summary, created_at,
-/// updated_at, expires_at`), without its targets.
+/// updated_at, expires_at, verified, verification_at`), without its targets.
 pub(crate) fn report_from_row(row: &dyn StoredRow) -> Result<Report, StoreError> {
     let tenant = row.text(0)?;
     let job_id = row.text(1)?;
@@ -90,6 +91,13 @@ pub(crate) fn report_from_row(row: &dyn StoredRow) -> Result<Report, StoreError>
         updated_at: timestamp(row.int(8)?)?,
         expires_at: timestamp(row.int(9)?)?,
         targets: Vec::new(),
+        verification: match (row.opt_int(10)?, opt_timestamp(row, 11)?) {
+            (Some(verified), Some(at)) => Some(Verification {
+                verified: verified != 0,
+                at,
+            }),
+            _ => None,
+        },
     })
 }
 

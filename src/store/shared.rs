@@ -75,6 +75,7 @@ pub(crate) fn fresh_report(new: &NewDelivery, now: Timestamp) -> Report {
         created_at: now,
         updated_at: now,
         expires_at: as_stored(new.expires_at),
+        verification: None,
         targets: new
             .targets
             .iter()

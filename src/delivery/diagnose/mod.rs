@@ -409,6 +409,7 @@ mod tests {
             .collect();
         let failed = targets.iter().all(|t| t.status == TargetStatus::Failed);
         Report {
+            verification: None,
             delivery_id: format!("acme/j{n}"),
             tenant: "acme".into(),
             job_id: format!("j{n}"),

@@ -33,7 +33,7 @@ use self::rows::{
 };
 use crate::domain::{
     Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
-    scopes_text,
+    Verification, scopes_text,
 };
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
@@ -653,6 +653,16 @@ impl Ledger for PostgresLedger {
     ) -> Result<(), StoreError> {
         let mut conn = self.writer().acquire().await?;
         writes::record_ack(&mut conn, key, index, ack.as_str(), now).await
+    }
+
+    async fn record_verification(
+        &self,
+        key: DeliveryKey,
+        verification: Verification,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.writer().acquire().await?;
+        writes::record_verification(&mut conn, key, verification, now).await
     }
 
     async fn acknowledgements(

@@ -15,8 +15,8 @@ pub(super) use crate::store::rows::{
 };
 pub(super) use crate::store::shared::ALL_TENANTS;
 
-pub(super) const DELIVERY_COLUMNS: &str =
-    "tenant, job_id, account, purpose, status, reason, summary, created_at, updated_at, expires_at";
+pub(super) const DELIVERY_COLUMNS: &str = "tenant, job_id, account, purpose, status, reason, summary, created_at, updated_at, expires_at, \
+     verified, verification_at";
 const TARGET_COLUMNS: &str = "idx, channel, label, platform, status, reason, detail, ack";
 const ATTEMPT_COLUMNS: &str = "target_idx, provider, channel, masked_target, started_at, ended_at, outcome, reason, \
      provider_code, provider_message, retry, provider_message_id, next_retry_at, token_invalid_since, sms_encoding, \
@@ -33,11 +33,12 @@ impl StoredRow for PgRow {
     }
 
     fn opt_int(&self, index: usize) -> Result<Option<i64>, StoreError> {
-        // Indexes, retries and segment counts are INTEGER; keys, times and limits BIGINT.
-        if self.try_column(index)?.type_info().name() == "INT4" {
-            Ok(self.try_get::<Option<i32>, _>(index)?.map(i64::from))
-        } else {
-            Ok(self.try_get(index)?)
+        // Indexes, retries and segment counts are INTEGER; a verification SMALLINT; keys, times
+        // and limits BIGINT.
+        match self.try_column(index)?.type_info().name() {
+            "INT4" => Ok(self.try_get::<Option<i32>, _>(index)?.map(i64::from)),
+            "INT2" => Ok(self.try_get::<Option<i16>, _>(index)?.map(i64::from)),
+            _ => Ok(self.try_get(index)?),
         }
     }
 }

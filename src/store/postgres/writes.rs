@@ -11,7 +11,9 @@ use super::rows::{
     ALL_TENANTS, BLOCK_COLUMNS, QUIET_COLUMNS, RULE_COLUMNS, block_from_row, load, micros,
     quiet_from_row, rule_from_row, timestamp,
 };
-use crate::domain::{DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus};
+use crate::domain::{
+    DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus, Verification,
+};
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
 };
@@ -301,6 +303,30 @@ pub(super) async fn record_ack(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Records upstream's verification report unless the delivery is verified already.
+pub(super) async fn record_verification(
+    conn: &mut PgConnection,
+    key: DeliveryKey,
+    verification: Verification,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let changed: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "WITH changed AS (
+             UPDATE deliveries SET verified = $1, verification_at = $2, updated_at = $3,
+                 revision = revision + 1
+             WHERE id = $4 AND verified IS DISTINCT FROM 1
+             RETURNING tenant, job_id
+         ) {ANNOUNCED} SELECT 1 FROM changed, announced"
+    )))
+    .bind(i16::from(verification.verified))
+    .bind(micros(verification.at))
+    .bind(micros(now))
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(changed.is_some())
 }
 
 /// Marks the delivery terminal (inside a transaction) with the outcome `decide` draws from its

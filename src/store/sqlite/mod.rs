@@ -18,7 +18,9 @@ mod reads;
 mod writer;
 mod writes;
 
-use crate::domain::{Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, Report, TargetStatus};
+use crate::domain::{
+    Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, Report, TargetStatus, Verification,
+};
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
 };
@@ -318,6 +320,16 @@ impl Ledger for SqliteLedger {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         self.write(move |conn| writes::record_ack(conn, key, index, ack.as_str(), now))
+            .await
+    }
+
+    async fn record_verification(
+        &self,
+        key: DeliveryKey,
+        verification: Verification,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.write(move |conn| writes::record_verification(conn, key, verification, now))
             .await
     }
 

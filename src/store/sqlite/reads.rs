@@ -27,7 +27,7 @@ pub(super) use crate::store::rows::{block_from_row, micros, quiet_from_row, rule
 /// columns up by name costs a walk through the names for every value).
 macro_rules! delivery_columns {
     () => {
-        "tenant, job_id, account, purpose, status, reason, summary, created_at, updated_at, expires_at"
+        "tenant, job_id, account, purpose, status, reason, summary, created_at, updated_at, expires_at, verified, verification_at"
     };
 }
 macro_rules! target_columns {

@@ -10,7 +10,8 @@ use super::reads::{
     rule_columns, rule_from_row,
 };
 use crate::domain::{
-    ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus, scopes_text,
+    ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus, Verification,
+    scopes_text,
 };
 use crate::policy::{
     BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
@@ -314,6 +315,28 @@ pub(super) fn record_ack(
     conn.prepare_cached("UPDATE targets SET ack = ?, ack_at = ? WHERE delivery = ? AND idx = ?")?
         .execute(params![ack, micros(now), key, index as i64])?;
     touch(conn, key, now)
+}
+
+/// Records upstream's verification report unless the delivery is verified already.
+pub(super) fn record_verification(
+    conn: &Connection,
+    key: DeliveryKey,
+    verification: Verification,
+    now: Timestamp,
+) -> Result<bool, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "UPDATE deliveries SET verified = ?, verification_at = ?, updated_at = ?,
+                 revision = revision + 1
+             WHERE id = ? AND verified IS NOT 1",
+        )?
+        .execute(params![
+            i64::from(verification.verified),
+            micros(verification.at),
+            micros(now),
+            key
+        ])?;
+    Ok(changed == 1)
 }
 
 /// Marks the delivery terminal with the outcome `decide` draws from its report as it stands
