@@ -254,6 +254,14 @@ pub fn report_to_proto(report: &Report) -> v1::DeliveryReport {
         updated_at: Some(timestamp_to_proto(report.updated_at)),
         expires_at: Some(timestamp_to_proto(report.expires_at)),
         targets: report.targets.iter().map(target_to_proto).collect(),
+        verified_at: report
+            .verification
+            .filter(|v| v.verified)
+            .map(|v| timestamp_to_proto(v.at)),
+        verification_failed_at: report
+            .verification
+            .filter(|v| !v.verified)
+            .map(|v| timestamp_to_proto(v.at)),
     }
 }
 

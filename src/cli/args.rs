@@ -110,6 +110,18 @@ pub(super) enum Command {
         /// The delivery id, "<tenant>/<job_id>".
         id: String,
     },
+    /// Report that the user entered a delivery's code (the conversion signal; needs the send
+    /// or ack scope), or with --failed that they did not.
+    Verify {
+        /// The delivery id, "<tenant>/<job_id>".
+        id: String,
+        /// The user did not enter the code (wrong codes, gave up).
+        #[arg(long)]
+        failed: bool,
+        /// When (RFC 3339; default: now).
+        #[arg(long)]
+        at: Option<Timestamp>,
+    },
 }
 
 #[derive(Subcommand)]

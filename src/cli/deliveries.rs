@@ -11,7 +11,9 @@ use super::connection::{Server, gateway};
 use super::{EXIT_CONFIG, EXIT_UNAVAILABLE};
 use crate::proto::v1::code_delivery_client::CodeDeliveryClient;
 use crate::proto::v1::{self, DeliveryReport};
-use crate::proto::{is_terminal, reason_from_proto, status_from_proto, timestamp_to_proto};
+use crate::proto::{
+    is_terminal, reason_from_proto, status_from_proto, timestamp_from_proto, timestamp_to_proto,
+};
 
 pub(super) fn channel_from_name(name: &str) -> anyhow::Result<v1::Channel> {
     v1::Channel::from_str_name(&format!("CHANNEL_{}", name.trim().to_ascii_uppercase()))
@@ -115,6 +117,28 @@ pub(super) async fn status(id: &str, server: &Server) -> anyhow::Result<ExitCode
     let report = client
         .get_delivery(v1::GetDeliveryRequest {
             delivery_id: id.to_owned(),
+        })
+        .await?
+        .into_inner();
+    print_report(&report);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn verify(
+    id: &str,
+    verified: bool,
+    at: Option<Timestamp>,
+    server: &Server,
+) -> anyhow::Result<ExitCode> {
+    let mut client = match gateway(server).await {
+        Ok(channel) => CodeDeliveryClient::new(channel),
+        Err(code) => return Ok(code),
+    };
+    let report = client
+        .report_verification(v1::ReportVerificationRequest {
+            delivery_id: id.to_owned(),
+            verified,
+            at: at.map(timestamp_to_proto),
         })
         .await?
         .into_inner();
@@ -247,6 +271,15 @@ fn print_report(report: &DeliveryReport) {
     }
     if !report.summary.is_empty() {
         println!("  {}", report.summary);
+    }
+    if let Some(at) = report.verified_at.as_ref().and_then(timestamp_from_proto) {
+        println!("  the user entered the code at {at}");
+    } else if let Some(at) = report
+        .verification_failed_at
+        .as_ref()
+        .and_then(timestamp_from_proto)
+    {
+        println!("  the user did not enter the code (reported at {at})");
     }
     for target in &report.targets {
         let status = v1::TargetStatus::try_from(target.status).map_or("?", |s| s.as_str_name());

@@ -47,6 +47,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Serve => serve::serve(cli.config.as_deref(), cli.log_json).await,
             Command::Send(args) => deliveries::send(args, server).await,
             Command::Status { id } => deliveries::status(&id, server).await,
+            Command::Verify { id, failed, at } => {
+                deliveries::verify(&id, !failed, at, server).await
+            }
             Command::Explain { file, at } => deliveries::explain(&file, at, server).await,
             Command::Health => deliveries::health(server).await,
             Command::Block { command } => rules::run(command.into(), server).await,

@@ -17,7 +17,8 @@
 //! - `circuits`: the breaker registry (per provider, per route) and its health snapshot.
 //! - `decisions`: the decisions that need no I/O (standing after a failure, what follows a
 //!   failed call, how a chain ended, the final outcome), unit-tested without a ledger.
-//! - `acknowledge`, `receipts`: what devices and providers report afterwards.
+//! - `acknowledge`, `receipts`: what devices and providers report afterwards; `verification`:
+//!   what upstream reports of the user entering the code (the conversion signal).
 //! - `explain`: the dry run, deciding exactly as the engine does.
 
 mod acknowledge;
@@ -40,6 +41,7 @@ mod receipts;
 mod retry;
 mod service;
 mod settings;
+mod verification;
 
 pub use acknowledge::{AckError, AckOutcome};
 pub use breaker::{BreakerSnapshot, CircuitState};
@@ -52,3 +54,4 @@ pub use receipts::ReceiptApplied;
 pub use retry::RetryPolicy;
 pub use service::{DeliveryService, Handled, new_delivery};
 pub use settings::EngineSettings;
+pub use verification::VerifyError;

@@ -132,19 +132,21 @@ impl Caller {
     }
 }
 
-/// The scope a method needs (`None`: a method this gateway does not have: any valid key
-/// reaches it, and it answers UNIMPLEMENTED).
-fn scope_of(path: &str) -> Option<Scope> {
+/// The scopes a method takes, any one of them (`None`: a method this gateway does not have:
+/// any valid key reaches it, and it answers UNIMPLEMENTED).
+fn scope_of(path: &str) -> Option<&'static [Scope]> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match (service, method) {
-        ("otpgateway.v1.CodeDelivery", "SendCode" | "Explain") => Some(Scope::Send),
+        ("otpgateway.v1.CodeDelivery", "SendCode" | "Explain") => Some(&[Scope::Send]),
         (
             "otpgateway.v1.CodeDelivery",
             "GetDelivery" | "WatchDelivery" | "ListDeliveries" | "DiagnoseAccount",
-        ) => Some(Scope::Read),
-        ("otpgateway.v1.CodeDelivery", "AcknowledgeDelivery") => Some(Scope::Ack),
-        ("otpgateway.v1.PolicyAdmin", _) => Some(Scope::Admin),
-        ("otpgateway.v1.Providers", _) => Some(Scope::Status),
+        ) => Some(&[Scope::Read]),
+        ("otpgateway.v1.CodeDelivery", "AcknowledgeDelivery") => Some(&[Scope::Ack]),
+        // The service that sent the code or the app's backend that checks it.
+        ("otpgateway.v1.CodeDelivery", "ReportVerification") => Some(&[Scope::Send, Scope::Ack]),
+        ("otpgateway.v1.PolicyAdmin", _) => Some(&[Scope::Admin]),
+        ("otpgateway.v1.Providers", _) => Some(&[Scope::Status]),
         _ => None,
     }
 }
@@ -220,8 +222,14 @@ impl Authenticator {
         {
             // The bootstrap key administers (and reads the provider status): it makes keys.
             return match needed {
-                Some(Scope::Admin | Scope::Status) | None => Ok(Some(Caller::unrestricted())),
-                Some(scope) => Err(missing_scope(path, scope)),
+                Some(scopes)
+                    if !scopes
+                        .iter()
+                        .any(|s| matches!(s, Scope::Admin | Scope::Status)) =>
+                {
+                    Err(missing_scope(path, scopes))
+                }
+                _ => Ok(Some(Caller::unrestricted())),
             };
         }
         let text =
@@ -231,10 +239,10 @@ impl Authenticator {
             .await?
             .filter(|key| key.revoked_at.is_none() && key.opens_with(&text.secret))
             .ok_or_else(|| Status::unauthenticated(NOT_AUTHENTICATED))?;
-        if let Some(scope) = needed
-            && !key.allows(scope)
+        if let Some(scopes) = needed
+            && !scopes.iter().any(|scope| key.allows(*scope))
         {
-            return Err(missing_scope(path, scope));
+            return Err(missing_scope(path, scopes));
         }
         Ok(Some(Caller {
             tenant: key.tenant,
@@ -262,10 +270,12 @@ impl Authenticator {
     }
 }
 
-fn missing_scope(path: &str, scope: Scope) -> Status {
+fn missing_scope(path: &str, scopes: &[Scope]) -> Status {
     let method = path.trim_start_matches('/');
+    let names: Vec<String> = scopes.iter().map(|s| format!("`{s}`")).collect();
     Status::permission_denied(format!(
-        "this API key may not call {method}: that needs the `{scope}` scope"
+        "this API key may not call {method}: that needs the {} scope",
+        names.join(" or the ")
     ))
 }
 
@@ -355,32 +365,45 @@ mod tests {
     #[test]
     fn each_method_needs_its_scope() {
         let cases = [
-            ("/otpgateway.v1.CodeDelivery/SendCode", Some(Scope::Send)),
-            ("/otpgateway.v1.CodeDelivery/Explain", Some(Scope::Send)),
-            ("/otpgateway.v1.CodeDelivery/GetDelivery", Some(Scope::Read)),
+            (
+                "/otpgateway.v1.CodeDelivery/SendCode",
+                Some(&[Scope::Send][..]),
+            ),
+            (
+                "/otpgateway.v1.CodeDelivery/Explain",
+                Some(&[Scope::Send][..]),
+            ),
+            (
+                "/otpgateway.v1.CodeDelivery/GetDelivery",
+                Some(&[Scope::Read][..]),
+            ),
             (
                 "/otpgateway.v1.CodeDelivery/WatchDelivery",
-                Some(Scope::Read),
+                Some(&[Scope::Read][..]),
             ),
             (
                 "/otpgateway.v1.CodeDelivery/ListDeliveries",
-                Some(Scope::Read),
+                Some(&[Scope::Read][..]),
             ),
             (
                 "/otpgateway.v1.CodeDelivery/DiagnoseAccount",
-                Some(Scope::Read),
+                Some(&[Scope::Read][..]),
             ),
             (
                 "/otpgateway.v1.CodeDelivery/AcknowledgeDelivery",
-                Some(Scope::Ack),
+                Some(&[Scope::Ack][..]),
             ),
             (
                 "/otpgateway.v1.PolicyAdmin/CreateApiKey",
-                Some(Scope::Admin),
+                Some(&[Scope::Admin][..]),
             ),
             (
                 "/otpgateway.v1.Providers/ListProviders",
-                Some(Scope::Status),
+                Some(&[Scope::Status][..]),
+            ),
+            (
+                "/otpgateway.v1.CodeDelivery/ReportVerification",
+                Some(&[Scope::Send, Scope::Ack][..]),
             ),
             ("/otpgateway.v1.Nothing/Else", None),
         ];

@@ -23,7 +23,8 @@ use crate::proto::v1::code_delivery_server::CodeDelivery;
 use crate::proto::v1::{
     AccountDiagnosis, AcknowledgeDeliveryRequest, DeliveryReport, DiagnoseAccountRequest,
     ExplainRequest, ExplainResponse, GetDeliveryRequest, ListDeliveriesRequest,
-    ListDeliveriesResponse, SendCodeRequest, SendCodeResponse, WatchDeliveryRequest,
+    ListDeliveriesResponse, ReportVerificationRequest, SendCodeRequest, SendCodeResponse,
+    WatchDeliveryRequest,
 };
 use crate::proto::{
     acknowledgement_from_proto, diagnosis_to_proto, explanation_to_proto, job_from_proto,
@@ -268,6 +269,34 @@ impl CodeDelivery for CodeDeliveryApi {
                 report
             }
         };
+        Ok(Response::new(report_to_proto(&report)))
+    }
+
+    #[instrument(skip_all, fields(delivery_id))]
+    async fn report_verification(
+        &self,
+        request: Request<ReportVerificationRequest>,
+    ) -> Result<Response<DeliveryReport>, Status> {
+        let caller = Caller::of(&request);
+        let request = request.into_inner();
+        let id = visible_id(&caller, &request.delivery_id)?;
+        tracing::Span::current().record("delivery_id", tracing::field::display(&id));
+        let at = match &request.at {
+            Some(at) => Some(timestamp_from_proto(at).ok_or_else(|| {
+                invalid_argument(&JobError::new("at", "is not a valid timestamp"))
+            })?),
+            None => None,
+        };
+        let (report, changed) = self
+            .service
+            .report_verification(&id, request.verified, at)
+            .await?;
+        if changed
+            && request.verified
+            && let Err(error) = self.publisher.publish_verified(&report).await
+        {
+            tracing::warn!(%error, "verification recorded, but its event was not confirmed");
+        }
         Ok(Response::new(report_to_proto(&report)))
     }
 

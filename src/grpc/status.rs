@@ -2,7 +2,7 @@
 
 use tonic::Status;
 
-use crate::delivery::AckError;
+use crate::delivery::{AckError, VerifyError};
 use crate::domain::JobError;
 use crate::queue::PublishError;
 use crate::store::StoreError;
@@ -39,6 +39,16 @@ impl From<PublishError> for Status {
             Status::unavailable(format!(
                 "the job may have been queued: retry with the same job_id, which is safe (a job id is sent at most once), never with a new one ({error})"
             ))
+        }
+    }
+}
+
+impl From<VerifyError> for Status {
+    fn from(error: VerifyError) -> Self {
+        match error {
+            VerifyError::Store(error) => error.into(),
+            VerifyError::UnknownDelivery(_) => Status::not_found(error.to_string()),
+            VerifyError::Invalid(error) => invalid_argument(&error),
         }
     }
 }

@@ -29,6 +29,13 @@ struct DeliveryLabels {
     reason: String,
 }
 
+/// Upstream's report of the user entering the code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerificationLabels {
+    tenant: String,
+    verified: String,
+}
+
 /// One provider call's end.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
@@ -132,6 +139,7 @@ pub struct Metrics {
     countries: Mutex<std::collections::HashMap<(String, usize), Option<String>>>,
     deliveries: Family<DeliveryLabels, Counter>,
     settled: Family<DeliveryLabels, Counter>,
+    verifications: Family<VerificationLabels, Counter>,
     first_send: Family<ChannelLabels, Histogram>,
     delivered: Family<ChannelLabels, Histogram>,
     queue_wait: Histogram,
@@ -178,6 +186,14 @@ impl Metrics {
             "SENT deliveries a later receipt or acknowledgement settled, by tenant, the status \
              it gave them (DELIVERED or FAILED) and headline reason",
             settled.clone(),
+        );
+        let verifications = Family::<VerificationLabels, Counter>::default();
+        registry.register(
+            "verifications",
+            "Verification reports that changed a delivery (ReportVerification, or the queue's \
+             verification messages), by tenant and whether the user entered the code (true) \
+             or not (false)",
+            verifications.clone(),
         );
         let delivery_histogram = || {
             Family::<ChannelLabels, Histogram>::new_with_constructor(|| {
@@ -307,6 +323,7 @@ impl Metrics {
             countries: Mutex::default(),
             deliveries,
             settled,
+            verifications,
             first_send,
             delivered,
             queue_wait,
@@ -402,6 +419,16 @@ impl Metrics {
     /// `waited` ago.
     pub fn queue_waited(&self, waited: std::time::Duration) {
         self.queue_wait.observe(waited.as_secs_f64());
+    }
+
+    /// Upstream reported that a `tenant`'s user entered the code (`verified`) or did not.
+    pub fn verified(&self, tenant: &str, verified: bool) {
+        self.verifications
+            .get_or_create(&VerificationLabels {
+                tenant: self.tenant(tenant),
+                verified: verified.to_string(),
+            })
+            .inc();
     }
 
     /// A provider's delivery receipt arrived: `outcome`, or `None` when it matched no attempt.

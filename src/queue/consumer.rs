@@ -19,10 +19,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::ProducerTenants;
-use super::decode::{decode_job, identify};
+use super::decode::{decode_job, decode_verification, identify};
 use super::publisher::{PublishError, Publisher};
-use crate::delivery::{DeliveryService, Handled};
-use crate::domain::{Job, Report};
+use crate::delivery::{DeliveryService, Handled, VerifyError};
+use crate::domain::{Job, JobError, Report};
 
 /// How long to wait before handing a job back to the broker when its outcome could not be
 /// published, so a failing broker is not hammered.
@@ -205,6 +205,10 @@ impl JobConsumer {
             self.dead_letter(&delivery, &error).await;
             return;
         }
+        if delivery.routing_key.as_str() == self.publisher.verifications_routing_key() {
+            Box::pin(self.verification(&delivery)).await;
+            return;
+        }
         let user_id = delivery.properties.user_id().as_ref().map(|u| u.as_str());
         let decoded =
             decode_job(content_type, &delivery.data).and_then(|job| match &self.producers {
@@ -309,6 +313,63 @@ impl JobConsumer {
             return;
         }
         ack(&delivery).await;
+    }
+
+    /// A verification message: recorded on its delivery (and `delivery.verified` published),
+    /// or dead-lettered naming the field that is wrong (an unknown delivery: `delivery_id`).
+    async fn verification(&self, delivery: &Delivery) {
+        let content_type = delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str());
+        let user_id = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+        let decoded = decode_verification(content_type, &delivery.data).and_then(|report| {
+            match &self.producers {
+                Some(producers) => producers.check(user_id, &report.id.tenant).map(|()| report),
+                None => Ok(report),
+            }
+        });
+        let report = match decoded {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::warn!(field = %error.field, problem = %error.problem,
+                    "malformed verification message: dead-lettered");
+                self.dead_letter(delivery, &error).await;
+                return;
+            }
+        };
+        let recorded = self
+            .service
+            .report_verification(&report.id, report.verified, report.at)
+            .await;
+        let refused = |field: &str, problem: String| JobError::new(field, problem);
+        match recorded {
+            Ok((stored, changed)) => {
+                // Published again when the broker hands the message out again: the event of a
+                // verification recorded before a lost ack may not have gone out.
+                let verified = stored.verification.is_some_and(|v| v.verified);
+                if verified
+                    && (changed || delivery.redelivered)
+                    && let Err(error) = self.publisher.publish_verified(&stored).await
+                {
+                    tracing::warn!(%error, "verification recorded, but its event was not confirmed: requeued");
+                    requeue(delivery).await;
+                    return;
+                }
+                ack(delivery).await;
+            }
+            Err(VerifyError::UnknownDelivery(id)) => {
+                let error = refused("delivery_id", format!("no delivery {id}"));
+                tracing::warn!(delivery_id = %report.id, "verification of an unknown delivery: dead-lettered");
+                self.dead_letter(delivery, &error).await;
+            }
+            Err(VerifyError::Invalid(error)) => self.dead_letter(delivery, &error).await,
+            Err(VerifyError::Store(error)) => {
+                tracing::warn!(%error, "verification not recorded: requeued");
+                requeue(delivery).await;
+            }
+        }
     }
 
     /// Copies the job to the dead-letter exchange with `error` and acks it (requeued when the

@@ -43,6 +43,82 @@ pub fn decode_job(content_type: Option<&str>, body: &[u8]) -> Result<Job, JobErr
     }
 }
 
+/// A verification message: upstream's report that the user entered the code (or did not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerificationReport {
+    /// The delivery.
+    pub id: crate::domain::DeliveryId,
+    /// Whether the user entered the code.
+    pub verified: bool,
+    /// When (`None`: when the gateway reads it).
+    pub at: Option<jiff::Timestamp>,
+}
+
+/// The JSON body of a verification message.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerificationJson {
+    delivery_id: String,
+    verified: bool,
+    #[serde(default)]
+    at: Option<String>,
+}
+
+/// Decodes a verification message (JSON: `{"delivery_id": "acme/job-1", "verified": true,
+/// "at": "2026-12-07T10:01:30Z"}`, `at` optional). Errors name the field.
+pub fn decode_verification(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<VerificationReport, JobError> {
+    let media_type = content_type
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|ct| !ct.is_empty());
+    if media_type
+        .as_deref()
+        .is_some_and(|ct| ct != CONTENT_TYPE_JSON)
+    {
+        return Err(JobError::new(
+            "content_type",
+            format!(
+                "a verification message is {CONTENT_TYPE_JSON}, not `{}`",
+                media_type.unwrap_or_default()
+            ),
+        ));
+    }
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let json: VerificationJson = serde_path_to_error::deserialize(&mut reader).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." {
+            "body".to_owned()
+        } else {
+            field
+        };
+        JobError::new(field, e.inner().to_string())
+    })?;
+    let id = json
+        .delivery_id
+        .parse()
+        .map_err(|e: JobError| JobError::new("delivery_id", e.problem))?;
+    let at = json
+        .at
+        .map(|at| {
+            at.parse::<jiff::Timestamp>()
+                .map_err(|e| JobError::new("at", format!("`{at}` is not an RFC 3339 time: {e}")))
+        })
+        .transpose()?;
+    Ok(VerificationReport {
+        id,
+        verified: json.verified,
+        at,
+    })
+}
+
 /// What a job that failed to decode says about itself, for the log line of its dead letter:
 /// its `tenant` and `job_id` when they can be read and look like a tenant and a job id (a
 /// corrupted message can run one field into the next), and never when they hold the message's

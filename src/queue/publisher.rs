@@ -186,15 +186,25 @@ impl Publisher {
     /// Publishes the report as `delivery.<status>` on the events exchange.
     pub async fn publish_event(&self, report: &Report) -> Result<(), PublishError> {
         let routing_key = format!("delivery.{}", report.status.as_str().to_ascii_lowercase());
+        self.publish_report(report, &routing_key).await
+    }
+
+    /// Publishes the report as `delivery.verified` on the events exchange: upstream reported
+    /// that the user entered the code.
+    pub async fn publish_verified(&self, report: &Report) -> Result<(), PublishError> {
+        self.publish_report(report, "delivery.verified").await
+    }
+
+    async fn publish_report(&self, report: &Report, routing_key: &str) -> Result<(), PublishError> {
         let body = serde_json::to_vec(report).expect("a report always serializes");
         let properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE_JSON.into())
             .with_delivery_mode(PERSISTENT)
             .with_message_id(short(&report.delivery_id))
-            .with_type(routing_key.as_str().into());
+            .with_type(routing_key.into());
         self.publish(
             &self.topology.events_exchange,
-            &routing_key,
+            routing_key,
             &body,
             properties,
             false,
@@ -297,6 +307,11 @@ impl Publisher {
     /// The jobs queue's delivery limit (`amqp.delivery_limit`).
     pub fn delivery_limit(&self) -> u32 {
         self.topology.delivery_limit
+    }
+
+    /// The routing key of verification messages on the jobs exchange.
+    pub fn verifications_routing_key(&self) -> &str {
+        &self.topology.verifications_routing_key
     }
 
     /// Copies a job message to the dead-letter exchange with the reason in `x-otp-error` (and

@@ -31,6 +31,9 @@ pub struct AmqpConfig {
     pub jobs_exchange: String,
     /// Routing key binding the jobs queue to the jobs exchange.
     pub jobs_routing_key: String,
+    /// Routing key of verification messages (the user entered the code, or not) on the jobs
+    /// exchange; the jobs queue is bound with it too.
+    pub verifications_routing_key: String,
     /// The quorum queue consumed by the gateway.
     pub jobs_queue: String,
     /// Quorum-queue `x-delivery-limit`.
@@ -123,6 +126,15 @@ impl AmqpConfig {
         }
         if self.delivery_limit == 0 {
             return Err(invalid("amqp.delivery_limit", "must be at least 1".into()));
+        }
+        if self.verifications_routing_key == self.jobs_routing_key
+            || self.verifications_routing_key.is_empty()
+            || self.verifications_routing_key.len() > 255
+        {
+            return Err(invalid(
+                "amqp.verifications_routing_key",
+                "must be 1 to 255 bytes and differ from amqp.jobs_routing_key".into(),
+            ));
         }
         Ok(())
     }

@@ -15,6 +15,8 @@ pub struct Topology {
     pub jobs_exchange: String,
     /// Routing key from the jobs exchange to the jobs queue.
     pub jobs_routing_key: String,
+    /// Routing key of verification messages, bound to the jobs queue too.
+    pub verifications_routing_key: String,
     /// The quorum queue the gateway consumes.
     pub jobs_queue: String,
     /// `x-delivery-limit` of the jobs queue.
@@ -41,6 +43,7 @@ impl From<&AmqpConfig> for Topology {
         Topology {
             jobs_exchange: config.jobs_exchange.clone(),
             jobs_routing_key: config.jobs_routing_key.clone(),
+            verifications_routing_key: config.verifications_routing_key.clone(),
             jobs_queue: config.jobs_queue.clone(),
             delivery_limit: config.delivery_limit,
             dead_letter_exchange: config.dead_letter_exchange.clone(),
@@ -117,15 +120,17 @@ impl Topology {
         channel
             .queue_declare(self.jobs_queue.as_str().into(), durable_queue, arguments)
             .await?;
-        channel
-            .queue_bind(
-                self.jobs_queue.as_str().into(),
-                self.jobs_exchange.as_str().into(),
-                self.jobs_routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        for routing_key in [&self.jobs_routing_key, &self.verifications_routing_key] {
+            channel
+                .queue_bind(
+                    self.jobs_queue.as_str().into(),
+                    self.jobs_exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         channel
             .exchange_declare(
                 self.events_exchange.as_str().into(),

@@ -253,6 +253,7 @@ impl Broker {
         let topology = otp_gateway::queue::Topology {
             jobs_exchange: names.jobs_exchange.clone(),
             jobs_routing_key: "send-code".into(),
+            verifications_routing_key: "report-verification".into(),
             jobs_queue: names.jobs_queue.clone(),
             delivery_limit: 10,
             dead_letter_exchange: names.dead_letter_exchange.clone(),
@@ -299,6 +300,18 @@ impl Broker {
         content_type: Option<&str>,
         properties: BasicProperties,
     ) {
+        self.publish_with_key("send-code", body, content_type, properties)
+            .await;
+    }
+
+    /// Publishes to the jobs exchange with `routing_key`.
+    pub async fn publish_with_key(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        content_type: Option<&str>,
+        properties: BasicProperties,
+    ) {
         let properties = match content_type {
             Some(ct) => properties.with_content_type(ct.into()),
             None => properties,
@@ -307,7 +320,7 @@ impl Broker {
         self.channel
             .basic_publish(
                 self.names.jobs_exchange.as_str().into(),
-                "send-code".into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()

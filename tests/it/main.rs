@@ -29,3 +29,4 @@ mod status_page;
 mod tls;
 mod traces;
 mod twilio;
+mod verification;

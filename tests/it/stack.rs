@@ -331,6 +331,13 @@ async fn the_compose_stack_runs_without_containers_and_explains_each_failure() {
         "{received:?}"
     );
     assert_eq!(received[0]["receipt"], "delivered");
+    // The user typed it in: the conversion signal.
+    let id = report.split_whitespace().next().unwrap();
+    let (ok, verified) = cli(&grpc, &key, &["verify", id]);
+    assert!(
+        ok && verified.contains("the user entered the code"),
+        "{verified}"
+    );
 
     // A number that replied STOP.
     let (ok, report) = send(&["--to", "+14155550123", "--channels", "sms"]);
@@ -427,6 +434,7 @@ async fn the_compose_stack_runs_without_containers_and_explains_each_failure() {
         r#"otp_provider_circuit_open{provider="twilio""#,
         r#"reason="RECIPIENT_OPTED_OUT"} 1"#,
         r#"otp_receipts_total{provider="smpp",outcome="DELIVERED"} 6"#,
+        r#"otp_verifications_total{tenant="demo",verified="true"} 1"#,
     ] {
         assert!(metrics.contains(expected), "`{expected}` in\n{metrics}");
     }

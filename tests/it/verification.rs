@@ -1,0 +1,184 @@
+//! Conversion feedback: `ReportVerification` over gRPC and verification messages on the jobs
+//! exchange record that the user entered the code (or not) on the report, publish
+//! `delivery.verified`, and refuse unknown deliveries and bad fields (a gRPC status, or a dead
+//! letter naming the field).
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use otp_gateway::proto::{timestamp_to_proto, v1};
+use serde_json::json;
+use tonic::Code;
+
+use crate::helpers::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A job to one number through the sandbox, waited for until SENT.
+async fn sent(broker: &mut Broker, job_id: &str) {
+    broker.publish_json(&job(job_id, "482913")).await;
+    let (routing_key, report) = broker.next_event(WAIT).await;
+    assert_eq!(routing_key, "delivery.sent", "{report}");
+}
+
+#[tokio::test]
+async fn report_verification_records_the_conversion_and_announces_it() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("verify");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let mut client = gateway.client().await;
+    let mut verified_events = broker.subscribe("delivery.verified").await;
+    sent(&mut broker, "v-1").await;
+
+    let report = |verified: bool, at: Option<jiff::Timestamp>| v1::ReportVerificationRequest {
+        delivery_id: "acme/v-1".into(),
+        verified,
+        at: at.map(timestamp_to_proto),
+    };
+    let unknown = client
+        .report_verification(v1::ReportVerificationRequest {
+            delivery_id: "acme/nope".into(),
+            verified: true,
+            at: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    let future = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1);
+    let refused = client
+        .report_verification(report(true, Some(future)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("at"), "{refused:?}");
+
+    // The user typed a wrong code first, then the right one.
+    let failed = client
+        .report_verification(report(false, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(failed.verification_failed_at.is_some() && failed.verified_at.is_none());
+    let at = jiff::Timestamp::now();
+    let verified = client
+        .report_verification(report(true, Some(at)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verified.verified_at.map(|t| t.seconds),
+        Some(at.as_second())
+    );
+    assert!(verified.verification_failed_at.is_none());
+    assert_eq!(
+        verified.status,
+        v1::DeliveryStatus::Sent as i32,
+        "the status stays"
+    );
+    let event = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut verified_events))
+        .await
+        .expect("delivery.verified within 20 s")
+        .unwrap()
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&event.data).unwrap();
+    assert_eq!(body["delivery_id"], "acme/v-1");
+    assert_eq!(body["verification"]["verified"], true);
+    assert!(!String::from_utf8_lossy(&event.data).contains("482913"));
+    // Later reports change nothing: the first verification stands.
+    let again = client
+        .report_verification(report(false, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.verified_at, verified.verified_at);
+    let stored = client
+        .get_delivery(v1::GetDeliveryRequest {
+            delivery_id: "acme/v-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.verified_at, verified.verified_at);
+    gateway.stop().await;
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn verification_messages_on_the_jobs_exchange_are_recorded_or_dead_lettered_naming_the_field()
+{
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("verify-queue");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let mut client = gateway.client().await;
+    let mut verified_events = broker.subscribe("delivery.verified").await;
+    sent(&mut broker, "q-1").await;
+
+    let publish = |body: serde_json::Value| {
+        let broker = &broker;
+        async move {
+            broker
+                .publish_with_key(
+                    "report-verification",
+                    body.to_string().as_bytes(),
+                    Some("application/json"),
+                    BasicProperties::default(),
+                )
+                .await
+        }
+    };
+    publish(json!({"delivery_id": "acme/q-1", "verified": true})).await;
+    let event = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut verified_events))
+        .await
+        .expect("delivery.verified within 20 s")
+        .unwrap()
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&event.data).unwrap();
+    assert_eq!(body["delivery_id"], "acme/q-1");
+    let stored = client
+        .get_delivery(v1::GetDeliveryRequest {
+            delivery_id: "acme/q-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stored.verified_at.is_some());
+
+    for (body, field) in [
+        (
+            json!({"delivery_id": "acme/q-1", "verified": "yes"}),
+            "verified",
+        ),
+        (
+            json!({"delivery_id": "acme/unknown", "verified": true}),
+            "delivery_id",
+        ),
+        (
+            json!({"delivery_id": "acme/q-1", "verified": true, "at": "yesterday"}),
+            "at",
+        ),
+        (
+            json!({"delivery_id": "acme/q-1", "verified": true, "code": "1"}),
+            "code",
+        ),
+    ] {
+        publish(body.clone()).await;
+        broker.wait_ready(&names.dead_letter_queue, 1, WAIT).await;
+        let dead = broker.get(&names.dead_letter_queue).await.unwrap();
+        assert_eq!(
+            header(&dead, "x-otp-error-field").as_deref(),
+            Some(field),
+            "{body}: {:?}",
+            header(&dead, "x-otp-error")
+        );
+    }
+    gateway.stop().await;
+    broker.cleanup().await;
+}
