@@ -233,6 +233,8 @@ impl Application {
             Arc::clone(self.service.clock()),
             api_stop.clone(),
         ));
+        // The fraud guard's counts go to the store once a second, and once more at the end.
+        let counting = tokio::spawn(Arc::clone(self.service.destinations()).run(api_stop.clone()));
         let consumer = JobConsumer::new(
             self.service,
             self.publisher,
@@ -254,6 +256,7 @@ impl Application {
                 .context("the receipt forwarder task failed")?;
         }
         let _ = retention.await;
+        let _ = counting.await;
         ops.await
             .context("the ops server task failed")?
             .context("the ops server failed")?;

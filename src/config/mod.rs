@@ -106,10 +106,20 @@ pub struct Config {
     /// Traces to an OpenTelemetry collector (off unless an endpoint is set).
     #[serde(default)]
     pub traces: crate::telemetry::TracesConfig,
+    /// The fraud guard.
+    pub fraud: FraudConfig,
     /// Message templates overriding the built-in ones: `templates.<purpose>.<locale>.<channel>`
     /// (`*` as the purpose matches any).
     #[serde(default)]
     pub templates: BTreeMap<String, BTreeMap<String, ChannelTemplates>>,
+}
+
+/// The `[fraud]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FraudConfig {
+    /// Digits after the country calling code that name a number range.
+    pub range_depth: u8,
 }
 
 impl Config {
@@ -172,6 +182,17 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
+        if !(1..=crate::policy::fraud::MAX_RANGE_DEPTH).contains(&self.fraud.range_depth) {
+            return Err(InvalidSetting::new(
+                "fraud.range_depth",
+                format!(
+                    "{} is not between 1 and {} digits",
+                    self.fraud.range_depth,
+                    crate::policy::fraud::MAX_RANGE_DEPTH
+                ),
+            )
+            .into());
+        }
         self.auth.bootstrap_admin_key()?;
         if let Some(tls) = &self.grpc.tls {
             crate::grpc::tls_server_config(tls)?;
@@ -299,6 +320,7 @@ impl EngineSettings {
                 .iter()
                 .map(|(name, t)| (name.clone(), t.autofill.clone()))
                 .collect(),
+            range_depth: config.fraud.range_depth,
         }
     }
 }

@@ -72,6 +72,13 @@ impl Dispatcher {
             Target::Phone(phone) => mask_phone(&phone.number),
             Target::Device(device) => mask_token(&device.token),
         };
+        // The number's range, which the fraud guard counts sends and conversions by.
+        let range = match target {
+            Target::Phone(phone) => {
+                crate::policy::destination_range(&phone.number, self.settings.range_depth)
+            }
+            Target::Device(_) => None,
+        };
         let provider = &entry.provider;
         let started_at = progress.now();
         let rendered = self.settings.templates.render(
@@ -104,6 +111,7 @@ impl Dispatcher {
                 started_at,
                 retry,
                 sms: rendered.sms,
+                range: range.clone(),
             })
             .await?;
         // A push carries the token its device's acknowledgement must show.
@@ -167,6 +175,9 @@ impl Dispatcher {
         if let (Ok(_), Target::Phone(phone), Some(shape)) = (&result, target, rendered.sms) {
             let country = self.metrics.country(&phone.number);
             self.metrics.sms_accepted(country.as_deref(), shape);
+        }
+        if let (Ok(_), Some(range)) = (&result, &range) {
+            self.destinations.sent(&job.tenant, range, started_at);
         }
         match &result {
             Ok(_) => {

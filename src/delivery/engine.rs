@@ -12,6 +12,7 @@ use jiff::Timestamp;
 use super::breaker::CircuitBreaker;
 use super::circuits::Breakers;
 use super::decisions::{Standing, channel_of, earlier_twin};
+use super::destinations::DestinationCounter;
 use super::gate::PolicyContext;
 use super::progress::Progress;
 use super::retry::RetryPolicy;
@@ -51,6 +52,8 @@ pub struct Dispatcher {
     pub(super) breakers: Breakers,
     /// What the engine counts (calls, deliveries).
     pub(super) metrics: Arc<crate::ops::Metrics>,
+    /// The fraud guard's counts of sends and conversions per range.
+    pub(super) destinations: Arc<DestinationCounter>,
 }
 
 /// What every stage of one dispatch works from.
@@ -139,6 +142,7 @@ impl Dispatcher {
         };
         Dispatcher {
             providers,
+            destinations: Arc::new(DestinationCounter::new(Arc::clone(&policy))),
             policy,
             settings,
             policies,

@@ -317,6 +317,11 @@ impl DeliveryService {
         &self.dispatcher.metrics
     }
 
+    /// The fraud guard's counts of sends and conversions, on their way to the store.
+    pub fn destinations(&self) -> &Arc<super::DestinationCounter> {
+        &self.dispatcher.destinations
+    }
+
     /// Every provider's circuit state and recent figures.
     pub fn provider_health(&self) -> Vec<ProviderHealth> {
         self.dispatcher.provider_health()

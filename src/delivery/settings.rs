@@ -37,4 +37,6 @@ pub struct EngineSettings {
     pub app_names: BTreeMap<String, String>,
     /// Tenants' autofill formats.
     pub autofill: BTreeMap<String, Autofill>,
+    /// Digits after the country calling code that name a number range (`fraud.range_depth`).
+    pub range_depth: u8,
 }

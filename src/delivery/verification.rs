@@ -71,6 +71,13 @@ impl DeliveryService {
         };
         if changed {
             self.metrics().verified(&report.tenant, verified);
+            // A conversion for each range the delivery's code went to, in the hour it was sent.
+            if verified {
+                for (range, sent_at) in ledger.sent_ranges(key).await? {
+                    self.destinations()
+                        .converted(&report.tenant, &range, sent_at);
+                }
+            }
         }
         Ok((report, changed))
     }

@@ -1,14 +1,17 @@
-//! Policy (block lists, rate limits, destination permissions, quiet hours): pure decisions about a job's targets, taken from (job, rules, now) with no I/O.
+//! Policy (block lists, rate limits, destination permissions, quiet hours, the fraud guard's
+//! destination ranges): pure decisions about a job's targets, taken from (job, rules, now) with no I/O.
 //! The rules themselves live in the store; the delivery engine loads them and asks here.
 
 pub mod block;
 pub mod destination;
+pub mod fraud;
 pub mod number_zones;
 pub mod quiet;
 pub mod rate;
 
 pub use block::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};
 pub use destination::{CountryRule, DestinationRules, country_of, destination_refusal};
+pub use fraud::{DestinationCount, bucket_of, destination_range};
 pub use number_zones::zones_of;
 pub use quiet::{
     QuietAction, QuietDecision, QuietHoursRule, parse_time_of_day, parse_weekday, quiet_decision,

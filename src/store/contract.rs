@@ -16,8 +16,8 @@ use crate::domain::{
     SmsEncoding, SmsShape, TargetStatus, Verification,
 };
 use crate::policy::{
-    BlockKind, BlockSource, NewBlockEntry, QuietAction, QuietHoursRule, RateKey, RateLimitRule,
-    RateScope,
+    BlockKind, BlockSource, DestinationCount, NewBlockEntry, QuietAction, QuietHoursRule, RateKey,
+    RateLimitRule, RateScope,
 };
 
 /// A fresh, empty store under test, and what keeps it alive (a temporary directory, a
@@ -117,6 +117,17 @@ macro_rules! store_contract {
             }
 
             #[tokio::test]
+            async fn destination_counts_add_up_and_are_read_by_prefix_tenant_and_time() {
+                let Some(s) = super::$open().await else {
+                    return;
+                };
+                c::destination_counts_add_up_and_are_read_by_prefix_tenant_and_time(
+                    &*s.ledger, &*s.policy,
+                )
+                .await;
+            }
+
+            #[tokio::test]
             async fn api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_once() {
                 let Some(s) = super::$open().await else {
                     return;
@@ -206,6 +217,7 @@ pub(crate) async fn claims_are_exclusive_and_finished_deliveries_stay_finished(
                     encoding: SmsEncoding::Ucs2,
                     segments: 2,
                 }),
+                range: Some("+1415".into()),
             },
         )
         .await
@@ -424,6 +436,81 @@ pub(crate) async fn a_verified_delivery_stays_verified_and_a_failure_can_be_repl
     assert_eq!(report(ledger).await.verification, Some(verified));
 }
 
+pub(crate) async fn destination_counts_add_up_and_are_read_by_prefix_tenant_and_time(
+    ledger: &dyn Ledger,
+    policy: &dyn PolicyStore,
+) {
+    let hour = |h: i64| Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(h);
+    let count =
+        |tenant: &str, range: &str, h: i64, sends: u64, conversions: u64| DestinationCount {
+            tenant: tenant.into(),
+            range: range.into(),
+            bucket: hour(h),
+            sends,
+            conversions,
+        };
+    policy
+        .add_destination_counts(&[
+            count("acme", "+44770", 10, 5, 4),
+            count("acme", "+44771", 10, 2, 0),
+            count("acme", "+1415", 10, 3, 3),
+            count("other", "+44770", 10, 9, 9),
+            count("acme", "+44770", 8, 1, 1),
+        ])
+        .await
+        .unwrap();
+    // A second replica's (or second's) sums add to the first's.
+    policy
+        .add_destination_counts(&[count("acme", "+44770", 10, 2, 1)])
+        .await
+        .unwrap();
+    let since = hour(9) + jiff::SignedDuration::from_mins(30);
+    let uk = policy
+        .destination_counts("acme", "+44", since)
+        .await
+        .unwrap();
+    assert_eq!(
+        uk,
+        [
+            count("acme", "+44770", 10, 7, 5),
+            count("acme", "+44771", 10, 2, 0)
+        ],
+        "the country's ranges of this tenant, from the hour holding `since`"
+    );
+    let range = policy
+        .destination_counts("acme", "+44770", hour(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        range,
+        [
+            count("acme", "+44770", 8, 1, 1),
+            count("acme", "+44770", 10, 7, 5)
+        ]
+    );
+    // The retention purge takes the counts older than the deliveries it deletes.
+    ledger.purge(since, 100).await.unwrap();
+    let kept = policy
+        .destination_counts("acme", "+44770", hour(0))
+        .await
+        .unwrap();
+    assert_eq!(kept, [count("acme", "+44770", 10, 7, 5)]);
+    // An SMS accepted and one refused: only the accepted one's range is the delivery's.
+    let now = hour(20);
+    let (key, _) = started(ledger, &new_delivery("ranges"), "w", now).await;
+    recorded_call(ledger, key, &sent_end(now, "m-ranges")).await;
+    let failed = AttemptEnd {
+        outcome: AttemptOutcome::Failed,
+        reason: Some(crate::domain::FailureReason::ProviderUnavailable),
+        ..sent_end(now, "m-refused")
+    };
+    recorded_call(ledger, key, &failed).await;
+    assert_eq!(
+        ledger.sent_ranges(key).await.unwrap(),
+        [("+1415".to_owned(), now)]
+    );
+}
+
 /// An SMS call to target `target` starting at `at`, as the engine records it.
 pub(crate) fn sms_start(target: u32, at: Timestamp) -> AttemptStart {
     AttemptStart {
@@ -434,6 +521,7 @@ pub(crate) fn sms_start(target: u32, at: Timestamp) -> AttemptStart {
         started_at: at,
         retry: 0,
         sms: None,
+        range: Some("+1415".into()),
     }
 }
 

@@ -23,7 +23,8 @@ mod sqlite;
 mod sqlx_errors;
 
 use crate::policy::{
-    BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
+    RateLimited,
 };
 
 use async_trait::async_trait;
@@ -217,6 +218,8 @@ pub struct AttemptStart {
     pub retry: u32,
     /// For SMS: the text's encoding and segment count.
     pub sms: Option<SmsShape>,
+    /// For SMS and calls: the number's range (`policy::destination_range`), never the number.
+    pub range: Option<String>,
 }
 
 /// How a provider call ended.
@@ -490,6 +493,10 @@ pub trait Ledger: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<bool, StoreError>;
 
+    /// The ranges a delivery's SMS and calls went to that a provider accepted, with when each
+    /// call started: what a verification of the delivery is counted for.
+    async fn sent_ranges(&self, key: DeliveryKey) -> Result<Vec<(String, Timestamp)>, StoreError>;
+
     /// The acknowledgements recorded on a delivery's targets, by target index.
     async fn acknowledgements(
         &self,
@@ -589,6 +596,18 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         &self,
         tenant: Option<&str>,
     ) -> Result<Vec<QuietHoursRule>, StoreError>;
+
+    /// Adds sends and conversions to the fraud guard's counts (one statement for the lot).
+    async fn add_destination_counts(&self, counts: &[DestinationCount]) -> Result<(), StoreError>;
+
+    /// A tenant's counts for the ranges starting with `prefix` (a country's calling code, or
+    /// a range), from the bucket holding `since` on, by range and bucket.
+    async fn destination_counts(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError>;
 
     /// Whether a send under these keys would be limited at `now`, without counting it.
     async fn peek(

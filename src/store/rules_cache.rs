@@ -14,7 +14,8 @@ use jiff::Timestamp;
 use super::{PolicyStore, StoreError};
 use crate::domain::ApiKey;
 use crate::policy::{
-    BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
+    RateLimited,
 };
 
 /// How long a tenant's rate-limit and quiet-hours rules are served from memory.
@@ -180,6 +181,19 @@ impl PolicyStore for CachedRules {
         now: Timestamp,
     ) -> Result<Option<RateLimited>, StoreError> {
         self.inner.peek(keys, now).await
+    }
+
+    async fn add_destination_counts(&self, counts: &[DestinationCount]) -> Result<(), StoreError> {
+        self.inner.add_destination_counts(counts).await
+    }
+
+    async fn destination_counts(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError> {
+        self.inner.destination_counts(tenant, prefix, since).await
     }
 
     async fn block_candidates(

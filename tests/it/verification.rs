@@ -182,3 +182,67 @@ async fn verification_messages_on_the_jobs_exchange_are_recorded_or_dead_lettere
     gateway.stop().await;
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn sends_and_conversions_are_counted_per_tenant_range_and_hour_never_by_number() {
+    if !broker_available().await {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("verify-counts");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let mut client = gateway.client().await;
+    for (job_id, number) in [
+        ("c-1", "+447700900001"),
+        ("c-2", "+447700900002"),
+        ("c-3", "+14155550101"),
+    ] {
+        let mut body = job(job_id, "482913");
+        body["targets"] = json!([{"phone": {"number": number}}]);
+        broker.publish_json(&body).await;
+        let (routing_key, report) = broker.next_event(WAIT).await;
+        assert_eq!(routing_key, "delivery.sent", "{report}");
+    }
+    client
+        .report_verification(v1::ReportVerificationRequest {
+            delivery_id: "acme/c-1".into(),
+            verified: true,
+            at: None,
+        })
+        .await
+        .unwrap();
+    // The counts reach the store within a second, and at the latest when the gateway stops.
+    gateway.stop().await;
+    let ledger = rusqlite::Connection::open(dir.path().join("ledger.db")).unwrap();
+    let mut counts: Vec<(String, String, i64, i64)> = ledger
+        .prepare(
+            "SELECT tenant, dest_range, sends, conversions FROM destination_counts
+             ORDER BY dest_range",
+        )
+        .unwrap()
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("acme".to_owned(), "+1415".to_owned(), 1, 0),
+            ("acme".to_owned(), "+44770".to_owned(), 2, 1),
+        ],
+        "ranges at the default depth (3 digits after the calling code)"
+    );
+    let ranges: Vec<String> = ledger
+        .prepare("SELECT dest_range FROM attempts ORDER BY id")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ranges, ["+44770", "+44770", "+1415"]);
+    broker.cleanup().await;
+}

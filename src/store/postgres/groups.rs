@@ -277,6 +277,7 @@ async fn start_attempts(
     let mut retries = Vec::with_capacity(count);
     let mut encodings: Vec<Option<&str>> = Vec::with_capacity(count);
     let mut segments: Vec<Option<i32>> = Vec::with_capacity(count);
+    let mut ranges: Vec<Option<&str>> = Vec::with_capacity(count);
     for Start { key, start } in items {
         keys.push(*key);
         targets.push(start.target as i32);
@@ -287,16 +288,17 @@ async fn start_attempts(
         retries.push(start.retry as i32);
         encodings.push(start.sms.map(|s| s.encoding.as_str()));
         segments.push(start.sms.map(|s| s.segments as i32));
+        ranges.push(start.range.as_deref());
     }
     let rows = sqlx::query(
         "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at,
-                               outcome, retry, sms_encoding, sms_segments)
+                               outcome, retry, sms_encoding, sms_segments, dest_range)
          SELECT x.delivery, x.target_idx, x.provider, x.channel, x.masked_target, x.started_at,
-                'IN_FLIGHT', x.retry, x.sms_encoding, x.sms_segments
+                'IN_FLIGHT', x.retry, x.sms_encoding, x.sms_segments, x.dest_range
          FROM UNNEST($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                     $7::int[], $8::text[], $9::int[])
+                     $7::int[], $8::text[], $9::int[], $12::text[])
               AS x (delivery, target_idx, provider, channel, masked_target, started_at, retry,
-                    sms_encoding, sms_segments)
+                    sms_encoding, sms_segments, dest_range)
          JOIN deliveries d ON d.id = x.delivery
          WHERE d.id = ANY($11) AND (d.status <> 'IN_PROGRESS' OR d.owner = ANY($10))
          RETURNING delivery, id",
@@ -312,6 +314,7 @@ async fn start_attempts(
     .bind(&segments)
     .bind(owners)
     .bind(in_key_order(keys.iter().copied()))
+    .bind(&ranges)
     .fetch_all(pool)
     .await?;
     let started = keyed(&rows)?;

@@ -36,7 +36,8 @@ use crate::domain::{
     Verification, scopes_text,
 };
 use crate::policy::{
-    BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
+    RateLimited,
 };
 use crate::store::block_hash::{self, BlockHasher};
 use crate::store::rows::{API_KEY_COLUMNS, StoredRow, api_key_from_row};
@@ -506,6 +507,11 @@ impl Ledger for PostgresLedger {
                         ORDER BY created_at LIMIT $2)",
             )
         });
+        // The fraud guard's counts are kept as long as the deliveries they count.
+        sqlx::query("DELETE FROM destination_counts WHERE bucket < $1")
+            .bind(micros(crate::policy::bucket_of(before)))
+            .execute(&self.pool)
+            .await?;
         let deleted: i64 = sqlx::query_scalar(AssertSqlSafe(SQL.as_str()))
             .bind(micros(before))
             .bind(i64::from(batch))
@@ -663,6 +669,20 @@ impl Ledger for PostgresLedger {
     ) -> Result<bool, StoreError> {
         let mut conn = self.writer().acquire().await?;
         writes::record_verification(&mut conn, key, verification, now).await
+    }
+
+    async fn sent_ranges(&self, key: DeliveryKey) -> Result<Vec<(String, Timestamp)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT dest_range, started_at FROM attempts
+             WHERE delivery = $1 AND dest_range IS NOT NULL AND outcome IN ('SENT', 'DELIVERED')
+             ORDER BY id",
+        )
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(range, started)| Ok((range, rows::timestamp(started)?)))
+            .collect()
     }
 
     async fn acknowledgements(
@@ -995,6 +1015,67 @@ impl PolicyStore for PostgresLedger {
     ) -> Result<Vec<QuietHoursRule>, StoreError> {
         self.tenant_rows("quiet_rules", QUIET_COLUMNS, tenant, "id", quiet_from_row)
             .await
+    }
+
+    async fn add_destination_counts(&self, counts: &[DestinationCount]) -> Result<(), StoreError> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let tenants: Vec<&str> = counts.iter().map(|c| c.tenant.as_str()).collect();
+        let ranges: Vec<&str> = counts.iter().map(|c| c.range.as_str()).collect();
+        let buckets: Vec<i64> = counts.iter().map(|c| rows::micros(c.bucket)).collect();
+        let sends: Vec<i64> = counts.iter().map(|c| c.sends as i64).collect();
+        let conversions: Vec<i64> = counts.iter().map(|c| c.conversions as i64).collect();
+        // One row per key, in key order: replicas adding at once lock rows in the same order.
+        sqlx::query(
+            "INSERT INTO destination_counts (tenant, dest_range, bucket, sends, conversions)
+             SELECT tenant, dest_range, bucket, sum(sends)::bigint, sum(conversions)::bigint
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+                  AS x (tenant, dest_range, bucket, sends, conversions)
+             GROUP BY tenant, dest_range, bucket
+             ORDER BY tenant, dest_range, bucket
+             ON CONFLICT (tenant, dest_range, bucket) DO UPDATE
+             SET sends = destination_counts.sends + EXCLUDED.sends,
+                 conversions = destination_counts.conversions + EXCLUDED.conversions",
+        )
+        .bind(&tenants)
+        .bind(&ranges)
+        .bind(&buckets)
+        .bind(&sends)
+        .bind(&conversions)
+        .execute(self.writer())
+        .await?;
+        Ok(())
+    }
+
+    async fn destination_counts(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError> {
+        let found: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT tenant, dest_range, bucket, sends, conversions FROM destination_counts
+             WHERE tenant = $1 AND starts_with(dest_range, $2) AND bucket >= $3
+             ORDER BY dest_range, bucket",
+        )
+        .bind(tenant)
+        .bind(prefix)
+        .bind(rows::micros(crate::policy::bucket_of(since)))
+        .fetch_all(&self.pool)
+        .await?;
+        found
+            .into_iter()
+            .map(|(tenant, range, bucket, sends, conversions)| {
+                Ok(DestinationCount {
+                    tenant,
+                    range,
+                    bucket: rows::timestamp(bucket)?,
+                    sends: sends as u64,
+                    conversions: conversions as u64,
+                })
+            })
+            .collect()
     }
 
     async fn peek(

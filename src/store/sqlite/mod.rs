@@ -22,7 +22,8 @@ use crate::domain::{
     Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, Report, TargetStatus, Verification,
 };
 use crate::policy::{
-    BlockEntry, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule, RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
+    RateLimited,
 };
 use crate::store::block_hash::{self, BlockHasher};
 use crate::store::shared::RateCounterKey;
@@ -340,6 +341,10 @@ impl Ledger for SqliteLedger {
         self.readers.with(|conn| reads::acknowledgements(conn, key))
     }
 
+    async fn sent_ranges(&self, key: DeliveryKey) -> Result<Vec<(String, Timestamp)>, StoreError> {
+        self.readers.with(|conn| reads::sent_ranges(conn, key))
+    }
+
     async fn key(&self, id: &DeliveryId) -> Result<Option<DeliveryKey>, StoreError> {
         self.readers.with(|conn| reads::key_of(conn, id))
     }
@@ -473,6 +478,23 @@ impl PolicyStore for SqliteLedger {
     ) -> Result<Vec<QuietHoursRule>, StoreError> {
         self.readers
             .with(|conn| reads::list_quiet_hours(conn, tenant))
+    }
+
+    async fn add_destination_counts(&self, counts: &[DestinationCount]) -> Result<(), StoreError> {
+        let counts = counts.to_vec();
+        self.writer
+            .write(move |conn| writes::add_destination_counts(conn, &counts))
+            .await
+    }
+
+    async fn destination_counts(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError> {
+        self.readers
+            .with(|conn| reads::destination_counts(conn, tenant, prefix, since))
     }
 
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {
@@ -655,6 +677,7 @@ mod tests {
             started_at: now,
             retry: 0,
             sms: None,
+            range: None,
         };
         let orphan = ledger.start_attempt(999_999, &start);
         let (claims, orphan) = tokio::join!(claims, orphan);

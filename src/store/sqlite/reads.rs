@@ -14,10 +14,12 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use crate::domain::{
     Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
 };
-use crate::policy::{BlockEntry, QuietHoursRule, RateLimitRule, RateLimited};
+use crate::policy::{
+    BlockEntry, DestinationCount, QuietHoursRule, RateLimitRule, RateLimited, bucket_of,
+};
 use crate::store::rows::{
     API_KEY_COLUMNS, StoredRow, api_key_from_row, attempt_from_row, parse, parse_opt,
-    report_from_row, target_from_row,
+    report_from_row, target_from_row, timestamp,
 };
 use crate::store::{DeliveryKey, ListPage, ListQuery, StoreError};
 
@@ -183,6 +185,50 @@ pub(super) fn load(conn: &Connection, key: DeliveryKey) -> Result<Option<Report>
         }
     }
     Ok(Some(report))
+}
+
+/// The ranges of a delivery's accepted SMS and calls, with their start.
+pub(super) fn sent_ranges(
+    conn: &Connection,
+    key: DeliveryKey,
+) -> Result<Vec<(String, Timestamp)>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT dest_range, started_at FROM attempts
+         WHERE delivery = ? AND dest_range IS NOT NULL AND outcome IN ('SENT', 'DELIVERED')
+         ORDER BY id",
+    )?;
+    let mut rows = statement.query([key])?;
+    let mut ranges = Vec::new();
+    while let Some(row) = rows.next()? {
+        ranges.push((row.get::<_, String>(0)?, timestamp(row.get(1)?)?));
+    }
+    Ok(ranges)
+}
+
+/// A tenant's fraud-guard counts for the ranges starting with `prefix`, from `since`'s bucket.
+pub(super) fn destination_counts(
+    conn: &Connection,
+    tenant: &str,
+    prefix: &str,
+    since: Timestamp,
+) -> Result<Vec<DestinationCount>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT tenant, dest_range, bucket, sends, conversions FROM destination_counts
+         WHERE tenant = ?1 AND substr(dest_range, 1, length(?2)) = ?2 AND bucket >= ?3
+         ORDER BY dest_range, bucket",
+    )?;
+    let mut rows = statement.query(params![tenant, prefix, micros(bucket_of(since))])?;
+    let mut counts = Vec::new();
+    while let Some(row) = rows.next()? {
+        counts.push(DestinationCount {
+            tenant: row.get(0)?,
+            range: row.get(1)?,
+            bucket: timestamp(row.get(2)?)?,
+            sends: row.get::<_, i64>(3)? as u64,
+            conversions: row.get::<_, i64>(4)? as u64,
+        });
+    }
+    Ok(counts)
 }
 
 /// The acknowledgements recorded on a delivery's targets, by target index.

@@ -14,7 +14,8 @@ use crate::domain::{
     scopes_text,
 };
 use crate::policy::{
-    BlockEntry, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited, weekday_name,
+    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited,
+    bucket_of, weekday_name,
 };
 use crate::store::shared::Claimed;
 use crate::store::{
@@ -169,8 +170,8 @@ pub(super) fn start_attempt(
 ) -> Result<AttemptKey, StoreError> {
     conn.prepare_cached(
         "INSERT INTO attempts (delivery, target_idx, provider, channel, masked_target, started_at, outcome, retry,
-                               sms_encoding, sms_segments)
-         VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?, ?, ?)",
+                               sms_encoding, sms_segments, dest_range)
+         VALUES (?, ?, ?, ?, ?, ?, 'IN_FLIGHT', ?, ?, ?, ?)",
     )?
     .execute(params![
         key,
@@ -182,6 +183,7 @@ pub(super) fn start_attempt(
         start.retry as i64,
         start.sms.map(|s| s.encoding.as_str()),
         start.sms.map(|s| s.segments as i64),
+        start.range,
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -315,6 +317,29 @@ pub(super) fn record_ack(
     conn.prepare_cached("UPDATE targets SET ack = ?, ack_at = ? WHERE delivery = ? AND idx = ?")?
         .execute(params![ack, micros(now), key, index as i64])?;
     touch(conn, key, now)
+}
+
+/// Adds to the fraud guard's counts.
+pub(super) fn add_destination_counts(
+    conn: &Connection,
+    counts: &[DestinationCount],
+) -> Result<(), StoreError> {
+    let mut statement = conn.prepare_cached(
+        "INSERT INTO destination_counts (tenant, dest_range, bucket, sends, conversions)
+         VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (tenant, dest_range, bucket) DO UPDATE
+         SET sends = sends + excluded.sends, conversions = conversions + excluded.conversions",
+    )?;
+    for count in counts {
+        statement.execute(params![
+            count.tenant,
+            count.range,
+            micros(count.bucket),
+            count.sends as i64,
+            count.conversions as i64
+        ])?;
+    }
+    Ok(())
 }
 
 /// Records upstream's verification report unless the delivery is verified already.
@@ -567,6 +592,9 @@ pub(super) fn revoke_api_key(
 /// Deletes up to `batch` deliveries made before `before` and not in progress (targets and
 /// attempts go with them); how many.
 pub(super) fn purge(conn: &Connection, before: Timestamp, batch: u32) -> Result<u64, StoreError> {
+    // The fraud guard's counts are kept as long as the deliveries they count.
+    conn.prepare_cached("DELETE FROM destination_counts WHERE bucket < ?1")?
+        .execute(params![micros(bucket_of(before))])?;
     let deleted = conn
         .prepare_cached(
             "DELETE FROM deliveries WHERE id IN (
