@@ -10,9 +10,9 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Protobuf bodies: an encoded `otpgateway.v1.SendCodeJob`.
 pub const CONTENT_TYPE_PROTOBUF: &str = "application/x-protobuf";
 
-/// Decodes and validates a job. Errors name the field (or `body` / `content_type`).
-pub fn decode_job(content_type: Option<&str>, body: &[u8]) -> Result<Job, JobError> {
-    let media_type = content_type
+/// A content type's media type, lowercased, without parameters (`None` when there is none).
+fn media_type(content_type: Option<&str>) -> Option<String> {
+    content_type
         .map(|ct| {
             ct.split(';')
                 .next()
@@ -20,8 +20,12 @@ pub fn decode_job(content_type: Option<&str>, body: &[u8]) -> Result<Job, JobErr
                 .trim()
                 .to_ascii_lowercase()
         })
-        .filter(|ct| !ct.is_empty());
-    match media_type.as_deref() {
+        .filter(|ct| !ct.is_empty())
+}
+
+/// Decodes and validates a job. Errors name the field (or `body` / `content_type`).
+pub fn decode_job(content_type: Option<&str>, body: &[u8]) -> Result<Job, JobError> {
+    match media_type(content_type).as_deref() {
         None | Some(CONTENT_TYPE_JSON) => Job::from_json(body),
         Some(
             CONTENT_TYPE_PROTOBUF | "application/protobuf" | "application/vnd.google.protobuf",
@@ -70,25 +74,10 @@ pub fn decode_verification(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<VerificationReport, JobError> {
-    let media_type = content_type
-        .map(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .filter(|ct| !ct.is_empty());
-    if media_type
-        .as_deref()
-        .is_some_and(|ct| ct != CONTENT_TYPE_JSON)
-    {
+    if let Some(other) = media_type(content_type).filter(|ct| ct != CONTENT_TYPE_JSON) {
         return Err(JobError::new(
             "content_type",
-            format!(
-                "a verification message is {CONTENT_TYPE_JSON}, not `{}`",
-                media_type.unwrap_or_default()
-            ),
+            format!("a verification message is {CONTENT_TYPE_JSON}, not `{other}`"),
         ));
     }
     let mut reader = serde_json::Deserializer::from_slice(body);

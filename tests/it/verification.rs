@@ -14,6 +14,34 @@ use crate::helpers::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// A gateway on the sandbox, a broker connection for `test`'s names, a gRPC client and a
+/// subscriber to `delivery.verified`. Keep `dir` bound: the ledger lives in it.
+struct Setup {
+    names: Names,
+    broker: Broker,
+    gateway: Gateway,
+    client: v1::code_delivery_client::CodeDeliveryClient<tonic::transport::Channel>,
+    verified_events: lapin::Consumer,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(test: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new(test);
+    let broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
+    let client = gateway.client().await;
+    let verified_events = broker.subscribe("delivery.verified").await;
+    Setup {
+        names,
+        broker,
+        gateway,
+        client,
+        verified_events,
+        dir,
+    }
+}
+
 /// A job to one number through the sandbox, waited for until SENT.
 async fn sent(broker: &mut Broker, job_id: &str) {
     broker.publish_json(&job(job_id, "482913")).await;
@@ -26,12 +54,14 @@ async fn report_verification_records_the_conversion_and_announces_it() {
     if !broker_available().await {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let names = Names::new("verify");
-    let mut broker = Broker::connect(&names).await;
-    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
-    let mut client = gateway.client().await;
-    let mut verified_events = broker.subscribe("delivery.verified").await;
+    let Setup {
+        names: _,
+        mut broker,
+        gateway,
+        mut client,
+        mut verified_events,
+        dir: _dir,
+    } = setup("verify").await;
     sent(&mut broker, "v-1").await;
 
     let report = |verified: bool, at: Option<jiff::Timestamp>| v1::ReportVerificationRequest {
@@ -113,12 +143,14 @@ async fn verification_messages_on_the_jobs_exchange_are_recorded_or_dead_lettere
     if !broker_available().await {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let names = Names::new("verify-queue");
-    let mut broker = Broker::connect(&names).await;
-    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
-    let mut client = gateway.client().await;
-    let mut verified_events = broker.subscribe("delivery.verified").await;
+    let Setup {
+        names,
+        mut broker,
+        gateway,
+        mut client,
+        mut verified_events,
+        dir: _dir,
+    } = setup("verify-queue").await;
     sent(&mut broker, "q-1").await;
 
     let publish = |body: serde_json::Value| {
@@ -188,11 +220,13 @@ async fn sends_and_conversions_are_counted_per_tenant_range_and_hour_never_by_nu
     if !broker_available().await {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let names = Names::new("verify-counts");
-    let mut broker = Broker::connect(&names).await;
-    let gateway = Gateway::start(config(&names, dir.path(), &[])).await;
-    let mut client = gateway.client().await;
+    let Setup {
+        mut broker,
+        gateway,
+        mut client,
+        dir,
+        ..
+    } = setup("verify-counts").await;
     for (job_id, number) in [
         ("c-1", "+447700900001"),
         ("c-2", "+447700900002"),
