@@ -119,26 +119,41 @@ async fn session(stream: tokio::net::TcpStream, smsc: Arc<Smsc>, stop: Cancellat
         };
         let seq = command.sequence_number();
         let reply = match command.pdu() {
-            Some(Pdu::BindTransceiver(bind)) => {
-                let status = smsc.check(bind.system_id.as_str(), bind.password.as_str());
+            Some(Pdu::BindTransceiver(b)) => {
+                let status = smsc.bind(
+                    b.system_id.as_str(),
+                    b.password.as_str(),
+                    Role::Transceiver,
+                    &mut bound,
+                    &out,
+                );
                 let resp = BindTransceiverResp::builder()
                     .system_id(system_id())
                     .build();
-                smsc.bound(status, Role::Transceiver, &mut bound, &out);
                 Command::new(status, seq, resp)
             }
-            Some(Pdu::BindTransmitter(bind)) => {
-                let status = smsc.check(bind.system_id.as_str(), bind.password.as_str());
+            Some(Pdu::BindTransmitter(b)) => {
+                let status = smsc.bind(
+                    b.system_id.as_str(),
+                    b.password.as_str(),
+                    Role::Transmitter,
+                    &mut bound,
+                    &out,
+                );
                 let resp = BindTransmitterResp::builder()
                     .system_id(system_id())
                     .build();
-                smsc.bound(status, Role::Transmitter, &mut bound, &out);
                 Command::new(status, seq, resp)
             }
-            Some(Pdu::BindReceiver(bind)) => {
-                let status = smsc.check(bind.system_id.as_str(), bind.password.as_str());
+            Some(Pdu::BindReceiver(b)) => {
+                let status = smsc.bind(
+                    b.system_id.as_str(),
+                    b.password.as_str(),
+                    Role::Receiver,
+                    &mut bound,
+                    &out,
+                );
                 let resp = BindReceiverResp::builder().system_id(system_id()).build();
-                smsc.bound(status, Role::Receiver, &mut bound, &out);
                 Command::new(status, seq, resp)
             }
             Some(Pdu::EnquireLink) => {
@@ -187,27 +202,21 @@ fn system_id() -> COctetString<1, 16> {
 }
 
 impl Smsc {
-    /// The bind's command_status.
-    fn check(&self, system_id: &str, password: &str) -> CommandStatus {
-        if system_id != self.bind.system_id {
-            CommandStatus::EsmeRinvsysid
-        } else if password != self.bind.password {
-            CommandStatus::EsmeRinvpaswd
-        } else {
-            CommandStatus::EsmeRok
-        }
-    }
-
-    /// Records a successful bind; a receiving one gets the receipts from now on.
-    fn bound(
+    /// Answers a bind as `role`: its command_status. A successful one is the session's role
+    /// from now on, and a receiving one gets the receipts.
+    fn bind(
         &self,
-        status: CommandStatus,
+        system_id: &str,
+        password: &str,
         role: Role,
         bound: &mut Option<Role>,
         out: &mpsc::UnboundedSender<Command>,
-    ) {
-        if status != CommandStatus::EsmeRok {
-            return;
+    ) -> CommandStatus {
+        if system_id != self.bind.system_id {
+            return CommandStatus::EsmeRinvsysid;
+        }
+        if password != self.bind.password {
+            return CommandStatus::EsmeRinvpaswd;
         }
         *bound = Some(role);
         if role != Role::Transmitter {
@@ -215,6 +224,7 @@ impl Smsc {
             receivers.retain(|r| !r.is_closed());
             receivers.push(out.clone());
         }
+        CommandStatus::EsmeRok
     }
 
     /// The answer to one submit_sm; its receipt is sent later when asked for.

@@ -42,11 +42,44 @@ async fn setup(test: &str) -> Setup {
     }
 }
 
-/// A job to one number through the sandbox, waited for until SENT.
-async fn sent(broker: &mut Broker, job_id: &str) {
-    broker.publish_json(&job(job_id, "482913")).await;
+/// A job to `number` through the sandbox, waited for until SENT.
+async fn sent_to(broker: &mut Broker, job_id: &str, number: &str) {
+    let mut body = job(job_id, "482913");
+    body["targets"] = json!([{"phone": {"number": number}}]);
+    broker.publish_json(&body).await;
     let (routing_key, report) = broker.next_event(WAIT).await;
     assert_eq!(routing_key, "delivery.sent", "{report}");
+}
+
+/// A `ReportVerification` request.
+fn request(
+    delivery_id: &str,
+    verified: bool,
+    at: Option<jiff::Timestamp>,
+) -> v1::ReportVerificationRequest {
+    v1::ReportVerificationRequest {
+        delivery_id: delivery_id.into(),
+        verified,
+        at: at.map(timestamp_to_proto),
+    }
+}
+
+/// A job to +14155550101 through the sandbox, waited for until SENT.
+async fn sent(broker: &mut Broker, job_id: &str) {
+    sent_to(broker, job_id, "+14155550101").await;
+}
+
+/// The next `delivery.verified` event: its body as JSON, and as text.
+async fn next_verified(events: &mut lapin::Consumer) -> (serde_json::Value, String) {
+    let event = tokio::time::timeout(WAIT, futures_util::StreamExt::next(events))
+        .await
+        .expect("delivery.verified within 20 s")
+        .unwrap()
+        .unwrap();
+    (
+        serde_json::from_slice(&event.data).unwrap(),
+        String::from_utf8_lossy(&event.data).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -64,17 +97,9 @@ async fn report_verification_records_the_conversion_and_announces_it() {
     } = setup("verify").await;
     sent(&mut broker, "v-1").await;
 
-    let report = |verified: bool, at: Option<jiff::Timestamp>| v1::ReportVerificationRequest {
-        delivery_id: "acme/v-1".into(),
-        verified,
-        at: at.map(timestamp_to_proto),
-    };
+    let report = |verified: bool, at: Option<jiff::Timestamp>| request("acme/v-1", verified, at);
     let unknown = client
-        .report_verification(v1::ReportVerificationRequest {
-            delivery_id: "acme/nope".into(),
-            verified: true,
-            at: None,
-        })
+        .report_verification(request("acme/nope", true, None))
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
@@ -109,15 +134,10 @@ async fn report_verification_records_the_conversion_and_announces_it() {
         v1::DeliveryStatus::Sent as i32,
         "the status stays"
     );
-    let event = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut verified_events))
-        .await
-        .expect("delivery.verified within 20 s")
-        .unwrap()
-        .unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&event.data).unwrap();
+    let (body, text) = next_verified(&mut verified_events).await;
     assert_eq!(body["delivery_id"], "acme/v-1");
     assert_eq!(body["verification"]["verified"], true);
-    assert!(!String::from_utf8_lossy(&event.data).contains("482913"));
+    assert!(!text.contains("482913"));
     // Later reports change nothing: the first verification stands.
     let again = client
         .report_verification(report(false, None))
@@ -167,12 +187,7 @@ async fn verification_messages_on_the_jobs_exchange_are_recorded_or_dead_lettere
         }
     };
     publish(json!({"delivery_id": "acme/q-1", "verified": true})).await;
-    let event = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut verified_events))
-        .await
-        .expect("delivery.verified within 20 s")
-        .unwrap()
-        .unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&event.data).unwrap();
+    let (body, _) = next_verified(&mut verified_events).await;
     assert_eq!(body["delivery_id"], "acme/q-1");
     let stored = client
         .get_delivery(v1::GetDeliveryRequest {
@@ -232,18 +247,10 @@ async fn sends_and_conversions_are_counted_per_tenant_range_and_hour_never_by_nu
         ("c-2", "+447700900002"),
         ("c-3", "+14155550101"),
     ] {
-        let mut body = job(job_id, "482913");
-        body["targets"] = json!([{"phone": {"number": number}}]);
-        broker.publish_json(&body).await;
-        let (routing_key, report) = broker.next_event(WAIT).await;
-        assert_eq!(routing_key, "delivery.sent", "{report}");
+        sent_to(&mut broker, job_id, number).await;
     }
     client
-        .report_verification(v1::ReportVerificationRequest {
-            delivery_id: "acme/c-1".into(),
-            verified: true,
-            at: None,
-        })
+        .report_verification(request("acme/c-1", true, None))
         .await
         .unwrap();
     // The counts reach the store within a second, and at the latest when the gateway stops.
