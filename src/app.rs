@@ -140,6 +140,11 @@ impl Application {
         self.receipts_addr
     }
 
+    /// The fraud guard (a simulation waits for its rounds).
+    pub fn fraud_guard(&self) -> Arc<crate::delivery::FraudGuard> {
+        Arc::clone(self.service.fraud())
+    }
+
     /// The address of the ops listener (health, readiness, metrics).
     pub fn ops_addr(&self) -> SocketAddr {
         self.ops_addr
@@ -233,8 +238,22 @@ impl Application {
             Arc::clone(self.service.clock()),
             api_stop.clone(),
         ));
-        // The fraud guard's counts go to the store once a second, and once more at the end.
-        let counting = tokio::spawn(Arc::clone(self.service.destinations()).run(api_stop.clone()));
+        // The fraud guard stores its counts and judges ranges every round (and stores the
+        // counts once more at the end); the ranges it holds are announced as fraud.suspected.
+        let (suspected, mut suspicions) = tokio::sync::mpsc::unbounded_channel();
+        let counting = tokio::spawn(Arc::clone(self.service.fraud()).run(
+            Arc::clone(self.service.clock()),
+            suspected,
+            api_stop.clone(),
+        ));
+        let announcer = self.publisher.clone();
+        let announcing = tokio::spawn(async move {
+            while let Some(suspicion) = suspicions.recv().await {
+                if let Err(error) = announcer.publish_fraud_suspected(&suspicion).await {
+                    tracing::warn!(%error, range = %suspicion.range, "fraud.suspected not published");
+                }
+            }
+        });
         let consumer = JobConsumer::new(
             self.service,
             self.publisher,
@@ -257,6 +276,7 @@ impl Application {
         }
         let _ = retention.await;
         let _ = counting.await;
+        let _ = announcing.await;
         ops.await
             .context("the ops server task failed")?
             .context("the ops server failed")?;

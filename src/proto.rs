@@ -365,6 +365,7 @@ pub fn explanation_to_proto(plan: &crate::delivery::Explanation) -> v1::ExplainR
                                 .collect(),
                             refused_reason,
                             refused_detail,
+                            fraud_watch: channel.fraud_watch.clone().unwrap_or_default(),
                         }
                     })
                     .collect(),
@@ -534,6 +535,11 @@ pub fn diagnosis_to_proto(diagnosis: &Diagnosis) -> v1::AccountDiagnosis {
                     .collect(),
                 blocks: target.blocks.iter().map(entry_to_proto).collect(),
                 token_invalid_since: target.token_invalid_since.map(timestamp_to_proto),
+                fraud_holds: target
+                    .fraud_holds
+                    .iter()
+                    .map(|hold| quarantine_to_proto(hold, true))
+                    .collect(),
                 hint: target
                     .last_reason
                     .filter(|_| target.last_status == TargetStatus::Failed)
@@ -555,6 +561,39 @@ pub fn diagnosis_to_proto(diagnosis: &Diagnosis) -> v1::AccountDiagnosis {
                 text: fix.text.clone(),
             })
             .collect(),
+    }
+}
+
+/// A quarantine on the wire; `holds_now` says whether it refuses sends now (the tenant's mode
+/// decides for the guard's own holds).
+pub fn quarantine_to_proto(
+    quarantine: &crate::policy::Quarantine,
+    holds_now: bool,
+) -> v1::Quarantine {
+    use crate::policy::QuarantineState;
+    v1::Quarantine {
+        tenant: quarantine.tenant.clone(),
+        range: quarantine.range.clone(),
+        state: match quarantine.state {
+            QuarantineState::Held => v1::quarantine::State::Held,
+            QuarantineState::Lifted => v1::quarantine::State::Lifted,
+        } as i32,
+        since: Some(timestamp_to_proto(quarantine.since)),
+        until: quarantine.until.map(timestamp_to_proto),
+        in_force: holds_now,
+        pinned: quarantine.pinned(),
+        mode: quarantine.mode.as_str().to_owned(),
+        evidence: quarantine.evidence.as_ref().map(|e| v1::FraudEvidence {
+            window_sends: e.window_sends,
+            window_seconds: e.window_secs,
+            hourly_rate: e.hourly_rate,
+            baseline_hourly: e.baseline_hourly,
+            judged_sends: e.judged_sends,
+            judged_conversions: e.judged_conversions,
+        }),
+        note: quarantine.note.clone(),
+        description: quarantine.describe(),
+        updated_at: Some(timestamp_to_proto(quarantine.updated_at)),
     }
 }
 

@@ -103,6 +103,11 @@ pub(super) enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The fraud guard's quarantines: list, lift and pin number ranges (admin scope).
+    Fraud {
+        #[command(subcommand)]
+        command: FraudCommand,
+    },
     /// Exit 0 if the gateway reports SERVING on gRPC health (for container health checks).
     Health,
     /// Print the report of a delivery.
@@ -175,6 +180,34 @@ pub(super) enum KeysCommand {
     Revoke {
         /// The key's id (the part after `otpk_`, before the next `_`).
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(super) enum FraudCommand {
+    /// List quarantines, newest first (held, expired and lifted; --held: only those holding).
+    Ls {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        held: bool,
+    },
+    /// Lift the hold on a range (the guard leaves it alone for fraud.hold_for).
+    Lift {
+        tenant: String,
+        /// The range as `fraud ls` shows it (e.g. +44770).
+        range: String,
+        /// Why (kept with the quarantine).
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Hold a range until it is lifted, whatever the tenant's mode.
+    Pin {
+        tenant: String,
+        /// + the country calling code and fraud.range_depth digits (e.g. +44770).
+        range: String,
+        #[arg(long, default_value = "")]
+        note: String,
     },
 }
 

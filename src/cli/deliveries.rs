@@ -203,9 +203,12 @@ pub(super) async fn explain(
                     )
                 })
                 .collect();
-            let refused = reason_from_proto(channel.refused_reason)
+            let mut refused = reason_from_proto(channel.refused_reason)
                 .map(|r| format!("  refused: {r}: {}", channel.refused_detail))
                 .unwrap_or_default();
+            if !channel.fraud_watch.is_empty() {
+                refused.push_str(&format!("  fraud guard: {}", channel.fraud_watch));
+            }
             println!(
                 "    {} via route {}: {}{refused}",
                 name(channel.channel),

@@ -1,5 +1,5 @@
 //! The command line: `serve` runs the gateway (the only verb that loads the configuration);
-//! `send`, `status`, `diagnose`, `block`, `quiet`, `limits`, `keys`, `explain` and `health` are gRPC
+//! `send`, `status`, `diagnose`, `block`, `quiet`, `limits`, `keys`, `fraud`, `explain` and `health` are gRPC
 //! clients of a running gateway with their own connection settings (`--server` /
 //! `OTP_GATEWAY_SERVER`, `--key` / `OTP_GATEWAY_KEY`).
 //!
@@ -10,11 +10,13 @@
 //! - `rules`: `block`, `quiet` and `limits`, one shape for the three kinds of rule.
 //! - `diagnose`: an account's diagnosis as a support agent reads it.
 //! - `keys`: API keys (create, ls, revoke), and `erase-account`.
+//! - `fraud`: the fraud guard's quarantines (ls, lift, pin).
 
 mod args;
 mod connection;
 mod deliveries;
 mod diagnose;
+mod fraud;
 mod keys;
 mod rules;
 mod serve;
@@ -56,6 +58,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Quiet { command } => rules::run(command.into(), server).await,
             Command::Limits { command } => rules::run(command.into(), server).await,
             Command::Keys { command } => keys::run(command, server).await,
+            Command::Fraud { command } => fraud::run(command, server).await,
             Command::Diagnose { tenant, account } => {
                 diagnose::diagnose(&tenant, &account, server).await
             }

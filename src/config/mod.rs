@@ -11,6 +11,7 @@
 //! - `sections`: the service's own sections (`grpc`, `store`, `delivery`, `receipts`, `log`).
 //! - `tenants`: per-tenant settings.
 
+mod fraud;
 mod sections;
 mod tenants;
 
@@ -32,6 +33,7 @@ pub use crate::providers::{
 pub use crate::queue::AmqpConfig;
 pub use crate::store::StoreSettings as StoreConfig;
 pub use crate::telemetry::LogFormat;
+pub use fraud::{FraudConfig, TenantFraudConfig};
 pub use sections::{
     AuthConfig, AuthMode, BOOTSTRAP_KEY_MIN_LEN, DeliveryConfig, GrpcConfig, GrpcTlsConfig,
     LogConfig, OpsConfig, ReceiptsConfig, RetentionConfig,
@@ -114,14 +116,6 @@ pub struct Config {
     pub templates: BTreeMap<String, BTreeMap<String, ChannelTemplates>>,
 }
 
-/// The `[fraud]` section.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FraudConfig {
-    /// Digits after the country calling code that name a number range.
-    pub range_depth: u8,
-}
-
 impl Config {
     /// Loads defaults, then `file` (if given), then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -182,17 +176,7 @@ impl Config {
     /// Checks what types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.amqp.validate()?;
-        if !(1..=crate::policy::fraud::MAX_RANGE_DEPTH).contains(&self.fraud.range_depth) {
-            return Err(InvalidSetting::new(
-                "fraud.range_depth",
-                format!(
-                    "{} is not between 1 and {} digits",
-                    self.fraud.range_depth,
-                    crate::policy::fraud::MAX_RANGE_DEPTH
-                ),
-            )
-            .into());
-        }
+        self.fraud.validate(&self.tenants)?;
         self.auth.bootstrap_admin_key()?;
         if let Some(tls) = &self.grpc.tls {
             crate::grpc::tls_server_config(tls)?;
@@ -321,6 +305,8 @@ impl EngineSettings {
                 .map(|(name, t)| (name.clone(), t.autofill.clone()))
                 .collect(),
             range_depth: config.fraud.range_depth,
+            fraud: config.fraud.policy(tenants),
+            fraud_evaluate_every: config.fraud.evaluate_every,
         }
     }
 }
@@ -528,6 +514,59 @@ mod tests {
 
     #[test]
     #[allow(clippy::result_large_err)]
+    fn fraud_settings_are_checked_by_key_and_turned_into_the_guard_s_policy() {
+        use crate::policy::GuardMode;
+        for (key, value, says) in [
+            ("fraud.mode", serde_json::json!("block"), "block"),
+            ("fraud.window", serde_json::json!("2h"), "at most"),
+            (
+                "fraud.min_conversion",
+                serde_json::json!(1.5),
+                "between 0 and 1",
+            ),
+            ("fraud.volume_factor", serde_json::json!(0.5), "at least 1"),
+            ("fraud.range_depth", serde_json::json!(9), "between 1 and 6"),
+            (
+                "fraud.safe_numbers",
+                serde_json::json!(["0044770090012"]),
+                "E.164",
+            ),
+            (
+                "tenants.acme.fraud.safe_numbers",
+                serde_json::json!(["447700900123"]),
+                "E.164",
+            ),
+            (
+                "tenants.acme.fraud.mode",
+                serde_json::json!("strict"),
+                "strict",
+            ),
+        ] {
+            let bad = Figment::from(Toml::string(DEFAULT_TOML))
+                .merge(Serialized::default(key, value.clone()));
+            let err = Config::from_figment(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.contains(says),
+                "{key} = {value}: {err}"
+            );
+            assert!(!err.contains("447700900123"), "numbers are masked: {err}");
+        }
+        let good = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Serialized::default("tenants.acme.fraud.mode", "enforce"))
+            .merge(Serialized::default(
+                "tenants.acme.fraud.safe_accounts",
+                ["qa-bot"],
+            ));
+        let config = Config::from_figment(good).unwrap();
+        let policy = config.fraud.policy(&config.tenants);
+        assert_eq!(policy.mode("acme"), GuardMode::Enforce);
+        assert_eq!(policy.mode("other"), GuardMode::Monitor, "the default");
+        assert!(policy.safe("acme", "qa-bot", "+447700900123"));
+        assert!(!policy.safe("other", "qa-bot", "+447700900123"));
+        assert_eq!(policy.thresholds, crate::policy::GuardThresholds::default());
+    }
+
+    #[test]
     fn the_command_line_s_own_variables_are_not_settings() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("gateway.toml", "[amqp]\nprefetch = 9\n")?;

@@ -23,6 +23,10 @@ pub struct TenantConfig {
     /// "example.com" }` or `{ format = "android_app_hash", hash = "FA+9qCX9VSu" }`.
     #[serde(default)]
     pub autofill: Autofill,
+    /// The fraud guard for this tenant: `{ mode = "enforce", safe_accounts = [...],
+    /// safe_numbers = [...] }`.
+    #[serde(default)]
+    pub fraud: super::TenantFraudConfig,
 }
 
 fn default_true() -> bool {

@@ -13,6 +13,7 @@ use super::breaker::CircuitBreaker;
 use super::circuits::Breakers;
 use super::decisions::{Standing, channel_of, earlier_twin};
 use super::destinations::DestinationCounter;
+use super::fraud_guard::FraudGuard;
 use super::gate::PolicyContext;
 use super::progress::Progress;
 use super::retry::RetryPolicy;
@@ -54,6 +55,8 @@ pub struct Dispatcher {
     pub(super) metrics: Arc<crate::ops::Metrics>,
     /// The fraud guard's counts of sends and conversions per range.
     pub(super) destinations: Arc<DestinationCounter>,
+    /// The fraud guard: its holds, and the loop that judges ranges.
+    pub(super) fraud: Arc<FraudGuard>,
 }
 
 /// What every stage of one dispatch works from.
@@ -140,14 +143,25 @@ impl Dispatcher {
             providers: provider_breakers,
             routes: Mutex::default(),
         };
+        let metrics = Arc::<crate::ops::Metrics>::default();
+        let destinations = Arc::new(DestinationCounter::new(Arc::clone(&policy)));
+        let fraud = Arc::new(FraudGuard::new(
+            Arc::clone(&policy),
+            Arc::clone(&destinations),
+            settings.fraud.clone(),
+            settings.range_depth,
+            settings.fraud_evaluate_every,
+            Arc::clone(&metrics),
+        ));
         Dispatcher {
             providers,
-            destinations: Arc::new(DestinationCounter::new(Arc::clone(&policy))),
+            destinations,
+            fraud,
             policy,
             settings,
             policies,
             breakers,
-            metrics: Arc::default(),
+            metrics,
         }
     }
 

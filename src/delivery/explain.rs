@@ -34,6 +34,9 @@ pub struct ChannelPlan {
     /// When policy refuses or holds this channel for this target (quiet hours, destination,
     /// rate limit): why.
     pub refused: Option<(FailureReason, String)>,
+    /// When the fraud guard suspects the number's range and the tenant is in monitor mode
+    /// (sent anyway): the hold, in words.
+    pub fraud_watch: Option<String>,
 }
 
 /// The decision about one target.
@@ -116,12 +119,17 @@ impl Dispatcher {
                         circuit: self.circuit_of(entry, channel, &route_key, now),
                     })
                     .collect();
-                let refused = match self.channel_verdict(quiet, job, target, channel, at) {
+                let verdict = self.channel_verdict(quiet, job, target, channel, at);
+                let fraud_watch = match &verdict {
+                    ChannelVerdict::Watched { detail, .. } => Some(detail.clone()),
+                    _ => None,
+                };
+                let refused = match verdict {
                     ChannelVerdict::Refused(reason, detail) => Some((reason, detail)),
                     ChannelVerdict::Held { detail, .. } => {
                         Some((FailureReason::QuietHours, format!("would be {detail}")))
                     }
-                    ChannelVerdict::Open => self
+                    ChannelVerdict::Open | ChannelVerdict::Watched { .. } => self
                         .policy_store()
                         .peek(&target_keys(rules, job, target), at)
                         .await?
@@ -132,6 +140,7 @@ impl Dispatcher {
                     route: route_key,
                     providers,
                     refused,
+                    fraud_watch,
                 });
             }
             targets.push(TargetPlan {

@@ -1,11 +1,12 @@
 //! The policy gate: whether a target may be tried at all (eligibility: channels, well-formed,
-//! not blocked), and before each channel's first call quiet hours, destination permissions and
-//! the rate-limit count (taken only when the send may go ahead). Shared with `Explain`.
+//! not blocked), and before each channel's first call quiet hours, destination permissions, the
+//! fraud guard's holds and the rate-limit count (taken only when the send may go ahead). Shared with `Explain`.
 
 use jiff::Timestamp;
 
 use super::decisions::{Standing, channel_of};
 use super::engine::{Dispatcher, JobCount, Run};
+use super::fraud_guard::FraudVerdict;
 use super::progress::Progress;
 use crate::domain::{Channel, FailureReason, Job, Target, TargetStatus, is_e164};
 use crate::policy::{
@@ -35,6 +36,9 @@ pub(crate) enum ChannelVerdict {
     Refused(FailureReason, String),
     /// Held by quiet hours until `until`.
     Held { until: Timestamp, detail: String },
+    /// Open, but the fraud guard suspects `range` (the tenant is in monitor mode): sent, and
+    /// counted as a send enforce mode would have held.
+    Watched { range: String, detail: String },
 }
 
 /// What the per-channel checks decided for one target.
@@ -221,9 +225,28 @@ impl Dispatcher {
                 };
             }
         }
-        match self.destination_refused(job, target, channel) {
-            Some(detail) => ChannelVerdict::Refused(FailureReason::DestinationNotPermitted, detail),
-            None => ChannelVerdict::Open,
+        if let Some(detail) = self.destination_refused(job, target, channel) {
+            return ChannelVerdict::Refused(FailureReason::DestinationNotPermitted, detail);
+        }
+        let Target::Phone(phone) = target else {
+            return ChannelVerdict::Open;
+        };
+        match self
+            .fraud
+            .verdict(&job.tenant, &job.account, &phone.number, now)
+        {
+            FraudVerdict::Clear => ChannelVerdict::Open,
+            FraudVerdict::Held(held) => ChannelVerdict::Refused(
+                FailureReason::DestinationSuspended,
+                format!("the fraud guard holds {}", held.describe()),
+            ),
+            FraudVerdict::Watched(watched) => ChannelVerdict::Watched {
+                detail: format!(
+                    "monitor mode: sent, but enforce would hold it: {}",
+                    watched.describe()
+                ),
+                range: watched.range,
+            },
         }
     }
 
@@ -255,9 +278,19 @@ impl Dispatcher {
         progress: &Progress<'_>,
     ) -> Result<Gate, StoreError> {
         let job = run.job;
-        match self.channel_verdict(run.quiet, job, &job.targets[index], channel, progress.now()) {
+        let target = &job.targets[index];
+        match self.channel_verdict(run.quiet, job, target, channel, progress.now()) {
             ChannelVerdict::Open => {}
+            ChannelVerdict::Watched { range, .. } => {
+                self.metrics.fraud_held(&job.tenant, &range, "monitor");
+            }
             ChannelVerdict::Refused(reason, detail) => {
+                if reason == FailureReason::DestinationSuspended
+                    && let Target::Phone(phone) = target
+                    && let Some(range) = self.fraud.range_of(&phone.number)
+                {
+                    self.metrics.fraud_held(&job.tenant, &range, "enforce");
+                }
                 self.fail(index, channel, reason, detail, progress).await?;
                 return Ok(Gate::NotThisChannel);
             }

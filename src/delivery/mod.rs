@@ -19,6 +19,8 @@
 //!   failed call, how a chain ended, the final outcome), unit-tested without a ledger.
 //! - `acknowledge`, `receipts`: what devices and providers report afterwards; `verification`:
 //!   what upstream reports of the user entering the code (the conversion signal).
+//! - `destinations`, `fraud_guard`: the fraud guard's counts per number range, and the loop
+//!   that judges ranges and keeps the holds the gate consults.
 //! - `explain`: the dry run, deciding exactly as the engine does.
 
 mod acknowledge;
@@ -33,6 +35,7 @@ mod engine;
 mod explain;
 mod failover;
 mod feedback;
+mod fraud_guard;
 mod gate;
 mod phone;
 mod progress;
@@ -52,6 +55,7 @@ pub use destinations::DestinationCounter;
 pub use diagnose::{DIAGNOSIS_DELIVERIES, Diagnosis, FailureSeen, Fix, TargetDiagnosis, diagnose};
 pub use engine::{Dispatcher, Verdict};
 pub use explain::{ChannelPlan, Explanation, ProviderChoice, TargetPlan};
+pub use fraud_guard::{FraudGuard, Suspicion};
 pub use receipts::ReceiptApplied;
 pub use retry::RetryPolicy;
 pub use service::{DeliveryService, Handled, new_delivery};

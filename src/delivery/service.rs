@@ -322,6 +322,11 @@ impl DeliveryService {
         &self.dispatcher.destinations
     }
 
+    /// The fraud guard.
+    pub fn fraud(&self) -> &Arc<super::FraudGuard> {
+        &self.dispatcher.fraud
+    }
+
     /// Every provider's circuit state and recent figures.
     pub fn provider_health(&self) -> Vec<ProviderHealth> {
         self.dispatcher.provider_health()

@@ -7,7 +7,7 @@ use std::time::Duration;
 use jiff::SignedDuration;
 
 use crate::domain::{Autofill, MessageTemplates};
-use crate::policy::DestinationRules;
+use crate::policy::{DestinationRules, GuardPolicy};
 
 /// Timing settings of the engine.
 #[derive(Debug, Clone)]
@@ -39,4 +39,8 @@ pub struct EngineSettings {
     pub autofill: BTreeMap<String, Autofill>,
     /// Digits after the country calling code that name a number range (`fraud.range_depth`).
     pub range_depth: u8,
+    /// The fraud guard's thresholds, modes and safe lists.
+    pub fraud: GuardPolicy,
+    /// How often the fraud guard stores its counts and judges ranges.
+    pub fraud_evaluate_every: Duration,
 }

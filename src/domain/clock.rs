@@ -17,3 +17,27 @@ impl Clock for SystemClock {
         Timestamp::now()
     }
 }
+
+/// A clock that shows what it was last set to: simulations move time on by hand.
+#[derive(Debug)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock showing `at`.
+    pub fn new(at: Timestamp) -> Self {
+        ManualClock(std::sync::atomic::AtomicI64::new(at.as_microsecond()))
+    }
+
+    /// Shows `at` from now on.
+    pub fn set(&self, at: Timestamp) {
+        self.0
+            .store(at.as_microsecond(), std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_microsecond(self.0.load(std::sync::atomic::Ordering::Acquire))
+            .expect("a clock only ever holds a timestamp")
+    }
+}

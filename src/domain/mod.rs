@@ -16,7 +16,7 @@ pub use ack_token::AckTokens;
 pub use api_key::{
     ApiKey, KEY_PREFIX, KeyText, Scope, normalize as normalize_scopes, parse_scopes, scopes_text,
 };
-pub use clock::{Clock, SystemClock};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use job::{
     Channel, Code, DeliveryId, DeviceTarget, Job, JobError, MAX_JOB_ID_LEN, PhoneTarget, Platform,
     Target, check_tenant, is_apns_token, is_e164,

@@ -25,6 +25,8 @@ pub enum FailureReason {
     RateLimited,
     /// The tenant may not send to this destination.
     DestinationNotPermitted,
+    /// The fraud guard holds the number's range (SMS pumping suspected).
+    DestinationSuspended,
     /// The recipient opted out of messages from this sender.
     RecipientOptedOut,
     /// The handset is off, out of coverage or otherwise unreachable.
@@ -68,6 +70,7 @@ string_enum!(FailureReason {
     QuietHours => "QUIET_HOURS",
     RateLimited => "RATE_LIMITED",
     DestinationNotPermitted => "DESTINATION_NOT_PERMITTED",
+    DestinationSuspended => "DESTINATION_SUSPENDED",
     RecipientOptedOut => "RECIPIENT_OPTED_OUT",
     RecipientUnreachable => "RECIPIENT_UNREACHABLE",
     RecipientUnknown => "RECIPIENT_UNKNOWN",
@@ -118,9 +121,11 @@ impl FailureReason {
         use FailureReason::*;
         match self {
             InvalidJob | InvalidRecipient | NoEligibleTarget | CodeExpired => ReasonGroup::Input,
-            RecipientBlocked | QuietHours | RateLimited | DestinationNotPermitted => {
-                ReasonGroup::Policy
-            }
+            RecipientBlocked
+            | QuietHours
+            | RateLimited
+            | DestinationNotPermitted
+            | DestinationSuspended => ReasonGroup::Policy,
             RecipientOptedOut | RecipientUnreachable | RecipientUnknown | NotMobileNumber
             | CarrierFiltered | Undeliverable => ReasonGroup::Recipient,
             DeviceTokenInvalid
@@ -189,6 +194,9 @@ impl FailureReason {
             RateLimited => "too many codes were requested recently: wait before requesting another",
             DestinationNotPermitted => {
                 "sending to this country is not enabled for this tenant: enable it or use another number"
+            }
+            DestinationSuspended => {
+                "the fraud guard holds this number's range after a surge of codes nobody entered (SMS pumping): use push or another number; if the traffic is genuine, an operator can lift the hold (otp-gateway fraud lift)"
             }
             RecipientOptedOut => {
                 "the user opted out of text messages (e.g. replied STOP): ask them to reply START, or use another channel"
@@ -267,7 +275,7 @@ mod tests {
             assert_eq!(reason.as_str().parse::<FailureReason>(), Ok(*reason));
             assert!(!reason.hint().is_empty());
         }
-        assert_eq!(FailureReason::ALL.len(), 24);
+        assert_eq!(FailureReason::ALL.len(), 25);
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod auth;
 mod code_delivery;
 mod policy_admin;
 mod providers;
+mod quarantines;
 mod status;
 mod tls;
 

@@ -432,4 +432,25 @@ impl PolicyAdmin for PolicyAdminApi {
             opt_outs_kept,
         }))
     }
+
+    async fn list_quarantines(
+        &self,
+        request: Request<v1::ListQuarantinesRequest>,
+    ) -> Result<Response<v1::ListQuarantinesResponse>, Status> {
+        self.list_quarantines(request).await.map(Response::new)
+    }
+
+    async fn lift_quarantine(
+        &self,
+        request: Request<v1::LiftQuarantineRequest>,
+    ) -> Result<Response<v1::Quarantine>, Status> {
+        self.lift_quarantine(request).await.map(Response::new)
+    }
+
+    async fn pin_quarantine(
+        &self,
+        request: Request<v1::PinQuarantineRequest>,
+    ) -> Result<Response<v1::Quarantine>, Status> {
+        self.pin_quarantine(request).await.map(Response::new)
+    }
 }

@@ -36,6 +36,14 @@ struct VerificationLabels {
     verified: String,
 }
 
+/// A send the fraud guard held (or, in monitor mode, would have held), or a range it suspected.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FraudLabels {
+    tenant: String,
+    range: String,
+    mode: String,
+}
+
 /// One provider call's end.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AttemptLabels {
@@ -140,6 +148,8 @@ pub struct Metrics {
     deliveries: Family<DeliveryLabels, Counter>,
     settled: Family<DeliveryLabels, Counter>,
     verifications: Family<VerificationLabels, Counter>,
+    fraud_held: Family<FraudLabels, Counter>,
+    fraud_suspected: Family<FraudLabels, Counter>,
     first_send: Family<ChannelLabels, Histogram>,
     delivered: Family<ChannelLabels, Histogram>,
     queue_wait: Histogram,
@@ -194,6 +204,20 @@ impl Metrics {
              verification messages), by tenant and whether the user entered the code (true) \
              or not (false)",
             verifications.clone(),
+        );
+        let fraud_held = Family::<FraudLabels, Counter>::default();
+        registry.register(
+            "fraud_held_sends",
+            "SMS and calls to a range the fraud guard holds, by tenant, range and mode: held \
+             (enforce, or a pinned range) or sent anyway (monitor)",
+            fraud_held.clone(),
+        );
+        let fraud_suspected = Family::<FraudLabels, Counter>::default();
+        registry.register(
+            "fraud_suspected_ranges",
+            "Ranges the fraud guard suspected of SMS pumping and held, by tenant, range and the \
+             tenant's mode then",
+            fraud_suspected.clone(),
         );
         let delivery_histogram = || {
             Family::<ChannelLabels, Histogram>::new_with_constructor(|| {
@@ -324,6 +348,8 @@ impl Metrics {
             deliveries,
             settled,
             verifications,
+            fraud_held,
+            fraud_suspected,
             first_send,
             delivered,
             queue_wait,
@@ -427,6 +453,29 @@ impl Metrics {
             .get_or_create(&VerificationLabels {
                 tenant: self.tenant(tenant),
                 verified: verified.to_string(),
+            })
+            .inc();
+    }
+
+    /// A send of `tenant` to `range` met a hold of the fraud guard: refused in `enforce` (or
+    /// when pinned), sent anyway in `monitor`.
+    pub fn fraud_held(&self, tenant: &str, range: &str, mode: &str) {
+        self.fraud_held
+            .get_or_create(&FraudLabels {
+                tenant: self.tenant(tenant),
+                range: range.to_owned(),
+                mode: mode.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The fraud guard held `range` of `tenant` (in `mode`).
+    pub fn fraud_suspected(&self, tenant: &str, range: &str, mode: &str) {
+        self.fraud_suspected
+            .get_or_create(&FraudLabels {
+                tenant: self.tenant(tenant),
+                range: range.to_owned(),
+                mode: mode.to_owned(),
             })
             .inc();
     }

@@ -5,6 +5,7 @@
 pub mod block;
 pub mod destination;
 pub mod fraud;
+pub mod guard;
 pub mod number_zones;
 pub mod quiet;
 pub mod rate;
@@ -12,6 +13,10 @@ pub mod rate;
 pub use block::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};
 pub use destination::{CountryRule, DestinationRules, country_of, destination_refusal};
 pub use fraud::{DestinationCount, bucket_of, destination_range};
+pub use guard::{
+    Evidence, GuardMode, GuardPolicy, GuardThresholds, Quarantine, QuarantineState, TenantGuard,
+    recent_bucket_of,
+};
 pub use number_zones::zones_of;
 pub use quiet::{
     QuietAction, QuietDecision, QuietHoursRule, parse_time_of_day, parse_weekday, quiet_decision,

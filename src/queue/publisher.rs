@@ -235,6 +235,32 @@ impl Publisher {
         .await
     }
 
+    /// Publishes `fraud.suspected` on the events exchange: the fraud guard held a range.
+    pub async fn publish_fraud_suspected(
+        &self,
+        suspicion: &crate::delivery::Suspicion,
+    ) -> Result<(), PublishError> {
+        const ROUTING_KEY: &str = "fraud.suspected";
+        let body = serde_json::to_vec(suspicion).expect("an event always serializes");
+        let id = format!(
+            "{}/{}@{}",
+            suspicion.tenant, suspicion.range, suspicion.since
+        );
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE_JSON.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_message_id(short(&id))
+            .with_type(ROUTING_KEY.into());
+        self.publish(
+            &self.topology.events_exchange,
+            ROUTING_KEY,
+            &body,
+            properties,
+            false,
+        )
+        .await
+    }
+
     /// Publishes the report to a job's `reply_to` queue with its `correlation_id`.
     pub async fn publish_reply(
         &self,

@@ -11,11 +11,15 @@
 //!
 //! One HTTP port serves Twilio, APNs, FCM, the OAuth endpoint and the control routes (HTTP/1.1
 //! and cleartext HTTP/2); the SMSC has its own TCP port.
+//!
+//! [`pumping`] is a traffic simulation of another kind: days of sign-in traffic, an SMS-pumping
+//! attack and a marketing burst through the real gateway, to measure the fraud guard.
 
 pub mod apns;
 mod faults;
 pub mod fcm;
 mod inbox;
+pub mod pumping;
 pub mod smpp;
 pub mod twilio;
 

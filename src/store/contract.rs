@@ -128,6 +128,17 @@ macro_rules! store_contract {
             }
 
             #[tokio::test]
+            async fn recent_counts_feed_the_guard_and_a_range_is_held_once_pinned_and_lifted() {
+                let Some(s) = super::$open().await else {
+                    return;
+                };
+                c::recent_counts_feed_the_guard_and_a_range_is_held_once_pinned_and_lifted(
+                    &*s.ledger, &*s.policy,
+                )
+                .await;
+            }
+
+            #[tokio::test]
             async fn api_keys_are_kept_as_hashes_listed_by_tenant_and_revoked_once() {
                 let Some(s) = super::$open().await else {
                     return;
@@ -509,6 +520,158 @@ pub(crate) async fn destination_counts_add_up_and_are_read_by_prefix_tenant_and_
         ledger.sent_ranges(key).await.unwrap(),
         [("+1415".to_owned(), now)]
     );
+}
+
+pub(crate) async fn recent_counts_feed_the_guard_and_a_range_is_held_once_pinned_and_lifted(
+    ledger: &dyn Ledger,
+    policy: &dyn PolicyStore,
+) {
+    use crate::policy::{Evidence, GuardMode, Quarantine, QuarantineState};
+    let at = |secs: i64| Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_secs(secs);
+    let count = |range: &str, secs: i64, sends: u64, conversions: u64| DestinationCount {
+        tenant: "acme".into(),
+        range: range.into(),
+        bucket: at(secs),
+        sends,
+        conversions,
+    };
+    let hour = 3600;
+    // Two 10-second buckets of one hour, and a range of another tenant.
+    policy
+        .add_destination_counts(&[
+            count("+44770", 10 * hour + 5, 3, 0),
+            count("+44770", 10 * hour + 12, 4, 1),
+            count("+44771", 10 * hour + 12, 1, 0),
+            DestinationCount {
+                tenant: "other".into(),
+                ..count("+44770", 10 * hour + 5, 9, 0)
+            },
+        ])
+        .await
+        .unwrap();
+    let recent = policy
+        .recent_destination_counts("acme", &["+44770".to_owned()], at(10 * hour))
+        .await
+        .unwrap();
+    assert_eq!(
+        recent,
+        [
+            count("+44770", 10 * hour, 3, 0),
+            count("+44770", 10 * hour + 10, 4, 1)
+        ],
+        "10-second buckets of the named ranges of this tenant"
+    );
+    // The same sends count in their hour.
+    let hourly = policy
+        .destination_counts("acme", "+44770", at(0))
+        .await
+        .unwrap();
+    assert_eq!(hourly, [count("+44770", 10 * hour, 7, 1)]);
+    assert!(policy.tenant_converts("acme", at(9 * hour)).await.unwrap());
+    assert!(!policy.tenant_converts("other", at(0)).await.unwrap());
+    assert!(!policy.tenant_converts("acme", at(11 * hour)).await.unwrap());
+    assert_eq!(
+        policy
+            .prune_recent_counts(at(10 * hour + 10))
+            .await
+            .unwrap(),
+        2
+    );
+    let recent = policy
+        .recent_destination_counts("acme", &["+44770".to_owned(), "+44771".to_owned()], at(0))
+        .await
+        .unwrap();
+    assert_eq!(recent.len(), 2, "{recent:?}");
+
+    // Held by the guard: once, whichever replica asks first.
+    let now = at(20 * hour);
+    let evidence = Evidence {
+        window_sends: 80,
+        window_secs: 600,
+        hourly_rate: 480.0,
+        baseline_hourly: 4.0,
+        judged_sends: 20,
+        judged_conversions: 0,
+    };
+    let held = Quarantine::suspected(
+        "acme",
+        "+44770",
+        GuardMode::Enforce,
+        evidence.clone(),
+        now,
+        jiff::SignedDuration::from_hours(1),
+    );
+    assert!(policy.hold_range(&held).await.unwrap());
+    let later = Quarantine {
+        since: now + jiff::SignedDuration::from_mins(5),
+        ..held.clone()
+    };
+    assert!(!policy.hold_range(&later).await.unwrap(), "already held");
+    let listed = policy.quarantines(Some("acme")).await.unwrap();
+    assert_eq!(listed, std::slice::from_ref(&held), "the evidence is kept");
+    // Lifted: the guard leaves it alone until `until`; lifting again finds nothing held.
+    let lift_at = now + jiff::SignedDuration::from_mins(10);
+    let until = lift_at + jiff::SignedDuration::from_hours(1);
+    let lifted = policy
+        .lift_range("acme", "+44770", "lifted by ops", lift_at, until)
+        .await
+        .unwrap()
+        .expect("it was held");
+    assert_eq!(lifted.state, QuarantineState::Lifted);
+    assert_eq!(lifted.until, Some(until));
+    assert!(!lifted.in_force(lift_at) && lifted.settled(lift_at));
+    assert!(
+        policy
+            .lift_range("acme", "+44770", "again", lift_at, until)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(!policy.hold_range(&later).await.unwrap(), "lifted lately");
+    let after = Quarantine {
+        since: until,
+        until: Some(until + jiff::SignedDuration::from_hours(1)),
+        ..held.clone()
+    };
+    assert!(
+        policy.hold_range(&after).await.unwrap(),
+        "held again once the lift ran out"
+    );
+    // Pinned: held until lifted, keeping when the hold began and the guard's evidence.
+    let pinned = policy
+        .pin_range(
+            "acme",
+            "+44770",
+            "pinned by ops",
+            until + jiff::SignedDuration::from_mins(1),
+        )
+        .await
+        .unwrap();
+    assert!(pinned.pinned() && pinned.since == until && pinned.evidence == Some(evidence));
+    let fresh = policy
+        .pin_range("other", "+1415", "pinned", now)
+        .await
+        .unwrap();
+    assert!(fresh.pinned() && fresh.evidence.is_none() && fresh.since == now);
+    assert_eq!(policy.quarantines(None).await.unwrap().len(), 2);
+    // The retention purge takes holds that ended before its cut, never a pin.
+    ledger.purge(at(100 * hour), 100).await.unwrap();
+    assert_eq!(policy.quarantines(None).await.unwrap().len(), 2);
+    policy
+        .lift_range(
+            "other",
+            "+1415",
+            "done",
+            now,
+            now + jiff::SignedDuration::from_secs(1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    ledger.purge(at(100 * hour), 100).await.unwrap();
+    let kept = policy.quarantines(None).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].tenant, "acme");
 }
 
 /// An SMS call to target `target` starting at `at`, as the engine records it.

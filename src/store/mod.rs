@@ -23,8 +23,8 @@ mod sqlite;
 mod sqlx_errors;
 
 use crate::policy::{
-    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
-    RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, Quarantine, QuietHoursRule, RateKey,
+    RateLimitRule, RateLimited,
 };
 
 use async_trait::async_trait;
@@ -597,7 +597,8 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         tenant: Option<&str>,
     ) -> Result<Vec<QuietHoursRule>, StoreError>;
 
-    /// Adds sends and conversions to the fraud guard's counts (one statement for the lot).
+    /// Adds sends and conversions to the fraud guard's counts: each count's bucket is a recent
+    /// (10-second) one, added to the recent counts and to its hour's (one statement each).
     async fn add_destination_counts(&self, counts: &[DestinationCount]) -> Result<(), StoreError>;
 
     /// A tenant's counts for the ranges starting with `prefix` (a country's calling code, or
@@ -608,6 +609,49 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         prefix: &str,
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError>;
+
+    /// One tenant's counts for `ranges` (exactly) in the recent 10-second buckets from the one
+    /// holding `since` on (the last hour is kept).
+    async fn recent_destination_counts(
+        &self,
+        tenant: &str,
+        ranges: &[String],
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError>;
+
+    /// Forgets the recent buckets that start before `before`; how many.
+    async fn prune_recent_counts(&self, before: Timestamp) -> Result<u64, StoreError>;
+
+    /// Whether `tenant` reported any conversion for a send from `since` on (the guard judges
+    /// only tenants that report verifications).
+    async fn tenant_converts(&self, tenant: &str, since: Timestamp) -> Result<bool, StoreError>;
+
+    /// Holds a range as `quarantine` says, unless its row is settled at `quarantine.since`
+    /// (held, or lifted lately): true when it was held now (replicas judging the same range
+    /// at once hold it once).
+    async fn hold_range(&self, quarantine: &Quarantine) -> Result<bool, StoreError>;
+
+    /// Pins a range: held until an operator lifts it (the guard's evidence, if any, is kept).
+    async fn pin_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+    ) -> Result<Quarantine, StoreError>;
+
+    /// Lifts a held range; the guard leaves it alone until `until`. `None` when it is not held.
+    async fn lift_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<Option<Quarantine>, StoreError>;
+
+    /// Quarantines (held, expired or lifted), of one tenant or all, newest first.
+    async fn quarantines(&self, tenant: Option<&str>) -> Result<Vec<Quarantine>, StoreError>;
 
     /// Whether a send under these keys would be limited at `now`, without counting it.
     async fn peek(

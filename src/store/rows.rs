@@ -12,7 +12,7 @@ use crate::domain::{
     ApiKey, Attempt, FailureReason, Report, SmsEncoding, SmsShape, TargetResult, Verification,
     parse_scopes,
 };
-use crate::policy::{BlockEntry, BlockKind, QuietHoursRule, RateLimitRule};
+use crate::policy::{BlockEntry, BlockKind, Quarantine, QuietHoursRule, RateLimitRule};
 use crate::store::StoreError;
 use crate::store::shared::{ALL_TENANTS, quiet_rule};
 
@@ -215,4 +215,35 @@ pub(crate) fn api_key_from_row(row: &dyn StoredRow) -> Result<ApiKey, StoreError
         created_at: timestamp(row.int(5)?)?,
         revoked_at: opt_timestamp(row, 6)?,
     })
+}
+
+/// The columns of a quarantine row, in the order [`quarantine_from_row`] reads them.
+pub(crate) const QUARANTINE_COLUMNS: &str =
+    "tenant, dest_range, state, since, until, mode, evidence, note, updated_at";
+
+/// A quarantine row ([`QUARANTINE_COLUMNS`]).
+pub(crate) fn quarantine_from_row(row: &dyn StoredRow) -> Result<Quarantine, StoreError> {
+    Ok(Quarantine {
+        tenant: row.text(0)?,
+        range: row.text(1)?,
+        state: parsed(row, 2)?,
+        since: timestamp(row.int(3)?)?,
+        until: opt_timestamp(row, 4)?,
+        mode: parsed(row, 5)?,
+        evidence: row
+            .opt_text(6)?
+            .map(|json| serde_json::from_str(&json))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("quarantine evidence: {e}")))?,
+        note: row.text(7)?,
+        updated_at: timestamp(row.int(8)?)?,
+    })
+}
+
+/// A quarantine's evidence as stored (JSON).
+pub(crate) fn evidence_json(quarantine: &Quarantine) -> Option<String> {
+    quarantine
+        .evidence
+        .as_ref()
+        .map(|e| serde_json::to_string(e).expect("evidence is plain numbers"))
 }

@@ -14,8 +14,8 @@ use jiff::Timestamp;
 use super::{PolicyStore, StoreError};
 use crate::domain::ApiKey;
 use crate::policy::{
-    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
-    RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, Quarantine, QuietHoursRule, RateKey,
+    RateLimitRule, RateLimited,
 };
 
 /// How long a tenant's rate-limit and quiet-hours rules are served from memory.
@@ -194,6 +194,54 @@ impl PolicyStore for CachedRules {
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError> {
         self.inner.destination_counts(tenant, prefix, since).await
+    }
+
+    async fn recent_destination_counts(
+        &self,
+        tenant: &str,
+        ranges: &[String],
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError> {
+        self.inner
+            .recent_destination_counts(tenant, ranges, since)
+            .await
+    }
+
+    async fn prune_recent_counts(&self, before: Timestamp) -> Result<u64, StoreError> {
+        self.inner.prune_recent_counts(before).await
+    }
+
+    async fn tenant_converts(&self, tenant: &str, since: Timestamp) -> Result<bool, StoreError> {
+        self.inner.tenant_converts(tenant, since).await
+    }
+
+    async fn hold_range(&self, quarantine: &Quarantine) -> Result<bool, StoreError> {
+        self.inner.hold_range(quarantine).await
+    }
+
+    async fn pin_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+    ) -> Result<Quarantine, StoreError> {
+        self.inner.pin_range(tenant, range, note, now).await
+    }
+
+    async fn lift_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<Option<Quarantine>, StoreError> {
+        self.inner.lift_range(tenant, range, note, now, until).await
+    }
+
+    async fn quarantines(&self, tenant: Option<&str>) -> Result<Vec<Quarantine>, StoreError> {
+        self.inner.quarantines(tenant).await
     }
 
     async fn block_candidates(

@@ -138,6 +138,8 @@ pub struct Gateway {
     pub receipts_addr: std::net::SocketAddr,
     pub ops_addr: std::net::SocketAddr,
     pub link_state: tokio::sync::watch::Receiver<LinkState>,
+    /// The fraud guard's rounds so far.
+    pub fraud_rounds: tokio::sync::watch::Receiver<u64>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -200,6 +202,7 @@ impl Gateway {
         let receipts_addr = app.receipts_addr();
         let ops_addr = app.ops_addr();
         let link_state = app.link_state();
+        let fraud_rounds = app.fraud_guard().rounds();
         let stop = CancellationToken::new();
         let task = tokio::spawn(app.run_until_stopped(stop.clone()));
         Gateway {
@@ -207,9 +210,23 @@ impl Gateway {
             receipts_addr,
             ops_addr,
             link_state,
+            fraud_rounds,
             stop,
             task,
         }
+    }
+
+    /// Waits until the fraud guard did two more rounds: what was sent or verified before is
+    /// stored and judged.
+    pub async fn fraud_rounds_passed(&mut self) {
+        let done = *self.fraud_rounds.borrow_and_update();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            self.fraud_rounds.wait_for(|rounds| *rounds >= done + 2),
+        )
+        .await
+        .expect("two fraud-guard rounds within 20 s")
+        .unwrap();
     }
 
     /// Stops it the way SIGTERM does and waits until it is down.

@@ -10,6 +10,7 @@ mod broker_tls;
 mod cli;
 mod diagnose;
 mod engine;
+mod fraud;
 mod grpc_api;
 mod http_provider;
 mod logs;

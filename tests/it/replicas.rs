@@ -627,7 +627,7 @@ async fn an_acknowledgement_at_one_replica_decides_a_delivery_waiting_at_another
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_block_entry_added_at_one_replica_stops_sends_at_every_replica() {
+async fn a_block_entry_or_a_pinned_range_added_at_one_replica_stops_sends_at_every_replica() {
     if !broker_available().await {
         return;
     }
@@ -670,6 +670,36 @@ async fn a_block_entry_added_at_one_replica_stops_sends_at_every_replica() {
     assert_eq!(sent, 0, "nothing reached the number");
     let owners: i64 = count(&pool, "SELECT count(DISTINCT owner) FROM deliveries").await;
     eprintln!("block test: jobs handled by {owners} replicas");
+
+    // A range pinned at one replica is held at the other after its next round (1 s).
+    replicas[0]
+        .admin()
+        .await
+        .pin_quarantine(v1::PinQuarantineRequest {
+            tenant: "acme".into(),
+            range: "+44770".into(),
+            note: "pumping".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for n in 0..40 {
+        broker
+            .publish_json(&sms_job(&format!("p-{n}"), &format!("+4477009{n:05}")))
+            .await;
+    }
+    all_final(&pool, 80, Duration::from_secs(60)).await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM deliveries WHERE status = 'FAILED' AND reason = 'DESTINATION_SUSPENDED'").await,
+        40,
+        "every job to the range refused by the pin\n{}",
+        logs(dir.path())
+    );
+    let sent: usize = replicas
+        .iter()
+        .map(|r| r.sends().values().sum::<usize>())
+        .sum();
+    assert_eq!(sent, 0, "nothing reached the range");
     drop(replicas);
     broker.cleanup().await;
 }

@@ -62,7 +62,10 @@ fn rank(reason: Option<FailureReason>) -> u8 {
         Some(DeviceCannotDisplayCode) => 3,
         Some(CarrierFiltered | RecipientUnreachable | PushNotAcknowledged | Undeliverable) => 4,
         // The account's own gap (no number to fall back on) after what each target needs.
-        Some(NoEligibleTarget | RateLimited | QuietHours | CodeExpired | InvalidJob) => 5,
+        Some(
+            NoEligibleTarget | RateLimited | QuietHours | CodeExpired | InvalidJob
+            | DestinationSuspended,
+        ) => 5,
         Some(
             ProviderUnavailable
             | ProviderTimeout
@@ -215,6 +218,26 @@ fn target_fix(target: &TargetDiagnosis) -> Option<Fix> {
             "{name} is in a country this tenant may not send to: enable the country for the \
              tenant, or add a number in an enabled one"
         ),
+        DestinationSuspended => match target.fraud_holds.first() {
+            Some(hold) => format!(
+                "{name}'s number range {} is held by the fraud guard (a surge of codes nobody \
+                 entered: SMS pumping suspected) since {}, {}: use push or another number \
+                 meanwhile; if the traffic is genuine, an operator can lift the hold \
+                 (`otp-gateway fraud lift {} {}`)",
+                hold.range,
+                hold.since,
+                hold.until.map_or_else(
+                    || "until lifted".to_owned(),
+                    |until| format!("until {until}")
+                ),
+                hold.tenant,
+                hold.range,
+            ),
+            None => format!(
+                "{name}'s number range was held by the fraud guard on {when} (SMS pumping \
+                 suspected); the hold has ended since: the next code should go"
+            ),
+        },
         CarrierFiltered => format!(
             "{} to {name} were filtered by the carrier{}: switch this account to voice",
             last_n(n, seen.channel),

@@ -12,7 +12,7 @@ use crate::domain::{
     AttemptOutcome, Channel, DeliveryStatus, FailureReason, Platform, Report, TargetResult,
     TargetStatus,
 };
-use crate::policy::{BlockEntry, BlockKind};
+use crate::policy::{BlockEntry, BlockKind, Quarantine};
 use crate::store::{ListQuery, StoreError};
 
 mod fixes;
@@ -68,6 +68,8 @@ pub struct TargetDiagnosis {
     pub blocks: Vec<BlockEntry>,
     /// Since when a push service has called its token dead.
     pub token_invalid_since: Option<Timestamp>,
+    /// The fraud guard's holds in force on its number's range (named by a refused send).
+    pub fraud_holds: Vec<Quarantine>,
 }
 
 /// Failures of one kind on one target.
@@ -123,23 +125,26 @@ impl DeliveryService {
         }
         reports.truncate(DIAGNOSIS_DELIVERIES as usize);
         let blocks = self.dispatcher.policy.list_blocks(Some(tenant)).await?;
-        Ok(diagnose(
-            tenant,
-            account,
-            &reports,
-            &blocks,
-            self.clock.now(),
-        ))
+        let now = self.clock.now();
+        let holds: Vec<Quarantine> = self
+            .dispatcher
+            .fraud
+            .holds_of(tenant, now)
+            .into_values()
+            .collect();
+        Ok(diagnose(tenant, account, &reports, &blocks, &holds, now))
     }
 }
 
-/// The diagnosis of `account` from `reports` (its deliveries, newest first) and `blocks` (the
-/// tenant's and global block entries) at `now`.
+/// The diagnosis of `account` from `reports` (its deliveries, newest first), `blocks` (the
+/// tenant's and global block entries) and `holds` (the fraud guard's holds in force on the
+/// tenant's ranges) at `now`.
 pub fn diagnose(
     tenant: &str,
     account: &str,
     reports: &[Report],
     blocks: &[BlockEntry],
+    holds: &[Quarantine],
     now: Timestamp,
 ) -> Diagnosis {
     let in_force: Vec<&BlockEntry> = blocks
@@ -168,6 +173,7 @@ pub fn diagnose(
                         failures: Vec::new(),
                         blocks: Vec::new(),
                         token_invalid_since: None,
+                        fraud_holds: Vec::new(),
                     });
                     targets.len() - 1
                 }
@@ -204,6 +210,15 @@ pub fn diagnose(
                     .is_some_and(|d| mentions_entry(d, entry.id));
                 if matches && !target.blocks.iter().any(|b| b.id == entry.id) {
                     target.blocks.push((*entry).clone());
+                }
+            }
+            for hold in holds {
+                let named = result
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| mentions(d, &format!("range {}", hold.range)));
+                if named && !target.fraud_holds.iter().any(|h| h.range == hold.range) {
+                    target.fraud_holds.push(hold.clone());
                 }
             }
         }
@@ -281,8 +296,13 @@ fn count_failure(
 
 /// Whether a target's detail names block-list entry `id` ("block-list entry #12 (…)").
 fn mentions_entry(detail: &str, id: i64) -> bool {
-    let wanted = format!("entry #{id}");
-    detail.match_indices(&wanted).any(|(at, _)| {
+    mentions(detail, &format!("entry #{id}"))
+}
+
+/// Whether `detail` holds `wanted` not followed by a digit (entry #1 is not entry #12, range
+/// +4477 not +44770).
+fn mentions(detail: &str, wanted: &str) -> bool {
+    detail.match_indices(wanted).any(|(at, _)| {
         !detail[at + wanted.len()..]
             .chars()
             .next()
@@ -453,7 +473,7 @@ mod tests {
     /// Newest first, as the ledger lists them.
     fn run(mut reports: Vec<Report>, blocks: &[BlockEntry]) -> Diagnosis {
         reports.reverse();
-        diagnose("acme", "user-42", &reports, blocks, at(1000 * HOUR))
+        diagnose("acme", "user-42", &reports, blocks, &[], at(1000 * HOUR))
     }
 
     fn texts(diagnosis: &Diagnosis) -> Vec<&str> {

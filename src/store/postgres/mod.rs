@@ -10,6 +10,7 @@
 //! [`Ledger::flush`], whose concurrent calls share one synchronous commit.
 
 mod batch;
+mod fraud;
 mod groups;
 mod rows;
 mod writes;
@@ -36,8 +37,8 @@ use crate::domain::{
     Verification, scopes_text,
 };
 use crate::policy::{
-    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
-    RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, Quarantine, QuietHoursRule, RateKey,
+    RateLimitRule, RateLimited,
 };
 use crate::store::block_hash::{self, BlockHasher};
 use crate::store::rows::{API_KEY_COLUMNS, StoredRow, api_key_from_row};
@@ -510,6 +511,11 @@ impl Ledger for PostgresLedger {
         // The fraud guard's counts are kept as long as the deliveries they count.
         sqlx::query("DELETE FROM destination_counts WHERE bucket < $1")
             .bind(micros(crate::policy::bucket_of(before)))
+            .execute(&self.pool)
+            .await?;
+        // Holds that ended before then go too (pins stay until lifted).
+        sqlx::query("DELETE FROM quarantines WHERE until < $1")
+            .bind(micros(before))
             .execute(&self.pool)
             .await?;
         let deleted: i64 = sqlx::query_scalar(AssertSqlSafe(SQL.as_str()))
@@ -1018,34 +1024,7 @@ impl PolicyStore for PostgresLedger {
     }
 
     async fn add_destination_counts(&self, counts: &[DestinationCount]) -> Result<(), StoreError> {
-        if counts.is_empty() {
-            return Ok(());
-        }
-        let tenants: Vec<&str> = counts.iter().map(|c| c.tenant.as_str()).collect();
-        let ranges: Vec<&str> = counts.iter().map(|c| c.range.as_str()).collect();
-        let buckets: Vec<i64> = counts.iter().map(|c| rows::micros(c.bucket)).collect();
-        let sends: Vec<i64> = counts.iter().map(|c| c.sends as i64).collect();
-        let conversions: Vec<i64> = counts.iter().map(|c| c.conversions as i64).collect();
-        // One row per key, in key order: replicas adding at once lock rows in the same order.
-        sqlx::query(
-            "INSERT INTO destination_counts (tenant, dest_range, bucket, sends, conversions)
-             SELECT tenant, dest_range, bucket, sum(sends)::bigint, sum(conversions)::bigint
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
-                  AS x (tenant, dest_range, bucket, sends, conversions)
-             GROUP BY tenant, dest_range, bucket
-             ORDER BY tenant, dest_range, bucket
-             ON CONFLICT (tenant, dest_range, bucket) DO UPDATE
-             SET sends = destination_counts.sends + EXCLUDED.sends,
-                 conversions = destination_counts.conversions + EXCLUDED.conversions",
-        )
-        .bind(&tenants)
-        .bind(&ranges)
-        .bind(&buckets)
-        .bind(&sends)
-        .bind(&conversions)
-        .execute(self.writer())
-        .await?;
-        Ok(())
+        fraud::add_counts(self.writer(), counts).await
     }
 
     async fn destination_counts(
@@ -1054,28 +1033,53 @@ impl PolicyStore for PostgresLedger {
         prefix: &str,
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError> {
-        let found: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT tenant, dest_range, bucket, sends, conversions FROM destination_counts
-             WHERE tenant = $1 AND starts_with(dest_range, $2) AND bucket >= $3
-             ORDER BY dest_range, bucket",
-        )
-        .bind(tenant)
-        .bind(prefix)
-        .bind(rows::micros(crate::policy::bucket_of(since)))
-        .fetch_all(&self.pool)
-        .await?;
-        found
-            .into_iter()
-            .map(|(tenant, range, bucket, sends, conversions)| {
-                Ok(DestinationCount {
-                    tenant,
-                    range,
-                    bucket: rows::timestamp(bucket)?,
-                    sends: sends as u64,
-                    conversions: conversions as u64,
-                })
-            })
-            .collect()
+        fraud::hourly_counts(&self.pool, tenant, prefix, since).await
+    }
+
+    async fn recent_destination_counts(
+        &self,
+        tenant: &str,
+        ranges: &[String],
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError> {
+        fraud::recent_counts(&self.pool, tenant, ranges, since).await
+    }
+
+    async fn prune_recent_counts(&self, before: Timestamp) -> Result<u64, StoreError> {
+        fraud::prune_recent(&self.pool, before).await
+    }
+
+    async fn tenant_converts(&self, tenant: &str, since: Timestamp) -> Result<bool, StoreError> {
+        fraud::tenant_converts(&self.pool, tenant, since).await
+    }
+
+    async fn hold_range(&self, quarantine: &Quarantine) -> Result<bool, StoreError> {
+        fraud::hold(&self.pool, quarantine).await
+    }
+
+    async fn pin_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+    ) -> Result<Quarantine, StoreError> {
+        fraud::pin(&self.pool, tenant, range, note, now).await
+    }
+
+    async fn lift_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<Option<Quarantine>, StoreError> {
+        fraud::lift(&self.pool, tenant, range, note, now, until).await
+    }
+
+    async fn quarantines(&self, tenant: Option<&str>) -> Result<Vec<Quarantine>, StoreError> {
+        fraud::list(&self.pool, tenant).await
     }
 
     async fn peek(

@@ -22,8 +22,8 @@ use crate::domain::{
     Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, Report, TargetStatus, Verification,
 };
 use crate::policy::{
-    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateKey, RateLimitRule,
-    RateLimited,
+    BlockEntry, DestinationCount, NewBlockEntry, Quarantine, QuietHoursRule, RateKey,
+    RateLimitRule, RateLimited,
 };
 use crate::store::block_hash::{self, BlockHasher};
 use crate::store::shared::RateCounterKey;
@@ -495,6 +495,65 @@ impl PolicyStore for SqliteLedger {
     ) -> Result<Vec<DestinationCount>, StoreError> {
         self.readers
             .with(|conn| reads::destination_counts(conn, tenant, prefix, since))
+    }
+
+    async fn recent_destination_counts(
+        &self,
+        tenant: &str,
+        ranges: &[String],
+        since: Timestamp,
+    ) -> Result<Vec<DestinationCount>, StoreError> {
+        self.readers
+            .with(|conn| reads::recent_destination_counts(conn, tenant, ranges, since))
+    }
+
+    async fn prune_recent_counts(&self, before: Timestamp) -> Result<u64, StoreError> {
+        self.writer
+            .write(move |conn| writes::prune_recent_counts(conn, before))
+            .await
+    }
+
+    async fn tenant_converts(&self, tenant: &str, since: Timestamp) -> Result<bool, StoreError> {
+        self.readers
+            .with(|conn| reads::tenant_converts(conn, tenant, since))
+    }
+
+    async fn hold_range(&self, quarantine: &Quarantine) -> Result<bool, StoreError> {
+        let quarantine = quarantine.clone();
+        self.writer
+            .write(move |conn| writes::hold_range(conn, &quarantine))
+            .await
+    }
+
+    async fn pin_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+    ) -> Result<Quarantine, StoreError> {
+        let (tenant, range, note) = (tenant.to_owned(), range.to_owned(), note.to_owned());
+        self.writer
+            .write(move |conn| writes::pin_range(conn, &tenant, &range, &note, now))
+            .await
+    }
+
+    async fn lift_range(
+        &self,
+        tenant: &str,
+        range: &str,
+        note: &str,
+        now: Timestamp,
+        until: Timestamp,
+    ) -> Result<Option<Quarantine>, StoreError> {
+        let (tenant, range, note) = (tenant.to_owned(), range.to_owned(), note.to_owned());
+        self.writer
+            .write(move |conn| writes::lift_range(conn, &tenant, &range, &note, now, until))
+            .await
+    }
+
+    async fn quarantines(&self, tenant: Option<&str>) -> Result<Vec<Quarantine>, StoreError> {
+        self.readers.with(|conn| reads::quarantines(conn, tenant))
     }
 
     async fn set_rate_limit(&self, rule: &RateLimitRule) -> Result<RateLimitRule, StoreError> {

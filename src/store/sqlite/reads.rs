@@ -15,11 +15,12 @@ use crate::domain::{
     Acknowledgement, ApiKey, DeliveryId, DeliveryStatus, FailureReason, Report, TargetStatus,
 };
 use crate::policy::{
-    BlockEntry, DestinationCount, QuietHoursRule, RateLimitRule, RateLimited, bucket_of,
+    BlockEntry, DestinationCount, Quarantine, QuietHoursRule, RateLimitRule, RateLimited,
+    bucket_of, recent_bucket_of,
 };
 use crate::store::rows::{
-    API_KEY_COLUMNS, StoredRow, api_key_from_row, attempt_from_row, parse, parse_opt,
-    report_from_row, target_from_row, timestamp,
+    API_KEY_COLUMNS, QUARANTINE_COLUMNS, StoredRow, api_key_from_row, attempt_from_row, parse,
+    parse_opt, quarantine_from_row, report_from_row, target_from_row, timestamp,
 };
 use crate::store::{DeliveryKey, ListPage, ListQuery, StoreError};
 
@@ -220,15 +221,69 @@ pub(super) fn destination_counts(
     let mut rows = statement.query(params![tenant, prefix, micros(bucket_of(since))])?;
     let mut counts = Vec::new();
     while let Some(row) = rows.next()? {
-        counts.push(DestinationCount {
-            tenant: row.get(0)?,
-            range: row.get(1)?,
-            bucket: timestamp(row.get(2)?)?,
-            sends: row.get::<_, i64>(3)? as u64,
-            conversions: row.get::<_, i64>(4)? as u64,
-        });
+        counts.push(count_from_row(row)?);
     }
     Ok(counts)
+}
+
+/// One tenant's recent counts for `ranges`, from the 10-second bucket holding `since`.
+pub(super) fn recent_destination_counts(
+    conn: &Connection,
+    tenant: &str,
+    ranges: &[String],
+    since: Timestamp,
+) -> Result<Vec<DestinationCount>, StoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT tenant, dest_range, bucket, sends, conversions FROM destination_recent
+         WHERE tenant = ?1 AND dest_range = ?2 AND bucket >= ?3 ORDER BY bucket",
+    )?;
+    let mut counts = Vec::new();
+    for range in ranges {
+        let mut rows = statement.query(params![tenant, range, micros(recent_bucket_of(since))])?;
+        while let Some(row) = rows.next()? {
+            counts.push(count_from_row(row)?);
+        }
+    }
+    Ok(counts)
+}
+
+/// A `tenant, dest_range, bucket, sends, conversions` row.
+fn count_from_row(row: &Row<'_>) -> Result<DestinationCount, StoreError> {
+    Ok(DestinationCount {
+        tenant: row.get(0)?,
+        range: row.get(1)?,
+        bucket: timestamp(row.get(2)?)?,
+        sends: row.get::<_, i64>(3)? as u64,
+        conversions: row.get::<_, i64>(4)? as u64,
+    })
+}
+
+/// Whether `tenant` has a conversion counted in an hour from `since`'s on.
+pub(super) fn tenant_converts(
+    conn: &Connection,
+    tenant: &str,
+    since: Timestamp,
+) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT 1 FROM destination_counts WHERE tenant = ?1 AND bucket >= ?2 AND conversions > 0
+             LIMIT 1",
+        )?
+        .query_row(params![tenant, micros(bucket_of(since))], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Quarantines, of one tenant or all, newest first.
+pub(super) fn quarantines(
+    conn: &Connection,
+    tenant: Option<&str>,
+) -> Result<Vec<Quarantine>, StoreError> {
+    let sql = format!(
+        "SELECT {QUARANTINE_COLUMNS} FROM quarantines WHERE ?1 IS NULL OR tenant = ?1
+         ORDER BY updated_at DESC, tenant, dest_range"
+    );
+    all(conn, &sql, [tenant], quarantine_from_row)
 }
 
 /// The acknowledgements recorded on a delivery's targets, by target index.

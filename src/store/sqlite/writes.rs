@@ -14,9 +14,10 @@ use crate::domain::{
     scopes_text,
 };
 use crate::policy::{
-    BlockEntry, DestinationCount, NewBlockEntry, QuietHoursRule, RateLimitRule, RateLimited,
-    bucket_of, weekday_name,
+    BlockEntry, DestinationCount, NewBlockEntry, Quarantine, QuietHoursRule, RateLimitRule,
+    RateLimited, bucket_of, recent_bucket_of, weekday_name,
 };
+use crate::store::rows::{QUARANTINE_COLUMNS, evidence_json, quarantine_from_row};
 use crate::store::shared::Claimed;
 use crate::store::{
     AttemptEnd, AttemptKey, AttemptStart, DecideOutcome, DeliveryKey, INTERRUPTED, KnownReport,
@@ -319,27 +320,114 @@ pub(super) fn record_ack(
     touch(conn, key, now)
 }
 
-/// Adds to the fraud guard's counts.
+/// Adds to the fraud guard's counts: each to its recent bucket and to its hour.
 pub(super) fn add_destination_counts(
     conn: &Connection,
     counts: &[DestinationCount],
 ) -> Result<(), StoreError> {
-    let mut statement = conn.prepare_cached(
-        "INSERT INTO destination_counts (tenant, dest_range, bucket, sends, conversions)
-         VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (tenant, dest_range, bucket) DO UPDATE
-         SET sends = sends + excluded.sends, conversions = conversions + excluded.conversions",
-    )?;
-    for count in counts {
-        statement.execute(params![
-            count.tenant,
-            count.range,
-            micros(count.bucket),
-            count.sends as i64,
-            count.conversions as i64
-        ])?;
+    for (table, hourly) in [("destination_recent", false), ("destination_counts", true)] {
+        let mut statement = conn.prepare_cached(&format!(
+            "INSERT INTO {table} (tenant, dest_range, bucket, sends, conversions)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (tenant, dest_range, bucket) DO UPDATE
+             SET sends = sends + excluded.sends, conversions = conversions + excluded.conversions"
+        ))?;
+        for count in counts {
+            let bucket = if hourly {
+                bucket_of(count.bucket)
+            } else {
+                recent_bucket_of(count.bucket)
+            };
+            statement.execute(params![
+                count.tenant,
+                count.range,
+                micros(bucket),
+                count.sends as i64,
+                count.conversions as i64
+            ])?;
+        }
     }
     Ok(())
+}
+
+/// Forgets recent counts older than `before`.
+pub(super) fn prune_recent_counts(conn: &Connection, before: Timestamp) -> Result<u64, StoreError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM destination_recent WHERE bucket < ?1")?
+        .execute([micros(before)])? as u64)
+}
+
+/// Holds a range unless its row is settled; whether it was held now.
+pub(super) fn hold_range(conn: &Connection, quarantine: &Quarantine) -> Result<bool, StoreError> {
+    let changed = conn
+        .prepare_cached(
+            "INSERT INTO quarantines (tenant, dest_range, state, since, until, mode, evidence, note, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?4)
+             ON CONFLICT (tenant, dest_range) DO UPDATE
+             SET state = excluded.state, since = excluded.since, until = excluded.until,
+                 mode = excluded.mode, evidence = excluded.evidence, note = excluded.note,
+                 updated_at = excluded.updated_at
+             WHERE quarantines.until IS NOT NULL AND quarantines.until <= excluded.since",
+        )?
+        .execute(params![
+            quarantine.tenant,
+            quarantine.range,
+            quarantine.state.as_str(),
+            micros(quarantine.since),
+            quarantine.until.map(micros),
+            quarantine.mode.as_str(),
+            evidence_json(quarantine),
+            quarantine.note,
+        ])?;
+    Ok(changed == 1)
+}
+
+/// Pins a range (held until lifted).
+pub(super) fn pin_range(
+    conn: &Connection,
+    tenant: &str,
+    range: &str,
+    note: &str,
+    now: Timestamp,
+) -> Result<Quarantine, StoreError> {
+    let sql = format!(
+        "INSERT INTO quarantines (tenant, dest_range, state, since, until, mode, evidence, note, updated_at)
+         VALUES (?1, ?2, 'held', ?3, NULL, 'enforce', NULL, ?4, ?3)
+         ON CONFLICT (tenant, dest_range) DO UPDATE
+         SET since = CASE WHEN quarantines.state = 'held'
+                           AND (quarantines.until IS NULL OR quarantines.until > excluded.since)
+                          THEN quarantines.since ELSE excluded.since END,
+             state = 'held', until = NULL, note = excluded.note, updated_at = excluded.updated_at
+         RETURNING {QUARANTINE_COLUMNS}"
+    );
+    conn.prepare_cached(&sql)?
+        .query_row(params![tenant, range, micros(now), note], |row| {
+            Ok(quarantine_from_row(row))
+        })?
+}
+
+/// Lifts a held range; the guard leaves it alone until `until`.
+pub(super) fn lift_range(
+    conn: &Connection,
+    tenant: &str,
+    range: &str,
+    note: &str,
+    now: Timestamp,
+    until: Timestamp,
+) -> Result<Option<Quarantine>, StoreError> {
+    let sql = format!(
+        "UPDATE quarantines SET state = 'lifted', until = ?4, note = ?5, updated_at = ?3
+         WHERE tenant = ?1 AND dest_range = ?2 AND state = 'held'
+           AND (until IS NULL OR until > ?3)
+         RETURNING {QUARANTINE_COLUMNS}"
+    );
+    conn.prepare_cached(&sql)?
+        .query_row(
+            params![tenant, range, micros(now), micros(until), note],
+            |row| Ok(quarantine_from_row(row)),
+        )
+        .optional()?
+        .transpose()
 }
 
 /// Records upstream's verification report unless the delivery is verified already.
@@ -595,6 +683,9 @@ pub(super) fn purge(conn: &Connection, before: Timestamp, batch: u32) -> Result<
     // The fraud guard's counts are kept as long as the deliveries they count.
     conn.prepare_cached("DELETE FROM destination_counts WHERE bucket < ?1")?
         .execute(params![micros(bucket_of(before))])?;
+    // Holds that ended before then go too (pins stay until lifted).
+    conn.prepare_cached("DELETE FROM quarantines WHERE until < ?1")?
+        .execute(params![micros(before)])?;
     let deleted = conn
         .prepare_cached(
             "DELETE FROM deliveries WHERE id IN (
