@@ -513,7 +513,6 @@ mod tests {
     }
 
     #[test]
-    #[allow(clippy::result_large_err)]
     fn fraud_settings_are_checked_by_key_and_turned_into_the_guard_s_policy() {
         use crate::policy::GuardMode;
         for (key, value, says) in [
@@ -567,6 +566,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn the_command_line_s_own_variables_are_not_settings() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("gateway.toml", "[amqp]\nprefetch = 9\n")?;

@@ -18,7 +18,7 @@ use super::destinations::DestinationCounter;
 use crate::domain::Clock;
 use crate::policy::guard::{baseline_hourly, evidence, suspected};
 use crate::policy::{
-    DestinationCount, Evidence, GuardMode, GuardPolicy, Quarantine, destination_range,
+    DestinationCount, Evidence, GuardMode, GuardPolicy, Quarantine, calling_code, destination_range,
 };
 use crate::store::{PolicyStore, StoreError};
 
@@ -146,7 +146,14 @@ impl FraudGuard {
             return FraudVerdict::Clear;
         };
         let holds = self.holds.read().unwrap_or_else(|p| p.into_inner());
-        let Some(quarantine) = holds.get(&(tenant.to_owned(), range)) else {
+        // The number's range, or its whole country.
+        let Some(quarantine) = holds
+            .get(&(tenant.to_owned(), range))
+            .filter(|q| q.in_force(now))
+            .or_else(|| {
+                calling_code(number).and_then(|country| holds.get(&(tenant.to_owned(), country)))
+            })
+        else {
             return FraudVerdict::Clear;
         };
         if !quarantine.in_force(now) || self.settings.safe(tenant, account, number) {
@@ -261,33 +268,40 @@ impl FraudGuard {
             if mode == GuardMode::Off || !self.converts(&tenant, now).await? {
                 continue;
             }
-            let open: Vec<String> = {
-                let holds = self.holds.read().unwrap_or_else(|p| p.into_inner());
-                ranges
-                    .into_iter()
-                    .filter(|range| {
-                        !holds
-                            .get(&(tenant.clone(), range.clone()))
-                            .is_some_and(|q| q.settled(now))
-                    })
-                    .collect()
-            };
-            if open.is_empty() {
-                continue;
+            // The ranges sent to, and their countries (a country never sent to is judged as a
+            // whole: an attack spread over its ranges is a surge there), unless settled.
+            let mut prefixes: Vec<String> = ranges.clone();
+            for range in &ranges {
+                if let Some(country) = calling_code(range)
+                    && !prefixes.contains(&country)
+                {
+                    prefixes.push(country);
+                }
             }
-            let recent = self
-                .policy
-                .recent_destination_counts(&tenant, &open, now - RECENT_KEPT)
-                .await?;
-            let mut by_range: HashMap<&str, Vec<DestinationCount>> = HashMap::new();
-            for count in &recent {
-                by_range
-                    .entry(count.range.as_str())
-                    .or_default()
-                    .push(count.clone());
-            }
-            for (range, counts) in by_range {
-                if let Some(quarantine) = self.judge(&tenant, range, &counts, mode, now).await? {
+            prefixes.retain(|prefix| !self.settled(&tenant, prefix, now));
+            for prefix in prefixes {
+                let recent = self
+                    .policy
+                    .recent_destination_counts(
+                        &tenant,
+                        std::slice::from_ref(&prefix),
+                        now - RECENT_KEPT,
+                    )
+                    .await?;
+                let country = !ranges.contains(&prefix);
+                // A country's surge counts only what its held ranges do not explain already.
+                let recent: Vec<DestinationCount> = if country {
+                    recent
+                        .into_iter()
+                        .filter(|c| !self.settled(&tenant, &c.range, now))
+                        .collect()
+                } else {
+                    recent
+                };
+                if let Some(quarantine) = self
+                    .judge(&tenant, &prefix, country, &recent, mode, now)
+                    .await?
+                {
                     held.push(quarantine);
                 }
             }
@@ -295,11 +309,23 @@ impl FraudGuard {
         Ok(held)
     }
 
-    /// Judges one range; holds it when suspected (and no other replica did first).
+    /// Whether the guard leaves `range` (or country) of `tenant` alone at `now`.
+    fn settled(&self, tenant: &str, range: &str, now: Timestamp) -> bool {
+        self.holds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(tenant.to_owned(), range.to_owned()))
+            .is_some_and(|q| q.settled(now))
+    }
+
+    /// Judges one range, or with `country` a country's calling code (held only when it was
+    /// never sent to over the baseline period); holds it when suspected (and no other replica
+    /// did first).
     async fn judge(
         &self,
         tenant: &str,
         range: &str,
+        country: bool,
         recent: &[DestinationCount],
         mode: GuardMode,
         now: Timestamp,
@@ -311,7 +337,7 @@ impl FraudGuard {
             return Ok(None);
         }
         seen.baseline_hourly = self.baseline(tenant, range, now).await?;
-        if !suspected(&seen, thresholds) {
+        if !suspected(&seen, thresholds) || (country && seen.baseline_hourly > 0.0) {
             return Ok(None);
         }
         let quarantine = Quarantine::suspected(tenant, range, mode, seen, now, thresholds.hold_for);
@@ -324,7 +350,8 @@ impl FraudGuard {
         Ok(Some(quarantine))
     }
 
-    /// The usual sends per hour of `range` (read at most every ten minutes).
+    /// The usual sends per hour of `range`, or of every range of a country given its calling
+    /// code (read at most every ten minutes).
     async fn baseline(&self, tenant: &str, range: &str, now: Timestamp) -> Result<f64, StoreError> {
         let key = (tenant.to_owned(), range.to_owned());
         if let Some((read, value)) = self.lock_baselines().get(&key)
@@ -337,8 +364,7 @@ impl FraudGuard {
             .policy
             .destination_counts(tenant, range, now - period)
             .await?;
-        let mine: Vec<DestinationCount> = hourly.into_iter().filter(|c| c.range == range).collect();
-        let value = baseline_hourly(&mine, now, period);
+        let value = baseline_hourly(&hourly, now, period);
         self.lock_baselines().insert(key, (now, value));
         Ok(value)
     }

@@ -100,14 +100,18 @@ impl PolicyAdminApi {
         caller.acts_for(Some(tenant))?;
         let range = range.trim();
         let guard = self.service.fraud();
-        // A range is what the gate looks numbers up by: at the configured depth exactly.
-        if guard.range_of(&format!("{range}000000")).as_deref() != Some(range) {
+        // What the gate looks numbers up by: a range at the configured depth exactly, or a
+        // whole country's calling code.
+        let padded = format!("{range}000000");
+        if guard.range_of(&padded).as_deref() != Some(range)
+            && crate::policy::calling_code(range).as_deref() != Some(range)
+        {
             return Err(invalid_argument(&JobError::new(
                 "range",
                 format!(
-                    "`{range}` is not a number range at fraud.range_depth: + then the country \
-                     calling code and the next digits, as `otp-gateway fraud list` shows them \
-                     (e.g. {})",
+                    "`{range}` is not a number range at fraud.range_depth (+ then the country \
+                     calling code and the next digits, as `otp-gateway fraud ls` shows them, \
+                     e.g. {}) nor a country calling code (e.g. +44)",
                     guard.range_of("+447700900123").unwrap_or_default()
                 ),
             )));

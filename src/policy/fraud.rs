@@ -28,6 +28,12 @@ pub fn destination_range(number: &str, depth: u8) -> Option<String> {
     (digits.len() > end).then(|| format!("+{}", &digits[..end]))
 }
 
+/// The country calling code a number or range starts with (`+44` for +447700900123 or
+/// +44770), as the fraud guard names a country.
+pub fn calling_code(number_or_range: &str) -> Option<String> {
+    destination_range(&format!("{number_or_range}0"), 0)
+}
+
 /// The length of one counting bucket.
 pub const BUCKET: SignedDuration = SignedDuration::from_hours(1);
 
@@ -82,6 +88,9 @@ mod tests {
         assert_eq!(destination_range("+1415", 3), None, "no subscriber digits");
         assert_eq!(destination_range("14155550101", 3), None, "not E.164");
         assert_eq!(destination_range("+1 415 555", 3), None);
+        assert_eq!(calling_code("+44770").as_deref(), Some("+44"));
+        assert_eq!(calling_code("+220301").as_deref(), Some("+220"));
+        assert_eq!(calling_code("+14155550101").as_deref(), Some("+1"));
     }
 
     #[test]

@@ -323,6 +323,15 @@ impl Quarantine {
         self.in_force(now) && (self.pinned() || mode == GuardMode::Enforce)
     }
 
+    /// "range" for a number range, "country" for a country's calling code.
+    pub fn scope(&self) -> &'static str {
+        if super::fraud::calling_code(&self.range).as_deref() == Some(self.range.as_str()) {
+            "country"
+        } else {
+            "range"
+        }
+    }
+
     /// "range +44770 held since 2026-12-07T10:00:00Z until …: 84 sends in the last 10 min …".
     pub fn describe(&self) -> String {
         let until = match self.until {
@@ -334,8 +343,12 @@ impl Quarantine {
             None => self.note.clone(),
         };
         format!(
-            "range {} {} since {} {until} ({}): {why}",
-            self.range, self.state, self.since, self.note
+            "{} {} {} since {} {until} ({}): {why}",
+            self.scope(),
+            self.range,
+            self.state,
+            self.since,
+            self.note
         )
     }
 }

@@ -12,7 +12,7 @@ pub mod rate;
 
 pub use block::{BlockEntry, BlockKind, BlockSource, NewBlockEntry, blocking_entry};
 pub use destination::{CountryRule, DestinationRules, country_of, destination_refusal};
-pub use fraud::{DestinationCount, bucket_of, destination_range};
+pub use fraud::{DestinationCount, bucket_of, calling_code, destination_range};
 pub use guard::{
     Evidence, GuardMode, GuardPolicy, GuardThresholds, Quarantine, QuarantineState, TenantGuard,
     recent_bucket_of,

@@ -7,8 +7,8 @@
 //! sends through its sandbox provider, and the outcome of every job is read from its
 //! `delivery.*` event. Legitimate ranges have their own volume with a daily cycle in their
 //! country's time, and their country's conversion (70–95 %, the code entered 5–55 s after the
-//! send); attacked ranges take `attack_factor` × their usual volume at 0–2 % conversion, plus
-//! a range in a country never sent to before at the same pace. Time moves in steps (longer
+//! send); attacked ranges take `attack_factor` × their usual volume at 1 % conversion, and so
+//! does a country never sent to before, spread over its ranges. Time moves in steps (longer
 //! ones away from the attack and the burst); after each step's jobs ended, the simulation
 //! waits for two rounds of the guard, so that the guard sees the traffic as it would live.
 
@@ -55,9 +55,10 @@ const COUNTRIES: &[(&str, [&str; 2], i64)] = &[
     ("+65", ["+65812", "+65912"], 8),
 ];
 
-/// A range in a country never sent to before the attack (The Gambia: pumping favours small
-/// carriers with high termination fees).
-const NEW_COUNTRY_RANGE: &str = "+220301";
+/// A country never sent to before the attack (The Gambia: pumping favours small carriers with
+/// high termination fees). Its attack is spread over numbers all over the country, a few per
+/// range: only the country as a whole shows the surge.
+const NEW_COUNTRY: &str = "+220";
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -72,8 +73,8 @@ pub struct Scenario {
     pub quiet_step: SignedDuration,
     /// The time step around them.
     pub busy_step: SignedDuration,
-    /// Legitimate ranges attacked (the last countries' first ranges), besides a range in a
-    /// country never sent to.
+    /// Legitimate ranges attacked (the last countries' first ranges), besides a country never
+    /// sent to.
     pub attacked: usize,
     /// The attack's volume, as a multiple of each range's usual one.
     pub attack_factor: f64,
@@ -126,9 +127,9 @@ impl Scenario {
 /// How one range fared.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RangeOutcome {
-    /// The range.
+    /// The range (for the country never sent to, its calling code).
     pub range: String,
-    /// Under attack (or the new country's range).
+    /// Under attack.
     pub attacked: bool,
     /// Legitimate sends asked for.
     pub legit_sends: u64,
@@ -491,7 +492,7 @@ pub async fn run(config: Config, scenario: &Scenario) -> anyhow::Result<Outcome>
 }
 
 /// The ranges: two per country with their volumes and conversions; the last `attacked`
-/// countries' first ranges attacked, and the new country's range.
+/// countries' first ranges attacked, and the new country (as a whole).
 fn plan_ranges(scenario: &Scenario, rng: &mut fastrand::Rng) -> Vec<RangePlan> {
     let countries = scenario.countries.min(COUNTRIES.len());
     let mut plans = Vec::new();
@@ -512,7 +513,7 @@ fn plan_ranges(scenario: &Scenario, rng: &mut fastrand::Rng) -> Vec<RangePlan> {
         }
     }
     plans.push(RangePlan {
-        range: NEW_COUNTRY_RANGE.to_owned(),
+        range: NEW_COUNTRY.to_owned(),
         country: usize::MAX,
         volume: 0.0,
         conversion: 0.0,

@@ -561,6 +561,15 @@ pub(crate) async fn recent_counts_feed_the_guard_and_a_range_is_held_once_pinned
         ],
         "10-second buckets of the named ranges of this tenant"
     );
+    let country = policy
+        .recent_destination_counts("acme", &["+44".to_owned()], at(10 * hour))
+        .await
+        .unwrap();
+    assert_eq!(
+        country.len(),
+        3,
+        "a country's ranges by its calling code: {country:?}"
+    );
     // The same sends count in their hour.
     let hourly = policy
         .destination_counts("acme", "+44770", at(0))

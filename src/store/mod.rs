@@ -610,12 +610,13 @@ pub trait PolicyStore: std::fmt::Debug + Send + Sync + 'static {
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError>;
 
-    /// One tenant's counts for `ranges` (exactly) in the recent 10-second buckets from the one
-    /// holding `since` on (the last hour is kept).
+    /// One tenant's counts for the ranges starting with one of `prefixes` (a range itself, or a
+    /// country's calling code) in the recent 10-second buckets from the one holding `since` on
+    /// (the last hour is kept).
     async fn recent_destination_counts(
         &self,
         tenant: &str,
-        ranges: &[String],
+        prefixes: &[String],
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError>;
 

@@ -199,11 +199,11 @@ impl PolicyStore for CachedRules {
     async fn recent_destination_counts(
         &self,
         tenant: &str,
-        ranges: &[String],
+        prefixes: &[String],
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError> {
         self.inner
-            .recent_destination_counts(tenant, ranges, since)
+            .recent_destination_counts(tenant, prefixes, since)
             .await
     }
 

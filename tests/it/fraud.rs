@@ -37,7 +37,8 @@ async fn a_pumping_attack_is_held_within_50_sends_and_legitimate_traffic_is_not(
     let table = outcome.describe();
     println!("{table}");
     let attacked: Vec<_> = outcome.ranges.iter().filter(|r| r.attacked).collect();
-    assert_eq!(attacked.len(), 3, "two ranges and a new country's\n{table}");
+    assert_eq!(attacked.len(), 3, "two ranges and a new country\n{table}");
+    assert_eq!(attacked[2].range, "+220", "held as a whole: {table}");
     for range in &attacked {
         assert!(
             range.held_at.is_some(),

@@ -17,10 +17,14 @@
 //! - smpp: the same drain through one SMPP bind (window 256, enquire_link at its default) to a
 //!   local SMSC that answers at once and sends its DELIVRD receipt right after, against the
 //!   sandbox drain of the same run; rounds alternated, medians and the ratio.
+//! - fraud: a week of simulated sign-in traffic, a marketing burst and an SMS-pumping attack
+//!   through the gateway on a hand-moved clock: fraudulent sends before each attacked range
+//!   was held, time to hold, and legitimate sends held.
 //!
 //! `BENCHMARKS.md` has the results and what limits them.
 
 mod broker;
+mod fraud;
 mod gateway;
 mod grpc;
 mod latency;
@@ -42,6 +46,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use otp_gateway::config::AmqpConfig;
 
 use broker::job_body;
+use fraud::fraud;
 use gateway::{GatewaySetup, SmsProvider};
 use grpc::grpc;
 use latency::latency;
@@ -110,6 +115,9 @@ pub(crate) struct Args {
     /// The PostgreSQL server for the replicas part: the bench makes a database per round there.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub(crate) pg_admin: String,
+    /// The fraud part's random seed (the traffic, conversions and numbers drawn).
+    #[arg(long, default_value_t = otp_gateway::sim::pumping::Scenario::week().seed)]
+    pub(crate) fraud_seed: u64,
     /// Only these parts (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub(crate) only: Vec<Part>,
@@ -128,6 +136,7 @@ pub(crate) enum Part {
     Memory,
     Smpp,
     Replicas,
+    Fraud,
 }
 
 fn main() -> ExitCode {
@@ -233,6 +242,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     }
     if bench.wants(Part::Replicas) {
         replicas(&bench).await?;
+    }
+    if bench.wants(Part::Fraud) {
+        fraud(&bench).await?;
     }
 
     bench.connection.close(200, "done".into()).await?;

@@ -220,10 +220,11 @@ fn target_fix(target: &TargetDiagnosis) -> Option<Fix> {
         ),
         DestinationSuspended => match target.fraud_holds.first() {
             Some(hold) => format!(
-                "{name}'s number range {} is held by the fraud guard (a surge of codes nobody \
+                "{name}'s number {} {} is held by the fraud guard (a surge of codes nobody \
                  entered: SMS pumping suspected) since {}, {}: use push or another number \
                  meanwhile; if the traffic is genuine, an operator can lift the hold \
                  (`otp-gateway fraud lift {} {}`)",
+                hold.scope(),
                 hold.range,
                 hold.since,
                 hold.until.map_or_else(

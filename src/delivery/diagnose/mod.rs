@@ -216,7 +216,7 @@ pub fn diagnose(
                 let named = result
                     .detail
                     .as_deref()
-                    .is_some_and(|d| mentions(d, &format!("range {}", hold.range)));
+                    .is_some_and(|d| mentions(d, &format!("{} {}", hold.scope(), hold.range)));
                 if named && !target.fraud_holds.iter().any(|h| h.range == hold.range) {
                     target.fraud_holds.push(hold.clone());
                 }

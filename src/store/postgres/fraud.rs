@@ -61,29 +61,26 @@ pub(super) async fn add_counts(
     Ok(())
 }
 
-/// Counts of one tenant: `ranges` from `table` (`dest_range = ANY`) or, with `prefix`, every
-/// range starting with it; from bucket `since` on.
+/// Counts of one tenant from `table`: the ranges starting with one of `prefixes`, from bucket
+/// `since` on.
 async fn counts(
     pool: &PgPool,
     table: &str,
     tenant: &str,
-    ranges: Result<&[String], &str>,
+    prefixes: &[&str],
     since: i64,
 ) -> Result<Vec<DestinationCount>, StoreError> {
-    let matching = match ranges {
-        Ok(_) => "dest_range = ANY($2::text[])",
-        Err(_) => "starts_with(dest_range, $2)",
-    };
     let sql = format!(
         "SELECT tenant, dest_range, bucket, sends, conversions FROM {table}
-         WHERE tenant = $1 AND {matching} AND bucket >= $3 ORDER BY dest_range, bucket"
+         WHERE tenant = $1 AND dest_range ^@ ANY($2::text[]) AND bucket >= $3
+         ORDER BY dest_range, bucket"
     );
-    let query = sqlx::query(AssertSqlSafe(sql)).bind(tenant);
-    let query = match ranges {
-        Ok(ranges) => query.bind(ranges),
-        Err(prefix) => query.bind(prefix),
-    };
-    let rows = query.bind(since).fetch_all(pool).await?;
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(tenant)
+        .bind(prefixes)
+        .bind(since)
+        .fetch_all(pool)
+        .await?;
     rows.iter()
         .map(|row| {
             Ok(DestinationCount {
@@ -105,18 +102,20 @@ pub(super) async fn hourly_counts(
     since: Timestamp,
 ) -> Result<Vec<DestinationCount>, StoreError> {
     let since = micros(bucket_of(since));
-    counts(pool, "destination_counts", tenant, Err(prefix), since).await
+    counts(pool, "destination_counts", tenant, &[prefix], since).await
 }
 
-/// A tenant's recent counts for `ranges`, from `since`'s 10-second bucket.
+/// A tenant's recent counts for the ranges starting with one of `prefixes`, from `since`'s
+/// 10-second bucket.
 pub(super) async fn recent_counts(
     pool: &PgPool,
     tenant: &str,
-    ranges: &[String],
+    prefixes: &[String],
     since: Timestamp,
 ) -> Result<Vec<DestinationCount>, StoreError> {
     let since = micros(recent_bucket_of(since));
-    counts(pool, "destination_recent", tenant, Ok(ranges), since).await
+    let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    counts(pool, "destination_recent", tenant, &prefixes, since).await
 }
 
 /// Forgets recent counts older than `before`.

@@ -1039,10 +1039,10 @@ impl PolicyStore for PostgresLedger {
     async fn recent_destination_counts(
         &self,
         tenant: &str,
-        ranges: &[String],
+        prefixes: &[String],
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError> {
-        fraud::recent_counts(&self.pool, tenant, ranges, since).await
+        fraud::recent_counts(&self.pool, tenant, prefixes, since).await
     }
 
     async fn prune_recent_counts(&self, before: Timestamp) -> Result<u64, StoreError> {

@@ -500,11 +500,11 @@ impl PolicyStore for SqliteLedger {
     async fn recent_destination_counts(
         &self,
         tenant: &str,
-        ranges: &[String],
+        prefixes: &[String],
         since: Timestamp,
     ) -> Result<Vec<DestinationCount>, StoreError> {
         self.readers
-            .with(|conn| reads::recent_destination_counts(conn, tenant, ranges, since))
+            .with(|conn| reads::recent_destination_counts(conn, tenant, prefixes, since))
     }
 
     async fn prune_recent_counts(&self, before: Timestamp) -> Result<u64, StoreError> {

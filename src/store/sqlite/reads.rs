@@ -226,20 +226,22 @@ pub(super) fn destination_counts(
     Ok(counts)
 }
 
-/// One tenant's recent counts for `ranges`, from the 10-second bucket holding `since`.
+/// One tenant's recent counts for the ranges starting with one of `prefixes`, from the
+/// 10-second bucket holding `since`.
 pub(super) fn recent_destination_counts(
     conn: &Connection,
     tenant: &str,
-    ranges: &[String],
+    prefixes: &[String],
     since: Timestamp,
 ) -> Result<Vec<DestinationCount>, StoreError> {
     let mut statement = conn.prepare_cached(
         "SELECT tenant, dest_range, bucket, sends, conversions FROM destination_recent
-         WHERE tenant = ?1 AND dest_range = ?2 AND bucket >= ?3 ORDER BY bucket",
+         WHERE tenant = ?1 AND substr(dest_range, 1, length(?2)) = ?2 AND bucket >= ?3
+         ORDER BY dest_range, bucket",
     )?;
     let mut counts = Vec::new();
-    for range in ranges {
-        let mut rows = statement.query(params![tenant, range, micros(recent_bucket_of(since))])?;
+    for prefix in prefixes {
+        let mut rows = statement.query(params![tenant, prefix, micros(recent_bucket_of(since))])?;
         while let Some(row) = rows.next()? {
             counts.push(count_from_row(row)?);
         }
