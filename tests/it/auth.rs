@@ -69,7 +69,7 @@ pub fn serve(
 }
 
 /// The CLI against `server`, with `key` in OTP_GATEWAY_KEY (or none).
-fn cli(server: &str, key: Option<&str>, args: &[&str]) -> Output {
+pub fn cli(server: &str, key: Option<&str>, args: &[&str]) -> Output {
     cli_with(server, key, args, &[])
 }
 

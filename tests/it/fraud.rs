@@ -238,7 +238,7 @@ async fn in_monitor_mode_a_suspected_range_is_announced_and_counted_but_sent_to(
     gateway.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_range_fails_sms_with_destination_suspended_until_lifted() {
     let dir = tempfile::tempdir().unwrap();
     let names = Names::new("fraud-pin");
@@ -387,5 +387,56 @@ async fn a_pinned_range_fails_sms_with_destination_suspended_until_lifted() {
         ))
         .await;
     assert_eq!(broker.next_event(WAIT).await.0, "delivery.sent");
+
+    // The same from the command line: pin a country, list what holds, lift it.
+    let server = gateway.grpc_addr.to_string();
+    let pinned = fraud_cli(
+        &server,
+        &["fraud", "pin", "acme", "+220", "--note", "no users there"],
+    )
+    .await;
+    let out = String::from_utf8_lossy(&pinned.stdout);
+    assert!(
+        pinned.status.success() && out.contains("acme  +220  HOLDING"),
+        "{out}"
+    );
+    let listed = fraud_cli(&server, &["fraud", "ls", "--tenant", "acme", "--held"]).await;
+    let out = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(out.lines().count(), 1, "only the pin holds: {out}");
+    assert!(
+        out.contains("until lifted (pinned)") && out.contains("no users there"),
+        "{out}"
+    );
+    broker
+        .publish_json(&job_at(
+            "gambia",
+            "user-7",
+            "+2203012345",
+            Timestamp::now(),
+            false,
+        ))
+        .await;
+    let (_, report) = broker.next_event(WAIT).await;
+    assert_eq!(report["reason"], "DESTINATION_SUSPENDED", "{report}");
+    let lifted = fraud_cli(&server, &["fraud", "lift", "acme", "+220"]).await;
+    assert!(lifted.status.success(), "{lifted:?}");
+    let refused = fraud_cli(&server, &["fraud", "lift", "acme", "+220"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("not held"),
+        "{refused:?}"
+    );
     gateway.stop().await;
+}
+
+/// `otp-gateway ARGS --server SERVER`, off the runtime (the gateway answers on it).
+async fn fraud_cli(server: &str, args: &[&str]) -> std::process::Output {
+    let server = server.to_owned();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::auth::cli(&server, None, &args)
+    })
+    .await
+    .unwrap()
 }
