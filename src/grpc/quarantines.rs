@@ -47,13 +47,13 @@ impl PolicyAdminApi {
     ) -> Result<v1::Quarantine, Status> {
         let caller = Caller::of(&request);
         let request = request.into_inner();
-        let (tenant, range, note) =
-            self.quarantine_request(&caller, &request.tenant, &request.range, &request.note)?;
-        let note = if note.is_empty() {
-            format!("lifted by {}", by(&caller))
-        } else {
-            format!("lifted by {}: {note}", by(&caller))
-        };
+        let (tenant, range, note) = self.quarantine_request(
+            &caller,
+            "lifted",
+            &request.tenant,
+            &request.range,
+            &request.note,
+        )?;
         let guard = self.service.fraud();
         let lifted = guard
             .lift(&tenant, &range, &note, self.clock.now())
@@ -71,13 +71,13 @@ impl PolicyAdminApi {
     ) -> Result<v1::Quarantine, Status> {
         let caller = Caller::of(&request);
         let request = request.into_inner();
-        let (tenant, range, note) =
-            self.quarantine_request(&caller, &request.tenant, &request.range, &request.note)?;
-        let note = if note.is_empty() {
-            format!("pinned by {}", by(&caller))
-        } else {
-            format!("pinned by {}: {note}", by(&caller))
-        };
+        let (tenant, range, note) = self.quarantine_request(
+            &caller,
+            "pinned",
+            &request.tenant,
+            &request.range,
+            &request.note,
+        )?;
         let pinned = self
             .service
             .fraud()
@@ -87,10 +87,12 @@ impl PolicyAdminApi {
         Ok(quarantine_to_proto(&pinned, true))
     }
 
-    /// The checked tenant, range and note of a lift or pin.
+    /// The checked tenant and range of a lift or pin, and its note as kept ("lifted by key
+    /// 1a2b…: why").
     fn quarantine_request(
         &self,
         caller: &Caller,
+        done: &str,
         tenant: &str,
         range: &str,
         note: &str,
@@ -123,13 +125,14 @@ impl PolicyAdminApi {
                 format!("is longer than {MAX_NOTE} characters"),
             )));
         }
-        Ok((tenant.to_owned(), range.to_owned(), note.to_owned()))
+        let by = caller
+            .key_id()
+            .map_or_else(|| "an operator".to_owned(), |id| format!("key {id}"));
+        let note = if note.is_empty() {
+            format!("{done} by {by}")
+        } else {
+            format!("{done} by {by}: {note}")
+        };
+        Ok((tenant.to_owned(), range.to_owned(), note))
     }
-}
-
-/// Who did it, for the note: the key's id, or the bootstrap key.
-fn by(caller: &Caller) -> String {
-    caller
-        .key_id()
-        .map_or_else(|| "an operator".to_owned(), |id| format!("key {id}"))
 }

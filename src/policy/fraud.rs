@@ -1,6 +1,7 @@
 //! The fraud guard's view of destinations: a phone number's range (its country calling code
-//! and the first digits after it, the unit SMS pumping works in), and the hourly counts of
-//! sends and conversions per tenant and range that the guard learns each range's normal from.
+//! and the first digits after it, the unit SMS pumping works in), its country calling code,
+//! and the counts of sends and conversions per tenant, range and bucket (hours for a range's
+//! normal, 10-second buckets for its last minutes: `guard`) that the guard judges from.
 
 use jiff::{SignedDuration, Timestamp};
 
