@@ -5,7 +5,7 @@ use super::changes::ChangeWatch;
 use super::service::DeliveryService;
 use crate::domain::{
     Acknowledgement, AttemptOutcome, Channel, DeliveryId, DeliveryStatus, FailureReason, Report,
-    TargetStatus,
+    TargetStatus, Verification,
 };
 use crate::store::{DeliveryKey, StoreError, TargetUpdate};
 
@@ -64,8 +64,9 @@ pub enum AckOutcome {
 }
 
 impl DeliveryService {
-    /// Records that device `device_id` showed the code or that its user denied the request.
-    /// A running delivery's engine acts on it (DELIVERED, or USER_DENIED with no further
+    /// Records that device `device_id` showed the code or that its user denied the request
+    /// (SHOWN also verifies the delivery, as `ReportVerification` would). A running delivery's
+    /// engine acts on it (DELIVERED, or USER_DENIED with no further
     /// stage); a SENT delivery becomes DELIVERED or FAILED / USER_DENIED here.
     pub async fn acknowledge(
         &self,
@@ -122,6 +123,23 @@ impl DeliveryService {
         let mut changes = self.changes.watch(&id.to_string());
         self.ledger.record_ack(key, index as u32, ack, now).await?;
         tracing::info!(delivery_id = %id, device = device_id, acknowledgement = %ack, "device acknowledgement");
+        // A code shown on the user's own device is push's conversion: the delivery is verified
+        // (push has no number range: the fraud guard's counts are not touched).
+        if ack == Acknowledgement::Shown
+            && self
+                .ledger
+                .record_verification(
+                    key,
+                    Verification {
+                        verified: true,
+                        at: now,
+                    },
+                    now,
+                )
+                .await?
+        {
+            self.metrics().verified(&report.tenant, true);
+        }
         if report.status != DeliveryStatus::Sent {
             self.changes.changed(&id.to_string());
             return Ok(AckOutcome::Recorded(

@@ -269,6 +269,13 @@ impl CodeDelivery for CodeDeliveryApi {
                 report
             }
         };
+        // A code shown on the device is push's conversion (a second SHOWN announces it again).
+        if ack == crate::domain::Acknowledgement::Shown
+            && report.verification.is_some_and(|v| v.verified)
+            && let Err(error) = self.publisher.publish_verified(&report).await
+        {
+            tracing::warn!(%error, "SHOWN recorded, but delivery.verified was not confirmed");
+        }
         Ok(Response::new(report_to_proto(&report)))
     }
 

@@ -287,3 +287,51 @@ async fn sends_and_conversions_are_counted_per_tenant_range_and_hour_never_by_nu
     assert_eq!(ranges, ["+44770", "+44770", "+1415"]);
     broker.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_push_shown_on_the_device_verifies_the_delivery_and_announces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("verify-shown");
+    let mut broker = Broker::connect(&names).await;
+    let gateway = Gateway::start(config(
+        &names,
+        dir.path(),
+        &[("tenants.acme.push_acknowledgement", false.into())],
+    ))
+    .await;
+    let mut client = gateway.client().await;
+    let mut verified_events = broker.subscribe("delivery.verified").await;
+    let mut body = job("pushed", "482913");
+    body["channels"] = json!(["push"]);
+    body["targets"] = json!([{"device": {"id": "ipad-1", "platform": "apns",
+        "token": "a1b2c3d4e5f6", "topic": "com.example.app"}}]);
+    broker.publish_json(&body).await;
+    let (routing_key, report) = broker.next_event(WAIT).await;
+    assert_eq!(routing_key, "delivery.sent", "{report}");
+    let token = outbox(dir.path())
+        .iter()
+        .find_map(|l| l["ack_token"].as_str().map(str::to_owned))
+        .expect("the push carries an acknowledgement token");
+    let report = client
+        .acknowledge_delivery(v1::AcknowledgeDeliveryRequest {
+            delivery_id: "acme/pushed".into(),
+            device_id: "ipad-1".into(),
+            acknowledgement: v1::Acknowledgement::Shown as i32,
+            ack_token: token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.status, v1::DeliveryStatus::Delivered as i32);
+    assert!(report.verified_at.is_some(), "{report:?}");
+    assert!(report.verification_failed_at.is_none());
+    let (event, _) = next_verified(&mut verified_events).await;
+    assert_eq!(event["delivery_id"], "acme/pushed");
+    assert_eq!(event["verification"]["verified"], true);
+    let (_, metrics) = crate::ops::get(gateway.ops_addr, "/metrics", None).await;
+    assert!(
+        metrics.contains(r#"otp_verifications_total{tenant="acme",verified="true"} 1"#),
+        "{metrics}"
+    );
+    gateway.stop().await;
+}
