@@ -177,7 +177,7 @@ impl Dispatcher {
             self.metrics.sms_accepted(country.as_deref(), shape);
         }
         if let (Ok(_), Some(range)) = (&result, &range) {
-            self.destinations.sent(&job.tenant, range, started_at);
+            self.fraud.counter().sent(&job.tenant, range, started_at);
         }
         match &result {
             Ok(_) => {

@@ -12,7 +12,6 @@ use jiff::Timestamp;
 use super::breaker::CircuitBreaker;
 use super::circuits::Breakers;
 use super::decisions::{Standing, channel_of, earlier_twin};
-use super::destinations::DestinationCounter;
 use super::fraud_guard::FraudGuard;
 use super::gate::PolicyContext;
 use super::progress::Progress;
@@ -53,9 +52,8 @@ pub struct Dispatcher {
     pub(super) breakers: Breakers,
     /// What the engine counts (calls, deliveries).
     pub(super) metrics: Arc<crate::ops::Metrics>,
-    /// The fraud guard's counts of sends and conversions per range.
-    pub(super) destinations: Arc<DestinationCounter>,
-    /// The fraud guard: its holds, and the loop that judges ranges.
+    /// The fraud guard: its counts of sends and conversions per range, its holds, and the loop
+    /// that judges ranges.
     pub(super) fraud: Arc<FraudGuard>,
 }
 
@@ -144,10 +142,8 @@ impl Dispatcher {
             routes: Mutex::default(),
         };
         let metrics = Arc::<crate::ops::Metrics>::default();
-        let destinations = Arc::new(DestinationCounter::new(Arc::clone(&policy)));
         let fraud = Arc::new(FraudGuard::new(
             Arc::clone(&policy),
-            Arc::clone(&destinations),
             settings.fraud.clone(),
             settings.range_depth,
             settings.fraud_evaluate_every,
@@ -155,7 +151,6 @@ impl Dispatcher {
         ));
         Dispatcher {
             providers,
-            destinations,
             fraud,
             policy,
             settings,

@@ -126,6 +126,9 @@ impl Dispatcher {
                 };
                 let refused = match verdict {
                     ChannelVerdict::Refused(reason, detail) => Some((reason, detail)),
+                    ChannelVerdict::Suspended { detail, .. } => {
+                        Some((FailureReason::DestinationSuspended, detail))
+                    }
                     ChannelVerdict::Held { detail, .. } => {
                         Some((FailureReason::QuietHours, format!("would be {detail}")))
                     }

@@ -79,7 +79,7 @@ impl Suspicion {
 #[derive(Debug)]
 pub struct FraudGuard {
     policy: Arc<dyn PolicyStore>,
-    counter: Arc<DestinationCounter>,
+    counter: DestinationCounter,
     settings: GuardPolicy,
     range_depth: u8,
     evaluate_every: Duration,
@@ -95,18 +95,17 @@ pub struct FraudGuard {
 }
 
 impl FraudGuard {
-    /// A guard over `policy`'s counts and quarantines.
+    /// A guard over `policy`'s counts (added up by its own counter) and quarantines.
     pub fn new(
         policy: Arc<dyn PolicyStore>,
-        counter: Arc<DestinationCounter>,
         settings: GuardPolicy,
         range_depth: u8,
         evaluate_every: Duration,
         metrics: Arc<crate::ops::Metrics>,
     ) -> Self {
         FraudGuard {
+            counter: DestinationCounter::new(Arc::clone(&policy)),
             policy,
-            counter,
             settings,
             range_depth,
             evaluate_every,
@@ -122,6 +121,11 @@ impl FraudGuard {
     /// send has been counted judges it.
     pub fn rounds(&self) -> tokio::sync::watch::Receiver<u64> {
         self.rounds.subscribe()
+    }
+
+    /// The counts of sends and conversions on their way to the store.
+    pub fn counter(&self) -> &DestinationCounter {
+        &self.counter
     }
 
     /// The guard's settings.
@@ -142,10 +146,14 @@ impl FraudGuard {
         number: &str,
         now: Timestamp,
     ) -> FraudVerdict {
+        let holds = self.holds.read().unwrap_or_else(|p| p.into_inner());
+        // Nothing held anywhere (the usual case): no number to look up.
+        if holds.is_empty() {
+            return FraudVerdict::Clear;
+        }
         let Some(range) = self.range_of(number) else {
             return FraudVerdict::Clear;
         };
-        let holds = self.holds.read().unwrap_or_else(|p| p.into_inner());
         // The number's range, or its whole country.
         let Some(quarantine) = holds
             .get(&(tenant.to_owned(), range))

@@ -36,6 +36,8 @@ pub(crate) enum ChannelVerdict {
     Refused(FailureReason, String),
     /// Held by quiet hours until `until`.
     Held { until: Timestamp, detail: String },
+    /// Refused: the fraud guard holds `range` (DESTINATION_SUSPENDED).
+    Suspended { range: String, detail: String },
     /// Open, but the fraud guard suspects `range` (the tenant is in monitor mode): sent, and
     /// counted as a send enforce mode would have held.
     Watched { range: String, detail: String },
@@ -236,10 +238,10 @@ impl Dispatcher {
             .verdict(&job.tenant, &job.account, &phone.number, now)
         {
             FraudVerdict::Clear => ChannelVerdict::Open,
-            FraudVerdict::Held(held) => ChannelVerdict::Refused(
-                FailureReason::DestinationSuspended,
-                format!("the fraud guard holds {}", held.describe()),
-            ),
+            FraudVerdict::Held(held) => ChannelVerdict::Suspended {
+                detail: format!("the fraud guard holds {}", held.describe()),
+                range: held.range,
+            },
             FraudVerdict::Watched(watched) => ChannelVerdict::Watched {
                 detail: format!(
                     "monitor mode: sent, but enforce would hold it: {}",
@@ -284,13 +286,13 @@ impl Dispatcher {
             ChannelVerdict::Watched { range, .. } => {
                 self.metrics.fraud_held(&job.tenant, &range, "monitor");
             }
+            ChannelVerdict::Suspended { range, detail } => {
+                self.metrics.fraud_held(&job.tenant, &range, "enforce");
+                let reason = FailureReason::DestinationSuspended;
+                self.fail(index, channel, reason, detail, progress).await?;
+                return Ok(Gate::NotThisChannel);
+            }
             ChannelVerdict::Refused(reason, detail) => {
-                if reason == FailureReason::DestinationSuspended
-                    && let Target::Phone(phone) = target
-                    && let Some(range) = self.fraud.range_of(&phone.number)
-                {
-                    self.metrics.fraud_held(&job.tenant, &range, "enforce");
-                }
                 self.fail(index, channel, reason, detail, progress).await?;
                 return Ok(Gate::NotThisChannel);
             }

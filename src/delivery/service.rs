@@ -317,11 +317,6 @@ impl DeliveryService {
         &self.dispatcher.metrics
     }
 
-    /// The fraud guard's counts of sends and conversions, on their way to the store.
-    pub fn destinations(&self) -> &Arc<super::DestinationCounter> {
-        &self.dispatcher.destinations
-    }
-
     /// The fraud guard.
     pub fn fraud(&self) -> &Arc<super::FraudGuard> {
         &self.dispatcher.fraud

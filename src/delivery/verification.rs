@@ -74,7 +74,8 @@ impl DeliveryService {
             // A conversion for each range the delivery's code went to, in the hour it was sent.
             if verified {
                 for (range, sent_at) in ledger.sent_ranges(key).await? {
-                    self.destinations()
+                    self.fraud()
+                        .counter()
                         .converted(&report.tenant, &range, sent_at);
                 }
             }

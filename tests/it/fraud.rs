@@ -10,7 +10,6 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use otp_gateway::domain::{Clock, ManualClock};
 use otp_gateway::proto::v1;
-use otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient;
 use otp_gateway::sim::pumping::{Scenario, run};
 use serde_json::json;
 
@@ -220,9 +219,7 @@ async fn in_monitor_mode_a_suspected_range_is_announced_and_counted_but_sent_to(
         "{sms:?}"
     );
     // The quarantine is listed, in monitor mode and not holding.
-    let mut admin = PolicyAdminClient::connect(format!("http://{}", gateway.grpc_addr))
-        .await
-        .unwrap();
+    let mut admin = gateway.admin().await;
     let listed = admin
         .list_quarantines(v1::ListQuarantinesRequest {
             tenant: "acme".into(),
@@ -253,9 +250,7 @@ async fn a_pinned_range_fails_sms_with_destination_suspended_until_lifted() {
         ],
     ))
     .await;
-    let mut admin = PolicyAdminClient::connect(format!("http://{}", gateway.grpc_addr))
-        .await
-        .unwrap();
+    let mut admin = gateway.admin().await;
     // A range at another depth is refused, naming the field.
     let refused = admin
         .pin_quarantine(v1::PinQuarantineRequest {

@@ -239,6 +239,18 @@ impl Gateway {
             .unwrap();
     }
 
+    pub async fn admin(
+        &self,
+    ) -> otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient<tonic::transport::Channel>
+    {
+        otp_gateway::proto::v1::policy_admin_client::PolicyAdminClient::connect(format!(
+            "http://{}",
+            self.grpc_addr
+        ))
+        .await
+        .unwrap()
+    }
+
     pub async fn client(&self) -> CodeDeliveryClient<tonic::transport::Channel> {
         CodeDeliveryClient::connect(format!("http://{}", self.grpc_addr))
             .await

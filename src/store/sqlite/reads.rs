@@ -206,24 +206,21 @@ pub(super) fn sent_ranges(
     Ok(ranges)
 }
 
-/// A tenant's fraud-guard counts for the ranges starting with `prefix`, from `since`'s bucket.
+/// A tenant's hourly fraud-guard counts for the ranges starting with `prefix`, from `since`'s
+/// hour.
 pub(super) fn destination_counts(
     conn: &Connection,
     tenant: &str,
     prefix: &str,
     since: Timestamp,
 ) -> Result<Vec<DestinationCount>, StoreError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT tenant, dest_range, bucket, sends, conversions FROM destination_counts
-         WHERE tenant = ?1 AND substr(dest_range, 1, length(?2)) = ?2 AND bucket >= ?3
-         ORDER BY dest_range, bucket",
-    )?;
-    let mut rows = statement.query(params![tenant, prefix, micros(bucket_of(since))])?;
-    let mut counts = Vec::new();
-    while let Some(row) = rows.next()? {
-        counts.push(count_from_row(row)?);
-    }
-    Ok(counts)
+    counts(
+        conn,
+        "destination_counts",
+        tenant,
+        &[prefix],
+        bucket_of(since),
+    )
 }
 
 /// One tenant's recent counts for the ranges starting with one of `prefixes`, from the
@@ -234,14 +231,33 @@ pub(super) fn recent_destination_counts(
     prefixes: &[String],
     since: Timestamp,
 ) -> Result<Vec<DestinationCount>, StoreError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT tenant, dest_range, bucket, sends, conversions FROM destination_recent
+    let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+    counts(
+        conn,
+        "destination_recent",
+        tenant,
+        &prefixes,
+        recent_bucket_of(since),
+    )
+}
+
+/// A tenant's counts in `table` for the ranges starting with one of `prefixes`, from bucket
+/// `since` on.
+fn counts(
+    conn: &Connection,
+    table: &str,
+    tenant: &str,
+    prefixes: &[&str],
+    since: Timestamp,
+) -> Result<Vec<DestinationCount>, StoreError> {
+    let mut statement = conn.prepare_cached(&format!(
+        "SELECT tenant, dest_range, bucket, sends, conversions FROM {table}
          WHERE tenant = ?1 AND substr(dest_range, 1, length(?2)) = ?2 AND bucket >= ?3
-         ORDER BY dest_range, bucket",
-    )?;
+         ORDER BY dest_range, bucket"
+    ))?;
     let mut counts = Vec::new();
     for prefix in prefixes {
-        let mut rows = statement.query(params![tenant, prefix, micros(recent_bucket_of(since))])?;
+        let mut rows = statement.query(params![tenant, prefix, micros(since)])?;
         while let Some(row) = rows.next()? {
             counts.push(count_from_row(row)?);
         }
