@@ -1,6 +1,8 @@
 //! The engine's hot statements as multi-row statements, one per kind, each over many
-//! deliveries (see [`super::batch`]): the claim of new deliveries, an attempt's start, its end
-//! with its target's state, a delivery's end, and the block entries that could apply to a job.
+//! deliveries (see [`super::batch`]): the claim of new deliveries together with the block
+//! entries that could apply to the jobs starting (one statement for both: a job reads its block
+//! list while it claims), an attempt's start, its end with its target's state, and a
+//! delivery's end.
 //! Each write fences the owner as the single writes do (a delivery in progress is written only
 //! by a worker that still owns it) and locks the deliveries it changes in key order.
 //!
@@ -70,10 +72,41 @@ pub(super) struct BlockQuery {
     pub(super) now: i64,
 }
 
+/// What a job starting asks of the ledger, both in one statement ([`open`]): its delivery's
+/// claim, and the block entries that could apply to it (a read also made alone, by Explain).
+pub(super) enum Opening {
+    Claim(NewClaim),
+    Blocks(BlockQuery),
+}
+
+/// The answer to an [`Opening`]: the new delivery's key (`None`: it was known), or the block
+/// entries found.
+pub(super) enum Opened {
+    Claim(Option<DeliveryKey>),
+    Blocks(Vec<BlockEntry>),
+}
+
+/// What tells openings apart in a batch: a delivery (claimed once per statement), or a query.
+#[derive(PartialEq, Eq, Hash)]
+pub(super) enum OpeningKey {
+    Claim(String, String),
+    Blocks(u64),
+}
+
+impl Opening {
+    fn key(&self) -> OpeningKey {
+        match self {
+            Opening::Claim(c) => {
+                OpeningKey::Claim(c.new.id.tenant.clone(), c.new.id.job_id.clone())
+            }
+            Opening::Blocks(q) => OpeningKey::Blocks(q.seq),
+        }
+    }
+}
+
 /// The batchers of the hot statements.
 pub(super) struct Groups {
-    pub(super) blocks: Batcher<BlockQuery, Vec<BlockEntry>>,
-    pub(super) claims: Batcher<NewClaim, Option<DeliveryKey>>,
+    pub(super) openings: Batcher<Opening, Opened>,
     pub(super) starts: Batcher<Start, AttemptKey>,
     pub(super) ends: Batcher<End, ()>,
     pub(super) finishes: Batcher<Finish, bool>,
@@ -92,20 +125,16 @@ fn owners(workers: &Workers) -> Vec<String> {
 }
 
 impl Groups {
-    /// Starts the batchers: the writes' on `pool` (the staged pool: asynchronous commits), the
-    /// reads' on `reads`.
+    /// Starts the batchers, on `pool` (the staged pool: asynchronous commits).
     pub(super) fn start(
         pool: &PgPool,
-        reads: &PgPool,
         workers: &Workers,
         stop: &tokio_util::sync::CancellationToken,
         watch: &crate::store::CommitWatch,
     ) -> Self {
         let told = |name: &'static str| Some((name, watch.clone()));
-        let run_blocks: RunBatch<BlockQuery, Vec<BlockEntry>> =
-            Arc::new(|pool, items| Box::pin(block_candidates(pool, items)));
-        let run_claims: RunBatch<NewClaim, Option<DeliveryKey>> =
-            Arc::new(|pool, items| Box::pin(insert_claims(pool, items)));
+        let run_openings: RunBatch<Opening, Opened> =
+            Arc::new(|pool, items| Box::pin(open(pool, items)));
         let fenced = Arc::clone(workers);
         let run_starts: RunBatch<Start, AttemptKey> = Arc::new(move |pool, items| {
             let owners = owners(&fenced);
@@ -122,18 +151,11 @@ impl Groups {
             Box::pin(async move { finish_deliveries(pool, items, &owners).await })
         });
         Groups {
-            blocks: Batcher::start(
-                reads.clone(),
-                stop.clone(),
-                |q: &BlockQuery| q.seq,
-                run_blocks,
-                None,
-            ),
-            claims: Batcher::start(
+            openings: Batcher::start(
                 pool.clone(),
                 stop.clone(),
-                |c: &NewClaim| (c.new.id.tenant.clone(), c.new.id.job_id.clone()),
-                run_claims,
+                Opening::key,
+                run_openings,
                 told("claims"),
             ),
             starts: Batcher::start(
@@ -164,49 +186,30 @@ impl Groups {
 impl Groups {
     /// The statements run so far, every kind together.
     pub(super) fn statements(&self) -> u64 {
-        self.blocks.statements()
-            + self.claims.statements()
+        self.openings.statements()
             + self.starts.statements()
             + self.ends.statements()
             + self.finishes.statements()
     }
 }
 
-/// Inserts the deliveries (with their targets) whose `(tenant, job_id)` is not known, owned by
-/// their claimers; per claim, the new key, or `None` when the delivery was there.
-async fn insert_claims(pool: &PgPool, items: &[NewClaim]) -> BatchResult<Option<DeliveryKey>> {
-    let count = items.len();
-    let mut tenants = Vec::with_capacity(count);
-    let mut job_ids = Vec::with_capacity(count);
-    let mut accounts = Vec::with_capacity(count);
-    let mut purposes = Vec::with_capacity(count);
-    let mut owners = Vec::with_capacity(count);
-    let mut leases = Vec::with_capacity(count);
-    let mut expiries = Vec::with_capacity(count);
-    let mut nows = Vec::with_capacity(count);
-    let (mut t_tenants, mut t_jobs, mut t_indexes) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut t_channels, mut t_labels) = (Vec::new(), Vec::new());
-    let mut t_platforms: Vec<Option<&str>> = Vec::new();
-    for claim in items {
-        let new = &claim.new;
-        tenants.push(new.id.tenant.as_str());
-        job_ids.push(new.id.job_id.as_str());
-        accounts.push(new.account.as_str());
-        purposes.push(new.purpose.as_str());
-        owners.push(claim.owner.as_str());
-        leases.push(claim.lease_until);
-        expiries.push(super::rows::micros(new.expires_at));
-        nows.push(claim.now);
-        for (index, target) in new.targets.iter().enumerate() {
-            t_tenants.push(new.id.tenant.as_str());
-            t_jobs.push(new.id.job_id.as_str());
-            t_indexes.push(index as i32);
-            t_channels.push(target.channel.as_str());
-            t_labels.push(target.label.as_str());
-            t_platforms.push(target.platform.map(|p| p.as_str()));
+/// Claims the new deliveries among `items` (inserted, with their targets, unless their
+/// `(tenant, job_id)` is known; owned by their claimers) and reads the block entries in force
+/// that could apply to the jobs of its block queries, in one statement: per item, the new key
+/// (`None` when the delivery was there) or the entries found.
+///
+/// The statement returns the claims' rows (`id, tenant, job_id`, then NULLs, query -1) and the
+/// block entries' ([`super::rows::BLOCK_COLUMNS`], then the query's number) together.
+async fn open(pool: &PgPool, items: &[Opening]) -> BatchResult<Opened> {
+    let mut claims = ClaimColumns::default();
+    let mut queries = BlockColumns::default();
+    for item in items {
+        match item {
+            Opening::Claim(claim) => claims.push(claim),
+            Opening::Blocks(query) => queries.push(query),
         }
     }
-    let rows = sqlx::query(
+    let query = sqlx::query(
         "WITH d AS (
              INSERT INTO deliveries (tenant, job_id, account, purpose, status, owner, lease_until,
                                      expires_at, created_at, updated_at)
@@ -223,41 +226,165 @@ async fn insert_claims(pool: &PgPool, items: &[NewClaim]) -> BatchResult<Option<
                                 $15::text[]) AS y (tenant, job_id, idx, channel, label, platform)
                   ON y.tenant = d.tenant AND y.job_id = d.job_id
          )
-         SELECT id, tenant, job_id FROM d",
-    )
-    .bind(&tenants)
-    .bind(&job_ids)
-    .bind(&accounts)
-    .bind(&purposes)
-    .bind(&owners)
-    .bind(&leases)
-    .bind(&expiries)
-    .bind(&nows)
-    .bind(DeliveryStatus::InProgress.as_str())
-    .bind(&t_tenants)
-    .bind(&t_jobs)
-    .bind(&t_indexes)
-    .bind(&t_channels)
-    .bind(&t_labels)
-    .bind(&t_platforms)
-    .bind(TargetStatus::Pending.as_str())
-    .fetch_all(pool)
-    .await?;
-    let mut inserted = HashMap::with_capacity(rows.len());
+         SELECT id, tenant, job_id, NULL::text, NULL::text, NULL::text, NULL::bigint,
+                NULL::bigint, NULL::text, -1
+         FROM d
+         UNION ALL
+         SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
+                b.shown, q.query
+         FROM UNNEST($17::int[], $18::text[], $19::bigint[]) AS q (query, tenant, now)
+         JOIN block_entries b ON b.tenant IN (q.tenant, $23) AND b.kind = 'PREFIX'
+         WHERE b.expires_at IS NULL OR b.expires_at > q.now
+         UNION ALL
+         SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
+                b.shown, q.query
+         FROM UNNEST($20::int[], $21::text[], $22::bigint[], $24::text[])
+              AS q (query, tenant, now, pattern)
+         JOIN block_entries b ON b.pattern = q.pattern AND b.pattern = ANY($25)
+                              AND b.kind <> 'PREFIX'
+                              AND b.tenant IN (q.tenant, $23)
+         WHERE b.expires_at IS NULL OR b.expires_at > q.now",
+    );
+    let rows = queries.bind(claims.bind(query)).fetch_all(pool).await?;
+    let mut inserted = HashMap::with_capacity(claims.tenants.len());
+    let mut found: Vec<Vec<BlockEntry>> = vec![Vec::new(); queries.queries.len()];
     for row in &rows {
-        let tenant: String = row.try_get(1)?;
-        let job_id: String = row.try_get(2)?;
-        inserted.insert((tenant, job_id), row.try_get::<i64, _>(0)?);
+        match usize::try_from(row.try_get::<i32, _>(9)?) {
+            Ok(query) => {
+                if let Some(entries) = found.get_mut(query) {
+                    entries.push(block_from_row(row)?);
+                }
+            }
+            Err(_) => {
+                let tenant: String = row.try_get(1)?;
+                let job_id: String = row.try_get(2)?;
+                inserted.insert((tenant, job_id), row.try_get::<i64, _>(0)?);
+            }
+        }
     }
+    let mut found = found.into_iter();
     Ok(items
         .iter()
-        .map(|claim| {
-            let id = &claim.new.id;
-            Ok(inserted
-                .get(&(id.tenant.clone(), id.job_id.clone()))
-                .copied())
+        .map(|item| match item {
+            Opening::Claim(claim) => {
+                let id = &claim.new.id;
+                Ok(Opened::Claim(
+                    inserted
+                        .get(&(id.tenant.clone(), id.job_id.clone()))
+                        .copied(),
+                ))
+            }
+            Opening::Blocks(_) => Ok(Opened::Blocks(found.next().unwrap_or_default())),
         })
         .collect())
+}
+
+/// The new deliveries of an [`open`] statement, column by column (parameters `$1` to `$16`).
+#[derive(Default)]
+struct ClaimColumns<'a> {
+    tenants: Vec<&'a str>,
+    job_ids: Vec<&'a str>,
+    accounts: Vec<&'a str>,
+    purposes: Vec<&'a str>,
+    owners: Vec<&'a str>,
+    leases: Vec<i64>,
+    expiries: Vec<i64>,
+    nows: Vec<i64>,
+    t_tenants: Vec<&'a str>,
+    t_jobs: Vec<&'a str>,
+    t_indexes: Vec<i32>,
+    t_channels: Vec<&'a str>,
+    t_labels: Vec<&'a str>,
+    t_platforms: Vec<Option<&'a str>>,
+}
+
+impl<'a> ClaimColumns<'a> {
+    fn push(&mut self, claim: &'a NewClaim) {
+        let new = &claim.new;
+        self.tenants.push(new.id.tenant.as_str());
+        self.job_ids.push(new.id.job_id.as_str());
+        self.accounts.push(new.account.as_str());
+        self.purposes.push(new.purpose.as_str());
+        self.owners.push(claim.owner.as_str());
+        self.leases.push(claim.lease_until);
+        self.expiries.push(super::rows::micros(new.expires_at));
+        self.nows.push(claim.now);
+        for (index, target) in new.targets.iter().enumerate() {
+            self.t_tenants.push(new.id.tenant.as_str());
+            self.t_jobs.push(new.id.job_id.as_str());
+            self.t_indexes.push(index as i32);
+            self.t_channels.push(target.channel.as_str());
+            self.t_labels.push(target.label.as_str());
+            self.t_platforms.push(target.platform.map(|p| p.as_str()));
+        }
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.tenants)
+            .bind(&self.job_ids)
+            .bind(&self.accounts)
+            .bind(&self.purposes)
+            .bind(&self.owners)
+            .bind(&self.leases)
+            .bind(&self.expiries)
+            .bind(&self.nows)
+            .bind(DeliveryStatus::InProgress.as_str())
+            .bind(&self.t_tenants)
+            .bind(&self.t_jobs)
+            .bind(&self.t_indexes)
+            .bind(&self.t_channels)
+            .bind(&self.t_labels)
+            .bind(&self.t_platforms)
+            .bind(TargetStatus::Pending.as_str())
+    }
+}
+
+/// The block queries of an [`open`] statement, column by column (parameters `$17` to `$25`):
+/// one row per query for its tenant's prefix entries, one per pattern for the exact entries.
+#[derive(Default)]
+struct BlockColumns<'a> {
+    queries: Vec<i32>,
+    tenants: Vec<&'a str>,
+    nows: Vec<i64>,
+    p_queries: Vec<i32>,
+    p_tenants: Vec<&'a str>,
+    p_nows: Vec<i64>,
+    patterns: Vec<&'a str>,
+}
+
+impl<'a> BlockColumns<'a> {
+    fn push(&mut self, item: &'a BlockQuery) {
+        let query = self.queries.len() as i32;
+        self.queries.push(query);
+        self.tenants.push(item.tenant.as_str());
+        self.nows.push(item.now);
+        for pattern in &item.patterns {
+            self.p_queries.push(query);
+            self.p_tenants.push(item.tenant.as_str());
+            self.p_nows.push(item.now);
+            self.patterns.push(pattern.as_str());
+        }
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.queries)
+            .bind(&self.tenants)
+            .bind(&self.nows)
+            .bind(&self.p_queries)
+            .bind(&self.p_tenants)
+            .bind(&self.p_nows)
+            .bind(ALL_TENANTS)
+            .bind(&self.patterns)
+            .bind(in_key_order(self.patterns.iter().copied()))
+    }
 }
 
 /// Records the provider calls starting; per start, the attempt's key (a Conflict where the
@@ -562,62 +689,6 @@ async fn finish_deliveries(
         .await?;
     let written = returned(&rows)?;
     Ok(keys.iter().map(|key| Ok(written.contains(key))).collect())
-}
-
-/// Per query, the block entries in force that could apply to its job.
-async fn block_candidates(pool: &PgPool, items: &[BlockQuery]) -> BatchResult<Vec<BlockEntry>> {
-    let mut queries = Vec::with_capacity(items.len());
-    let mut tenants = Vec::with_capacity(items.len());
-    let mut nows = Vec::with_capacity(items.len());
-    let (mut p_queries, mut p_tenants, mut p_nows, mut patterns) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (query, item) in items.iter().enumerate() {
-        queries.push(query as i32);
-        tenants.push(item.tenant.as_str());
-        nows.push(item.now);
-        for pattern in &item.patterns {
-            p_queries.push(query as i32);
-            p_tenants.push(item.tenant.as_str());
-            p_nows.push(item.now);
-            patterns.push(pattern.as_str());
-        }
-    }
-    // The entry's columns as `BLOCK_COLUMNS` lists them, then the query's number.
-    let rows = sqlx::query(
-        "SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
-                b.shown, q.query
-         FROM UNNEST($1::int[], $2::text[], $3::bigint[]) AS q (query, tenant, now)
-         JOIN block_entries b ON b.tenant IN (q.tenant, $7) AND b.kind = 'PREFIX'
-         WHERE b.expires_at IS NULL OR b.expires_at > q.now
-         UNION ALL
-         SELECT b.id, b.tenant, b.kind, b.pattern, b.source, b.note, b.created_at, b.expires_at,
-                b.shown, q.query
-         FROM UNNEST($4::int[], $5::text[], $6::bigint[], $8::text[])
-              AS q (query, tenant, now, pattern)
-         JOIN block_entries b ON b.pattern = q.pattern AND b.pattern = ANY($9)
-                              AND b.kind <> 'PREFIX'
-                              AND b.tenant IN (q.tenant, $7)
-         WHERE b.expires_at IS NULL OR b.expires_at > q.now",
-    )
-    .bind(&queries)
-    .bind(&tenants)
-    .bind(&nows)
-    .bind(&p_queries)
-    .bind(&p_tenants)
-    .bind(&p_nows)
-    .bind(ALL_TENANTS)
-    .bind(&patterns)
-    .bind(in_key_order(patterns.iter().copied()))
-    .fetch_all(pool)
-    .await?;
-    let mut found: Vec<Vec<BlockEntry>> = items.iter().map(|_| Vec::new()).collect();
-    for row in &rows {
-        let query = row.try_get::<i32, _>(9)? as usize;
-        if let Some(entries) = found.get_mut(query) {
-            entries.push(block_from_row(row)?);
-        }
-    }
-    Ok(found.into_iter().map(Ok).collect())
 }
 
 /// The first column of each row (a delivery's key).

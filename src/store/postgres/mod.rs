@@ -27,7 +27,7 @@ use sqlx::{Connection, Row};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use self::groups::{BlockQuery, End, Finish, Groups, NewClaim, Start, Workers};
+use self::groups::{BlockQuery, End, Finish, Groups, NewClaim, Opened, Opening, Start, Workers};
 use self::rows::{
     ALL_TENANTS, BLOCK_COLUMNS, QUIET_COLUMNS, RULE_COLUMNS, block_from_row, load, micros,
     quiet_from_row, rule_from_row,
@@ -167,13 +167,7 @@ impl PostgresLedger {
         let workers = Workers::default();
         let held = Held::default();
         let commit_watch = crate::store::CommitWatch::default();
-        let groups = Arc::new(Groups::start(
-            &staged_pool,
-            &pool,
-            &workers,
-            &stop,
-            &commit_watch,
-        ));
+        let groups = Arc::new(Groups::start(&staged_pool, &workers, &stop, &commit_watch));
         let ledger = PostgresLedger {
             pool,
             staged_pool,
@@ -563,16 +557,24 @@ impl Ledger for PostgresLedger {
         let lease_until = self.lease_until(now);
         // A new delivery (the common case) is inserted with the other new ones; a known one is
         // decided in a transaction that locks its row.
-        let inserted = self
+        let inserted = match self
             .groups
-            .claims
-            .call(NewClaim {
+            .openings
+            .call(Opening::Claim(NewClaim {
                 new: new.clone(),
                 owner: worker.to_owned(),
                 lease_until,
                 now: micros(now),
-            })
-            .await?;
+            }))
+            .await?
+        {
+            Opened::Claim(inserted) => inserted,
+            Opened::Blocks(_) => {
+                return Err(StoreError::Corrupt(
+                    "a claim got a block read's answer".into(),
+                ));
+            }
+        };
         let claimed = match inserted {
             Some(key) => {
                 self.settle().await?;
@@ -1110,21 +1112,30 @@ impl PolicyStore for PostgresLedger {
         patterns: &[&str],
         now: Timestamp,
     ) -> Result<Vec<BlockEntry>, StoreError> {
-        // Read with the other jobs' (one statement for every job starting at the time).
+        // Read with the other jobs' claims and reads (one statement for every job starting at
+        // the time).
         let seq = self
             .block_queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let lookup = self.block_hasher.lookup(patterns);
-        let found = self
+        let found = match self
             .groups
-            .blocks
-            .call(BlockQuery {
+            .openings
+            .call(Opening::Blocks(BlockQuery {
                 seq,
                 tenant: tenant.to_owned(),
                 patterns: lookup.keys.clone(),
                 now: micros(now),
-            })
-            .await?;
+            }))
+            .await?
+        {
+            Opened::Blocks(found) => found,
+            Opened::Claim(_) => {
+                return Err(StoreError::Corrupt(
+                    "a block read got a claim's answer".into(),
+                ));
+            }
+        };
         Ok(lookup.reveal(found))
     }
 }
@@ -1387,6 +1398,60 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_job_claims_and_reads_its_block_list_in_one_statement() {
+        use crate::policy::{BlockKind, BlockSource, NewBlockEntry};
+        let Some(database) = TempDatabase::create().await else {
+            return;
+        };
+        let ledger = PostgresLedger::connect(&database.settings()).await.unwrap();
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(1);
+        let block = |tenant: &str, kind, pattern: &str| NewBlockEntry {
+            tenant: Some(tenant.into()),
+            kind,
+            pattern: pattern.into(),
+            source: BlockSource::Admin,
+            note: "test".into(),
+            expires_at: None,
+        };
+        for entry in [
+            block("acme", BlockKind::Account, "user-42"),
+            block("acme", BlockKind::Prefix, "+7"),
+            block("other", BlockKind::Account, "user-43"),
+        ] {
+            ledger.add_block(&entry, now).await.unwrap();
+        }
+        let before = ledger.groups.statements();
+        let staged = ledger.staged();
+        let fresh = crate::store::contract::new_delivery("opening-1");
+        let (claimed, blocks, other) = tokio::join!(
+            staged.claim(&fresh, "a", false, now),
+            ledger.block_candidates("acme", &["user-42", "+14155550101"], now),
+            ledger.block_candidates("other", &["user-42"], now),
+        );
+        assert!(matches!(claimed.unwrap(), Claim::Started(..)));
+        let mut found: Vec<String> = blocks.unwrap().into_iter().map(|b| b.pattern).collect();
+        found.sort();
+        assert_eq!(found, ["+7", "user-42"]);
+        assert!(
+            other.unwrap().is_empty(),
+            "another tenant's entries stay its own"
+        );
+        assert_eq!(
+            ledger.groups.statements() - before,
+            1,
+            "the claim and both reads went in one statement"
+        );
+        // A known delivery's claim in the same statement as a read: no key, and the read still
+        // answers.
+        let (again, blocks) = tokio::join!(
+            ledger.claim(&fresh, "b", false, now),
+            ledger.block_candidates("acme", &["user-42"], now),
+        );
+        assert!(matches!(again.unwrap(), Claim::HeldElsewhere(_)));
+        assert_eq!(blocks.unwrap().len(), 2);
+    }
+
+    #[tokio::test]
     async fn deliveries_written_at_once_share_statements_and_a_fenced_one_fails_alone() {
         let Some(database) = TempDatabase::create().await else {
             return;
@@ -1416,9 +1481,9 @@ pub(crate) mod tests {
             })
             .collect();
         assert!(
-            a.groups.claims.statements() <= 4,
+            a.groups.openings.statements() <= 4,
             "40 claims at once took {} statements",
-            a.groups.claims.statements()
+            a.groups.openings.statements()
         );
         // Each of those statements was told, with the writes it carried.
         let claims: Vec<usize> = told
@@ -1430,7 +1495,7 @@ pub(crate) mod tests {
             .map(|(_, _, writes)| *writes)
             .collect();
         assert_eq!(claims.iter().sum::<usize>(), 40, "{claims:?}");
-        assert_eq!(claims.len() as u64, a.groups.claims.statements());
+        assert_eq!(claims.len() as u64, a.groups.openings.statements());
         // `a` is cut off from one delivery past its lease: `b` takes it over.
         let later = now + jiff::SignedDuration::from_hours(1);
         assert!(matches!(
