@@ -86,6 +86,28 @@ pub(super) enum Opened {
     Blocks(Vec<BlockEntry>),
 }
 
+impl Opened {
+    /// A claim's answer.
+    pub(super) fn claim(self) -> Result<Option<DeliveryKey>, StoreError> {
+        match self {
+            Opened::Claim(inserted) => Ok(inserted),
+            Opened::Blocks(_) => Err(mismatched()),
+        }
+    }
+
+    /// A block read's answer.
+    pub(super) fn blocks(self) -> Result<Vec<BlockEntry>, StoreError> {
+        match self {
+            Opened::Blocks(found) => Ok(found),
+            Opened::Claim(_) => Err(mismatched()),
+        }
+    }
+}
+
+fn mismatched() -> StoreError {
+    StoreError::Corrupt("an opening got the answer of another kind".into())
+}
+
 /// What tells openings apart in a batch: a delivery (claimed once per statement), or a query.
 #[derive(PartialEq, Eq, Hash)]
 pub(super) enum OpeningKey {

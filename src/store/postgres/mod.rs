@@ -27,7 +27,7 @@ use sqlx::{Connection, Row};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use self::groups::{BlockQuery, End, Finish, Groups, NewClaim, Opened, Opening, Start, Workers};
+use self::groups::{BlockQuery, End, Finish, Groups, NewClaim, Opening, Start, Workers};
 use self::rows::{
     ALL_TENANTS, BLOCK_COLUMNS, QUIET_COLUMNS, RULE_COLUMNS, block_from_row, load, micros,
     quiet_from_row, rule_from_row,
@@ -557,7 +557,7 @@ impl Ledger for PostgresLedger {
         let lease_until = self.lease_until(now);
         // A new delivery (the common case) is inserted with the other new ones; a known one is
         // decided in a transaction that locks its row.
-        let inserted = match self
+        let inserted = self
             .groups
             .openings
             .call(Opening::Claim(NewClaim {
@@ -567,14 +567,7 @@ impl Ledger for PostgresLedger {
                 now: micros(now),
             }))
             .await?
-        {
-            Opened::Claim(inserted) => inserted,
-            Opened::Blocks(_) => {
-                return Err(StoreError::Corrupt(
-                    "a claim got a block read's answer".into(),
-                ));
-            }
-        };
+            .claim()?;
         let claimed = match inserted {
             Some(key) => {
                 self.settle().await?;
@@ -1118,7 +1111,7 @@ impl PolicyStore for PostgresLedger {
             .block_queries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let lookup = self.block_hasher.lookup(patterns);
-        let found = match self
+        let found = self
             .groups
             .openings
             .call(Opening::Blocks(BlockQuery {
@@ -1128,14 +1121,7 @@ impl PolicyStore for PostgresLedger {
                 now: micros(now),
             }))
             .await?
-        {
-            Opened::Blocks(found) => found,
-            Opened::Claim(_) => {
-                return Err(StoreError::Corrupt(
-                    "a block read got a claim's answer".into(),
-                ));
-            }
-        };
+            .blocks()?;
         Ok(lookup.reveal(found))
     }
 }
