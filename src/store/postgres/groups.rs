@@ -28,6 +28,9 @@ use crate::store::{
     StoreError, TargetUpdate,
 };
 
+/// A statement being bound, whose columns the `*Columns` structs below add in their order.
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// A new delivery claimed by `owner` (inserted unless its `(tenant, job_id)` is known).
 pub(super) struct NewClaim {
     pub(super) new: NewDelivery,
@@ -341,10 +344,7 @@ impl<'a> ClaimColumns<'a> {
         }
     }
 
-    fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind<'q>(&'q self, query: Query<'q>) -> Query<'q> {
         query
             .bind(&self.tenants)
             .bind(&self.job_ids)
@@ -392,10 +392,7 @@ impl<'a> BlockColumns<'a> {
         }
     }
 
-    fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind<'q>(&'q self, query: Query<'q>) -> Query<'q> {
         query
             .bind(&self.queries)
             .bind(&self.tenants)
@@ -526,10 +523,7 @@ impl<'a> EndColumns<'a> {
         self.details.push(update.and_then(|u| u.detail.as_deref()));
     }
 
-    fn bind<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    fn bind<'q>(&'q self, query: Query<'q>) -> Query<'q> {
         query
             .bind(&self.attempts)
             .bind(&self.ended)
